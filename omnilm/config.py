@@ -1,0 +1,195 @@
+"""Model configuration: small typed dataclasses, saved as JSON beside the weights.
+
+A model is an `OmniConfig`: a `TextConfig` (the LLaMA decoder), an optional `VisionConfig`
+(the CLIP ViT; None for a text-only model) and the few settings that join them. Presets are
+plain `name -> kwargs` dicts; `OmniConfig.from_preset(name, **overrides)` builds one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class VisionConfig:
+    """CLIP ViT encoder (Radford et al. 2021), as in HF `CLIPVisionConfig`."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    n_channels: int = 3
+    dim: int = 1024
+    n_layers: int = 24
+    n_heads: int = 16
+    mlp_dim: int = 4096
+    norm_eps: float = 1e-5
+    act: str = "quick_gelu"
+    # Preprocessing constants travel with the encoder they were trained with (OpenAI CLIP).
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @property
+    def n_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class TextConfig:
+    """LLaMA decoder (Touvron et al. 2023), as in HF `LlamaConfig`."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int | None = None  # None: dim // n_heads
+    mlp_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or a dict as transformers writes it: {"rope_type": "linear"|"dynamic"|"yarn"|"llama3",
+    # "factor": ..., plus that type's own keys}.
+    rope_scaling: dict | None = None
+    max_seq_len: int = 4096
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
+                "grouped-query attention needs each key/value head to serve a whole group of query heads"
+            )
+
+
+@dataclass
+class OmniConfig:
+    """The assembled model: vision encoder -> projector -> decoder (LLaVA-1.5, Liu et al. 2023)."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig | None = field(default_factory=VisionConfig)
+    image_token_id: int = 32000
+    # Which CLIP layer feeds the projector: -2 is the penultimate layer's output, as LLaVA-1.5.
+    vision_feature_layer: int = -2
+    # "default" drops the class token (LLaVA-1.5); "full" keeps it.
+    vision_feature_select: str = "default"
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if self.vision_feature_select not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select={self.vision_feature_select!r}: use 'default' (drop the class token) or 'full'"
+            )
+        if self.vision is not None:
+            n = self.vision.n_layers
+            if not -n - 1 <= self.vision_feature_layer <= n:
+                raise ValueError(
+                    f"vision_feature_layer={self.vision_feature_layer} is outside the encoder's "
+                    f"{n} layers; use an index in [-{n + 1}, {n}] (-2 = penultimate, LLaVA-1.5)"
+                )
+
+    @property
+    def image_seq_len(self) -> int:
+        """Number of LLM tokens one image becomes."""
+        if self.vision is None:
+            return 0
+        return self.vision.n_patches + (self.vision_feature_select == "full")
+
+    # --- (de)serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OmniConfig:
+        d = dict(d)
+        d.pop("format", None)
+        _check_fields(cls, d, "omnilm config")
+        if d.get("vision") is not None:
+            _check_fields(VisionConfig, d["vision"], "vision config")
+            v = dict(d["vision"])
+            for k in ("image_mean", "image_std"):
+                if k in v:
+                    v[k] = tuple(v[k])
+            d["vision"] = VisionConfig(**v)
+        if "text" in d:
+            _check_fields(TextConfig, d["text"], "text config")
+            d["text"] = TextConfig(**d["text"])
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"format": "omnilm", **self.to_dict()}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> OmniConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> OmniConfig:
+        """Build a preset; `overrides` set top-level fields, and `text=`/`vision=` dicts update the towers.
+
+        >>> OmniConfig.from_preset("tiny", text=dict(n_layers=2), image_token_id=3)
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        d = json.loads(json.dumps(PRESETS[name]))  # deep copy
+        for key, value in overrides.items():
+            if key in ("text", "vision") and isinstance(value, dict) and d.get(key) is not None:
+                d[key].update(value)
+            else:
+                d[key] = value
+        return cls.from_dict(d)
+
+
+def _check_fields(cls: type, d: dict[str, Any], what: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; valid fields: {sorted(names)}")
+
+
+# --- presets --------------------------------------------------------------------------------
+
+_CLIP_L14_336 = dict(image_size=336, patch_size=14, dim=1024, n_layers=24, n_heads=16, mlp_dim=4096)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The exact architectures of llava-hf/llava-1.5-{7b,13b}-hf: CLIP ViT-L/14 at 336 px and
+    # Vicuna-v1.5 (LLaMA-2) with a vocabulary padded to 32064 (32000 + <image> + <pad> + 62).
+    "llava-1.5-7b": dict(
+        text=dict(vocab_size=32064, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, mlp_dim=11008,
+                  pad_token_id=32001),
+        vision=_CLIP_L14_336,
+        image_token_id=32000,
+    ),
+    "llava-1.5-13b": dict(
+        text=dict(vocab_size=32064, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, mlp_dim=13824,
+                  pad_token_id=32001),
+        vision=_CLIP_L14_336,
+        image_token_id=32000,
+    ),
+    # Trains on a laptop CPU in minutes: 64 px images in 8 px patches (64 image tokens),
+    # a 4-layer decoder with grouped-query attention.
+    "tiny": dict(
+        text=dict(vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, mlp_dim=688,
+                  max_seq_len=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision=dict(image_size=64, patch_size=8, dim=192, n_layers=4, n_heads=6, mlp_dim=768),
+        image_token_id=3,
+    ),
+}

@@ -1,0 +1,119 @@
+"""Chats -> prompt text, with the Vicuna v1 template that LLaVA-1.5 was tuned with.
+
+    "{system} USER: {user} ASSISTANT: {answer}</s>USER: {user} ASSISTANT:"
+
+(haotian-liu/LLaVA `conv_vicuna_v1`: sep " " after a user turn, sep2 "</s>" after an
+answer). Messages come in three dialects, all normalised to one form first: transformers
+chat messages, OpenAI `image_url` parts, and LLaVA JSON (`{"from": "human", "value": ...}`).
+Each image part becomes an `<image>` marker followed by a newline, where it stands.
+"""
+
+from __future__ import annotations
+
+from omnilm.data.tokenizer import IMAGE_TOKEN
+from omnilm.errors import OmniInputError
+
+DEFAULT_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+def normalize_messages(messages: list[dict]) -> list[dict]:
+    """Bring any supported message dialect to `[{"role": "system"|"user"|"assistant",
+    "content": [{"type": "text", "text": str} | {"type": "image", "image": source | None}]}]`.
+
+    `image` is anything `load_image` accepts, or None for a placeholder whose image is
+    passed separately (as in transformers' `{"type": "image"}`). Literal `<image>` markers
+    in text are kept as text; they count as image slots all the same.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise OmniInputError("a chat must be a non-empty list of messages like {'role': 'user', 'content': '...'}")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise OmniInputError(f"message {i} is a {type(message).__name__}, not a dict with 'role' and 'content'")
+        # LLaVA JSON uses from/value; everyone else role/content.
+        keys = ("from", "value") if "from" in message else ("role", "content")
+        role, content = message.get(keys[0]), message.get(keys[1])
+        if role not in _ROLES:
+            raise OmniInputError(
+                f"message {i} has role {role!r}: use system, user or assistant (or LLaVA's human, gpt)"
+            )
+        role = _ROLES[role]
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = [_normalize_part(part, i) for part in content]
+        else:
+            raise OmniInputError(
+                f"message {i} has content of type {type(content).__name__}: use a string or a list of parts"
+            )
+        if role == "system" and (i > 0 or any(p["type"] == "image" for p in parts)):
+            raise OmniInputError(f"message {i} is a system message: put it first, and with text only")
+        out.append({"role": role, "content": parts})
+    return out
+
+
+def _normalize_part(part, i: int) -> dict:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    if kind == "image":
+        source = next((part[key] for key in ("image", "path", "url") if part.get(key) is not None), None)
+        return {"type": "image", "image": source}
+    if kind == "image_url":  # OpenAI: {"image_url": {"url": ...}}, or just the URL string
+        url = part.get("image_url")
+        return {"type": "image", "image": url.get("url") if isinstance(url, dict) else url}
+    raise OmniInputError(
+        f"message {i} has a content part {str(part)[:60]}: use {{'type': 'text', 'text': ...}}, "
+        "{'type': 'image', 'image': ...} or {'type': 'image_url', 'image_url': {'url': ...}}"
+    )
+
+
+def render_turns(
+    messages: list[dict], add_generation_prompt: bool = True, system: str = DEFAULT_SYSTEM
+) -> list[tuple[str, bool]]:
+    """The prompt as `(text, is_assistant_answer)` segments, alternating; their concatenation
+    is `render_chat`'s text. Answer segments are what instruction tuning supervises: the
+    answer and its closing `</s>`, not the `ASSISTANT: ` before it (as in LLaVA)."""
+    messages = normalize_messages(messages)
+    if messages[0]["role"] == "system":
+        system, messages = _text(messages[0]), messages[1:]
+    segments: list[tuple[str, bool]] = []
+
+    def add(text: str, is_answer: bool) -> None:
+        if segments and segments[-1][1] == is_answer:
+            segments[-1] = (segments[-1][0] + text, is_answer)
+        else:
+            segments.append((text, is_answer))
+
+    add(system + " ", False)
+    for message in messages:
+        if message["role"] == "user":
+            add(f"USER: {_text(message)} ", False)
+        else:
+            add("ASSISTANT: ", False)
+            add(_text(message) + "</s>", True)
+    if add_generation_prompt and (not messages or messages[-1]["role"] == "user"):
+        add("ASSISTANT:", False)
+    return segments
+
+
+def render_chat(
+    messages: list[dict], add_generation_prompt: bool = True, system: str = DEFAULT_SYSTEM
+) -> tuple[str, list]:
+    """Render a chat to `(prompt_text, images)`: each image part becomes `"<image>\\n"` where it
+    stands, and `images` lists the sources of image parts in order (placeholders excluded).
+    A leading system message replaces `system`. With `add_generation_prompt` and a chat
+    that does not end with an answer, the text ends with the open turn `ASSISTANT:`."""
+    messages = normalize_messages(messages)
+    text = "".join(segment for segment, _ in render_turns(messages, add_generation_prompt, system))
+    parts = [part for message in messages for part in message["content"]]
+    images = [p["image"] for p in parts if p["type"] == "image" and p["image"] is not None]
+    return text, images
+
+
+def _text(message: dict) -> str:
+    return "".join(p["text"] if p["type"] == "text" else IMAGE_TOKEN + "\n" for p in message["content"])

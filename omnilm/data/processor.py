@@ -1,0 +1,155 @@
+"""Prompts and images -> model inputs, as transformers' `LlavaProcessor` builds them.
+
+Every `<image>` marker becomes `image_seq_len` image-token ids where it stands, so the
+model can later overwrite exactly those positions with the image's features (one masked
+assignment). Batches are left-padded so that every row's next token is at the same index.
+
+Shape letters: B prompts, T tokens, N images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from omnilm.data.chat import render_chat
+from omnilm.data.image import ImageProcessor
+from omnilm.data.tokenizer import Tokenizer
+from omnilm.errors import OmniInputError
+
+_MISMATCH_HINT = "add a marker per image or remove images"
+
+
+class Processor:
+    """Tokenizer + image processor + the number of tokens each image occupies.
+
+    `image_processor` is None for a text-only model; such a processor refuses images.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None, image_seq_len: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_seq_len = image_seq_len
+
+    def __call__(
+        self,
+        conversations,
+        images=None,
+        add_generation_prompt: bool = True,
+        max_length: int | None = None,
+    ) -> dict:
+        """Encode one chat (a list of messages), a list of chats, a prompt string or a list
+        of strings. Returns `input_ids` (B, T) and `attention_mask` (B, T), left-padded, and
+        `pixel_values` (N, 3, H, W) with the images in marker order across the batch, or None.
+
+        Images ride inside chat messages, or come through `images`: a flat list in marker
+        order across the batch, or one list per prompt. Not both.
+        """
+        prompts, carried = self._render(conversations, add_generation_prompt)
+        rows = [self.tokenizer.encode(prompt) for prompt in prompts]
+        counts = [row.count(self.tokenizer.image_token_id) for row in rows]
+        per_prompt = _assign_images(counts, carried, images)
+        rows = [self._expand_images(row) for row in rows]
+        if max_length is not None:
+            for i, (row, n_images) in enumerate(zip(rows, counts)):
+                if len(row) > max_length:
+                    raise OmniInputError(
+                        f"prompt {i} is {len(row)} tokens ({n_images} images of {self.image_seq_len} tokens each) "
+                        f"but max_length is {max_length}: shorten it, use fewer images, or raise max_length"
+                    )
+        # Padding sits under attention_mask 0, so with no pad or eos token any id would do.
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        T = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for b, row in enumerate(rows):
+            if row:  # a slice [-0:] would be the whole row
+                input_ids[b, -len(row):] = torch.tensor(row, dtype=torch.long)
+                attention_mask[b, -len(row):] = 1
+        flat = [image for group in per_prompt for image in group]
+        if flat and self.image_processor is None:
+            raise OmniInputError(f"{len(flat)} images were given but this processor is text-only: pass no images")
+        pixel_values = self.image_processor(flat) if flat else None
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+    def _render(self, conversations, add_generation_prompt: bool) -> tuple[list[str], list[list]]:
+        # One prompt (a string, or a chat: a list of message dicts) becomes a batch of one.
+        if isinstance(conversations, str) or (
+            isinstance(conversations, list) and conversations and isinstance(conversations[0], dict)
+        ):
+            conversations = [conversations]
+        if not isinstance(conversations, list) or not conversations:
+            raise OmniInputError(
+                "nothing to encode: pass a prompt string, a chat (list of messages), or a list of either"
+            )
+        prompts, carried = [], []
+        for i, item in enumerate(conversations):
+            if isinstance(item, str):
+                prompts.append(item)
+                carried.append([])
+            elif isinstance(item, list):
+                text, item_images = render_chat(item, add_generation_prompt)
+                prompts.append(text)
+                carried.append(item_images)
+            else:
+                raise OmniInputError(f"prompt {i} is a {type(item).__name__}: pass a string or a list of messages")
+        return prompts, carried
+
+    def _expand_images(self, ids: list[int]) -> list[int]:
+        image_id = self.tokenizer.image_token_id
+        out = []
+        for token in ids:
+            out.extend([token] * self.image_seq_len if token == image_id else [token])
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, image_seq_len: int) -> Processor:
+        """Load the tokenizer files and preprocessor_config.json (text-only without one) from
+        `folder`. Tokens per image belong to the model (its vision tower's patches): pass them in."""
+        config = Path(folder) / "preprocessor_config.json"
+        image_processor = ImageProcessor.from_hf_dict(json.loads(config.read_text())) if config.is_file() else None
+        return cls(Tokenizer.from_file(folder), image_processor, image_seq_len)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write the tokenizer files and (unless text-only) a transformers-loadable preprocessor_config.json."""
+        folder = Path(folder)
+        self.tokenizer.save(folder)
+        if self.image_processor is not None:
+            config = json.dumps(self.image_processor.to_hf_dict(), indent=2)
+            (folder / "preprocessor_config.json").write_text(config + "\n")
+
+
+def _assign_images(counts: list[int], carried: list[list], images) -> list[list]:
+    # The images of each prompt, checked against its number of `<image>` markers.
+    if images is None:
+        per_prompt = carried
+    elif any(carried):
+        raise OmniInputError("images came both inside the chat messages and as images=: pass each image one way")
+    else:
+        if not isinstance(images, (list, tuple)):
+            images = [images]  # a single image
+        if images and all(isinstance(group, (list, tuple)) for group in images):
+            if len(images) != len(counts):
+                raise OmniInputError(
+                    f"{len(images)} image lists were given for {len(counts)} prompts: give one list per prompt"
+                )
+            per_prompt = [list(group) for group in images]
+        else:
+            if len(images) != sum(counts):
+                raise OmniInputError(
+                    f"the prompts have {sum(counts)} <image> markers but {len(images)} images were given: "
+                    + _MISMATCH_HINT
+                )
+            starts = [sum(counts[:i]) for i in range(len(counts))]
+            per_prompt = [list(images[start:start + n]) for start, n in zip(starts, counts)]
+    for i, (n_markers, group) in enumerate(zip(counts, per_prompt)):
+        if n_markers != len(group):
+            raise OmniInputError(
+                f"prompt {i} has {n_markers} <image> markers but {len(group)} images were given: {_MISMATCH_HINT}"
+            )
+    return per_prompt

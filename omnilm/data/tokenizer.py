@@ -1,0 +1,173 @@
+"""Text <-> token ids: a thin wrapper over a Hugging Face `tokenizers` tokenizer.json.
+
+The wrapper owns three conventions the rest of omnilm relies on: `<image>` is one special
+token that never merges with its neighbours, BOS is added by `encode(add_bos=True)` and by
+nothing else, and a saved folder loads in transformers' `AutoTokenizer` to the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as BackendTokenizer
+
+from omnilm.errors import OmniInputError
+
+IMAGE_TOKEN = "<image>"
+_SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# Used when neither tokenizer_config.json nor special_tokens_map.json names a token.
+_CONVENTIONAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+
+
+class Tokenizer:
+    """A tokenizer.json plus the names of its special tokens.
+
+    `pad_id` falls back to `eos_id` when the tokenizer has no pad token (as LLaMA's has
+    none); padded positions are masked out by the attention mask, so their id never matters.
+    """
+
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        bos_token: str | None = "<s>",
+        eos_token: str | None = "</s>",
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        model_max_length: int | None = None,
+    ):
+        self._backend = backend
+        self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
+        self.pad_token = pad_token if pad_token is not None else eos_token
+        self.model_max_length = model_max_length
+        added = {t.content for t in backend.get_added_tokens_decoder().values()}
+        if IMAGE_TOKEN not in added:
+            # As an added token it is matched in raw text before BPE runs, so "a<image>b"
+            # splits around it and it keeps one id; if the vocab already has it, it keeps its id.
+            backend.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+        for key in _SPECIAL_KEYS:
+            token = getattr(self, key)
+            if token is not None and backend.token_to_id(token) is None:
+                raise OmniInputError(
+                    f"{key} {token!r} is not in the tokenizer's vocabulary: fix tokenizer_config.json"
+                )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Load a folder holding tokenizer.json (and optionally tokenizer_config.json and
+        special_tokens_map.json naming the special tokens), or a tokenizer.json path."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise OmniInputError(
+                f"no tokenizer.json at {file}: pass a folder holding tokenizer.json, or the file itself"
+            )
+        try:
+            backend = BackendTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            reason = " ".join(str(e).split())
+            raise OmniInputError(f"cannot read tokenizer {file}: {reason}; it is not a valid tokenizer.json") from None
+        config: dict = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the map wins, as in transformers
+            if (file.parent / name).is_file():
+                config.update(json.loads((file.parent / name).read_text()))
+        tokens = {}
+        for key in _SPECIAL_KEYS:
+            if key in config:
+                value = config[key]  # a string, an AddedToken dict, or null for "none"
+                tokens[key] = value["content"] if isinstance(value, dict) else value
+            else:
+                tokens[key] = _CONVENTIONAL[key] if backend.token_to_id(_CONVENTIONAL[key]) is not None else None
+        return cls(backend, model_max_length=config.get("model_max_length"), **tokens)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_to_id(self.bos_token) if self.bos_token is not None else None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_to_id(self.eos_token) if self.eos_token is not None else None
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_to_id(self.pad_token) if self.pad_token is not None else None
+
+    @property
+    def image_token_id(self) -> int:
+        return self._backend.token_to_id(IMAGE_TOKEN)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        # The tokenizer.json post-processor is bypassed: whether it prepends BOS or not,
+        # `add_bos` alone decides, so BOS is never doubled or silently dropped.
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def save(self, folder: str | Path) -> None:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; transformers'
+        `AutoTokenizer.from_pretrained(folder)` then encodes like `encode(add_bos=True)`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        backend = BackendTokenizer.from_str(self._backend.to_str())
+        # transformers (v5) ignores add_bos_token when a tokenizer.json exists and uses its
+        # post-processor, so the post-processor is what makes HF add BOS exactly as we do.
+        backend.post_processor = _bos_template(self.bos_token, self.bos_id)
+        backend.save(str(folder / "tokenizer.json"))
+        special = {key: getattr(self, key) for key in _SPECIAL_KEYS if getattr(self, key) is not None}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            # Read by older transformers (v4 LLaMA tokenizers); agrees with the post-processor.
+            "add_bos_token": self.bos_token is not None,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "padding_side": "left",  # what Processor does for batched generation
+        }
+        if self.model_max_length is not None:
+            config["model_max_length"] = self.model_max_length
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def _bos_template(bos: str | None, bos_id: int | None) -> processors.TemplateProcessing:
+    if bos is None:
+        return processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+    # LLaMA's convention: every sequence of a pair gets its own BOS.
+    return processors.TemplateProcessing(
+        single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos} $B:1", special_tokens=[(bos, bos_id)]
+    )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
+    """Train a byte-level BPE tokenizer whose special tokens are `<pad>`=0, `<s>`=1, `</s>`=2,
+    `<image>`=3, prepending `<s>` like LLaMA. The same texts give the same tokenizer."""
+    specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(specials) + len(alphabet):
+        raise OmniInputError(
+            f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
+            f"{len(specials) + len(alphabet)} (4 special tokens + 256 bytes)"
+        )
+    backend = BackendTokenizer(models.BPE())
+    # Byte-level: every string is encodable (no <unk>), and decoding is exact.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator(texts, trainer)
+    backend.post_processor = _bos_template("<s>", 1)
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

@@ -1,0 +1,222 @@
+"""Autoregressive generation with a static KV cache, gpt-fast style: plain functions, top to bottom.
+
+`prefill` runs the prompt (images included) once and fills the cache; `decode_one_token` runs
+one new token against it; `sample` turns logits into ids (greedy, or temperature / top-k /
+top-p sampling with the semantics of transformers' warpers). `iter_tokens` is the one loop
+that strings them together; `generate` collects its tokens and `stream` detokenises them as
+they arrive. Shape letters: B batch, T prompt length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from omnilm.errors import OmniInputError
+from omnilm.model.layers import KVCache
+
+# --- the model, one call at a time ------------------------------------------------------------
+
+
+def prefill(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+            attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """Run a prompt (or the next chunk of one) through the model, filling `cache`.
+
+    `attention_mask` (B, S) covers the cached positions and these T new ones. Returns the
+    logits of the last position (B, V): the distribution of the first new token.
+    """
+    return model(input_ids, pixel_values, attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+def decode_one_token(model: nn.Module, token: torch.Tensor, attention_mask: torch.Tensor | None,
+                     cache: KVCache) -> torch.Tensor:
+    """Logits (B, V) after feeding one new token (B, 1) on top of the cache."""
+    return model(token, None, attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+# --- logits -> ids ----------------------------------------------------------------------------
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Set to -inf every logit below the k-th largest; ties with it are kept (as HF's TopKLogitsWarper)."""
+    k = min(top_k, logits.shape[-1])
+    kth = torch.topk(logits, k).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2020): keep the most likely tokens whose mass reaches `top_p`.
+
+    As HF's TopPLogitsWarper: sorted ascending, a token goes when the mass of it and everything
+    less likely is at most 1 - top_p; the most likely token always stays.
+    """
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum_probs <= 1 - top_p
+    remove[..., -1] = False
+    remove = remove.scatter(-1, order, remove)  # back to vocabulary order
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next ids (B,) from logits (B, V): argmax, or a draw after temperature, top-k, then top-p.
+
+    The order of the three is transformers' own, so the same settings mean the same
+    distribution. A `generator` makes the draws reproducible.
+    """
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # bf16 softmax over a large vocabulary loses the tail
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# --- the generation loop ----------------------------------------------------------------------
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    # Restore each module's own flag afterwards: a frozen tower may be in eval while the rest trains.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _as_list(ids: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+def _check_args(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                max_new_tokens: int, do_sample: bool, temperature: float,
+                top_k: int | None, top_p: float | None) -> None:
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise OmniInputError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise OmniInputError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids {tuple(input_ids.shape)}: "
+                "pass one mask entry per token"
+            )
+        if not bool(attention_mask[:, -1].all()):
+            raise OmniInputError("attention_mask ends in padding: pad batched prompts on the left for generation")
+    if max_new_tokens < 0:
+        raise OmniInputError(f"max_new_tokens={max_new_tokens} is negative; ask for 0 or more new tokens")
+    limit = model.config.text.max_seq_len
+    prompt_len = input_ids.shape[1]
+    if prompt_len + max_new_tokens > limit:
+        raise OmniInputError(
+            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
+            f"exceeds the model's max_seq_len={limit}: shorten the prompt or lower max_new_tokens"
+        )
+    if do_sample and not temperature > 0:
+        raise OmniInputError(f"temperature={temperature} must be > 0 when sampling; for greedy decoding pass do_sample=False")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise OmniInputError(f"top_k={top_k!r} must be an integer >= 1 (or None for no top-k filtering)")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise OmniInputError(f"top_p={top_p!r} must be in (0, 1] (or None for no nucleus filtering)")
+
+
+@torch.inference_mode()
+def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
+                do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, stop_token_ids: int | list[int] | None = None,
+                pad_token_id: int | None = None,
+                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next ids (B,) one step at a time; the single loop behind `generate` and `stream`.
+
+    Arguments as `generate`. A row that has emitted a stop token yields `pad_token_id` from then
+    on, and the loop ends once every row has stopped or `max_new_tokens` were produced.
+    """
+    _check_args(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
+    text_cfg = model.config.text
+    stops = _as_list(text_cfg.eos_token_id if stop_token_ids is None else stop_token_ids)
+    if pad_token_id is None:  # as transformers: the config's pad, else the first stop token
+        pad_token_id = text_cfg.pad_token_id if text_cfg.pad_token_id is not None else (stops[0] if stops else 0)
+    if max_new_tokens == 0:
+        return
+
+    B, T = input_ids.shape
+    device = input_ids.device
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+
+    with _eval_mode(model):
+        cache = model.new_cache(B, T + max_new_tokens)
+        logits = prefill(model, input_ids, pixel_values, attention_mask, cache)  # (B, V)
+        for step in range(max_new_tokens):
+            token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
+            token = token.masked_fill(finished, pad_token_id)
+            finished |= torch.isin(token, stop_ids)
+            yield token
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                return
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            logits = decode_one_token(model, token[:, None], attention_mask, cache)
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, stop_token_ids: int | list[int] | None = None,
+             pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Generate up to `max_new_tokens` ids after each prompt; returns the new ids only, (B, n).
+
+    input_ids (B, T): prompts, left-padded when their lengths differ, with `attention_mask`
+        (B, T) 0 on the padding; image tokens expanded, one image in `pixel_values` per run.
+    do_sample: False for greedy argmax; True to draw after `temperature`, `top_k`, `top_p`.
+    stop_token_ids: a row ends after emitting one; default `model.config.text.eos_token_id`.
+    pad_token_id: fills a row after it ends; default the config's pad, else the first stop id.
+    generator: a `torch.Generator` (on the model's device) for reproducible sampling.
+
+    n < max_new_tokens when every row stopped early.
+    """
+    steps = list(iter_tokens(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample,
+                             temperature, top_k, top_p, stop_token_ids, pad_token_id, generator))
+    if not steps:
+        return input_ids.new_empty(input_ids.shape[0], 0)
+    return torch.stack(steps, dim=1)
+
+
+def stream(model: nn.Module, tokenizer: Any, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+           attention_mask: torch.Tensor | None = None, **gen_kwargs: Any) -> Iterator[str]:
+    """Yield text pieces for one prompt (batch 1) as its tokens arrive; `gen_kwargs` as `generate`.
+
+    The pieces join to exactly `tokenizer.decode(new_ids, skip_special_tokens=True)`. Each step
+    decodes all new ids so far and yields the new suffix, but holds it back while the text ends
+    in U+FFFD: a character whose UTF-8 bytes are split over tokens not all seen yet.
+    """
+    if input_ids.ndim != 2 or input_ids.shape[0] != 1:
+        raise OmniInputError(f"stream takes one prompt, input_ids of shape (1, T); got {tuple(input_ids.shape)}")
+    ids: list[int] = []
+    printed = ""
+    for token in iter_tokens(model, input_ids, pixel_values, attention_mask, **gen_kwargs):
+        ids.append(int(token[0]))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= len(printed):
+            continue
+        yield text[len(printed):]
+        printed = text
+    # Whatever is still held back (an incomplete character at the very end) goes out as it decodes.
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if len(text) > len(printed):
+        yield text[len(printed):]

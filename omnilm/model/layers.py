@@ -1,0 +1,262 @@
+"""Building blocks shared by every tower: norms, rotary embeddings, attention, MLPs, KV cache.
+
+Shape letters: B batch, T query length, S key length (past + current), D model width,
+H query heads, Hkv key/value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnilm.config import TextConfig
+
+# torch >= 2.5 lets SDPA broadcast key/value heads itself (no copy); older torch gets repeat.
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # OpenAI CLIP's sigmoid approximation of GELU; CLIP weights were trained with it.
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu, "silu": F.silu}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the gain, as LLaMA (and HF) do, so bf16 matches.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+# --- rotary position embeddings (Su et al. 2021) ----------------------------------------------
+
+
+def rope_frequencies(cfg: TextConfig, seq_len: int, device=None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (hd/2,) and the cos/sin scale for `cfg`'s rope scaling.
+
+    Scalings follow transformers' definitions: `linear` (position interpolation), `dynamic`
+    (NTK-aware base growth once `seq_len` exceeds `max_seq_len`), `yarn` (Peng et al. 2023)
+    and `llama3` (wavelength-banded interpolation).
+    """
+    dim, base = cfg.head_dim, cfg.rope_theta
+    scaling = dict(cfg.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+
+    if kind == "default":
+        return 1.0 / base**exponents, 1.0
+    factor = scaling.get("factor")
+    if kind == "linear":
+        return 1.0 / base**exponents / factor, 1.0
+    if kind == "dynamic":
+        # The base grows only when the sequence outgrows the trained length.
+        n = max(seq_len, cfg.max_seq_len)
+        base = base * ((factor * n / cfg.max_seq_len) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / base**exponents, 1.0
+
+    original = scaling.get("original_max_position_embeddings") or cfg.max_seq_len
+    if kind == "yarn":
+        if factor is None:
+            factor = cfg.max_seq_len / original
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn_factor = scaling.get("attention_factor")
+        if attn_factor is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attn_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(n_rotations: float) -> float:
+            # The dimension whose wavelength completes `n_rotations` turns over the original context.
+            return dim * math.log(original / (n_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp  # 1: keep the frequency (high freq), 0: interpolate (low freq)
+        pos_freqs = base**exponents
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+        return inv_freq, float(attn_factor)
+    if kind == "llama3":
+        inv_freq = 1.0 / base**exponents
+        low_wavelen = original / scaling["low_freq_factor"]
+        high_wavelen = original / scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - scaling["low_freq_factor"]) / (
+            scaling["high_freq_factor"] - scaling["low_freq_factor"]
+        )
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    raise ValueError(f"unsupported rope scaling {kind!r}; omnilm supports default, linear, dynamic, yarn, llama3")
+
+
+def rope_cos_sin(cfg: TextConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (B, T, hd) in fp32 for integer `positions` (B, T)."""
+    seq_len = int(positions.max()) + 1 if cfg.rope_scaling else 0  # only `dynamic` reads it
+    inv_freq, scale = rope_frequencies(cfg, seq_len, positions.device)
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # LLaMA-HF layout: rotate the two halves
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by cos/sin (B, T, hd)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# --- attention --------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Pre-allocated keys and values for all layers: (L, B, Hkv, max_len, hd) each.
+
+    Layers write their new keys at [seen, seen + T) and read [0, seen + T); the decoder calls
+    `advance(T)` once all layers have run.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.seen = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.seen + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions but {end} are needed: allocate a longer cache")
+        self.k[layer, :, :, self.seen:end] = k
+        self.v[layer, :, :, self.seen:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.seen += n
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads (Ainslie et al. 2023) through SDPA.
+
+    Serves the CLIP encoder (bias, no rotary, no mask) and the LLaMA decoder (rotary, causal,
+    KV cache). `mask` is boolean (B, 1, T, S), True where a query may attend.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None, is_causal: bool = False,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd)
+        kwargs = {}
+        if self.n_kv_heads != self.n_heads:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:
+                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, **kwargs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def decoder_mask(attention_mask: torch.Tensor | None, T: int, start: int) -> torch.Tensor | None:
+    """Boolean (B, 1, T, S) mask for T queries at absolute positions [start, start + T).
+
+    Returns None when plain causal attention (or, for one query, no mask) is exact, so SDPA
+    can take its fused path. `attention_mask` (B, S) marks real tokens with 1 over past and
+    current positions, as in transformers.
+    """
+    S = start + T
+    padded = attention_mask is not None and not bool(attention_mask[:, :S].all())
+    if not padded and (start == 0 or T == 1):
+        return None
+    device = attention_mask.device if attention_mask is not None else None
+    q = torch.arange(start, S, device=device)[:, None]
+    k = torch.arange(S, device=device)[None, :]
+    allowed = (k <= q)[None]  # (1, T, S)
+    if padded:
+        # Padding keys are never attended; a padding query attends to itself only, so no
+        # softmax row is empty (its output is discarded anyway).
+        allowed = (allowed & attention_mask[:, None, :S].bool()) | (k == q)[None]
+    return allowed[:, None]
+
+
+# --- feed-forward -----------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's gated feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nn.Module):
+    """Two linear layers with an activation between: CLIP's feed-forward and LLaVA's projector."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, act: str, bias: bool = True):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden_dim, bias=bias)
+        self.act = activation(act)
+        self.fc2 = nn.Linear(hidden_dim, out_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Reset every parameter the way LLaMA/LLaVA initialise: norms to 1, biases to 0, the rest N(0, std)."""
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if isinstance(m, (nn.LayerNorm, RMSNorm)) and name == "weight":
+                nn.init.ones_(p)
+            elif name == "bias":
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)

@@ -1,0 +1,58 @@
+"""LLaMA decoder (Touvron et al. 2023), the language model of LLaVA-1.5 (Vicuna).
+
+Weight-compatible with HF `LlamaModel`. It takes input embeddings, so the assembled model can
+splice image features in before the first block. Shape letters: B batch, T tokens, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omnilm.config import TextConfig
+from omnilm.model.layers import Attention, KVCache, RMSNorm, SwiGLU, decoder_mask, rope_cos_sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attention_bias)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim, bias=cfg.mlp_bias)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal=True, cache=cache, layer=layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaDecoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, D) for input embeddings x (B, T, D).
+
+        `attention_mask` (B, S) covers the cached positions and the new ones (1 = real token).
+        Without `position_ids`, positions count real tokens only, so a left-padded prompt gets
+        the same positions as the unpadded one.
+        """
+        B, T, _ = x.shape
+        start = cache.seen if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+            else:
+                position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
+        rope = rope_cos_sin(self.config, position_ids)
+        mask = decoder_mask(attention_mask, T, start)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(x)

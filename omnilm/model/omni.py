@@ -1,0 +1,160 @@
+"""OmniModel: vision encoder -> projector -> LLaMA decoder, assembled (LLaVA-1.5, "joint" fusion).
+
+This is the one module that knows both towers: it decides where image features go (exactly at
+the image-token positions, any number of images per sequence and per batch) and computes the
+loss. Shape letters: B batch, T tokens, N images, L tokens per image, D text width, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnilm.config import OmniConfig
+from omnilm.errors import OmniInputError
+from omnilm.model.connector import build_projector
+from omnilm.model.layers import KVCache, init_weights
+from omnilm.model.llm import LlamaDecoder
+from omnilm.model.vision import VisionTransformer
+
+IGNORE_INDEX = -100  # label value that carries no loss (prompt, image and padding tokens)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None
+
+
+class OmniModel(nn.Module):
+    def __init__(self, config: OmniConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionTransformer(config.vision) if config.vision is not None else None
+        self.projector = build_projector(config) if config.vision is not None else None
+        self.llm = LlamaDecoder(config.text)
+        self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
+        if config.text.tie_embeddings:
+            self.lm_head.weight = self.llm.embed_tokens.weight
+        self.tokenizer = None  # set by from_pretrained when the folder holds one; saved with the model
+
+    # --- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: OmniConfig, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> OmniModel:
+        """A randomly initialised model. On device "meta" nothing is allocated."""
+        with torch.device("meta"):
+            model = cls(config)
+        device = torch.device(device or "cpu")
+        if device.type != "meta":
+            model.to_empty(device=device)
+            if config.text.tie_embeddings:  # to_empty re-creates parameters, which unties them
+                model.lm_head.weight = model.llm.embed_tokens.weight
+            init_weights(model)
+        return model.to(dtype) if dtype is not None else model
+
+    @classmethod
+    def from_preset(cls, name: str, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None, **overrides: Any) -> OmniModel:
+        """Build a preset by name (see `omnilm.config.PRESETS`); `overrides` set config fields."""
+        return cls.from_config(OmniConfig.from_preset(name, **overrides), device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> OmniModel:
+        """Load an omnilm folder or a Hugging Face one (LLaVA, LLaMA or CLIP vision)."""
+        from omnilm.model.hf import load_pretrained
+
+        return load_pretrained(cls, path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+        """Write a folder that both omnilm and transformers load (safetensors, atomic)."""
+        from omnilm.model.hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image features in the decoder's embedding space: (N, 3, H, W) -> (N, L, D)."""
+        if self.vision is None:
+            raise OmniInputError("this model has no vision encoder (text-only); pass no images")
+        feats = self.vision(pixel_values, layer=self.config.vision_feature_layer)  # (N, 1+P, Dv)
+        if self.config.vision_feature_select == "default":
+            feats = feats[:, 1:]  # drop the class token
+        return self.projector(feats)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, D) with image features written at the image-token positions."""
+        is_image = input_ids == self.config.image_token_id
+        # The image id may lie outside a text vocabulary (any row will do: features overwrite it);
+        # inside it, keep its own row, as HF does when generation feeds the id back without images.
+        if self.config.image_token_id >= self.config.text.vocab_size:
+            input_ids = input_ids.masked_fill(is_image, 0)
+        x = self.llm.embed_tokens(input_ids)
+        if pixel_values is None:
+            return x
+        feats = self.encode_images(pixel_values)  # (N, L, D)
+        n_tokens, (N, L) = int(is_image.sum()), feats.shape[:2]
+        if n_tokens != N * L:
+            raise OmniInputError(
+                f"input_ids hold {n_tokens} image tokens but {N} image(s) give {N * L} features ({L} per image): "
+                f"expand each <image> marker to {L} tokens and pass one image per marker"
+            )
+        # Row-major order: image i fills the i-th run of image tokens across the whole batch.
+        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_to_keep: int = 0) -> ModelOutput:
+        """Logits (B, T, V) for `input_ids` (B, T), and the next-token loss when `labels` are given.
+
+        `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the
+        batch. With a `cache`, `input_ids` are the new tokens and `attention_mask` covers the
+        cached ones too. `logits_to_keep=n` computes logits for the last n positions only
+        (prefill needs one row, not a (B, T, V) tensor).
+        """
+        if pixel_values is None and (cache is None or cache.seen == 0):
+            n_markers = int((input_ids == self.config.image_token_id).sum()) if self.vision is not None else 0
+            if n_markers:
+                raise OmniInputError(
+                    f"input_ids hold {n_markers} image tokens but no pixel_values were given: pass the images"
+                )
+        x = self.embed(input_ids, pixel_values)
+        h = self.llm(x, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need every position's logits: leave logits_to_keep at 0")
+            # Token t predicts token t+1; -100 marks tokens without a target.
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        return ModelOutput(logits=logits, loss=loss)
+
+    # --- inference -----------------------------------------------------------------------------
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        t = self.config.text
+        p = self.lm_head.weight
+        return KVCache(t.n_layers, batch, t.n_kv_heads, t.head_dim, max_len, dtype=p.dtype, device=p.device)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
+                 do_sample: bool = False, **kwargs: Any) -> torch.Tensor:
+        """New token ids (B, n), n <= max_new_tokens; see `omnilm.infer.generate.generate`."""
+        from omnilm.infer.generate import generate
+
+        return generate(self, input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                        max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)

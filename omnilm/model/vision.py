@@ -1,0 +1,77 @@
+"""CLIP ViT image encoder (Radford et al. 2021; Dosovitskiy et al. 2021), LLaVA-1.5's vision tower.
+
+Weight-compatible with HF `CLIPVisionModel`. Shape letters: N images, P patches, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omnilm.config import VisionConfig
+from omnilm.model.layers import MLP, Attention
+
+
+class PatchEmbedding(nn.Module):
+    """Class token + non-overlapping patches (conv without bias) + learned absolute positions."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(cfg.dim))
+        self.patch_embedding = nn.Conv2d(cfg.n_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.n_patches + 1, cfg.dim)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        N = pixel_values.shape[0]
+        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, D, h, w)
+        patches = patches.flatten(2).transpose(1, 2)  # (N, P, D)
+        cls = self.class_embedding.expand(N, 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (N, 1+P, D)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block, bidirectional attention over all patches."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim, bias=True)
+        self.layer_norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg.dim, cfg.mlp_dim, cfg.dim, cfg.act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = PatchEmbedding(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # sic: HF's name, kept for weight compatibility
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.post_layernorm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # for the pooled class token only
+
+    def forward(self, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """Hidden states (N, 1+P, D) after `layer` blocks, indexed as HF's `hidden_states` tuple.
+
+        0 is the embedding output, i the output of block i, negative counts from the end
+        (-1 = last, -2 = penultimate, LLaVA-1.5's choice). Blocks past `layer` are not run.
+        """
+        n_run = layer % (len(self.layers) + 1)
+        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        for block in self.layers[:n_run]:
+            x = block(x)
+        return x
+
+    def hidden_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """All L+1 hidden states, as HF's `output_hidden_states=True` returns them."""
+        states = [self.pre_layrnorm(self.embeddings(pixel_values))]
+        for block in self.layers:
+            states.append(block(states[-1]))
+        return states
+
+    def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Post-LayerNorm class token (N, D): CLIP's image representation."""
+        return self.post_layernorm(self.forward(pixel_values)[:, 0])

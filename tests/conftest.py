@@ -1,0 +1,53 @@
+"""Shared test helpers: tiny random-weight transformers models, the oracles for parity tests.
+
+Nothing is downloaded: the models are built from configs here, with fixed seeds.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter O(1)-scale random values, so parity compares meaningful numbers
+    (transformers' N(0, 0.02) init leaves activations and logits close to zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.ndim == 1 and name.endswith("weight"):  # norm gains
+                p.copy_(1 + 0.1 * noise)
+            elif p.ndim == 1:  # biases, CLIP's class embedding
+                p.copy_(0.1 * noise)
+            else:  # matrices, embeddings, conv kernels: unit-variance outputs
+                p.copy_(noise / p[0].numel() ** 0.5)
+    return model
+
+
+def tiny_hf_configs(text: dict | None = None, vision: dict | None = None, **llava):
+    """(LlamaConfig, CLIPVisionConfig, LlavaConfig) of a tiny LLaVA-1.5: grouped-query attention,
+    a non-default rope_theta and norm eps, 32 px images in 8 px patches (16 tokens per image)."""
+    import transformers as tf
+
+    text = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=3e-5, max_position_embeddings=128,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0) | (text or {})
+    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                  patch_size=8, layer_norm_eps=2e-5) | (vision or {})
+    text_cfg, vision_cfg = tf.LlamaConfig(**text), tf.CLIPVisionConfig(**vision)
+    llava_cfg = tf.LlavaConfig(vision_config=vision_cfg, text_config=text_cfg,
+                               **(dict(image_token_index=text_cfg.vocab_size - 1) | llava))
+    return text_cfg, vision_cfg, llava_cfg
+
+
+def tiny_hf_model(kind: str, seed: int = 0, **config_overrides):
+    """A tiny random transformers model in eval mode: kind "llava", "llama" or "clip"."""
+    import transformers as tf
+
+    text_cfg, vision_cfg, llava_cfg = tiny_hf_configs(**config_overrides)
+    cls, cfg = {"llava": (tf.LlavaForConditionalGeneration, llava_cfg), "llama": (tf.LlamaForCausalLM, text_cfg),
+                "clip": (tf.CLIPVisionModel, vision_cfg)}[kind]
+    torch.manual_seed(seed)
+    return randomize_(cls(cfg), seed).eval()

@@ -1,0 +1,310 @@
+"""Generation against references: cached decoding == full forward, greedy ids == transformers'
+`generate`, sampling filters == transformers' warpers, stop tokens, streaming, errors."""
+
+import pytest
+import torch
+from conftest import tiny_hf_configs, tiny_hf_model
+
+from omnilm import OmniConfig, OmniInputError, OmniModel
+from omnilm.infer import decode_one_token, generate, prefill, sample, stream
+from omnilm.infer.generate import top_k_filter, top_p_filter
+
+tf = pytest.importorskip("transformers")
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def tiny_model() -> OmniModel:
+    torch.manual_seed(0)
+    return OmniModel.from_preset("tiny", text=dict(n_layers=2), vision=dict(n_layers=2)).eval()
+
+
+def tiny_batch(model: OmniModel):
+    """Two left-padded prompts: row 0 holds two images, row 1 one image after 6 pads."""
+    L, img = model.config.image_seq_len, model.config.image_token_id
+    g = torch.Generator().manual_seed(1)
+    T = 2 * L + 12
+    ids = torch.randint(4, model.config.text.vocab_size, (2, T), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, 2:2 + L] = img
+    ids[0, L + 10:2 * L + 10] = img
+    ids[1, :6], mask[1, :6] = model.config.text.pad_token_id, 0
+    ids[1, 8:8 + L] = img
+    pixels = torch.randn(3, 3, 64, 64, generator=g)  # row-major: row 0's two, then row 1's
+    return ids, pixels, mask
+
+
+def chain_model(succ: dict[int, int], vocab: int = 64, **text) -> OmniModel:
+    """A text model whose greedy next token is succ[current token], whatever came before.
+
+    Every block adds zero (o_proj and down_proj are zero), embeddings are one-hot, and the
+    head scores succ[i] after i; a token without a successor scores all ties, so 0 wins.
+    """
+    cfg = OmniConfig(text=dict(vocab_size=vocab, dim=vocab, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=8,
+                               max_seq_len=64, eos_token_id=2, pad_token_id=0, **text), vision=None)
+    model = OmniModel.from_config(cfg).eval()
+    with torch.no_grad():
+        for layer in model.llm.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.llm.embed_tokens.weight.copy_(torch.eye(vocab))
+        model.lm_head.weight.zero_()
+        for a, b in succ.items():
+            model.lm_head.weight[b, a] = 1.0
+    return model
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer: each id is a fixed byte string; special ids decode to nothing."""
+
+    def __init__(self, pieces: dict[int, bytes], special: tuple[int, ...] = (0, 1, 2)):
+        self.pieces, self.special = pieces, special
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        kept = [i for i in ids if not (skip_special_tokens and i in self.special)]
+        return b"".join(self.pieces.get(i, b"") for i in kept).decode("utf-8", errors="replace")
+
+
+def _assert_same_greedy(hf_model, ours: OmniModel, prompt_len: int, **inputs) -> torch.Tensor:
+    # transformers fills finished rows with its pad id (0 in these configs); ours reads the same config.
+    out = hf_model.generate(**inputs, max_new_tokens=20, do_sample=False, output_scores=True,
+                            return_dict_in_generate=True)
+    expected = out.sequences[:, prompt_len:]
+    # Not knife-edge: on every step, top-1 beats top-2 by far more than fp32 noise.
+    top2 = torch.stack(out.scores, 1).topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-4
+    got = generate(ours, inputs["input_ids"], inputs.get("pixel_values"), inputs["attention_mask"], max_new_tokens=20)
+    assert got.tolist() == expected.tolist()
+    return got
+
+
+# --- 1. cached decoding equals the full forward -----------------------------------------------
+
+
+def test_prefill_and_decode_equal_full_forward():
+    model = tiny_model()
+    ids, pixels, mask = tiny_batch(model)
+    B, T = ids.shape
+    cont = torch.randint(4, 512, (B, 6), generator=torch.Generator().manual_seed(2))
+    full_mask = torch.cat([mask, torch.ones_like(cont)], dim=1)
+    with torch.inference_mode():
+        full = model(torch.cat([ids, cont], 1), pixels, full_mask).logits  # (B, T+6, V)
+
+        cache = model.new_cache(B, T + 6)
+        steps = [prefill(model, ids, pixels, mask, cache)]
+        for j in range(5):
+            steps.append(decode_one_token(model, cont[:, j:j + 1], full_mask[:, :T + j + 1], cache))
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, T - 1:T + 5], atol=1e-5, rtol=0)
+
+
+def test_chunked_prefill_equals_full_forward():
+    model = tiny_model()
+    ids, pixels, mask = tiny_batch(model)
+    B, T = ids.shape
+    c = 72  # no image run crosses it: chunk 1 holds row 0's first image and row 1's, chunk 2 the rest
+    one = torch.ones(B, 1, dtype=mask.dtype)
+    next_tok = torch.tensor([[5], [6]])
+    with torch.inference_mode():
+        full = model(torch.cat([ids, next_tok], 1), pixels, torch.cat([mask, one], 1)).logits  # (B, T+1, V)
+        cache = model.new_cache(B, T + 1)
+        first = model(ids[:, :c], pixels[[0, 2]], mask[:, :c], cache=cache).logits
+        second = model(ids[:, c:], pixels[[1]], mask, cache=cache).logits
+        # The same through prefill / decode_one_token, on a fresh cache.
+        cache = model.new_cache(B, T + 1)
+        last_of_first = prefill(model, ids[:, :c], pixels[[0, 2]], mask[:, :c], cache)
+        last = prefill(model, ids[:, c:], pixels[[1]], mask, cache)
+        stepped = decode_one_token(model, next_tok, torch.cat([mask, one], 1), cache)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat([first, second], 1)[real], full[:, :T][real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack([last_of_first, last, stepped], 1), full[:, [c - 1, T - 1, T]],
+                               atol=1e-5, rtol=0)
+
+
+# --- 2. greedy ids equal transformers' generate -----------------------------------------------
+
+
+def test_greedy_matches_hf_llama(tmp_path):
+    hf_model = tiny_hf_model("llama")  # O(1)-scale random weights, grouped-query attention
+    hf_model.save_pretrained(tmp_path)
+    ours = OmniModel.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    ids[1, :7], mask[1, :7] = 0, 0
+    _assert_same_greedy(hf_model, ours, 24, input_ids=ids, attention_mask=mask)
+
+
+def test_greedy_matches_hf_llava_two_images(tmp_path):
+    torch.manual_seed(0)
+    # transformers' own init, seed 0: row 1 greedily emits the image token id mid-generation, which
+    # must be embedded as an ordinary token when fed back (no pixel_values in decode steps).
+    hf_model = tf.LlavaForConditionalGeneration(tiny_hf_configs()[2]).eval()
+    hf_model.save_pretrained(tmp_path)
+    ours = OmniModel.from_pretrained(tmp_path).eval()
+    L, img = ours.config.image_seq_len, ours.config.image_token_id  # 16, 299
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, img - 1, (2, 50), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, 3:3 + L] = img
+    ids[0, 25:25 + L] = img  # two images in one prompt
+    ids[1, :5], mask[1, :5] = 0, 0
+    ids[1, 10:10 + L] = img
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    new = _assert_same_greedy(hf_model, ours, 50, input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    assert (new == img).any()
+
+
+# --- 3. sampling ------------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_and_degenerates_to_greedy():
+    model = tiny_model()
+    ids, pixels, mask = tiny_batch(model)
+
+    def run(seed, **kw):
+        return generate(model, ids, pixels, mask, max_new_tokens=8, do_sample=True,
+                        generator=torch.Generator().manual_seed(seed), **kw)
+
+    a = run(0, temperature=0.7, top_k=50, top_p=0.9)
+    assert torch.equal(a, run(0, temperature=0.7, top_k=50, top_p=0.9))
+    assert not torch.equal(a, run(1, temperature=0.7, top_k=50, top_p=0.9))
+    greedy = generate(model, ids, pixels, mask, max_new_tokens=8)
+    assert torch.equal(run(0, top_k=1, temperature=5.0), greedy)
+    assert torch.equal(run(0, top_p=1e-6), greedy)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_top_k_top_p_keep_the_same_tokens_as_hf_warpers(temperature):
+    g = torch.Generator().manual_seed(0)
+    # Integer-valued logits make ties common, so the boundary rules are exercised.
+    logits = torch.cat([torch.randn(4, 100, generator=g) * 3, torch.randint(-4, 4, (4, 100), generator=g).float()])
+    temp = tf.TemperatureLogitsWarper(temperature)
+    for k in [1, 2, 5, 37, 100, 500]:
+        ref = tf.TopKLogitsWarper(k)(None, temp(None, logits.clone()))
+        assert torch.equal(top_k_filter(logits / temperature, k).isfinite(), ref.isfinite()), k
+    for p in [1e-9, 0.05, 0.3, 0.5, 0.9, 0.999]:
+        ref = tf.TopPLogitsWarper(p)(None, temp(None, logits.clone()))
+        assert torch.equal(top_p_filter(logits / temperature, p).isfinite(), ref.isfinite()), p
+        both = tf.TopPLogitsWarper(p)(None, tf.TopKLogitsWarper(10)(None, temp(None, logits.clone())))
+        assert torch.equal(top_p_filter(top_k_filter(logits / temperature, 10), p).isfinite(), both.isfinite())
+
+
+def test_sample_draws_from_the_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, -1.0, -3.0]]).expand(40000, -1)
+    draws = sample(logits, do_sample=True, temperature=0.8, top_k=4, top_p=0.9,
+                   generator=torch.Generator().manual_seed(0))
+    probs = top_p_filter(top_k_filter(logits[:1] / 0.8, 4), 0.9).softmax(-1)[0]
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    assert (probs[4:] == 0).all() and (freq[4:] == 0).all()
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)
+    assert torch.equal(sample(logits[:2], do_sample=False), torch.zeros(2, dtype=torch.long))
+
+
+# --- 4. stop tokens ---------------------------------------------------------------------------
+
+
+def test_stop_tokens_pad_finished_rows_and_end_early():
+    model = chain_model({9: 10, 10: 11, 11: 12, 12: 2, 19: 20, 20: 21, 21: 22, 22: 23, 23: 24, 24: 2})
+    ids = torch.tensor([[0, 0, 5, 9], [7, 8, 5, 19]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    # Default stop: the config's eos (2); finished rows get the config's pad (0).
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=20)
+    assert out.tolist() == [[10, 11, 12, 2, 0, 0], [20, 21, 22, 23, 24, 2]]
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=20, stop_token_ids=[11, 22], pad_token_id=7)
+    assert out.tolist() == [[10, 11, 7], [20, 21, 22]]
+    # A list of eos ids in the config, no pad: finished rows get the first eos, as transformers.
+    model.config.text.eos_token_id, model.config.text.pad_token_id = [22, 11], None
+    assert generate(model, ids, attention_mask=mask, max_new_tokens=20).tolist() == [[10, 11, 22], [20, 21, 22]]
+    # Without a stop, all max_new_tokens come back.
+    assert generate(model, ids, attention_mask=mask, max_new_tokens=3, stop_token_ids=[]).shape == (2, 3)
+
+
+def test_stop_token_on_a_real_model_with_images():
+    model = tiny_model()
+    ids, pixels, mask = tiny_batch(model)
+    free = generate(model, ids, pixels, mask, max_new_tokens=12, stop_token_ids=[])
+    row = free[0].tolist()
+    k = next(i for i in range(2, 12) if row[i] not in row[:i])  # first fresh token from step 3 on
+    stop = row[k]
+    pad = next(i for i in range(4, 512) if i not in free)  # a pad id the model never emits here
+    out = generate(model, ids, pixels, mask, max_new_tokens=12, stop_token_ids=stop, pad_token_id=pad)
+    expected = []
+    for r in free.tolist():
+        n = r.index(stop) + 1 if stop in r else len(r)
+        expected.append(r[:n] + [pad] * (len(r) - n))
+    n_steps = max(len(r) - r.count(pad) for r in expected)  # ends early only when both rows stopped
+    assert out.tolist() == [r[:n_steps] for r in expected]
+    assert out[0, k].item() == stop and (out[0, k + 1:] == pad).all()
+
+
+# --- 5. streaming -----------------------------------------------------------------------------
+
+
+def test_stream_holds_back_split_characters():
+    # 9 -> h, é split over two tokens, 😀 over three, "!", then eos.
+    model = chain_model({9: 10, 10: 11, 11: 12, 12: 13, 13: 14, 14: 15, 15: 16, 16: 2})
+    tok = ByteTokenizer({10: b"h", 11: b"\xc3", 12: b"\xa9", 13: b"\xf0\x9f", 14: b"\x98", 15: b"\x80", 16: b"!"})
+    ids = torch.tensor([[5, 9]])
+    pieces = list(stream(model, tok, ids, max_new_tokens=20))
+    assert pieces == ["h", "é", "😀", "!"]
+    assert "".join(pieces) == tok.decode(generate(model, ids, max_new_tokens=20)[0].tolist())
+
+
+def test_stream_joins_to_generate_when_sampling():
+    model = tiny_model()
+    ids, pixels, mask = tiny_batch(model)
+    ids, pixels, mask = ids[1:], pixels[2:], mask[1:]
+    # Arbitrary bytes: some ids are lone UTF-8 lead or continuation bytes.
+    tok = ByteTokenizer({i: bytes([i % 256]) for i in range(512)})
+    kw = dict(max_new_tokens=30, do_sample=True, temperature=2.0, stop_token_ids=[])
+    pieces = list(stream(model, tok, ids, pixels, mask, generator=torch.Generator().manual_seed(3), **kw))
+    new = generate(model, ids, pixels, mask, generator=torch.Generator().manual_seed(3), **kw)
+    assert "".join(pieces) == tok.decode(new[0].tolist())
+    assert all(pieces)
+
+
+def test_stream_with_the_real_tokenizer():
+    tokenizer_mod = pytest.importorskip("omnilm.data.tokenizer")
+    tok = tokenizer_mod.train_tokenizer(["hello world, hello shapes"] * 4, vocab_size=300)
+    new = tok.encode("hé😀 ok", add_bos=False)
+    assert len(set(new)) == len(new)
+    prompt = tok.encode("hello", add_bos=True)
+    succ = dict(zip([prompt[-1]] + new, new + [tok.eos_id]))
+    model = chain_model(succ, vocab=tok.vocab_size)
+    pieces = list(stream(model, tok, torch.tensor([prompt]), max_new_tokens=20))
+    assert "".join(pieces) == "hé😀 ok" and not any("\ufffd" in p for p in pieces)
+
+
+# --- 6. errors and modes ----------------------------------------------------------------------
+
+
+def _one_line_error(fn, match):
+    with pytest.raises(OmniInputError, match=match) as err:
+        fn()
+    assert "\n" not in str(err.value)
+
+
+def test_errors_are_one_line():
+    model = chain_model({})  # max_seq_len 64
+    _one_line_error(lambda: generate(model, torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10),
+                    r"60 tokens.*= 70.*max_seq_len=64.*shorten")
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    _one_line_error(lambda: generate(model, ids, do_sample=True, temperature=0.0), "temperature=0.0 must be > 0")
+    _one_line_error(lambda: generate(model, ids, do_sample=True, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]")
+    _one_line_error(lambda: generate(model, ids, do_sample=True, top_p=1.5), "top_p=1.5")
+    _one_line_error(lambda: generate(model, ids, do_sample=True, top_k=0), "top_k=0 must be an integer >= 1")
+    right_padded = torch.tensor([[1, 1, 0]])
+    _one_line_error(lambda: generate(model, ids, attention_mask=right_padded), "pad .* on the left")
+    _one_line_error(lambda: list(stream(model, None, torch.zeros(2, 3, dtype=torch.long))), "one prompt")
+    assert generate(model, ids, max_new_tokens=0).shape == (1, 0)
+
+
+def test_generate_restores_training_flags_and_needs_no_grad():
+    model = tiny_model()
+    ids, pixels, mask = tiny_batch(model)
+    expected = generate(model, ids, pixels, mask, max_new_tokens=4)
+    model.train()
+    model.vision.eval()  # a frozen tower stays as it was
+    out = model.generate(ids, pixels, mask, max_new_tokens=4)
+    assert torch.equal(out, expected) and not out.requires_grad
+    assert model.training and model.llm.training and not model.vision.training

@@ -1,0 +1,150 @@
+"""ImageProcessor against transformers' CLIP/LLaVA PIL image processors, and load_image's errors."""
+
+import base64
+import io
+import json
+import os
+from types import SimpleNamespace
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, CLIPImageProcessorPil, LlavaImageProcessorPil
+
+from omnilm.data import ImageProcessor, load_image
+from omnilm.errors import OmniInputError
+
+
+def _noise(width: int, height: int, channels: int = 3, seed: int = 0) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGBA" if channels == 4 else "RGB")
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _test_images(tmp_path):
+    rgba_path = tmp_path / "rgba.png"
+    _noise(61, 47, channels=4, seed=3).save(rgba_path)  # random alpha: compositing matters
+    palette_transparent = _noise(33, 45, seed=5).convert("P")
+    palette_transparent.info["transparency"] = 7
+    return {
+        "rgb 517x333": _noise(517, 333),
+        "rgb 333x517": _noise(333, 517, seed=1),
+        "grey L": _noise(300, 211, seed=2).convert("L"),
+        "rgba png path": str(rgba_path),
+        "palette P": _noise(90, 70, seed=4).convert("P"),
+        "palette with transparency": palette_transparent,
+        "grey+alpha LA": _noise(40, 52, channels=4, seed=6).convert("LA"),
+        "tiny 20x30": _noise(20, 30, seed=7),
+        "square": _noise(64, 64, seed=8),
+    }
+
+
+def _hf_pixels(hf_processor, image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(hf_processor(load_image(image), return_tensors="np")["pixel_values"]))
+
+
+# (64, 80): a crop larger than the resized image, so centre crop has to pad.
+@pytest.mark.parametrize("size,crop", [(336, 336), (64, 64), (64, 80)])
+@pytest.mark.parametrize("pad_to_square", [False, True])
+def test_matches_transformers(tmp_path, size, crop, pad_to_square):
+    ours = ImageProcessor(size=size, crop_size=crop, pad_to_square=pad_to_square)
+    kwargs = dict(size={"shortest_edge": size}, crop_size={"height": crop, "width": crop})
+    hf = LlavaImageProcessorPil(**kwargs, do_pad=True) if pad_to_square else CLIPImageProcessorPil(**kwargs)
+    images = _test_images(tmp_path)
+    batch = ours(list(images.values()))
+    assert batch.shape == (len(images), 3, crop, crop) and batch.dtype == torch.float32
+    for i, (name, image) in enumerate(images.items()):
+        diff = (batch[i : i + 1] - _hf_pixels(hf, image)).abs().max().item()
+        assert diff <= 1e-5, f"{name}: max abs diff {diff}"
+
+
+def test_pad_to_square_fills_with_mean_colour():
+    # A wide black image: the rows added above and below must be the mean colour, which
+    # normalises to (int(m * 255) / 255 - m) / s, close to 0 but not 0.
+    image = Image.new("RGB", (60, 20), (0, 0, 0))
+    ours = ImageProcessor(size=60, crop_size=60, pad_to_square=True)
+    pixels = ours([image])[0]
+    mean, std = torch.tensor(ours.image_mean), torch.tensor(ours.image_std)
+    expected_fill = (torch.tensor([int(m * 255) for m in ours.image_mean]) / 255 - mean) / std
+    assert torch.allclose(pixels[:, 0, 0], expected_fill, atol=1e-5)
+    assert torch.allclose(pixels[:, 30, 30], -mean / std, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad_to_square", [False, True])
+def test_hf_dict_round_trip(tmp_path, pad_to_square):
+    ours = ImageProcessor(40, 32, image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.5, 0.75), pad_to_square=pad_to_square)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(ours.to_hf_dict()))
+    hf = AutoImageProcessor.from_pretrained(tmp_path)
+    image = _noise(71, 43)
+    assert (ours([image]) - _hf_pixels(hf, image)).abs().max().item() <= 1e-5
+    assert ImageProcessor.from_hf_dict(hf.to_dict()) == ours
+    assert ImageProcessor.from_hf_dict(ours.to_hf_dict()) == ours
+
+
+def test_from_hf_dict_older_forms_and_vision_config():
+    old = {"size": 224, "crop_size": 224, "do_center_crop": True, "image_mean": [0.1, 0.2, 0.3], "image_std": [1, 1, 1]}
+    assert ImageProcessor.from_hf_dict(old) == ImageProcessor(224, 224, (0.1, 0.2, 0.3), (1, 1, 1))
+    # do_pad in a CLIPImageProcessor is batch padding, not LLaVA's square padding.
+    assert not ImageProcessor.from_hf_dict({"image_processor_type": "CLIPImageProcessor", "do_pad": True}).pad_to_square
+    with pytest.raises(OmniInputError, match="do_center_crop"):
+        ImageProcessor.from_hf_dict({"do_center_crop": False})
+    cfg = SimpleNamespace(image_size=28, image_mean=(0.1, 0.2, 0.3), image_std=(0.4, 0.5, 0.6))
+    expected = ImageProcessor(28, 28, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6), pad_to_square=True)
+    assert ImageProcessor.from_vision_config(cfg, pad_to_square=True) == expected
+
+
+def test_load_image_sources_agree(tmp_path):
+    image = _noise(30, 20)
+    data = _png_bytes(image)
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    for source in (str(path), path, data, url, image):
+        assert np.array_equal(np.asarray(load_image(source)), np.asarray(image))
+    assert load_image(_noise(8, 8).convert("L")).mode == "L"  # mode is left alone
+
+
+def _one_line_error(source, *expected):
+    with pytest.raises(OmniInputError) as info:
+        load_image(source)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in expected:
+        assert part in message
+    return message
+
+
+def test_unreadable_images_fail_with_their_name(tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    _one_line_error(str(garbage), "garbage.png", "not a format")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(_png_bytes(_noise(64, 64))[:2000])
+    _one_line_error(truncated, "truncated.png", "truncated")
+    _one_line_error(str(tmp_path / "missing.jpg"), "missing.jpg")
+    _one_line_error(b"not an image", "12 bytes")
+    _one_line_error(12345, "int")
+
+
+def test_urls(tmp_path):
+    _one_line_error("https://example.com/cat.png", "https://example.com/cat.png", "download")
+    _one_line_error("http://example.com/cat.png", "download")
+    _one_line_error("data:image/png,notbase64", "base64")
+    _one_line_error("data:image/png;base64,!!!!", "broken base64")
+    _one_line_error("data:image/png;base64," + base64.b64encode(b"hello").decode(), "not a format")
+
+
+def test_decompression_bomb_is_refused(monkeypatch):
+    data = _png_bytes(_noise(40, 30))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above 1000, raises above 2000
+    _one_line_error(data, "1200 pixels", "MAX_IMAGE_PIXELS")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    _one_line_error(data, "1200 pixels", "MAX_IMAGE_PIXELS")

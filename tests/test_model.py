@@ -1,0 +1,93 @@
+"""The assembled model on its own: presets, meta construction, image placement and its errors."""
+
+import pytest
+import torch
+
+from omnilm import OmniConfig, OmniInputError, OmniModel
+from omnilm.model.omni import IGNORE_INDEX
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def small_model(**overrides) -> OmniModel:
+    torch.manual_seed(0)
+    return OmniModel.from_preset("tiny", text=dict(n_layers=2), vision=dict(n_layers=2), **overrides).eval()
+
+
+def test_meta_preset_allocates_nothing():
+    before = _rss_bytes()
+    model = OmniModel.from_preset("llava-1.5-13b", device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    assert _rss_bytes() - before < 200 * 2**20  # 13B fp32 parameters would be 53 GB
+
+
+def test_preset_overrides_and_unknown_fields():
+    model = OmniModel.from_preset("tiny", device="meta", text=dict(n_layers=2), image_token_id=5)
+    assert len(model.llm.layers) == 2 and model.config.image_token_id == 5
+    assert model.config.vision.n_layers == OmniConfig.from_preset("tiny").vision.n_layers
+    with pytest.raises(ValueError, match="unknown text config field.*n_layer"):
+        OmniModel.from_preset("tiny", device="meta", text=dict(n_layer=2))
+    with pytest.raises(ValueError, match="unknown preset 'llava-9b'"):
+        OmniModel.from_preset("llava-9b", device="meta")
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = OmniModel.from_preset("tiny", text=dict(tie_embeddings=True))
+    assert model.lm_head.weight is model.llm.embed_tokens.weight
+    untied = OmniModel.from_preset("tiny")
+    assert untied.num_parameters() - model.num_parameters() == model.lm_head.weight.numel()
+
+
+def _prompt_with_images(model: OmniModel, n_markers: int, T: int = 160) -> torch.Tensor:
+    L, img = model.config.image_seq_len, model.config.image_token_id
+    ids = torch.randint(4, model.config.text.vocab_size, (1, T))
+    for i in range(n_markers):
+        ids[0, 2 + i * (L + 3): 2 + i * (L + 3) + L] = img
+    return ids
+
+
+def test_images_land_at_their_markers_in_order():
+    model = small_model()
+    ids = _prompt_with_images(model, 2)
+    a, b = torch.randn(2, 3, 64, 64).unbind(0)
+    with torch.no_grad():
+        x_ab = model.embed(ids, torch.stack([a, b]))
+        x_ba = model.embed(ids, torch.stack([b, a]))
+        feats = model.encode_images(torch.stack([a, b]))
+    L = model.config.image_seq_len
+    pos = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
+    torch.testing.assert_close(x_ab[0, pos[:L]], feats[0])
+    torch.testing.assert_close(x_ab[0, pos[L:]], feats[1])
+    torch.testing.assert_close(x_ba[0, pos[:L]], feats[1])
+    text = ids[0] != model.config.image_token_id
+    torch.testing.assert_close(x_ab[0, text], x_ba[0, text])  # text embeddings untouched
+
+
+@pytest.mark.parametrize("n_images", [1, 3])
+def test_wrong_image_count_is_one_line_error(n_images):
+    model = small_model()
+    ids = _prompt_with_images(model, 2)
+    with pytest.raises(OmniInputError) as e:
+        model(ids, torch.randn(n_images, 3, 64, 64))
+    msg = str(e.value)
+    assert "\n" not in msg and f"{n_images} image(s)" in msg and f"{2 * model.config.image_seq_len} image tokens" in msg
+
+
+def test_markers_without_images_is_an_error():
+    model = small_model()
+    with pytest.raises(OmniInputError, match="no pixel_values"):
+        model(_prompt_with_images(model, 1))
+
+
+def test_loss_ignores_masked_labels():
+    model = small_model()
+    ids = torch.randint(4, 512, (2, 12))
+    labels = ids.clone()
+    labels[:, :6] = IGNORE_INDEX
+    out = model(ids, labels=labels)
+    logp = out.logits[:, :-1].log_softmax(-1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[:, 5:]  # targets at positions 6.. only
+    torch.testing.assert_close(out.loss, nll.mean())
