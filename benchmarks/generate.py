@@ -58,6 +58,11 @@ def main() -> None:
 
     rows = []
     with torch.inference_mode():
+        # Same weights must give the same answer before a timing means anything.
+        mine = ours.generate(ids, px, am, max_new_tokens=n, stop_token_ids=[])
+        theirs = hf.generate(input_ids=ids, pixel_values=px, attention_mask=am, max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False)[:, ids.shape[1]:]
+        assert torch.equal(mine, theirs), "omnilm and transformers disagree; not timing"
         for name, f_ours, f_hf in [
             ("forward (B=2, T=%d)" % ids.shape[1],
              lambda: ours(ids, px, am), lambda: hf(input_ids=ids, pixel_values=px, attention_mask=am)),

@@ -7,7 +7,26 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import re
+
+import pytest
 import torch
+
+from omnilm.errors import OmniInputError
+
+
+def one_line_error(fn, *parts: str, match: str | None = None) -> str:
+    """Call fn; it must raise OmniInputError with a one-line message containing every part
+    (and matching the regex `match`). Returns the message."""
+    with pytest.raises(OmniInputError) as info:
+        fn()
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    for part in parts:
+        assert part in msg, msg
+    if match is not None:
+        assert re.search(match, msg), msg
+    return msg
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -3,9 +3,9 @@
 
 import pytest
 import torch
-from conftest import tiny_hf_configs, tiny_hf_model
+from conftest import one_line_error, tiny_hf_configs, tiny_hf_model
 
-from omnilm import OmniConfig, OmniInputError, OmniModel
+from omnilm import OmniConfig, OmniModel
 from omnilm.infer import decode_one_token, generate, prefill, sample, stream
 from omnilm.infer.generate import top_k_filter, top_p_filter
 
@@ -31,7 +31,8 @@ def tiny_batch(model: OmniModel):
     ids[0, L + 10:2 * L + 10] = img
     ids[1, :6], mask[1, :6] = model.config.text.pad_token_id, 0
     ids[1, 8:8 + L] = img
-    pixels = torch.randn(3, 3, 64, 64, generator=g)  # row-major: row 0's two, then row 1's
+    size = model.config.vision.image_size
+    pixels = torch.randn(3, 3, size, size, generator=g)  # row-major: row 0's two, then row 1's
     return ids, pixels, mask
 
 
@@ -82,19 +83,23 @@ def _assert_same_greedy(hf_model, ours: OmniModel, prompt_len: int, **inputs) ->
 # --- 1. cached decoding equals the full forward -----------------------------------------------
 
 
-def test_prefill_and_decode_equal_full_forward():
+@pytest.mark.parametrize("padded", [True, False])
+def test_prefill_and_decode_equal_full_forward(padded):
     model = tiny_model()
     ids, pixels, mask = tiny_batch(model)
+    if not padded:  # one prompt, no attention_mask: the path of a single chat
+        ids, pixels, mask = ids[:1], pixels[:2], None
     B, T = ids.shape
     cont = torch.randint(4, 512, (B, 6), generator=torch.Generator().manual_seed(2))
-    full_mask = torch.cat([mask, torch.ones_like(cont)], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(cont)], dim=1) if padded else None
     with torch.inference_mode():
         full = model(torch.cat([ids, cont], 1), pixels, full_mask).logits  # (B, T+6, V)
 
         cache = model.new_cache(B, T + 6)
         steps = [prefill(model, ids, pixels, mask, cache)]
         for j in range(5):
-            steps.append(decode_one_token(model, cont[:, j:j + 1], full_mask[:, :T + j + 1], cache))
+            step_mask = full_mask[:, :T + j + 1] if padded else None
+            steps.append(decode_one_token(model, cont[:, j:j + 1], step_mask, cache))
     torch.testing.assert_close(torch.stack(steps, 1), full[:, T - 1:T + 5], atol=1e-5, rtol=0)
 
 
@@ -102,7 +107,7 @@ def test_chunked_prefill_equals_full_forward():
     model = tiny_model()
     ids, pixels, mask = tiny_batch(model)
     B, T = ids.shape
-    c = 72  # no image run crosses it: chunk 1 holds row 0's first image and row 1's, chunk 2 the rest
+    c = model.config.image_seq_len + 8  # no image run crosses it: chunk 1 holds row 0's first image and row 1's
     one = torch.ones(B, 1, dtype=mask.dtype)
     next_tok = torch.tensor([[5], [6]])
     with torch.inference_mode():
@@ -132,6 +137,8 @@ def test_greedy_matches_hf_llama(tmp_path):
     mask = torch.ones_like(ids)
     ids[1, :7], mask[1, :7] = 0, 0
     _assert_same_greedy(hf_model, ours, 24, input_ids=ids, attention_mask=mask)
+    # One prompt without padding: every decode step attends to all cached keys.
+    _assert_same_greedy(hf_model, ours, 24, input_ids=ids[:1], attention_mask=mask[:1])
 
 
 def test_greedy_matches_hf_llava_two_images(tmp_path):
@@ -152,6 +159,7 @@ def test_greedy_matches_hf_llava_two_images(tmp_path):
     pixels = torch.randn(3, 3, 32, 32, generator=g)
     new = _assert_same_greedy(hf_model, ours, 50, input_ids=ids, pixel_values=pixels, attention_mask=mask)
     assert (new == img).any()
+    _assert_same_greedy(hf_model, ours, 50, input_ids=ids[:1], pixel_values=pixels[:2], attention_mask=mask[:1])
 
 
 # --- 3. sampling ------------------------------------------------------------------------------
@@ -278,24 +286,18 @@ def test_stream_with_the_real_tokenizer():
 # --- 6. errors and modes ----------------------------------------------------------------------
 
 
-def _one_line_error(fn, match):
-    with pytest.raises(OmniInputError, match=match) as err:
-        fn()
-    assert "\n" not in str(err.value)
-
-
 def test_errors_are_one_line():
     model = chain_model({})  # max_seq_len 64
-    _one_line_error(lambda: generate(model, torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10),
-                    r"60 tokens.*= 70.*max_seq_len=64.*shorten")
+    one_line_error(lambda: generate(model, torch.zeros(1, 60, dtype=torch.long), max_new_tokens=10),
+                   match=r"60 tokens.*= 70.*max_seq_len=64.*shorten")
     ids = torch.zeros(1, 3, dtype=torch.long)
-    _one_line_error(lambda: generate(model, ids, do_sample=True, temperature=0.0), "temperature=0.0 must be > 0")
-    _one_line_error(lambda: generate(model, ids, do_sample=True, top_p=0.0), r"top_p=0.0 must be in \(0, 1\]")
-    _one_line_error(lambda: generate(model, ids, do_sample=True, top_p=1.5), "top_p=1.5")
-    _one_line_error(lambda: generate(model, ids, do_sample=True, top_k=0), "top_k=0 must be an integer >= 1")
+    one_line_error(lambda: generate(model, ids, do_sample=True, temperature=0.0), match="temperature=0.0 must be > 0")
+    one_line_error(lambda: generate(model, ids, do_sample=True, top_p=0.0), match=r"top_p=0.0 must be in \(0, 1\]")
+    one_line_error(lambda: generate(model, ids, do_sample=True, top_p=1.5), match="top_p=1.5")
+    one_line_error(lambda: generate(model, ids, do_sample=True, top_k=0), match="top_k=0 must be an integer >= 1")
     right_padded = torch.tensor([[1, 1, 0]])
-    _one_line_error(lambda: generate(model, ids, attention_mask=right_padded), "pad .* on the left")
-    _one_line_error(lambda: list(stream(model, None, torch.zeros(2, 3, dtype=torch.long))), "one prompt")
+    one_line_error(lambda: generate(model, ids, attention_mask=right_padded), match="pad .* on the left")
+    one_line_error(lambda: list(stream(model, None, torch.zeros(2, 3, dtype=torch.long))), match="one prompt")
     assert generate(model, ids, max_new_tokens=0).shape == (1, 0)
 
 

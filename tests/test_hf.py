@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 import transformers as tf
-from conftest import randomize_, tiny_hf_model
+from conftest import one_line_error, randomize_, tiny_hf_model
 from safetensors.torch import load_file, save_file
 
 from omnilm import OmniConfig, OmniInputError, OmniModel
 from omnilm.model import hf as hfio
+from omnilm.model import hf_config
 
 TOL = 1e-4
 
@@ -71,15 +72,6 @@ def assert_same_weights(a: OmniModel, b: OmniModel) -> None:
     for k in sa:
         assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
 
-
-def one_line_error(fn, *parts) -> str:
-    with pytest.raises(OmniInputError) as info:
-        fn()
-    msg = str(info.value)
-    assert "\n" not in msg, msg
-    for part in parts:
-        assert part in msg, msg
-    return msg
 
 
 def rewrite_weights(folder, change) -> None:
@@ -340,24 +332,23 @@ def test_vision_encoder_of_a_llava_folder(llava_folder):
 # --- 4. parameter counts of the real architectures --------------------------------------------
 
 
-@pytest.mark.parametrize("name, dim, n_layers, expected", [
-    ("llava-1.5-7b", 4096, 32, 7_063_427_072),  # llava-hf/llava-1.5-7b-hf
-    ("llava-1.5-13b", 5120, 40, None),
+@pytest.mark.parametrize("name, dim, n_layers, mlp_dim, expected", [
+    ("llava-1.5-7b", 4096, 32, 11008, 7_063_427_072),  # llava-hf/llava-1.5-7b-hf
+    ("llava-1.5-13b", 5120, 40, 13824, 13_351_494_656),  # llava-hf/llava-1.5-13b-hf
 ])
-def test_preset_parameter_counts_match_transformers(name, dim, n_layers, expected):
-    ours = OmniModel.from_preset(name, device="meta")
-    d = hfio.config_to_hf(ours.config)
-    text, vision = d["text_config"], d["vision_config"]
-    assert (text["vocab_size"], text["hidden_size"], text["num_hidden_layers"]) == (32064, dim, n_layers)
-    # CLIP ViT-L/14 at 336 px
-    assert (vision["hidden_size"], vision["num_hidden_layers"], vision["patch_size"], vision["image_size"]) == (1024, 24, 14, 336)
-    assert (d["image_token_index"], d["image_seq_length"], d["vision_feature_layer"]) == (32000, 576, -2)
+def test_preset_parameter_counts_match_transformers(name, dim, n_layers, mlp_dim, expected):
+    # transformers' LLaVA-1.5, configured by hand (not through our conversion): Vicuna-v1.5 with
+    # the padded 32064 vocabulary, CLIP ViT-L/14 at 336 px.
+    text = tf.LlamaConfig(vocab_size=32064, hidden_size=dim, intermediate_size=mlp_dim, num_hidden_layers=n_layers,
+                          num_attention_heads=dim // 128, max_position_embeddings=4096)
+    vision = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                 image_size=336, patch_size=14, projection_dim=768)
     with torch.device("meta"):
-        hf = tf.LlavaForConditionalGeneration(tf.LlavaConfig.from_dict(d))
+        hf = tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision, text_config=text))
     n_hf = sum(p.numel() for p in hf.parameters())
-    assert ours.num_parameters() == n_hf
-    if expected is not None:
-        assert n_hf == expected
+    ours = OmniModel.from_preset(name, device="meta")
+    assert ours.num_parameters() == n_hf == expected
+    assert ours.config.image_seq_len == 576
 
 
 # --- configs and key tables -------------------------------------------------------------------
@@ -372,17 +363,17 @@ def test_preset_parameter_counts_match_transformers(name, dim, n_layers, expecte
 def test_partial_configs_read_as_transformers_completes_them(partial):
     # config.json may leave fields out: we must fill them as transformers does.
     completed = tf.AutoConfig.for_model(**partial).to_dict()
-    assert hfio.config_from_hf(partial) == hfio.config_from_hf(completed)
+    assert hf_config.config_from_hf(partial) == hf_config.config_from_hf(completed)
 
 
 def test_config_defaults_follow_transformers():
     # A llava config.json may omit vision_config and most text fields: transformers' defaults fill them.
-    cfg = hfio.config_from_hf({"model_type": "llava", "text_config": {"vocab_size": 32064}})
+    cfg = hf_config.config_from_hf({"model_type": "llava", "text_config": {"vocab_size": 32064}})
     assert (cfg.vision.dim, cfg.vision.n_layers, cfg.vision.image_size, cfg.vision.patch_size) == (1024, 24, 336, 14)
     assert (cfg.vision.act, cfg.vision.norm_eps, cfg.image_token_id, cfg.image_seq_len) == ("quick_gelu", 1e-5, 32000, 576)
     assert (cfg.text.dim, cfg.text.n_kv_heads, cfg.text.norm_eps, cfg.text.max_seq_len) == (4096, 32, 1e-6, 2048)
     # transformers 4.x rope fields, with the older "type" name
-    t = hfio.text_config_from_hf({"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    t = hf_config.text_config_from_hf({"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}})
     assert (t.rope_theta, t.rope_scaling) == (5e5, {"rope_type": "linear", "factor": 2.0})
 
 
@@ -390,12 +381,12 @@ def test_config_defaults_follow_transformers():
 @pytest.mark.parametrize("rope", list(ROPE_WRITES))
 def test_config_round_trip(preset, rope):
     cfg = OmniConfig.from_preset(preset, text=dict(rope_scaling=ROPE_WRITES[rope], rope_theta=1e6))
-    d = hfio.config_to_hf(cfg)
-    back = hfio.config_from_hf(d)
+    d = hf_config.config_to_hf(cfg)
+    back = hf_config.config_from_hf(d)
     back.vision.image_mean, back.vision.image_std = cfg.vision.image_mean, cfg.vision.image_std
     assert back == cfg
     text_only = OmniConfig(text=cfg.text, vision=None)
-    assert hfio.config_from_hf(hfio.config_to_hf(text_only)).text == cfg.text
+    assert hf_config.config_from_hf(hf_config.config_to_hf(text_only)).text == cfg.text
 
 
 def test_key_tables_round_trip():
@@ -491,11 +482,11 @@ def test_folder_errors(tmp_path, llama_folder):
 
 
 def test_unsupported_llava_configs():
-    one_line_error(lambda: hfio.config_from_hf({"model_type": "llava", "vision_feature_layer": [-2, -5]}),
+    one_line_error(lambda: hf_config.config_from_hf({"model_type": "llava", "vision_feature_layer": [-2, -5]}),
                    "vision_feature_layer=[-2, -5]", "takes one")
-    one_line_error(lambda: hfio.config_from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "longrope"}}),
+    one_line_error(lambda: hf_config.config_from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "longrope"}}),
                    "'longrope'")
-    one_line_error(lambda: hfio.config_from_hf({"model_type": "llama", "num_attention_heads": 6, "num_key_value_heads": 4}),
+    one_line_error(lambda: hf_config.config_from_hf({"model_type": "llama", "num_attention_heads": 6, "num_key_value_heads": 4}),
                    "n_kv_heads=4")
     one_line_error(lambda: hfio.parse_size("5 parsecs"), "max_shard_size")
     assert hfio.parse_size("500MB") == 500 * 10**6 and hfio.parse_size("2GiB") == 2 * 2**30

@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, CLIPImageProcessorPil, LlavaImageProcessorPil
 
+from conftest import one_line_error
+
 from omnilm.data import ImageProcessor, load_image
 from omnilm.errors import OmniInputError
 
@@ -112,39 +114,29 @@ def test_load_image_sources_agree(tmp_path):
     assert load_image(_noise(8, 8).convert("L")).mode == "L"  # mode is left alone
 
 
-def _one_line_error(source, *expected):
-    with pytest.raises(OmniInputError) as info:
-        load_image(source)
-    message = str(info.value)
-    assert "\n" not in message
-    for part in expected:
-        assert part in message
-    return message
-
-
 def test_unreadable_images_fail_with_their_name(tmp_path):
     garbage = tmp_path / "garbage.png"
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
-    _one_line_error(str(garbage), "garbage.png", "not a format")
+    one_line_error(lambda: load_image(str(garbage)), "garbage.png", "not a format")
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(_png_bytes(_noise(64, 64))[:2000])
-    _one_line_error(truncated, "truncated.png", "truncated")
-    _one_line_error(str(tmp_path / "missing.jpg"), "missing.jpg")
-    _one_line_error(b"not an image", "12 bytes")
-    _one_line_error(12345, "int")
+    one_line_error(lambda: load_image(truncated), "truncated.png", "truncated")
+    one_line_error(lambda: load_image(str(tmp_path / "missing.jpg")), "missing.jpg")
+    one_line_error(lambda: load_image(b"not an image"), "12 bytes")
+    one_line_error(lambda: load_image(12345), "int")
 
 
 def test_urls(tmp_path):
-    _one_line_error("https://example.com/cat.png", "https://example.com/cat.png", "download")
-    _one_line_error("http://example.com/cat.png", "download")
-    _one_line_error("data:image/png,notbase64", "base64")
-    _one_line_error("data:image/png;base64,!!!!", "broken base64")
-    _one_line_error("data:image/png;base64," + base64.b64encode(b"hello").decode(), "not a format")
+    one_line_error(lambda: load_image("https://example.com/cat.png"), "https://example.com/cat.png", "download")
+    one_line_error(lambda: load_image("http://example.com/cat.png"), "download")
+    one_line_error(lambda: load_image("data:image/png,notbase64"), "base64")
+    one_line_error(lambda: load_image("data:image/png;base64,!!!!"), "broken base64")
+    one_line_error(lambda: load_image("data:image/png;base64," + base64.b64encode(b"hello").decode()), "not a format")
 
 
 def test_decompression_bomb_is_refused(monkeypatch):
     data = _png_bytes(_noise(40, 30))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above 1000, raises above 2000
-    _one_line_error(data, "1200 pixels", "MAX_IMAGE_PIXELS")
+    one_line_error(lambda: load_image(data), "1200 pixels", "MAX_IMAGE_PIXELS")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
-    _one_line_error(data, "1200 pixels", "MAX_IMAGE_PIXELS")
+    one_line_error(lambda: load_image(data), "1200 pixels", "MAX_IMAGE_PIXELS")

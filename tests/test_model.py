@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from omnilm import OmniConfig, OmniInputError, OmniModel
-from omnilm.model.omni import IGNORE_INDEX
+from omnilm.config import IGNORE_INDEX
 
 
 def _rss_bytes() -> int:
@@ -52,7 +52,8 @@ def _prompt_with_images(model: OmniModel, n_markers: int, T: int = 160) -> torch
 def test_images_land_at_their_markers_in_order():
     model = small_model()
     ids = _prompt_with_images(model, 2)
-    a, b = torch.randn(2, 3, 64, 64).unbind(0)
+    size = model.config.vision.image_size
+    a, b = torch.randn(2, 3, size, size).unbind(0)
     with torch.no_grad():
         x_ab = model.embed(ids, torch.stack([a, b]))
         x_ba = model.embed(ids, torch.stack([b, a]))
@@ -70,10 +71,24 @@ def test_images_land_at_their_markers_in_order():
 def test_wrong_image_count_is_one_line_error(n_images):
     model = small_model()
     ids = _prompt_with_images(model, 2)
+    size = model.config.vision.image_size
     with pytest.raises(OmniInputError) as e:
-        model(ids, torch.randn(n_images, 3, 64, 64))
+        model(ids, torch.randn(n_images, 3, size, size))
     msg = str(e.value)
     assert "\n" not in msg and f"{n_images} image(s)" in msg and f"{2 * model.config.image_seq_len} image tokens" in msg
+
+
+def test_images_of_the_wrong_size_are_one_line_error():
+    model = small_model()
+    with pytest.raises(OmniInputError, match=r"pixel_values are \(1, 3, 32, 32\).*\(N, 3, 96, 96\).*processor") as e:
+        model(_prompt_with_images(model, 1), torch.randn(1, 3, 32, 32))
+    assert "\n" not in str(e.value)
+
+
+def test_bf16_model_is_allocated_in_bf16():
+    model = OmniModel.from_preset("tiny", dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.llm.layers[0].input_layernorm.weight.float().eq(1).all()  # initialised, not garbage
 
 
 def test_markers_without_images_is_an_error():

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor
 
+from conftest import one_line_error
+
 from omnilm.data import (
     DEFAULT_SYSTEM,
     ImageProcessor,
@@ -161,30 +163,21 @@ def test_placeholder_image_parts_take_images_argument(ours):
     assert torch.equal(ours(chat, images=[a])["pixel_values"], ours.image_processor([a]))
 
 
-def _one_line(call, *expected):
-    with pytest.raises(OmniInputError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for part in expected:
-        assert part in message
-
-
 def test_errors(ours):
     images = _images(3)
-    _one_line(lambda: ours(["<image>", "<image> <image>"], images=[images[:1], images]),
+    one_line_error(lambda: ours(["<image>", "<image> <image>"], images=[images[:1], images]),
               "prompt 1 has 2 <image> markers but 3 images were given", "add a marker per image or remove images")
-    _one_line(lambda: ours("<image> <image>", images=images), "2 <image> markers but 3 images")
-    _one_line(lambda: ours("no marker", images=images[:1]), "1 images were given")
+    one_line_error(lambda: ours("<image> <image>", images=images), "2 <image> markers but 3 images")
+    one_line_error(lambda: ours("no marker", images=images[:1]), "1 images were given")
     carried = [{"role": "user", "content": [{"type": "image", "image": images[0]}]}]
-    _one_line(lambda: ours(carried, images=images[:1]), "one way")
-    _one_line(lambda: ours("<image> a long prompt", images=images[:1], max_length=5), "max_length is 5", "tokens")
+    one_line_error(lambda: ours(carried, images=images[:1]), "one way")
+    one_line_error(lambda: ours("<image> a long prompt", images=images[:1], max_length=5), "max_length is 5", "tokens")
     user = {"role": "user", "content": "x"}
-    _one_line(lambda: normalize_messages([user, {"role": "robot", "content": "y"}]), "message 1", "robot")
-    _one_line(lambda: normalize_messages([{"role": "user", "content": [{"type": "audio"}]}]), "message 0", "audio")
-    _one_line(lambda: normalize_messages([user, {"role": "system", "content": "y"}]), "message 1", "first")
+    one_line_error(lambda: normalize_messages([user, {"role": "robot", "content": "y"}]), "message 1", "robot")
+    one_line_error(lambda: normalize_messages([{"role": "user", "content": [{"type": "audio"}]}]), "message 0", "audio")
+    one_line_error(lambda: normalize_messages([user, {"role": "system", "content": "y"}]), "message 1", "first")
     web_image = [{"role": "user", "content": [{"type": "image", "image": "https://x.org/a.png"}]}]
-    _one_line(lambda: ours(web_image), "download")
+    one_line_error(lambda: ours(web_image), "download")
 
 
 def test_save_and_load_round_trip(ours, tmp_path):

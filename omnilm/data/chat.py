@@ -78,7 +78,10 @@ def render_turns(
     """The prompt as `(text, is_assistant_answer)` segments, alternating; their concatenation
     is `render_chat`'s text. Answer segments are what instruction tuning supervises: the
     answer and its closing `</s>`, not the `ASSISTANT: ` before it (as in LLaVA)."""
-    messages = normalize_messages(messages)
+    return _turns(normalize_messages(messages), add_generation_prompt, system)
+
+
+def _turns(messages: list[dict], add_generation_prompt: bool, system: str) -> list[tuple[str, bool]]:
     if messages[0]["role"] == "system":
         system, messages = _text(messages[0]), messages[1:]
     segments: list[tuple[str, bool]] = []
@@ -109,7 +112,7 @@ def render_chat(
     A leading system message replaces `system`. With `add_generation_prompt` and a chat
     that does not end with an answer, the text ends with the open turn `ASSISTANT:`."""
     messages = normalize_messages(messages)
-    text = "".join(segment for segment, _ in render_turns(messages, add_generation_prompt, system))
+    text = "".join(segment for segment, _ in _turns(messages, add_generation_prompt, system))
     parts = [part for message in messages for part in message["content"]]
     images = [p["image"] for p in parts if p["type"] == "image" and p["image"] is not None]
     return text, images

@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from omnilm.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from omnilm.errors import OmniInputError
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def load_image(src) -> Image.Image:

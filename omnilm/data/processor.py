@@ -9,7 +9,6 @@ Shape letters: B prompts, T tokens, N images.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from omnilm.data.chat import render_chat
 from omnilm.data.image import ImageProcessor
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.errors import OmniInputError
+from omnilm.io import read_json, write_json
 
 _MISMATCH_HINT = "add a marker per image or remove images"
 
@@ -98,21 +98,34 @@ class Processor:
         return prompts, carried
 
     def _expand_images(self, ids: list[int]) -> list[int]:
-        image_id = self.tokenizer.image_token_id
-        out = []
-        for token in ids:
-            out.extend([token] * self.image_seq_len if token == image_id else [token])
-        return out
+        return expand_image_tokens(ids, self.tokenizer.image_token_id, self.image_seq_len)[0]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @classmethod
+    def for_model(cls, model, folder: str | Path | None = None) -> Processor:
+        """The processor that feeds `model` (an OmniModel): its tokenizer, the image preprocessing
+        of `folder`'s preprocessor_config.json when there is one, else the CLIP preprocessing its
+        vision config implies, and its tokens per image."""
+        if model.tokenizer is None:
+            raise OmniInputError("the model has no tokenizer: load it from a folder with tokenizer.json, "
+                                 "or set model.tokenizer")
+        image_processor = None
+        if model.config.vision is not None:
+            config = Path(folder) / "preprocessor_config.json" if folder is not None else None
+            if config is not None and config.is_file():
+                image_processor = ImageProcessor.from_hf_dict(read_json(config))
+            else:
+                image_processor = ImageProcessor.from_vision_config(model.config.vision)
+        return cls(model.tokenizer, image_processor, model.config.image_seq_len)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, image_seq_len: int) -> Processor:
         """Load the tokenizer files and preprocessor_config.json (text-only without one) from
         `folder`. Tokens per image belong to the model (its vision tower's patches): pass them in."""
         config = Path(folder) / "preprocessor_config.json"
-        image_processor = ImageProcessor.from_hf_dict(json.loads(config.read_text())) if config.is_file() else None
+        image_processor = ImageProcessor.from_hf_dict(read_json(config)) if config.is_file() else None
         return cls(Tokenizer.from_file(folder), image_processor, image_seq_len)
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -120,8 +133,19 @@ class Processor:
         folder = Path(folder)
         self.tokenizer.save(folder)
         if self.image_processor is not None:
-            config = json.dumps(self.image_processor.to_hf_dict(), indent=2)
-            (folder / "preprocessor_config.json").write_text(config + "\n")
+            write_json(folder / "preprocessor_config.json", self.image_processor.to_hf_dict())
+
+
+def expand_image_tokens(ids: list[int], image_token_id: int, image_seq_len: int, *aligned: list) -> list[list]:
+    """Repeat each image token `image_seq_len` times: the positions the model overwrites with that
+    image's features. Lists in `aligned` (one entry per id, such as labels or offsets) are
+    stretched the same way. Returns `[ids, *aligned]`, expanded."""
+    out: list[list] = [[] for _ in range(1 + len(aligned))]
+    for i, token in enumerate(ids):
+        n = image_seq_len if token == image_token_id else 1
+        for column, values in zip(out, (ids, *aligned)):
+            column.extend([values[i]] * n)
+    return out
 
 
 def _assign_images(counts: list[int], carried: list[list], images) -> list[list]:

@@ -7,7 +7,6 @@ nothing else, and a saved folder loads in transformers' `AutoTokenizer` to the s
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors,
 from tokenizers import Tokenizer as BackendTokenizer
 
 from omnilm.errors import OmniInputError
+from omnilm.io import atomic_write, read_json, write_json
 
 IMAGE_TOKEN = "<image>"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -72,7 +72,7 @@ class Tokenizer:
         config: dict = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the map wins, as in transformers
             if (file.parent / name).is_file():
-                config.update(json.loads((file.parent / name).read_text()))
+                config.update(read_json(file.parent / name))
         tokens = {}
         for key in _SPECIAL_KEYS:
             if key in config:
@@ -113,6 +113,15 @@ class Tokenizer:
             ids = [self.bos_id, *ids]
         return ids
 
+    def encode_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text, add_bos)` and, per id, the `(start, end)` character span of `text` it
+        came from; BOS gets `(0, 0)`. A byte-level token such as " blue" spans its leading space."""
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        ids, offsets = list(encoding.ids), [tuple(span) for span in encoding.offsets]
+        if add_bos and self.bos_id is not None:
+            ids, offsets = [self.bos_id, *ids], [(0, 0), *offsets]
+        return ids, offsets
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
@@ -125,7 +134,7 @@ class Tokenizer:
         # transformers (v5) ignores add_bos_token when a tokenizer.json exists and uses its
         # post-processor, so the post-processor is what makes HF add BOS exactly as we do.
         backend.post_processor = _bos_template(self.bos_token, self.bos_id)
-        backend.save(str(folder / "tokenizer.json"))
+        atomic_write(folder / "tokenizer.json", lambda tmp: backend.save(tmp))
         special = {key: getattr(self, key) for key in _SPECIAL_KEYS if getattr(self, key) is not None}
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -138,8 +147,8 @@ class Tokenizer:
         }
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        write_json(folder / "tokenizer_config.json", config)
+        write_json(folder / "special_tokens_map.json", special)
 
 
 def _bos_template(bos: str | None, bos_id: int | None) -> processors.TemplateProcessing:

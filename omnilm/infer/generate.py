@@ -117,9 +117,12 @@ def _check_args(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
             raise OmniInputError("attention_mask ends in padding: pad batched prompts on the left for generation")
     if max_new_tokens < 0:
         raise OmniInputError(f"max_new_tokens={max_new_tokens} is negative; ask for 0 or more new tokens")
-    limit = model.config.text.max_seq_len
+    text_cfg = model.config.text
+    limit = text_cfg.max_seq_len
     prompt_len = input_ids.shape[1]
-    if prompt_len + max_new_tokens > limit:
+    # Dynamic NTK scaling exists to run past the trained length (max_seq_len); other models stop there.
+    dynamic = (text_cfg.rope_scaling or {}).get("rope_type") == "dynamic"
+    if prompt_len + max_new_tokens > limit and not dynamic:
         raise OmniInputError(
             f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = {prompt_len + max_new_tokens} "
             f"exceeds the model's max_seq_len={limit}: shorten the prompt or lower max_new_tokens"

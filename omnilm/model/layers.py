@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnilm.config import TextConfig
+from omnilm.errors import OmniInputError
 
 # torch >= 2.5 lets SDPA broadcast key/value heads itself (no copy); older torch gets repeat.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -153,7 +154,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.seen + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions but {end} are needed: allocate a longer cache")
+            raise OmniInputError(f"KV cache holds {self.max_len} positions but {end} are needed: allocate a longer cache")
         self.k[layer, :, :, self.seen:end] = k
         self.v[layer, :, :, self.seen:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -195,22 +196,26 @@ class Attention(nn.Module):
             else:
                 k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
                 v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, **kwargs)
+        # SDPA's is_causal aligns the triangle top-left, which is right only when queries and keys
+        # are the same positions; a cached step (fewer queries than keys) needs the mask (or, for
+        # one query, none: it may see every cached key).
+        causal = is_causal and mask is None and q.shape[2] == k.shape[2]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kwargs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-def decoder_mask(attention_mask: torch.Tensor | None, T: int, start: int) -> torch.Tensor | None:
+def decoder_mask(attention_mask: torch.Tensor | None, T: int, start: int,
+                 device: torch.device | None = None) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask for T queries at absolute positions [start, start + T).
 
-    Returns None when plain causal attention (or, for one query, no mask) is exact, so SDPA
-    can take its fused path. `attention_mask` (B, S) marks real tokens with 1 over past and
-    current positions, as in transformers.
+    None means no padding and either no cache (start == 0: `Attention` then runs SDPA's fused
+    causal path) or a single query (it may attend to every key). `attention_mask` (B, S) marks
+    real tokens with 1 over past and current positions, as in transformers.
     """
     S = start + T
     padded = attention_mask is not None and not bool(attention_mask[:, :S].all())
     if not padded and (start == 0 or T == 1):
         return None
-    device = attention_mask.device if attention_mask is not None else None
     q = torch.arange(start, S, device=device)[:, None]
     k = torch.arange(S, device=device)[None, :]
     allowed = (k <= q)[None]  # (1, T, S)

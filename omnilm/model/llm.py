@@ -50,7 +50,7 @@ class LlamaDecoder(nn.Module):
             else:
                 position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
         rope = rope_cos_sin(self.config, position_ids)
-        mask = decoder_mask(attention_mask, T, start)
+        mask = decoder_mask(attention_mask, T, start, x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i)
         if cache is not None:

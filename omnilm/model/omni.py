@@ -15,14 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnilm.config import OmniConfig
+from omnilm.config import IGNORE_INDEX, OmniConfig
 from omnilm.errors import OmniInputError
 from omnilm.model.connector import build_projector
 from omnilm.model.layers import KVCache, init_weights
 from omnilm.model.llm import LlamaDecoder
 from omnilm.model.vision import VisionTransformer
-
-IGNORE_INDEX = -100  # label value that carries no loss (prompt, image and padding tokens)
 
 
 @dataclass
@@ -51,13 +49,15 @@ class OmniModel(nn.Module):
         """A randomly initialised model. On device "meta" nothing is allocated."""
         with torch.device("meta"):
             model = cls(config)
+        if dtype is not None:
+            model.to(dtype)  # still on meta: the real tensors are allocated once, in this dtype
         device = torch.device(device or "cpu")
         if device.type != "meta":
             model.to_empty(device=device)
             if config.text.tie_embeddings:  # to_empty re-creates parameters, which unties them
                 model.lm_head.weight = model.llm.embed_tokens.weight
             init_weights(model)
-        return model.to(dtype) if dtype is not None else model
+        return model
 
     @classmethod
     def from_preset(cls, name: str, device: str | torch.device | None = None,
@@ -88,6 +88,12 @@ class OmniModel(nn.Module):
         """Image features in the decoder's embedding space: (N, 3, H, W) -> (N, L, D)."""
         if self.vision is None:
             raise OmniInputError("this model has no vision encoder (text-only); pass no images")
+        size = self.config.vision.image_size
+        if tuple(pixel_values.shape[-3:]) != (self.config.vision.n_channels, size, size):
+            raise OmniInputError(
+                f"pixel_values are {tuple(pixel_values.shape)} but the vision encoder takes (N, "
+                f"{self.config.vision.n_channels}, {size}, {size}): preprocess the images with this model's processor"
+            )
         feats = self.vision(pixel_values, layer=self.config.vision_feature_layer)  # (N, 1+P, Dv)
         if self.config.vision_feature_select == "default":
             feats = feats[:, 1:]  # drop the class token

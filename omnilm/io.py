@@ -1,0 +1,41 @@
+"""Small file helpers every writer shares: atomic writes and JSON that fails with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from omnilm.errors import OmniInputError
+
+
+def atomic_write(file: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)` on a temporary file beside `file`, then rename it over `file`:
+    a crash leaves the old file or the new one, never half of either."""
+    file = Path(file)
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(file: str | Path, text: str) -> None:
+    atomic_write(file, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(file: str | Path, data: Any) -> None:
+    write_text(file, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(file: str | Path) -> Any:
+    file = Path(file)
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OmniInputError(f"{file} is not valid JSON ({e}); fix it, or download or save it again") from None

@@ -1,0 +1,203 @@
+"""Config conversion between transformers' config.json dicts and omnilm's dataclasses.
+
+LLaVA (`LlavaConfig`: text_config + vision_config), LLaMA (`LlamaConfig`) and CLIP vision
+(`CLIPVisionConfig`). Fields a config.json leaves out take transformers' defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from omnilm.config import OmniConfig, TextConfig, VisionConfig
+from omnilm.errors import OmniInputError
+from omnilm.model.layers import ACTIVATIONS
+
+# --- configs ----------------------------------------------------------------------------------
+
+# transformers' defaults for fields a config.json may leave out.
+LLAMA_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
+    attention_bias=False, mlp_bias=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+)
+CLIP_VISION_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+    image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+)
+# What LlavaConfig builds when config.json has no vision_config: CLIP ViT-L/14 at 336 px.
+LLAVA_VISION_DEFAULTS = {**CLIP_VISION_DEFAULTS, **dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=336, patch_size=14,
+)}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def _getter(d: dict[str, Any], defaults: dict[str, Any]) -> Callable[[str], Any]:
+    # transformers writes null for "use the default" (num_key_value_heads, head_dim); ids keep their null.
+    def get(key: str) -> Any:
+        if key.endswith("_token_id"):
+            return d.get(key, defaults.get(key))
+        return d[key] if d.get(key) is not None else defaults.get(key)
+    return get
+
+
+def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from 4.x `rope_theta` + `rope_scaling` or 5.x `rope_parameters`."""
+    # transformers 5 also lets `rope_scaling` win over `rope_parameters` when both are there.
+    params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or d.get("rope_theta") or LLAMA_DEFAULTS["rope_theta"]
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if kind not in ROPE_TYPES:
+        raise OmniInputError(f"config.json asks for rope scaling {kind!r}; omnilm supports {', '.join(ROPE_TYPES)}")
+    return float(theta), (None if kind == "default" else {"rope_type": kind, **params})
+
+
+def text_config_from_hf(d: dict[str, Any]) -> TextConfig:
+    """A transformers LlamaConfig dict -> TextConfig."""
+    get = _getter(d, LLAMA_DEFAULTS)
+    if get("hidden_act") != "silu":
+        raise OmniInputError(f"text hidden_act {get('hidden_act')!r} is not LLaMA's silu; omnilm cannot load it")
+    theta, scaling = _rope_from_hf(d)
+    try:
+        return TextConfig(
+            vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
+            n_heads=get("num_attention_heads"), n_kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
+            head_dim=d.get("head_dim"), mlp_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps"),
+            rope_theta=theta, rope_scaling=scaling, max_seq_len=get("max_position_embeddings"),
+            attention_bias=get("attention_bias"), mlp_bias=get("mlp_bias"), tie_embeddings=get("tie_word_embeddings"),
+            bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
+            pad_token_id=get("pad_token_id"),
+        )
+    except ValueError as e:  # TextConfig's own checks (heads vs key/value heads)
+        raise OmniInputError(f"config.json: {e}") from None
+
+
+def _square(value: Any, name: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise OmniInputError(f"vision {name} {list(value)} is not square; omnilm's CLIP takes square images")
+        value = value[0]
+    return int(value)
+
+
+def vision_config_from_hf(d: dict[str, Any], defaults: dict[str, Any] = CLIP_VISION_DEFAULTS) -> VisionConfig:
+    """A transformers CLIPVisionConfig dict -> VisionConfig."""
+    get = _getter(d, defaults)
+    act = get("hidden_act")
+    if act not in ACTIVATIONS:
+        raise OmniInputError(f"vision hidden_act {act!r} is not supported; use one of {', '.join(sorted(ACTIVATIONS))}")
+    return VisionConfig(
+        image_size=_square(get("image_size"), "image_size"), patch_size=_square(get("patch_size"), "patch_size"),
+        n_channels=get("num_channels"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
+        n_heads=get("num_attention_heads"), mlp_dim=get("intermediate_size"), norm_eps=get("layer_norm_eps"), act=act,
+    )
+
+
+def config_from_hf(d: dict[str, Any]) -> OmniConfig:
+    """A transformers config.json dict (model_type "llava" or "llama") -> OmniConfig."""
+    model_type = d.get("model_type")
+    if model_type == "llama":
+        return OmniConfig(text=text_config_from_hf(d), vision=None)
+    if model_type != "llava":
+        raise OmniInputError(f"config.json has model_type {model_type!r}; omnilm loads llava and llama "
+                             "(and clip / clip_vision_model with load_vision_encoder)")
+    text = dict(d.get("text_config") or {})
+    if text.get("model_type", "llama") != "llama":
+        raise OmniInputError(f"this LLaVA's language model is {text['model_type']!r}; omnilm's decoder is LLaMA")
+    # LlavaConfig ties the embeddings when either level asks for it.
+    text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    layer = d.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise OmniInputError(f"vision_feature_layer={layer} concatenates several CLIP layers; omnilm takes one (an int)")
+    act = d.get("projector_hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise OmniInputError(f"projector_hidden_act {act!r} is not supported; use one of {', '.join(sorted(ACTIVATIONS))}")
+    text_cfg = text_config_from_hf(text)
+    # As LlavaConfig: no vision_config at all is CLIP ViT-L/14-336; a partial one fills CLIP's defaults.
+    vision = d.get("vision_config")
+    vision_cfg = vision_config_from_hf(vision) if vision else vision_config_from_hf({}, LLAVA_VISION_DEFAULTS)
+    try:
+        return OmniConfig(
+            text=text_cfg,
+            vision=vision_cfg,
+            image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
+            vision_feature_layer=layer,
+            vision_feature_select=d.get("vision_feature_select_strategy", "default"),
+            projector_act=act,
+            projector_bias=d.get("multimodal_projector_bias", True),
+        )
+    except ValueError as e:  # OmniConfig's own checks
+        raise OmniInputError(f"config.json: {e}") from None
+
+
+def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
+    scaling = dict(t.rope_scaling) if t.rope_scaling else None
+    return {
+        "model_type": "llama",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.dim,
+        "intermediate_size": t.mlp_dim,
+        "num_hidden_layers": t.n_layers,
+        "num_attention_heads": t.n_heads,
+        "num_key_value_heads": t.n_kv_heads,
+        "head_dim": t.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": t.max_seq_len,
+        "rms_norm_eps": t.norm_eps,
+        # transformers 5 reads rope_parameters (and prefers rope_scaling when that is set);
+        # 4.x (from 4.43, which added "rope_type") reads rope_theta and rope_scaling.
+        "rope_theta": t.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": t.rope_theta},
+        "attention_bias": t.attention_bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": t.mlp_bias,
+        "tie_word_embeddings": t.tie_embeddings,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+
+
+def vision_config_to_hf(v: VisionConfig) -> dict[str, Any]:
+    return {
+        "model_type": "clip_vision_model",
+        "hidden_size": v.dim,
+        "intermediate_size": v.mlp_dim,
+        "num_hidden_layers": v.n_layers,
+        "num_attention_heads": v.n_heads,
+        "num_channels": v.n_channels,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "hidden_act": v.act,
+        "layer_norm_eps": v.norm_eps,
+        "attention_dropout": 0.0,
+    }
+
+
+def config_to_hf(cfg: OmniConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """OmniConfig -> a transformers config.json dict: LlavaForConditionalGeneration, or
+    LlamaForCausalLM for a text-only model."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    text = text_config_to_hf(cfg.text)
+    if cfg.vision is None:
+        return {"architectures": ["LlamaForCausalLM"], **text, "dtype": dtype_name}
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "text_config": text,
+        "vision_config": vision_config_to_hf(cfg.vision),
+        "image_token_index": cfg.image_token_id,
+        "image_seq_length": cfg.image_seq_len,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select,
+        "projector_hidden_act": cfg.projector_act,
+        "multimodal_projector_bias": cfg.projector_bias,
+        "tie_word_embeddings": cfg.text.tie_embeddings,
+        "dtype": dtype_name,
+    }
