@@ -1,72 +1,170 @@
 """The `omnilm` command line: thin wrappers over the library.
 
-    omnilm demo                                  # build, save, reload and run the tiny model
-    omnilm generate MODEL --image a.png "What is in the image?"
-    omnilm info MODEL | --preset NAME            # architecture and parameter counts
-    omnilm convert SRC DST --dtype bfloat16      # re-save a checkpoint (HF or omnilm) as omnilm/HF
+    omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, ~10 min on 2 cores
+    omnilm data shapeworld --out DIR --n N --seed S --split train|test
+    omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
+    omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE]
+    omnilm eval-clip CKPT --data JSON --image-folder DIR
+    omnilm chat CKPT --image a.png "question"     # without a question: a multi-turn chat
+    omnilm info CKPT | --preset NAME              # architecture and parameter count
+    omnilm convert SRC DST --dtype bfloat16       # re-save a checkpoint (dtype, shard size)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-import time
 from pathlib import Path
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _dtype(name: str | None):
-    import torch
-
-    return getattr(torch, DTYPES[name]) if name else None
-
-
-def _load(path: str, device: str, dtype: str | None):
+def _load(path: str, device: str = "cpu", dtype: str | None = None):
     from omnilm import OmniModel
 
-    return OmniModel.from_pretrained(path, device=device, dtype=_dtype(dtype)).eval()
+    return OmniModel.from_pretrained(path, device=_device(device), dtype=dtype).eval()
 
 
-def _processor_for(model, model_dir: str | Path):
-    """The folder's tokenizer and image preprocessing; without preprocessor_config.json the
-    vision config's own (CLIP) preprocessing."""
-    from omnilm.data import ImageProcessor, Processor
+def _device(name: str) -> str:
+    import torch
 
-    processor = Processor.from_pretrained(model_dir, model.config.image_seq_len)
-    if processor.image_processor is None and model.config.vision is not None:
-        processor.image_processor = ImageProcessor.from_vision_config(model.config.vision)
-    return processor
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def _print_stream(model, processor, messages, args) -> str:
+def _answer(model, processor, messages: list[dict], args, echo: bool = True) -> str:
+    """Stream the model's reply to `messages` to stdout; return it."""
     from omnilm.infer import stream
 
-    batch = processor(messages)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if v is not None else None for k, v in processor(messages).items()}
     pieces = []
     for piece in stream(model, processor.tokenizer, batch["input_ids"], batch["pixel_values"],
                         batch["attention_mask"], max_new_tokens=args.max_new_tokens,
-                        do_sample=args.temperature > 0, temperature=max(args.temperature, 1e-5),
+                        do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
                         top_k=args.top_k, top_p=args.top_p):
-        print(piece, end="", flush=True)
+        if echo:
+            print(piece, end="", flush=True)
         pieces.append(piece)
-    print()
-    return "".join(pieces)
+    if echo:
+        print()
+    return "".join(pieces).strip()
 
 
-def _user_message(question: str, images: list[str]) -> dict:
+def _user(text: str, images: list[str]) -> dict:
     return {"role": "user", "content": [*({"type": "image", "image": p} for p in images),
-                                        {"type": "text", "text": question}]}
+                                        {"type": "text", "text": text}]}
 
 
 # --- commands ---------------------------------------------------------------------------------
 
 
-def cmd_generate(args) -> None:
-    model = _load(args.model, args.device, args.dtype)
-    processor = _processor_for(model, args.model)
-    _print_stream(model, processor, [_user_message(args.prompt, args.image)], args)
+def cmd_data(args) -> None:
+    from omnilm.data.shapeworld import write_shapeworld
+
+    path = write_shapeworld(args.out, args.n, args.seed, args.split, image_size=args.image_size)
+    print(f"wrote {path}")
+
+
+def cmd_train(args) -> None:
+    from omnilm.train.loop import TrainArgs, train
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
+    fields["tasks"] = fields["tasks"].split(",") if fields["tasks"] else None
+    summary = train(TrainArgs(**fields))
+    print(f"stage {summary['stage']}: {summary['steps']} steps in {summary['seconds']:.0f}s, "
+          f"final loss {summary['final_loss']:.4f}; model in {Path(args.out) / 'model'}")
+
+
+def cmd_eval(args) -> None:
+    from omnilm.data import Processor
+    from omnilm.eval.vqa import evaluate_vqa, format_table, write_predictions
+
+    model = _load(args.checkpoint, args.device)
+    processor = Processor.for_model(model, args.checkpoint)
+    records = _read_records(args.data)
+    summary, predictions = evaluate_vqa(model, processor, records, args.image_folder, batch_size=args.batch_size)
+    print(format_table(summary))
+    if args.predictions:
+        write_predictions(predictions, args.predictions)
+        print(f"predictions: {args.predictions}")
+
+
+def cmd_eval_clip(args) -> None:
+    from omnilm.data import ImageProcessor
+    from omnilm.eval.clip import evaluate_clip, format_clip_results
+    from omnilm.model.clip import load_clip
+
+    model = load_clip(args.checkpoint)
+    if model.tokenizer is None:
+        raise SystemExit(f"error: {args.checkpoint} has no tokenizer.json; save the CLIP model with its tokenizer")
+    records = [r for r in _read_records(args.data) if r.get("task") == "caption"]
+    results = evaluate_clip(model, model.tokenizer, ImageProcessor.from_vision_config(model.config.vision),
+                            records, args.image_folder)
+    print(format_clip_results(results))
+
+
+def _read_records(path: str) -> list[dict]:
+    from omnilm.errors import OmniInputError
+
+    try:
+        records = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise OmniInputError(f"cannot read {path}: {e}") from None
+    if not isinstance(records, list):
+        raise OmniInputError(f"{path} is not a list of LLaVA records")
+    return records
+
+
+def cmd_chat(args) -> None:
+    from omnilm.data import Processor
+
+    model = _load(args.checkpoint, args.device, args.dtype)
+    processor = Processor.for_model(model, args.checkpoint)
+    if args.question:
+        _answer(model, processor, [_user(args.question, args.image)], args)
+        return
+    _repl(model, processor, args)
+
+
+def _repl(model, processor, args) -> None:
+    from omnilm.errors import OmniInputError
+
+    print("omnilm chat: type a message; /image PATH adds an image to your next message, /reset starts over, "
+          "/quit (or Ctrl-D) leaves.")
+    messages: list[dict] = []
+    pending = list(args.image)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            messages, pending = [], []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not Path(path).is_file():
+                print(f"(no such file: {path})")
+            else:
+                pending.append(path)
+                print(f"(image {path} will go with your next message)")
+            continue
+        turn = _user(line, pending)
+        print("assistant> ", end="", flush=True)
+        try:
+            reply = _answer(model, processor, messages + [turn], args)
+        except OmniInputError as e:
+            print(f"\n(error: {e})")
+            continue
+        messages += [turn, {"role": "assistant", "content": reply}]
+        pending = []
 
 
 def cmd_info(args) -> None:
@@ -74,10 +172,15 @@ def cmd_info(args) -> None:
 
     if args.preset:
         model = OmniModel.from_preset(args.preset, device="meta")
-    elif args.model:
-        model = OmniModel.from_pretrained(args.model, device="meta")
+    elif args.checkpoint:
+        from omnilm.model.hf import read_config
+
+        config, kind, _ = read_config(args.checkpoint)
+        if kind == "clip":
+            raise SystemExit(f"error: {args.checkpoint} is a CLIP encoder; `omnilm info` describes language models")
+        model = OmniModel.from_config(config, device="meta")  # reads no weights
     else:
-        raise SystemExit("error: give a model folder or --preset NAME")
+        raise SystemExit("error: give a checkpoint folder or --preset NAME")
     c = model.config
     print(f"text:   {c.text.n_layers} layers, dim {c.text.dim}, {c.text.n_heads} heads / {c.text.n_kv_heads} kv heads, "
           f"mlp {c.text.mlp_dim}, vocab {c.text.vocab_size}, rope theta {c.text.rope_theta:g}")
@@ -95,42 +198,9 @@ def cmd_convert(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Until the ShapeWorld issue lands: a randomly initialised `tiny` model, end to end."""
-    import torch
-    from PIL import Image, ImageDraw
+    from omnilm.demo import run_demo
 
-    from omnilm import OmniModel
-    from omnilm.data import train_tokenizer
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    print("omnilm demo: the `tiny` preset with RANDOM weights (no training yet), so its answer is gibberish.\n"
-          "It shows the whole path: tokenizer, image preprocessing, CLIP ViT -> projector -> LLaMA, "
-          "save/reload as a Hugging Face LLaVA folder, and streamed generation.\n")
-    t0 = time.perf_counter()
-    corpus = ["a red circle left of a blue square", "what colour is the circle ?", "how many shapes are there ?",
-              "the green triangle is above the yellow star", "yes", "no", "two", "three"]
-    tokenizer = train_tokenizer(corpus * 4, vocab_size=512)
-    model = OmniModel.from_preset("tiny", text=dict(vocab_size=tokenizer.vocab_size))
-    model.tokenizer = tokenizer
-    model.save_pretrained(out / "model")
-    model = OmniModel.from_pretrained(out / "model").eval()
-    print(f"model: {model.num_parameters():,} parameters, saved to and reloaded from {out / 'model'}")
-
-    image = Image.new("RGB", (96, 80), "white")
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((10, 20, 40, 50), fill="red")
-    draw.rectangle((55, 25, 85, 55), fill="blue")
-    image_path = out / "example.png"
-    image.save(image_path)
-
-    processor = _processor_for(model, out / "model")
-    question = "What colour is the circle?"
-    print(f"\nUSER: <{image_path}> {question}\nASSISTANT: ", end="")
-    args.temperature, args.top_k, args.top_p = 0.0, None, None
-    _print_stream(model, processor, [_user_message(question, [str(image_path)])], args)
-    print(f"\ndone in {time.perf_counter() - t0:.1f}s; everything is under {out}/")
+    run_demo(args.out, preset=args.preset, seed=args.seed)
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -143,35 +213,104 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much probability")
 
 
+def _add_train(p: argparse.ArgumentParser) -> None:
+    from omnilm.train.loop import STAGES, TrainArgs
+
+    d = TrainArgs(stage="clip", data=Path("."), image_folder=Path("."), out=Path("."))  # the defaults
+    p.add_argument("--stage", required=True, choices=STAGES,
+                   help="clip: contrastive CLIP pretraining; align: stage 1, projector only, on captions; "
+                        "instruct: stage 2, projector + LLM on questions")
+    p.add_argument("--data", required=True, help="LLaVA-format JSON (e.g. from `omnilm data shapeworld`)")
+    p.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
+    p.add_argument("--out", required=True, help="run folder: metrics.jsonl, loss.png, checkpoints/, model/")
+    p.add_argument("--preset", default=d.preset, help=f"architecture for a fresh model (default {d.preset})")
+    p.add_argument("--init", default=None, help="start from this checkpoint folder instead of a fresh model")
+    p.add_argument("--vision", default=None, help="a CLIP folder (stage clip's model/) to take the vision encoder from")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (default: from --init/--vision, else a BPE trained on the data)")
+    p.add_argument("--tasks", default=None, help="comma-separated record `task`s to train on "
+                                                 "(default: caption for clip/align, all but caption for instruct)")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"records per micro-batch (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--projector-lr", type=float, default=None, help="peak learning rate of the projector (default --lr)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warm-up steps before the cosine decay (default {d.warmup})")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR as a fraction of the peak")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
+    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="gradient-norm clipping (default 1.0)")
+    p.add_argument("--train-vision", action="store_true", help="instruct: also train the vision encoder (frozen by default)")
+    p.add_argument("--vision-lr", type=float, default=None, help="peak learning rate of the vision encoder (default --lr)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="write metrics.jsonl out every N steps (default 10)")
+    p.add_argument("--device", default=d.device, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on where it is faster: CUDA, or CPUs with AVX512-BF16/AMX)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoints/latest")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnilm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="run the tiny model end to end (random weights until ShapeWorld training lands)")
+    p = sub.add_parser("demo", help="train and evaluate the tiny model on ShapeWorld (about 10 minutes on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--preset", default="tiny", help="architecture (default tiny)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("generate", help="answer a prompt about zero or more images with a checkpoint folder")
-    p.add_argument("model", help="omnilm or Hugging Face folder (LLaVA or LLaMA) with tokenizer.json")
-    p.add_argument("prompt", help="the user's message")
-    p.add_argument("--image", action="append", default=[], help="image file, placed before the text; repeatable")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype (default float32)")
-    _add_sampling(p)
-    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("data", help="generate built-in datasets")
+    data = p.add_subparsers(dest="dataset", required=True)
+    q = data.add_parser("shapeworld", help="procedural shapes with exact answers, as LLaVA JSON + PNGs")
+    q.add_argument("--out", required=True, help="folder for <split>.json and images/")
+    q.add_argument("--n", type=int, required=True, help="number of images (each: a caption and a question record)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--split", choices=("train", "test"), default="train", help="train and test never share a scene seed")
+    q.add_argument("--image-size", type=int, default=64, help="pixels per side, 64-128 (default 64)")
+    q.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("info", help="print a model's architecture and parameter count (allocates nothing)")
-    p.add_argument("model", nargs="?", help="checkpoint folder")
+    p = sub.add_parser("train", help="run one stage of the recipe (clip, align or instruct)")
+    _add_train(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="exact-match accuracy per task family on LLaVA-format questions")
+    p.add_argument("checkpoint", help="model folder (omnilm or Hugging Face LLaVA)")
+    p.add_argument("--data", required=True, help="LLaVA-format JSON; every assistant turn is a question")
+    p.add_argument("--image-folder", required=True)
+    p.add_argument("--predictions", default=None, help="write one JSON line per question here")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-clip", help="zero-shot retrieval and attribute accuracy of a CLIP checkpoint")
+    p.add_argument("checkpoint", help="CLIP folder (stage clip's model/)")
+    p.add_argument("--data", required=True, help="LLaVA-format JSON with caption records (task 'caption')")
+    p.add_argument("--image-folder", required=True)
+    p.set_defaults(func=cmd_eval_clip)
+
+    p = sub.add_parser("chat", help="answer a question about images, or chat turn by turn")
+    p.add_argument("checkpoint", help="model folder with tokenizer.json (omnilm or Hugging Face LLaVA / LLaMA)")
+    p.add_argument("question", nargs="?", help="answer this once and exit; without it, a multi-turn chat")
+    p.add_argument("--image", action="append", default=[], help="image file for the (first) message; repeatable")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default float32)")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="print a model's architecture and parameter count (reads no weights)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint folder")
     p.add_argument("--preset", help="a preset name instead of a folder (see omnilm.config.PRESETS)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="load a checkpoint folder and save it again (dtype, sharding)")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.set_defaults(func=cmd_convert)
     return parser

@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The label that carries no loss: prompt, image and padding tokens (PyTorch cross_entropy's default).
+IGNORE_INDEX = -100
+# The image normalisation OpenAI's CLIP was trained with (and every LLaVA-1.5 checkpoint uses).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 @dataclass
 class VisionConfig:
@@ -28,8 +34,8 @@ class VisionConfig:
     norm_eps: float = 1e-5
     act: str = "quick_gelu"
     # Preprocessing constants travel with the encoder they were trained with (OpenAI CLIP).
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
 
     @property
     def n_patches(self) -> int:
@@ -61,7 +67,7 @@ class TextConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | list[int] | None = 2  # a list: any of them ends generation (Llama 3)
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
@@ -184,12 +190,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         vision=_CLIP_L14_336,
         image_token_id=32000,
     ),
-    # Trains on a laptop CPU in minutes: 64 px images in 8 px patches (64 image tokens),
-    # a 4-layer decoder with grouped-query attention.
+    # Trains on a laptop CPU in minutes: 96 px images in 32 px patches (ViT-B/32's patch), so
+    # each of the 9 image tokens is one cell of ShapeWorld's 3x3 grid; a 4-layer decoder with
+    # grouped-query attention.
     "tiny": dict(
         text=dict(vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, mlp_dim=688,
                   max_seq_len=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision=dict(image_size=64, patch_size=8, dim=192, n_layers=4, n_heads=6, mlp_dim=768),
+        vision=dict(image_size=96, patch_size=32, dim=192, n_layers=4, n_heads=6, mlp_dim=768),
         image_token_id=3,
     ),
 }

@@ -30,7 +30,9 @@ class PatchEmbedding(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LayerNorm transformer block, bidirectional attention over all patches."""
+    """Pre-LayerNorm transformer block. Bidirectional over all patches in the ViT; the CLIP text
+    tower (omnilm.model.clip) reuses it with a causal `mask`. `cfg` is any config with dim,
+    n_heads, head_dim, mlp_dim, norm_eps and act."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -39,8 +41,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.mlp_dim, cfg.dim, cfg.act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), mask=mask, is_causal=is_causal)
         return x + self.mlp(self.layer_norm2(x))
 
 

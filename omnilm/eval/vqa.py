@@ -1,0 +1,83 @@
+"""Exact-match visual question answering on LLaVA-format records, per task family.
+
+Every assistant turn of every record is one question: the model sees the conversation up to
+that turn, with the reference answers of earlier turns (teacher forcing, as multi-turn VQA is
+usually scored), and answers greedily. A prediction is right when it equals the reference after
+`normalize_answer`. Questions are batched, left-padded, and decoded with the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnilm.data.shapeworld import normalize_answer
+
+
+def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -> list[dict]:
+    """One entry per assistant turn: its chat prefix, reference answer, task and image."""
+    out = []
+    for rec in records:
+        if rec.get("task") in skip_tasks:
+            continue
+        turns = [t for t in rec["conversations"] if t["from"] != "system"]
+        answers = [i for i, t in enumerate(turns) if t["from"] == "gpt"]
+        turn_tasks = rec.get("turn_tasks") or [rec.get("task", "all")] * len(answers)
+        images = rec.get("image")
+        images = [] if images is None else [images] if isinstance(images, str) else list(images)
+        for n, i in enumerate(answers):
+            out.append({"id": rec.get("id"), "task": turn_tasks[n], "question": turns[i - 1]["value"].replace("<image>\n", ""),
+                        "answer": turns[i]["value"], "chat": turns[:i], "images": images})
+    return out
+
+
+@torch.inference_mode()
+def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path, batch_size: int = 64,
+                 max_new_tokens: int = 8, progress: bool = True) -> tuple[dict[str, Any], list[dict]]:
+    """Accuracy per task family and overall, and one prediction per question."""
+    from tqdm import tqdm
+
+    folder = Path(image_folder)
+    items = questions(records)
+    device = next(model.parameters()).device
+    eos = processor.tokenizer.eos_id
+    predictions = []
+    for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", disable=not progress):
+        chunk = items[start:start + batch_size]
+        batch = processor([q["chat"] for q in chunk], images=[[str(folder / p) for p in q["images"]] for q in chunk])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        new = model.generate(**batch, max_new_tokens=max_new_tokens, stop_token_ids=[eos])
+        for q, ids in zip(chunk, new.tolist()):
+            ids = ids[:ids.index(eos)] if eos in ids else ids
+            prediction = processor.decode(ids).strip()
+            predictions.append({"id": q["id"], "task": q["task"], "question": q["question"], "answer": q["answer"],
+                                "prediction": prediction,
+                                "correct": normalize_answer(prediction) == normalize_answer(q["answer"])})
+    return summarize(predictions), predictions
+
+
+def summarize(predictions: list[dict]) -> dict[str, Any]:
+    per_task: dict[str, list[bool]] = defaultdict(list)
+    for p in predictions:
+        per_task[p["task"]].append(p["correct"])
+    tasks = {t: {"n": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(per_task.items())}
+    n = len(predictions)
+    return {"tasks": tasks, "n": n, "accuracy": sum(p["correct"] for p in predictions) / n if n else 0.0}
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    lines = ["| task | questions | accuracy |", "|---|---:|---:|"]
+    for task, r in summary["tasks"].items():
+        lines.append(f"| {task} | {r['n']} | {100 * r['accuracy']:.1f}% |")
+    lines.append(f"| **overall** | {summary['n']} | **{100 * summary['accuracy']:.1f}%** |")
+    return "\n".join(lines)
+
+
+def write_predictions(predictions: list[dict], path: str | Path) -> None:
+    with Path(path).open("w") as f:
+        for p in predictions:
+            f.write(json.dumps({k: p[k] for k in ("id", "task", "question", "answer", "prediction")}) + "\n")

@@ -1,0 +1,1 @@
+"""Training: the loop, what each stage builds, optimizer and schedule, checkpoints, the recipe."""

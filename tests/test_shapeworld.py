@@ -1,0 +1,265 @@
+"""ShapeWorld: determinism, records, and ground truth checked against the rendered pixels.
+
+The pixel oracle here reads objects back from an image (cell, colour, size, shape) with its
+own simple rules, and answers each question by parsing the question text; so the tests
+assert that the image shows what the text says, not only that the text agrees with itself.
+"""
+
+import collections
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omnilm.data import shapeworld as sw
+
+
+# --- the pixel oracle ---------------------------------------------------------------------------
+
+
+def _classify_shape(mask: np.ndarray) -> str:
+    """Name the shape in a tight boolean mask from its row widths, fill and top/bottom mass."""
+    h, w = mask.shape
+    widths = mask.sum(1)
+    fill = mask.mean()
+    if fill > 0.9:
+        return "square"
+    if widths[0] == widths[h // 4] < w / 2 and widths[h // 2] == w:  # arm, then the full bar
+        return "cross"
+    if mask[: h // 2].sum() < 0.6 * mask[h - h // 2:].sum():  # mass at the bottom
+        return "triangle"
+    return "circle" if fill > 0.65 else "diamond"
+
+
+def read_objects(image: Image.Image) -> list[tuple[str, str, str, str]]:
+    """(size, colour, shape, cell name) of every object in reading order, from the pixels."""
+    pixels = np.asarray(image).astype(int)
+    S = pixels.shape[0]
+    background = pixels[0, 0]  # shapes keep a 1 px margin inside their cell
+    foreground = np.abs(pixels - background).max(-1) > 40
+    palette = np.array([sw.COLOUR_RGB[c] for c in sw.COLOURS])
+    edges = [round(i * S / 3) for i in range(4)]
+    found = []
+    for cell, name in enumerate(sw.CELLS):
+        r, c = divmod(cell, 3)
+        ys, xs = slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])
+        mask = foreground[ys, xs]
+        if not mask.any():
+            continue
+        rows, cols = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+        tight = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        colour_rgb = np.median(pixels[ys, xs][mask], axis=0)
+        colour = sw.COLOURS[int(np.argmin(((palette - colour_rgb) ** 2).sum(1)))]
+        size = "large" if tight.shape[1] > 0.65 * S / 3 else "small"
+        found.append((size, colour, _classify_shape(tight), name))
+    return found
+
+
+_C, _S, _P = "|".join(sw.COLOURS), "|".join(sw.SHAPES), "|".join(sorted(sw.CELLS, key=len, reverse=True))
+_REF = rf"(?:(small|large) )?(?:({_C}) )?({_S}|object)(?: at the ({_P}))?"
+
+
+def _resolve(words: tuple, objects: list) -> tuple:
+    size, colour, shape, cell = words
+    matches = [o for o in objects if (size in (None, o[0]) and colour in (None, o[1])
+                                      and shape in ("object", o[2]) and cell in (None, o[3]))]
+    assert len(matches) == 1, f"reference {words} picks {len(matches)} objects out of {objects}"
+    return matches[0]
+
+
+def answer_from_pixels(question: str, objects: list) -> str:
+    """Answer a ShapeWorld question by parsing it against objects read from pixels."""
+    grid = {name: divmod(i, 3) for i, name in enumerate(sw.CELLS)}
+    if m := re.fullmatch(rf"What (?:colour is|is the colour of) the {_REF}\?", question):
+        return _resolve(m.groups(), objects)[1]
+    if m := re.fullmatch(rf"What (?:shape is|is the shape of) the {_REF}\?", question):
+        return _resolve(m.groups(), objects)[2]
+    if m := re.fullmatch(rf"Where is the {_REF}(?: in the image)?\?", question):
+        return _resolve(m.groups(), objects)[3]
+    if re.fullmatch(r"How many (shapes|objects) are there\?", question):
+        return str(len(objects))
+    if m := re.fullmatch(rf"How many ({_C}) shapes are there\?", question):
+        return str(sum(o[1] == m[1] for o in objects))
+    if m := re.fullmatch(r"How many (\w+) are there\?", question):
+        return str(sum(sw.PLURALS[o[2]] == m[1] for o in objects))
+    if m := re.fullmatch(rf"Is there an? ({_C}) ({_S})(?: in the image)?\?", question):
+        return "yes" if any(o[1:3] == (m[1], m[2]) for o in objects) else "no"
+    if m := re.fullmatch(rf"Is the {_REF} (left of|to the left of|above) the {_REF}\?", question):
+        a, b = _resolve(m.groups()[:4], objects), _resolve(m.groups()[5:], objects)
+        axis = 0 if m[5] == "above" else 1  # row for above, column for left of
+        return "yes" if grid[a[3]][axis] < grid[b[3]][axis] else "no"
+    raise AssertionError(f"question in no known phrasing: {question!r}")
+
+
+def _turns(record):
+    convs = record["conversations"]
+    return [(h["value"].removeprefix("<image>\n"), g["value"]) for h, g in zip(convs[::2], convs[1::2])]
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_same_index_same_bytes_and_splits_differ():
+    a, b = sw.make_example(7, 3, "train"), sw.make_example(7, 3, "train")
+    assert _png(a.image) == _png(b.image) and a.records == b.records
+    test = [sw.make_example(i, 3, "test") for i in range(20)]
+    train = [sw.make_example(i, 3, "train") for i in range(20)]
+    assert all(_png(x.image) != _png(y.image) for x, y in zip(train, test))
+    assert sw.make_example(7, 4, "train").records != a.records  # the seed matters too
+    # Text does not depend on the image size.
+    assert sw.make_example(7, 3, "train", image_size=128).records == a.records
+
+
+def test_determinism_across_processes():
+    code = ("import hashlib, io, json; from omnilm.data.shapeworld import make_example as m; e = m(11, 5, 'test'); "
+            "b = io.BytesIO(); e.image.save(b, format='PNG'); "
+            "print(hashlib.sha256(b.getvalue() + json.dumps(e.records).encode()).hexdigest())")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": str(seed)}) for seed in (1, 2)]  # in parallel
+    runs = [proc.communicate()[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    e = sw.make_example(11, 5, "test")
+    here = hashlib.sha256(_png(e.image) + json.dumps(e.records).encode()).hexdigest()
+    assert runs[0] == runs[1] == here + "\n"
+
+
+def test_write_shapeworld_is_reproducible(tmp_path):
+    paths = [sw.write_shapeworld(tmp_path / name, 12, seed=1, split="test") for name in ("a", "b")]
+    assert paths[0] == tmp_path / "a" / "test.json"
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    records = json.loads(paths[0].read_text())
+    assert len(records) == 24 and len({r["id"] for r in records}) == 24
+    images = sorted((tmp_path / "a" / "images").iterdir())
+    assert [p.name for p in images] == [f"test_{i:06d}.png" for i in range(12)]
+    for p in images:
+        assert p.read_bytes() == (tmp_path / "b" / "images" / p.name).read_bytes()
+    assert all((tmp_path / "a" / r["image"]).is_file() for r in records)
+    assert not list((tmp_path / "a").glob(".*tmp*"))  # the temp file was renamed away
+    assert json.loads(sw.write_shapeworld(tmp_path / "a", 0, seed=1, split="test").read_text()) == []
+    with pytest.raises(ValueError, match="split"):
+        sw.write_shapeworld(tmp_path, 1, seed=1, split="../x")
+
+
+def test_module_entry_point(tmp_path):
+    path = sw.main(["--out", str(tmp_path), "--n", "3", "--seed", "2", "--split", "train"])
+    assert path == tmp_path / "train.json" and len(json.loads(path.read_text())) == 6
+
+
+@pytest.mark.parametrize("image_size", [64, 96, 128])
+def test_pixels_show_what_the_text_says(image_size):
+    # Every object's size, colour, shape and cell read back from the pixels matches the
+    # caption, and every question answered from the pixels gets the record's answer.
+    for index in range(150 if image_size == 64 else 40):
+        example = sw.make_example(index, 0, "train", image_size)
+        objects = read_objects(example.image)
+        described = re.findall(rf"a (small|large) ({_C}) ({_S}) at the ({_P})[,. ]", example.records[0]
+                               ["conversations"][1]["value"])
+        assert objects == described, (index, example.scene)
+        for question, answer in _turns(example.records[1]):
+            assert answer_from_pixels(question, objects) == answer, (index, question, objects)
+
+
+def test_single_object_dominant_colour():
+    # The plainest check: in a one-object image the most common non-background colour of the
+    # object's cell is nearest to the answer's colour, and every other cell is blank.
+    rng = random.Random(0)
+    for _ in range(60):
+        scene = sw.generate_scene(rng, n_objects=1)
+        pixels = np.asarray(sw.render(scene, 64, rng)).astype(int)
+        question, answer = sw.ask("colour", scene, rng)
+        assert question in (f"What colour is the {scene[0].shape}?", f"What is the colour of the {scene[0].shape}?")
+        edges, (r, c) = [0, 21, 43, 64], divmod(scene[0].cell, 3)
+        cell = pixels[edges[r]:edges[r + 1], edges[c]:edges[c + 1]].reshape(-1, 3)
+        colours, counts = np.unique(cell[np.abs(cell - pixels[0, 0]).max(1) > 40], axis=0, return_counts=True)
+        dominant = colours[counts.argmax()]
+        nearest = min(sw.COLOURS, key=lambda name: ((np.array(sw.COLOUR_RGB[name]) - dominant) ** 2).sum())
+        assert nearest == answer
+        outside = np.abs(pixels - pixels[0, 0]).max(-1) > 40
+        outside[edges[r]:edges[r + 1], edges[c]:edges[c + 1]] = False
+        assert not outside.any()
+
+
+def test_palette_is_far_apart():
+    rgb = {name: np.array(v) for name, v in sw.COLOUR_RGB.items()}
+    assert set(rgb) == set(sw.COLOURS)
+    assert min(np.linalg.norm(rgb[a] - rgb[b]) for a in rgb for b in rgb if a < b) > 95
+    assert min(np.linalg.norm(v - np.array([220, 220, 220])) for v in rgb.values()) > 150
+
+
+def test_question_properties_over_many_scenes():
+    rng = random.Random(1)
+    answers, families, hard_no = collections.defaultdict(collections.Counter), collections.Counter(), 0
+    for _ in range(3000):
+        scene = sw.generate_scene(rng)
+        assert list(scene) == sorted(scene, key=lambda o: o.cell) and len({o.cell for o in scene}) == len(scene)
+        text = sw.caption(scene)
+        assert all(f"{o.size} {o.colour} {o.shape} at the {o.position}" in text for o in scene)
+        for family in sw.FAMILIES:
+            if not sw.can_ask(family, scene):
+                assert family == "spatial" and len(scene) == 1
+                continue
+            question, answer = sw.ask(family, scene, rng)
+            assert answer in sw.ANSWERS and answer == sw.normalize_answer(answer)
+            answers[family][answer] += 1
+            if family == "existence" and answer == "no":
+                colour, shape = re.fullmatch(rf"Is there an? ({_C}) ({_S}).*", question).groups()
+                hard_no += any(o.colour == colour or o.shape == shape for o in scene)
+    for family in ("existence", "spatial"):
+        assert 0.4 <= answers[family]["yes"] / sum(answers[family].values()) <= 0.6
+    assert hard_no / answers["existence"]["no"] > 0.6
+    assert set(answers["colour"]) == set(sw.COLOURS) and set(answers["shape"]) == set(sw.SHAPES)
+    assert set(answers["position"]) == set(sw.CELLS) and set(answers["count"]) == set("01234")
+    # Families are roughly balanced in the written conversations.
+    for index in range(2000):
+        record = sw.make_example(index, 0, "train").records[1]
+        families.update(record.get("turn_tasks", [record["task"]]))
+    assert set(families) == set(sw.FAMILIES)
+    assert max(families.values()) < 1.25 * min(families.values())
+
+
+def test_record_format():
+    tasks = collections.Counter()
+    for index in range(400):
+        records = sw.make_example(index, 2, "test").records
+        assert [r["task"] for r in records][0] == "caption"
+        for record in records:
+            assert record["id"].startswith(f"test-{index:06d}-")
+            assert record["image"] == f"images/test_{index:06d}.png"
+            convs = record["conversations"]
+            assert len(convs) % 2 == 0 and [t["from"] for t in convs] == ["human", "gpt"] * (len(convs) // 2)
+            assert convs[0]["value"].startswith("<image>\n")
+            assert sum(t["value"].count("<image>") for t in convs) == 1
+            assert all(isinstance(t["value"], str) and t["value"] for t in convs)
+            tasks[record["task"]] += 1
+            if record["task"] == "multi_turn":
+                assert 2 <= len(record["turn_tasks"]) == len(convs) // 2 <= 4
+                assert len(set(record["turn_tasks"])) == len(record["turn_tasks"])
+                assert set(record["turn_tasks"]) <= set(sw.FAMILIES)
+            elif record["task"] != "caption":
+                assert record["task"] in sw.FAMILIES and len(convs) == 2 and "turn_tasks" not in record
+            for _, answer in _turns(record)[(record["task"] == "caption"):]:
+                assert answer in sw.ANSWERS
+    assert 0.3 < sum(tasks[f] for f in sw.FAMILIES) / 400 < 0.5  # single-turn about 40 %
+
+
+def test_normalize_answer():
+    assert sw.normalize_answer("  Two. ") == "2"
+    assert sw.normalize_answer("Yes!") == "yes"
+    assert sw.normalize_answer("Top   Left") == "top left"
+    assert sw.normalize_answer("'red'") == "red"
+    assert sw.normalize_answer("centre") == "center"
+    assert sw.normalize_answer("zero") == "0" and sw.normalize_answer("4") == "4"

@@ -1,0 +1,119 @@
+"""Training: exact resume, a run that learns, the recipe's plumbing, the trained model in
+transformers, and bad data at the command line. Tiny models on a few dozen ShapeWorld images."""
+
+import json
+
+import pytest
+import torch
+from conftest import one_line_error
+
+from omnilm import OmniModel
+from omnilm.cli import main
+from omnilm.data.shapeworld import write_shapeworld
+from omnilm.train.loop import TrainArgs, train
+from omnilm.train.stages import corpus
+
+SMALL = dict(text=dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, mlp_dim=128), vision=dict(n_layers=2, dim=64, n_heads=4, mlp_dim=128))
+
+
+@pytest.fixture(scope="module")
+def shapeworld(tmp_path_factory):
+    """48 training and 8 test images with a tokenizer trained on the training chats."""
+    from omnilm.data import train_tokenizer
+
+    root = tmp_path_factory.mktemp("sw")
+    train_json = write_shapeworld(root, 48, seed=0, split="train")
+    write_shapeworld(root, 8, seed=0, split="test")
+    train_tokenizer(corpus(train_json), vocab_size=400).save(root / "tokenizer")
+    return root
+
+
+def args(root, out, **kw) -> TrainArgs:
+    defaults = dict(stage="instruct", data=root / "train.json", image_folder=root, out=out, tokenizer=root / "tokenizer",
+                    steps=6, batch_size=8, lr=3e-3, warmup=2, progress=False, config_overrides=SMALL)
+    return TrainArgs(**(defaults | kw))
+
+
+def test_resume_continues_exactly(shapeworld, tmp_path):
+    straight = train(args(shapeworld, tmp_path / "straight"))["losses"]
+    first = train(args(shapeworld, tmp_path / "resumed", stop_after=3))["losses"]
+    rest = train(args(shapeworld, tmp_path / "resumed", resume=True))["losses"]
+    assert len(first) == 3 and len(rest) == 3
+    assert first + rest == straight  # bit for bit: weights, AdamW moments, data order and RNG restored
+    logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "resumed" / "loss.png").stat().st_size > 0
+
+
+def test_instruction_tuning_learns(shapeworld, tmp_path):
+    losses = train(args(shapeworld, tmp_path, steps=40, train_vision=True))["losses"]
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
+
+
+def test_recipe_stages_chain(shapeworld, tmp_path):
+    """clip -> align (vision from the CLIP folder) -> instruct (from the align model): each stage
+    starts from the previous one's weights, and the frozen parts stay as they were."""
+    from omnilm.model.clip import load_clip
+
+    train(args(shapeworld, tmp_path / "clip", stage="clip", steps=3))
+    clip_vision = load_clip(tmp_path / "clip" / "model").vision.state_dict()
+    train(args(shapeworld, tmp_path / "align", stage="align", steps=3, vision=tmp_path / "clip" / "model"))
+    aligned = OmniModel.from_pretrained(tmp_path / "align" / "model")
+    for k, v in clip_vision.items():
+        assert torch.equal(aligned.vision.state_dict()[k], v), k  # align trains the projector only
+    train(args(shapeworld, tmp_path / "instruct", steps=3, init=tmp_path / "align" / "model"))
+    tuned = OmniModel.from_pretrained(tmp_path / "instruct" / "model")
+    assert torch.equal(tuned.vision.layers[0].mlp.fc1.weight, aligned.vision.layers[0].mlp.fc1.weight)  # frozen
+    assert not torch.equal(tuned.llm.layers[0].mlp.up_proj.weight, aligned.llm.layers[0].mlp.up_proj.weight)
+
+
+def test_trained_model_answers_the_same_in_transformers(shapeworld, tmp_path):
+    """The saved model with its tokenizer and processor loads in transformers' LLaVA and gives
+    the same greedy answers to held-out questions."""
+    import transformers as tf
+    from PIL import Image
+
+    from omnilm.data import Processor
+    from omnilm.eval.vqa import questions
+
+    train(args(shapeworld, tmp_path, steps=20, train_vision=True))
+    ours = OmniModel.from_pretrained(tmp_path / "model")
+    hf_model = tf.LlavaForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
+    hf_processor = tf.AutoProcessor.from_pretrained(tmp_path / "model")
+    processor = Processor.for_model(ours, tmp_path / "model")
+    items = questions(json.loads((shapeworld / "test.json").read_text()))[:6]
+    for q in items:
+        batch = processor(q["chat"], images=[str(shapeworld / p) for p in q["images"]])
+        text = processor.tokenizer.decode(batch["input_ids"][0].tolist(), skip_special_tokens=False)
+        theirs_in = hf_processor(text=text.replace("<image>" * ours.config.image_seq_len, "<image>").removeprefix("<s>"),
+                                 images=[Image.open(shapeworld / p) for p in q["images"]], return_tensors="pt")
+        assert torch.equal(theirs_in["input_ids"], batch["input_ids"])
+        mine = ours.generate(**batch, max_new_tokens=6, stop_token_ids=[processor.tokenizer.eos_id])
+        theirs = hf_model.generate(**theirs_in, max_new_tokens=6, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        n = mine.shape[1]
+        assert mine.tolist() == theirs[:, :n].tolist(), q["question"]
+
+
+def test_bad_records_stop_with_their_name_or_are_skipped(shapeworld, tmp_path, capsys):
+    records = json.loads((shapeworld / "train.json").read_text())
+    bad = [r for r in records if r["task"] != "caption"][:16]
+    bad[3] = dict(bad[3], image="images/missing.png")
+    bad[5] = {k: v for k, v in bad[5].items() if k != "image"}  # a marker without an image
+    bad[7] = dict(bad[7], conversations="not a list")
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(bad))
+    cmd = ["train", "--stage", "instruct", "--data", str(data), "--image-folder", str(shapeworld),
+           "--tokenizer", str(shapeworld / "tokenizer"), "--steps", "1", "--batch-size", "4", "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        main(cmd + ["--out", str(tmp_path / "stop")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and bad[3]["id"] in err and "missing.png" in err
+    assert not (tmp_path / "stop" / "checkpoints").exists()  # stopped before training: nothing lost or half-written
+    with pytest.warns(UserWarning, match="skipped 3 of 16 records"):
+        main(cmd + ["--out", str(tmp_path / "skip"), "--skip-bad"])
+    assert (tmp_path / "skip" / "model" / "model.safetensors").is_file()
+
+
+def test_resume_without_a_checkpoint_is_an_error(shapeworld, tmp_path):
+    one_line_error(lambda: train(args(shapeworld, tmp_path, resume=True)), "nothing to resume", "--resume")
