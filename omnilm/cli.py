@@ -1,6 +1,6 @@
 """The `omnilm` command line: thin wrappers over the library.
 
-    omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, ~10 min on 2 cores
+    omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, ~7 min on 2 cores
     omnilm data shapeworld --out DIR --n N --seed S --split train|test
     omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
     omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE]
@@ -13,8 +13,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import time
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,26 +23,24 @@ DTYPES = ("float32", "bfloat16", "float16")
 def _load(path: str, device: str = "cpu", dtype: str | None = None):
     from omnilm import OmniModel
 
-    return OmniModel.from_pretrained(path, device=_device(device), dtype=dtype).eval()
+    from omnilm.train.loop import resolve_device
 
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return OmniModel.from_pretrained(path, device=resolve_device(device), dtype=dtype).eval()
 
 
 def _answer(model, processor, messages: list[dict], args, echo: bool = True) -> str:
     """Stream the model's reply to `messages` to stdout; return it."""
+    from omnilm.data.collate import to_device
     from omnilm.infer import stream
 
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if v is not None else None for k, v in processor(messages).items()}
+    batch = to_device(processor(messages), next(model.parameters()).device)
     pieces = []
     for piece in stream(model, processor.tokenizer, batch["input_ids"], batch["pixel_values"],
                         batch["attention_mask"], max_new_tokens=args.max_new_tokens,
                         do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
                         top_k=args.top_k, top_p=args.top_p):
+        if not pieces:
+            piece = piece.lstrip()  # the first token carries the space after "ASSISTANT:"
         if echo:
             print(piece, end="", flush=True)
         pieces.append(piece)
@@ -62,8 +60,9 @@ def _user(text: str, images: list[str]) -> dict:
 def cmd_data(args) -> None:
     from omnilm.data.shapeworld import write_shapeworld
 
+    t0 = time.perf_counter()
     path = write_shapeworld(args.out, args.n, args.seed, args.split, image_size=args.image_size)
-    print(f"wrote {path}")
+    print(f"wrote {args.n} images and {2 * args.n} records to {path} in {time.perf_counter() - t0:.1f}s")
 
 
 def cmd_train(args) -> None:
@@ -71,19 +70,23 @@ def cmd_train(args) -> None:
 
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     fields["tasks"] = fields["tasks"].split(",") if fields["tasks"] else None
-    summary = train(TrainArgs(**fields))
-    print(f"stage {summary['stage']}: {summary['steps']} steps in {summary['seconds']:.0f}s, "
-          f"final loss {summary['final_loss']:.4f}; model in {Path(args.out) / 'model'}")
+    train_args = TrainArgs(**fields)
+    summary = train(train_args)
+    where = Path(args.out) / ("model" if summary["steps"] == train_args.steps else "checkpoints")
+    print(f"stage {summary['stage']}: at step {summary['steps']} of {train_args.steps} after {summary['seconds']:.0f}s, "
+          f"final loss {summary['final_loss']:.4f}; saved in {where}")
 
 
 def cmd_eval(args) -> None:
     from omnilm.data import Processor
+    from omnilm.data.llava_json import read_records
     from omnilm.eval.vqa import evaluate_vqa, format_table, write_predictions
 
     model = _load(args.checkpoint, args.device)
     processor = Processor.for_model(model, args.checkpoint)
-    records = _read_records(args.data)
-    summary, predictions = evaluate_vqa(model, processor, records, args.image_folder, batch_size=args.batch_size)
+    records = read_records(args.data)
+    summary, predictions = evaluate_vqa(model, processor, records, args.image_folder, batch_size=args.batch_size,
+                                        max_new_tokens=args.max_new_tokens)
     print(format_table(summary))
     if args.predictions:
         write_predictions(predictions, args.predictions)
@@ -91,29 +94,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_eval_clip(args) -> None:
-    from omnilm.data import ImageProcessor
-    from omnilm.eval.clip import evaluate_clip, format_clip_results
-    from omnilm.model.clip import load_clip
+    from omnilm.eval.clip import evaluate_clip_checkpoint, format_clip_results
 
-    model = load_clip(args.checkpoint)
-    if model.tokenizer is None:
-        raise SystemExit(f"error: {args.checkpoint} has no tokenizer.json; save the CLIP model with its tokenizer")
-    records = [r for r in _read_records(args.data) if r.get("task") == "caption"]
-    results = evaluate_clip(model, model.tokenizer, ImageProcessor.from_vision_config(model.config.vision),
-                            records, args.image_folder)
-    print(format_clip_results(results))
-
-
-def _read_records(path: str) -> list[dict]:
-    from omnilm.errors import OmniInputError
-
-    try:
-        records = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise OmniInputError(f"cannot read {path}: {e}") from None
-    if not isinstance(records, list):
-        raise OmniInputError(f"{path} is not a list of LLaVA records")
-    return records
+    print(format_clip_results(evaluate_clip_checkpoint(args.checkpoint, args.data, args.image_folder)))
 
 
 def cmd_chat(args) -> None:
@@ -248,6 +231,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on where it is faster: CUDA, or CPUs with AVX512-BF16/AMX)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed records instead of stopping")
+    p.add_argument("--no-cache-images", dest="cache_images", action="store_false",
+                   help="decode images every time instead of keeping them in memory (for datasets larger than RAM)")
     p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoints/latest")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -258,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train and evaluate the tiny model on ShapeWorld (about 10 minutes on 2 cores)")
+    p = sub.add_parser("demo", help="train and evaluate the tiny model on ShapeWorld (about 7 minutes on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--preset", default="tiny", help="architecture (default tiny)")
     p.add_argument("--seed", type=int, default=0)
@@ -271,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n", type=int, required=True, help="number of images (each: a caption and a question record)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--split", choices=("train", "test"), default="train", help="train and test never share a scene seed")
-    q.add_argument("--image-size", type=int, default=64, help="pixels per side, 64-128 (default 64)")
+    q.add_argument("--image-size", type=int, default=96, help="pixels per side, 64-128 (default 96: the tiny preset's input)")
     q.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="run one stage of the recipe (clip, align or instruct)")
@@ -280,10 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="exact-match accuracy per task family on LLaVA-format questions")
     p.add_argument("checkpoint", help="model folder (omnilm or Hugging Face LLaVA)")
-    p.add_argument("--data", required=True, help="LLaVA-format JSON; every assistant turn is a question")
+    p.add_argument("--data", required=True, help="LLaVA-format JSON; every assistant turn of a non-caption record is a question")
     p.add_argument("--image-folder", required=True)
     p.add_argument("--predictions", default=None, help="write one JSON line per question here")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="questions per generation batch (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated (default 16)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
@@ -316,10 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    # argparse binds chat's optional `question` before it sees options, so in
+    # `chat CKPT --image a.png "question"` the question arrives as a leftover: take it there.
+    args, leftover = parser.parse_known_args(argv)
+    if leftover and args.command == "chat" and args.question is None and not any(w.startswith("-") for w in leftover):
+        args.question, leftover = " ".join(leftover), []
+    if leftover:
+        parser.error(f"unrecognized arguments: {' '.join(leftover)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     from omnilm.errors import OmniInputError
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         args.func(args)
     except OmniInputError as e:

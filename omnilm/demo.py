@@ -47,7 +47,7 @@ def _three_examples(predictions: list[dict]) -> list[dict]:
     # Single-question records of three different families, so the answers show different skills.
     seen, picked = set(), []
     for p in predictions:
-        if p["task"] not in seen and not p["id"].endswith("multi_turn"):
+        if p["task"] not in seen and not str(p["id"]).endswith("multi_turn"):
             seen.add(p["task"])
             picked.append(p)
         if len(picked) == 3:

@@ -154,9 +154,12 @@ def test_write_shapeworld_is_reproducible(tmp_path):
         sw.write_shapeworld(tmp_path, 1, seed=1, split="../x")
 
 
-def test_module_entry_point(tmp_path):
-    path = sw.main(["--out", str(tmp_path), "--n", "3", "--seed", "2", "--split", "train"])
-    assert path == tmp_path / "train.json" and len(json.loads(path.read_text())) == 6
+def test_command_line(tmp_path):
+    from omnilm.cli import main
+
+    main(["data", "shapeworld", "--out", str(tmp_path), "--n", "3", "--seed", "2", "--split", "train"])
+    records = json.loads((tmp_path / "train.json").read_text())
+    assert len(records) == 6 and Image.open(tmp_path / records[0]["image"]).size == (96, 96)
 
 
 @pytest.mark.parametrize("image_size", [64, 96, 128])

@@ -115,5 +115,37 @@ def test_bad_records_stop_with_their_name_or_are_skipped(shapeworld, tmp_path, c
     assert (tmp_path / "skip" / "model" / "model.safetensors").is_file()
 
 
+def test_chat_takes_its_question_after_the_options():
+    from omnilm.cli import parse_args
+
+    args = parse_args(["chat", "model", "--image", "a.png", "--image", "b.png", "How many shapes are there?"])
+    assert (args.checkpoint, args.image, args.question) == ("model", ["a.png", "b.png"], "How many shapes are there?")
+    assert parse_args(["chat", "model"]).question is None  # the multi-turn chat
+    with pytest.raises(SystemExit):
+        parse_args(["chat", "model", "--image", "a.png", "q", "--bogus"])
+
+
 def test_resume_without_a_checkpoint_is_an_error(shapeworld, tmp_path):
     one_line_error(lambda: train(args(shapeworld, tmp_path, resume=True)), "nothing to resume", "--resume")
+
+
+def test_gradient_accumulation_equals_the_larger_batch(shapeworld, tmp_path):
+    """Two micro-batches of 4 are one batch of 8: micro-batches count by their supervised tokens, so
+    the step's loss (and so its gradient) is the mean over all the step's targets. (Weights after
+    an AdamW step are no test: its first update is lr * sign(grad), which float noise can flip.)"""
+    one = train(args(shapeworld, tmp_path / "one", steps=3, batch_size=8, bf16=False))["losses"]
+    two = train(args(shapeworld, tmp_path / "two", steps=3, batch_size=4, grad_accum=2, bf16=False))["losses"]
+    assert one == pytest.approx(two, rel=1e-5)
+
+
+def test_runs_refuse_what_would_lose_or_mix_work(shapeworld, tmp_path):
+    train(args(shapeworld, tmp_path, steps=2))
+    one_line_error(lambda: train(args(shapeworld, tmp_path, steps=2)), "already holds checkpoints", "--resume")
+    one_line_error(lambda: train(args(shapeworld, tmp_path, steps=2, resume=True)), "already at step 2")
+    one_line_error(lambda: train(args(shapeworld, tmp_path, steps=4, lr=1e-2, resume=True)),
+                   "different settings", "lr: 0.003 -> 0.01")
+    one_line_error(lambda: args(shapeworld, tmp_path, clip_grad=0.0), "--clip-grad is 0.0")
+    one_line_error(lambda: args(shapeworld, tmp_path, grad_accum=0), "--grad-accum is 0")
+    one_line_error(lambda: args(shapeworld, tmp_path, stage="align", train_vision=True), "stage align does not use --train-vision")
+    one_line_error(lambda: args(shapeworld, tmp_path, stage="clip", vision=tmp_path), "stage clip does not use --vision")
+    one_line_error(lambda: args(shapeworld, tmp_path, vision_lr=1e-4), "--vision-lr needs --train-vision")

@@ -38,3 +38,8 @@ def collate(batch: list[dict], pad_id: int) -> dict:
         "pixel_values": pixel_values,
         "ids": [sample["id"] for sample in batch],
     }
+
+
+def to_device(batch: dict, device) -> dict:
+    """Move a batch's tensors to `device`; other values (ids, None) stay as they are."""
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}

@@ -69,7 +69,7 @@ class LlavaDataset(Dataset):
         self._images: list[list[Path]] = []  # per record, in marker order
         self._cache: dict[Path, torch.Tensor] = {}  # path -> (3, H, W)
 
-        raw = _read_records(self.json_path)
+        raw = read_records(self.json_path)
         considered = 0
         for index, record in enumerate(raw):
             if tasks is not None and isinstance(record, dict) and record.get("task") not in tasks:
@@ -214,7 +214,9 @@ class LlavaDataset(Dataset):
         return None, paths
 
 
-def _read_records(path: Path) -> list:
+def read_records(path: str | Path) -> list:
+    """The records of a LLaVA-format JSON file (a list), or a one-line error saying what is wrong."""
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:

@@ -27,13 +27,10 @@ a renderer, and one question generator per family.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import random
 import re
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -361,23 +358,3 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
     write_text(path, "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
     return path
 
-
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m omnilm.data.shapeworld",
-                                     description="Write ShapeWorld images and LLaVA JSON records.")
-    parser.add_argument("--out", required=True, help="output folder (gets images/ and SPLIT.json)")
-    parser.add_argument("--n", type=int, default=1000, help="number of images (default 1000); 2 records each")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
-    parser.add_argument("--split", default="train", choices=("train", "test"),
-                        help="train or test: separate generator streams (default train)")
-    parser.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64; 64-128)")
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    path = write_shapeworld(args.out, args.n, args.seed, args.split, args.image_size)
-    seconds = time.perf_counter() - t0
-    print(f"wrote {args.n} images and {2 * args.n} records to {path} in {seconds:.1f}s", file=sys.stderr)
-    return path
-
-
-if __name__ == "__main__":
-    main()

@@ -121,3 +121,16 @@ def format_clip_results(results: dict[str, float]) -> str:
         shown = str(int(value)) if key.startswith("n_") else f"{value:.3f}"
         lines.append(f"| {key} | {shown} |")
     return "\n".join(lines)
+
+
+def evaluate_clip_checkpoint(folder: str | Path, data: str | Path, image_folder: str | Path) -> dict[str, float]:
+    """`evaluate_clip` of the CLIP folder `folder` (with its tokenizer) on the caption records of `data`."""
+    from omnilm.data import ImageProcessor
+    from omnilm.data.llava_json import read_records
+    from omnilm.model.clip import load_clip
+
+    model = load_clip(folder)
+    if model.tokenizer is None:
+        raise OmniInputError(f"{folder} has no tokenizer.json; save the CLIP model with its tokenizer")
+    image_processor = ImageProcessor.from_vision_config(model.config.vision)
+    return evaluate_clip(model, model.tokenizer, image_processor, read_records(data), image_folder)

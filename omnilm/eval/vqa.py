@@ -24,13 +24,13 @@ def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -
     for rec in records:
         if rec.get("task") in skip_tasks:
             continue
-        turns = [t for t in rec["conversations"] if t["from"] != "system"]
-        answers = [i for i, t in enumerate(turns) if t["from"] == "gpt"]
+        turns = rec["conversations"]  # a leading system turn stays part of every question's chat
+        answers = [i for i, t in enumerate(turns) if t["from"] in ("gpt", "assistant")]
         turn_tasks = rec.get("turn_tasks") or [rec.get("task", "all")] * len(answers)
         images = rec.get("image")
         images = [] if images is None else [images] if isinstance(images, str) else list(images)
         for n, i in enumerate(answers):
-            out.append({"id": rec.get("id"), "task": turn_tasks[n], "question": turns[i - 1]["value"].replace("<image>\n", ""),
+            out.append({"id": rec.get("id"), "task": turn_tasks[n], "question": turns[i - 1]["value"].replace("<image>\n", "").replace("<image>", "").strip(),
                         "answer": turns[i]["value"], "chat": turns[:i], "images": images})
     return out
 

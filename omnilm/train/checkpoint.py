@@ -78,6 +78,11 @@ def latest_checkpoint(out: Path) -> Path:
     return path
 
 
+def checkpoint_config(path: Path) -> dict[str, Any]:
+    """The run settings (TrainArgs, as JSON) a checkpoint was written with."""
+    return json.loads((Path(path) / "trainer_state.json").read_text())["run_config"]
+
+
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> int:
     """Restore optimizer moments and RNG state from checkpoint `path`; return its step."""
     state = json.loads((path / "trainer_state.json").read_text())

@@ -17,13 +17,13 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
-
 from omnilm.errors import OmniInputError
-from omnilm.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from omnilm.data.collate import to_device
+from omnilm.train.stages import build_stage
+from omnilm.train.checkpoint import checkpoint_config, latest_checkpoint, load_trainer_state, save_checkpoint
 from omnilm.train.optim import build_optimizer, lr_factor, set_lr
 
 STAGES = ("clip", "align", "instruct")
@@ -46,7 +46,7 @@ class TrainArgs:
     lr: float = 1e-3
     projector_lr: float | None = None  # default: lr
     vision_lr: float | None = None  # with train_vision; default: lr
-    warmup: int = 20
+    warmup: int = 20  # capped at steps
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     clip_grad: float = 1.0
@@ -57,6 +57,7 @@ class TrainArgs:
     device: str = "auto"
     bf16: bool | None = None  # autocast; default: where it is faster (see bf16_is_fast)
     skip_bad: bool = False
+    cache_images: bool = True  # keep preprocessed images in memory (off for datasets larger than RAM)
     resume: bool = False
     stop_after: int | None = None  # stop (and checkpoint) after this many steps, as if interrupted
     progress: bool = True
@@ -69,6 +70,26 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise OmniInputError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must be at least 1")
+        for name in ("lr", "clip_grad", "projector_lr", "vision_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise OmniInputError(f"--{name.replace('_', '-')} is {value}; it must be > 0")
+        if self.warmup < 0:
+            raise OmniInputError(f"--warmup is {self.warmup}; it must be 0 or more")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise OmniInputError(f"--min-lr-ratio {self.min_lr_ratio} must be between 0 and 1")
+        # Flags that would silently do nothing (or break the stage's definition) are refused.
+        ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr"),
+                   "align": ("train_vision", "vision_lr"), "instruct": ()}[self.stage]
+        given = [name for name in ignored if getattr(self, name) not in (None, False)]
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise OmniInputError(f"stage {self.stage} does not use {flags}; drop it (see omnilm train --help)")
+        if self.vision_lr is not None and not self.train_vision:
+            raise OmniInputError("--vision-lr needs --train-vision (the vision encoder is frozen otherwise)")
 
 
 # --- deterministic batches ----------------------------------------------------------------------
@@ -93,44 +114,11 @@ class BatchStream:
         return self._perm[j * self.batch_size:(j + 1) * self.batch_size].tolist()
 
 
-# --- stages ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    model: nn.Module
-    dataset: Any  # indexable; dataset[i] -> sample dict
-    collate: Callable[[list[dict]], dict]
-    loss: Callable[[nn.Module, dict], tuple[torch.Tensor, int]]  # (loss, tokens in the batch)
-    group_lrs: dict[str, float]
-
-
-def _move(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _lm_loss(model, batch):
-    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"])
-    return out.loss, int(batch["attention_mask"].sum())
-
-
-def _clip_loss(model, batch):
-    loss, _ = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    return loss, int(batch["attention_mask"].sum()) + batch["pixel_values"].shape[0] * model.config.vision.n_patches
-
-
-def build_stage(args: TrainArgs, resume_from: Path | None = None) -> Stage:
-    """The model (fresh, from --init, or from a checkpoint being resumed), what it trains, and its data."""
-    from omnilm.train.stages import build_clip_stage, build_llava_stage
-
-    builder = build_clip_stage if args.stage == "clip" else build_llava_stage
-    return builder(args, resume_from)
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """"auto" is CUDA when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -155,26 +143,35 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     use_bf16 = args.bf16 if args.bf16 is not None else bf16_is_fast(device)
     torch.manual_seed(args.seed)
 
-    resume_from = latest_checkpoint(out) if args.resume else None
+    run_config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(args).items()}
+    if args.resume:
+        resume_from = latest_checkpoint(out)
+        _check_same_run(checkpoint_config(resume_from), run_config, resume_from)
+    else:
+        resume_from = None
+        if (out / "checkpoints").exists():
+            raise OmniInputError(f"{out} already holds checkpoints of an earlier run: pass --resume to continue it, "
+                                 "or use a new --out (or delete its checkpoints/)")
     stage = build_stage(args, resume_from)
     model = stage.model.to(device)  # in train mode, frozen parts in eval: the stage decides
     optimizer = build_optimizer(model, args.lr, args.weight_decay, stage.group_lrs)
     start = 0
     if resume_from is not None:
         start = load_trainer_state(resume_from, optimizer)
+    end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    if start >= end:
+        raise OmniInputError(f"{resume_from} is already at step {start}, and this run ends at {end}: nothing to do")
     stream = BatchStream(len(stage.dataset), args.batch_size, args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    run_config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(args).items()}
-    end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
 
     metrics_path = out / "metrics.jsonl"
     kept = []
     if resume_from is not None and metrics_path.exists():  # drop rows logged after the checkpoint
-        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        kept = [line for line in metrics_path.read_text().splitlines() if _logged_step(line) <= start]
     metrics_path.write_text("".join(line + "\n" for line in kept))
     with metrics_path.open("a") as metrics_file:
         bar = tqdm(total=args.steps, initial=start, desc=f"{args.stage}", unit="step", disable=not args.progress,
@@ -183,16 +180,20 @@ def train(args: TrainArgs) -> dict[str, Any]:
         t_start = time.perf_counter()
         for step in range(start, end):
             t0 = time.perf_counter()
-            set_lr(optimizer, lr_factor(step, args.steps, args.warmup, args.min_lr_ratio))
+            set_lr(optimizer, lr_factor(step, args.steps, min(args.warmup, args.steps), args.min_lr_ratio))
+            batches = [to_device(stage.collate([stage.dataset[i] for i in stream.indices(step * args.grad_accum + m)]),
+                                 device) for m in range(args.grad_accum)]
+            # Each micro-batch counts by its number of targets, so accumulating k batches of b
+            # equals one batch of k*b (a mean of per-batch means would not).
+            weights = [stage.n_targets(b) for b in batches]
             step_loss, tokens = 0.0, 0
-            for micro in range(args.grad_accum):
-                idx = stream.indices(step * args.grad_accum + micro)
-                batch = _move(stage.collate([stage.dataset[i] for i in idx]), device)
+            for batch, weight in zip(batches, weights):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, n_tokens = stage.loss(model, batch)
-                (loss / args.grad_accum).backward()
-                step_loss += loss.item() / args.grad_accum
-                tokens += n_tokens
+                    loss = stage.loss(model, batch)
+                share = weight / sum(weights)
+                (loss * share).backward()
+                step_loss += loss.item() * share
+                tokens += int(batch["attention_mask"].sum())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -207,6 +208,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
             bar.update(1)
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
+                metrics_file.flush()  # the checkpoint's steps are on disk before it is
                 save_checkpoint(out, step + 1, model, optimizer, run_config)
         bar.close()
 
@@ -216,6 +218,25 @@ def train(args: TrainArgs) -> dict[str, Any]:
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"stage {args.stage}")
     return {"stage": args.stage, "steps": end, "losses": losses, "final_loss": losses[-1] if losses else None,
             "seconds": time.perf_counter() - t_start, "model": model}
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a crash
+        return float("inf")
+
+
+# Settings a resumed run may change: they do not alter what it computes.
+RESUMABLE_CHANGES = {"resume", "stop_after", "device", "progress", "log_every", "save_every", "bf16"}
+
+
+def _check_same_run(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4])
+        raise OmniInputError(f"--resume from {where} with different settings ({details}): resume with the "
+                             "original ones, or start a new run in a new --out")
 
 
 def plot_loss(metrics: Path, png: Path, title: str = "") -> None:

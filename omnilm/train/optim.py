@@ -25,12 +25,13 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
     (1-D or looked up, not multiplied) do not. Each group keeps its peak in "base_lr".
     """
     group_lrs = group_lrs or {}
+    looked_up = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         top = name.split(".")[0]
-        decay = p.ndim >= 2 and "embed" not in name
+        decay = p.ndim >= 2 and id(p) not in looked_up
         groups.setdefault((top if top in group_lrs else "", decay), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: check which parts of the model the stage trains")

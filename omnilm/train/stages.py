@@ -9,15 +9,47 @@ The three stages of the recipe (see `omnilm.train.loop`):
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
-from omnilm.config import OmniConfig
+from torch import nn
+
+from omnilm.config import IGNORE_INDEX, OmniConfig
 from omnilm.data import ImageProcessor, LlavaDataset, Processor, Tokenizer, collate, render_turns, train_tokenizer
+from omnilm.data.llava_json import read_records
 from omnilm.errors import OmniInputError
 
-# Which records each stage reads by default (the `task` field; None = every record but captions).
-DEFAULT_TASKS = {"clip": {"caption"}, "align": {"caption"}, "instruct": None}
+# Which records each stage reads by default, by their `task` field. A record without one (real
+# LLaVA data) is read by every stage; None as the default means "every task but captions".
+DEFAULT_TASKS = {"clip": {"caption", None}, "align": {"caption", None}, "instruct": None}
+
+
+@dataclass
+class Stage:
+    model: nn.Module  # in train mode, with requires_grad set on what the stage trains
+    dataset: Any  # indexable; dataset[i] -> sample dict
+    collate: Callable[[list[dict]], dict]
+    loss: Callable[[nn.Module, dict], Any]  # (model, batch) -> mean loss over the batch's targets
+    n_targets: Callable[[dict], int]  # how many targets that mean is over
+    group_lrs: dict[str, float]
+
+
+def build_stage(args, resume_from: Path | None = None) -> Stage:
+    """The model (fresh, from --init, or from the checkpoint being resumed), what it trains, its data."""
+    return (build_clip_stage if args.stage == "clip" else build_llava_stage)(args, resume_from)
+
+
+def lm_loss(model, batch):
+    return model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def lm_targets(batch) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # labels that a position predicts
+
+
+def clip_loss(model, batch):
+    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[0]
 
 
 def resolve_tokenizer(args, *folders: Path | None) -> Tokenizer:
@@ -27,13 +59,13 @@ def resolve_tokenizer(args, *folders: Path | None) -> Tokenizer:
     for folder in folders:
         if folder is not None and (Path(folder) / "tokenizer.json").is_file():
             return Tokenizer.from_file(folder)
-    return train_tokenizer(corpus(args.data), vocab_size=512)
+    return train_tokenizer(corpus(args.data))
 
 
 def corpus(json_path: Path) -> list[str]:
     """The text the model will read: every record rendered with the chat template (system prompt
     and role tags included, so they compress to a few tokens), for training a tokenizer on it."""
-    records = json.loads(Path(json_path).read_text())
+    records = read_records(Path(json_path))
     texts = []
     for r in records:
         try:
@@ -47,13 +79,13 @@ def _tasks(args) -> set[str] | None:
     return set(args.tasks) if args.tasks else DEFAULT_TASKS[args.stage]
 
 
-def _dataset(args, processor: Processor) -> LlavaDataset:
+def _dataset(args, processor: Processor, max_length: int | None = None) -> LlavaDataset:
     tasks = _tasks(args)
-    if tasks is None:  # instruct: every question record, not the captions
-        records = json.loads(Path(args.data).read_text())
-        tasks = {r.get("task") for r in records if isinstance(r, dict)} - {"caption"}
+    if tasks is None:  # instruct: every record but the captions
+        tasks = {r.get("task") for r in read_records(args.data) if isinstance(r, dict)} - {"caption"}
+    # Preprocessed images stay in memory for small datasets (ShapeWorld); a large one decodes as it goes.
     return LlavaDataset(args.data, args.image_folder, processor, tasks=tasks, skip_bad=args.skip_bad,
-                        cache_images=True)
+                        max_length=max_length, cache_images=args.cache_images)
 
 
 # --- clip ----------------------------------------------------------------------------------------
@@ -68,39 +100,48 @@ class CaptionPairs:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> dict:
+    def caption(self, i: int) -> str:
         record = self.dataset.records[i]
-        answer = next(t["value"] for t in record["conversations"] if t["from"] in ("gpt", "assistant"))
-        return {"pixel_values": self.dataset.pixel_values(i), "caption": answer}
+        return next(t["value"] for t in record["conversations"] if t["from"] in ("gpt", "assistant")).strip()
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.dataset.pixel_values(i), "caption": self.caption(i)}
 
 
 def build_clip_stage(args, resume_from: Path | None):
     import torch
 
     from omnilm.model.clip import ClipConfig, ClipModel, load_clip, tokenize_captions
-    from omnilm.train.loop import Stage, _clip_loss
+    from omnilm.model.clip import check_tokenizer as check_clip_tokenizer
 
     start = resume_from / "model" if resume_from is not None else args.init
     if start is not None:
         model = load_clip(start)
-        tokenizer = model.tokenizer or resolve_tokenizer(args)
+        tokenizer = resolve_tokenizer(args, start)
     else:
         tokenizer = resolve_tokenizer(args)
         config = ClipConfig.tiny(tokenizer=tokenizer)
         config.vision = OmniConfig.from_preset(args.preset, **args.config_overrides).vision  # the tower LLaVA will use
         model = ClipModel.from_config(config)
+    check_clip_tokenizer(model.config.text, tokenizer, args.tokenizer or start or "the trained tokenizer")
     model.tokenizer = tokenizer
     model.train()
     processor = Processor(tokenizer, ImageProcessor.from_vision_config(model.config.vision), 0)
     pairs = CaptionPairs(_dataset(args, processor))
     max_len = model.config.text.max_len
+    for i in range(len(pairs)):  # a caption too long for the text tower fails now, not mid-run
+        try:
+            tokenize_captions(tokenizer, [pairs.caption(i)], max_len)
+        except OmniInputError as e:
+            raise OmniInputError(f"{args.data}: record id {pairs.dataset.ids[i]!r}: {e}") from None
 
     def collate_pairs(batch: list[dict]) -> dict:
         input_ids, attention_mask = tokenize_captions(tokenizer, [b["caption"] for b in batch], max_len)
         return {"pixel_values": torch.stack([b["pixel_values"][0] for b in batch]),
                 "input_ids": input_ids, "attention_mask": attention_mask}
 
-    return Stage(model=model, dataset=pairs, collate=collate_pairs, loss=_clip_loss, group_lrs={})
+    return Stage(model=model, dataset=pairs, collate=collate_pairs, loss=clip_loss,
+                 n_targets=lambda batch: batch["input_ids"].shape[0], group_lrs={})
 
 
 # --- align and instruct ------------------------------------------------------------------------
@@ -108,13 +149,16 @@ def build_clip_stage(args, resume_from: Path | None):
 
 def build_llava_stage(args, resume_from: Path | None):
     from omnilm.model import OmniModel
-    from omnilm.model.hf import load_vision_encoder
-    from omnilm.train.loop import Stage, _lm_loss
+    from omnilm.model.hf import check_tokenizer, load_vision_encoder
 
     start = resume_from / "model" if resume_from is not None else args.init
     if start is not None:
         model = OmniModel.from_pretrained(start)
-        tokenizer = model.tokenizer or resolve_tokenizer(args, args.vision)
+        tokenizer = resolve_tokenizer(args, start)
+        if tokenizer.vocab_size > model.config.text.vocab_size:
+            raise OmniInputError(f"the tokenizer has {tokenizer.vocab_size} tokens but {start} embeds "
+                                 f"{model.config.text.vocab_size}: use the tokenizer the model was trained with")
+        check_tokenizer(model.config, tokenizer, args.tokenizer or start)
     else:
         if args.preset is None:
             raise OmniInputError(f"stage {args.stage} needs --preset NAME or --init CHECKPOINT")
@@ -142,8 +186,10 @@ def build_llava_stage(args, resume_from: Path | None):
     if model.vision is not None and "vision" not in trains:
         model.vision.eval()  # frozen: no dropout today, but keep its mode honest
 
-    processor = Processor(tokenizer, ImageProcessor.from_vision_config(model.config.vision), model.config.image_seq_len)
-    dataset = _dataset(args, processor)
-    group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("vision", args.vision_lr)) if lr}
+    vision = model.config.vision
+    processor = Processor(tokenizer, ImageProcessor.from_vision_config(vision) if vision else None, model.config.image_seq_len)
+    dataset = _dataset(args, processor, max_length=model.config.text.max_seq_len)
+    group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("vision", args.vision_lr))
+                 if lr is not None}
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
-                 loss=_lm_loss, group_lrs=group_lrs)
+                 loss=lm_loss, n_targets=lm_targets, group_lrs=group_lrs)
