@@ -149,3 +149,20 @@ def test_runs_refuse_what_would_lose_or_mix_work(shapeworld, tmp_path):
     one_line_error(lambda: args(shapeworld, tmp_path, stage="align", train_vision=True), "stage align does not use --train-vision")
     one_line_error(lambda: args(shapeworld, tmp_path, stage="clip", vision=tmp_path), "stage clip does not use --vision")
     one_line_error(lambda: args(shapeworld, tmp_path, vision_lr=1e-4), "--vision-lr needs --train-vision")
+
+
+def test_the_recipe_end_to_end_in_miniature(tmp_path):
+    """What `omnilm demo` runs, at a few steps a stage: every stage chains, the model is saved and
+    every held-out question is scored."""
+    from omnilm.train.recipe import Recipe, run_recipe
+
+    recipe = Recipe(n_train=32, n_test=6, clip_steps=2, clip_batch=8, align_steps=2, align_batch=8,
+                    instruct_steps=2, instruct_batch=8, progress=False)
+    result = run_recipe(tmp_path, recipe)
+    n_questions = sum(1 if r.get("turn_tasks") is None else len(r["turn_tasks"])
+                      for r in json.loads((tmp_path / "data" / "test.json").read_text()) if r["task"] != "caption")
+    assert result["eval"]["n"] == n_questions == len((tmp_path / "predictions.jsonl").read_text().splitlines())
+    assert {"recall@1", "colour_acc"} <= set(json.loads((tmp_path / "clip_eval.json").read_text()))
+    assert OmniModel.from_pretrained(tmp_path / "model").num_parameters() == result["model"].num_parameters()
+    again = run_recipe(tmp_path, recipe)  # the recipe owns its folder: a rerun starts afresh
+    assert again["eval"] == result["eval"]  # and is deterministic

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -54,7 +53,8 @@ class Recipe:
 
 def run_recipe(out: str | Path, recipe: Recipe = Recipe()) -> dict[str, Any]:
     """Run the recipe; returns timings, the CLIP and VQA evaluations and the final model."""
-    from omnilm.data import ImageProcessor, Processor, train_tokenizer
+    from omnilm.data import Processor, train_tokenizer
+    from omnilm.data.llava_json import read_records
     from omnilm.data.shapeworld import write_shapeworld
     from omnilm.eval.clip import evaluate_clip_checkpoint
     from omnilm.eval.vqa import evaluate_vqa, write_predictions
@@ -99,14 +99,11 @@ def run_recipe(out: str | Path, recipe: Recipe = Recipe()) -> dict[str, Any]:
                               train_vision=recipe.train_vision, tasks=list(recipe.instruct_tasks), **common))
     timings["instruct"] = summary["seconds"]
     model = summary["model"].eval()
-    shutil.rmtree(out / "model", ignore_errors=True)
     shutil.copytree(out / "instruct" / "model", out / "model")
 
     t = time.perf_counter()
-    processor = Processor(model.tokenizer, ImageProcessor.from_vision_config(model.config.vision),
-                          model.config.image_seq_len)
-    records = json.loads(test_json.read_text())
-    evaluation, predictions = evaluate_vqa(model, processor, records, data, progress=recipe.progress)
+    processor = Processor.for_model(model)
+    evaluation, predictions = evaluate_vqa(model, processor, read_records(test_json), data, progress=recipe.progress)
     write_predictions(predictions, out / "predictions.jsonl")
     write_json(out / "eval.json", evaluation)
     timings["eval"] = time.perf_counter() - t
