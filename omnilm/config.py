@@ -37,6 +37,11 @@ class VisionConfig:
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
+        _check_fields(cls, d, "vision config")
+        return cls(**{k: tuple(v) if k in ("image_mean", "image_std") else v for k, v in d.items()})
+
     @property
     def n_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -129,12 +134,7 @@ class OmniConfig:
         d.pop("format", None)
         _check_fields(cls, d, "omnilm config")
         if d.get("vision") is not None:
-            _check_fields(VisionConfig, d["vision"], "vision config")
-            v = dict(d["vision"])
-            for k in ("image_mean", "image_std"):
-                if k in v:
-                    v[k] = tuple(v[k])
-            d["vision"] = VisionConfig(**v)
+            d["vision"] = VisionConfig.from_dict(d["vision"])
         if "text" in d:
             _check_fields(TextConfig, d["text"], "text config")
             d["text"] = TextConfig(**d["text"])

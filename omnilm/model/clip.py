@@ -26,7 +26,7 @@ from omnilm.errors import OmniInputError
 from omnilm.io import write_json
 from omnilm.model import hf
 from omnilm.model.hf_config import vision_config_to_hf
-from omnilm.model.layers import ACTIVATIONS, init_weights
+from omnilm.model.layers import ACTIVATIONS, build_initialised, decoder_mask
 from omnilm.model.vision import EncoderLayer, VisionTransformer
 
 # transformers treats eos_token_id == 2 as a config from before its PR #24773 and then pools at the
@@ -81,9 +81,7 @@ class ClipConfig:
         d = dict(d)
         _check_fields(cls, d, "clip config")
         if isinstance(d.get("vision"), dict):
-            _check_fields(VisionConfig, d["vision"], "vision config")
-            d["vision"] = VisionConfig(**{k: tuple(v) if k in ("image_mean", "image_std") else v
-                                          for k, v in d["vision"].items()})
+            d["vision"] = VisionConfig.from_dict(d["vision"])
         if isinstance(d.get("text"), dict):
             _check_fields(ClipTextConfig, d["text"], "clip text config")
             d["text"] = ClipTextConfig(**d["text"])
@@ -168,18 +166,6 @@ class TextEmbedding(nn.Module):
         return self.token_embedding(input_ids) + self.position_embedding.weight[:T]  # (N, T, D)
 
 
-def causal_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
-    """Boolean (N, 1, T, T) mask, True where a query may attend: causal, padding keys never. None
-    when nothing is padded, so attention can take SDPA's fused causal path."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    i = torch.arange(T, device=attention_mask.device)
-    allowed = (i[None, :] <= i[:, None]) & attention_mask[:, None, :].bool()  # (N, T, T)
-    # A padding query with no real key before it (left padding) keeps itself, so no softmax row
-    # is empty; its output is never read.
-    return (allowed | (i[None, :] == i[:, None]))[:, None]
-
-
 class TextTransformer(nn.Module):
     """CLIP's text tower: pre-LN causal transformer; the text is its final state at end-of-text."""
 
@@ -196,7 +182,7 @@ class TextTransformer(nn.Module):
         if T > self.config.max_len:
             raise OmniInputError(f"text of {T} tokens is longer than the text tower's max_len={self.config.max_len}")
         x = self.embeddings(input_ids)
-        mask = causal_mask(attention_mask, T)  # None: plain causal attention, SDPA's fused path
+        mask = decoder_mask(attention_mask, T, 0, x.device)  # None: plain causal attention, SDPA's fused path
         for block in self.layers:
             x = block(x, mask=mask, is_causal=mask is None)
         return self.final_layer_norm(x)
@@ -228,15 +214,11 @@ class ClipModel(nn.Module):
     def from_config(cls, config: ClipConfig, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> ClipModel:
         """A randomly initialised model. On device "meta" nothing is allocated."""
-        with torch.device("meta"):
-            model = cls(config)
-        device = torch.device(device or "cpu")
-        if device.type != "meta":
-            model.to_empty(device=device)
-            init_weights(model)
+        def finish(model: ClipModel) -> None:
             with torch.no_grad():
-                model.logit_scale.fill_(config.logit_scale_init)
-        return model.to(dtype) if dtype is not None else model
+                model.logit_scale.fill_(config.logit_scale_init)  # a temperature, not a weight
+
+        return build_initialised(cls, config, device, dtype, finish)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,

@@ -265,3 +265,20 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std)
+
+
+def build_initialised(cls, config, device=None, dtype=None, finish=None):
+    """`cls(config)` built on the meta device, allocated once on `device` in `dtype`, initialised
+    with `init_weights`, then `finish(model)` for what a model sets up its own way. On device
+    "meta" nothing is allocated or initialised."""
+    with torch.device("meta"):
+        model = cls(config)
+    if dtype is not None:
+        model.to(dtype)  # still on meta: the real tensors are allocated once, in this dtype
+    device = torch.device(device or "cpu")
+    if device.type != "meta":
+        model.to_empty(device=device)
+        init_weights(model)
+        if finish is not None:
+            finish(model)
+    return model

@@ -18,7 +18,7 @@ from torch import nn
 from omnilm.config import IGNORE_INDEX, OmniConfig
 from omnilm.errors import OmniInputError
 from omnilm.model.connector import build_projector
-from omnilm.model.layers import KVCache, init_weights
+from omnilm.model.layers import KVCache, build_initialised
 from omnilm.model.llm import LlamaDecoder
 from omnilm.model.vision import VisionTransformer
 
@@ -47,17 +47,11 @@ class OmniModel(nn.Module):
     def from_config(cls, config: OmniConfig, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> OmniModel:
         """A randomly initialised model. On device "meta" nothing is allocated."""
-        with torch.device("meta"):
-            model = cls(config)
-        if dtype is not None:
-            model.to(dtype)  # still on meta: the real tensors are allocated once, in this dtype
-        device = torch.device(device or "cpu")
-        if device.type != "meta":
-            model.to_empty(device=device)
+        def finish(model: OmniModel) -> None:
             if config.text.tie_embeddings:  # to_empty re-creates parameters, which unties them
                 model.lm_head.weight = model.llm.embed_tokens.weight
-            init_weights(model)
-        return model
+
+        return build_initialised(cls, config, device, dtype, finish)
 
     @classmethod
     def from_preset(cls, name: str, device: str | torch.device | None = None,
