@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from omnilm.errors import OmniInputError
+from omnilm.infer.generate import eval_mode
 from omnilm.model.clip import check_tokenizer, tokenize_captions
 
 
@@ -82,9 +83,7 @@ def evaluate_clip(model, tokenizer, image_processor, records: list[dict], image_
     if not pairs:
         raise OmniInputError("no caption records (task 'caption' with one image and a gpt turn) to evaluate")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         folder = Path(image_folder)
         images = _embed_images(model, image_processor, [folder / p for p, _ in pairs], batch_size, device)
         texts = list(dict.fromkeys(c for _, c in pairs))  # distinct, first-seen order
@@ -109,8 +108,6 @@ def evaluate_clip(model, tokenizer, image_processor, records: list[dict], image_
             for attr in truths[0]:
                 results[f"{attr}_acc"] = sum(p[attr] == t[attr] for p, t in zip(picks, truths)) / len(single)
             results["all_acc"] = sum(p == t for p, t in zip(picks, truths)) / len(single)
-    finally:
-        model.train(was_training)
     return results
 
 

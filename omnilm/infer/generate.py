@@ -85,7 +85,8 @@ def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1
 
 
 @contextmanager
-def _eval_mode(model: nn.Module):
+def eval_mode(model: nn.Module):
+    """Eval mode inside the block; afterwards every module gets its own training flag back."""
     # Restore each module's own flag afterwards: a frozen tower may be in eval while the rest trains.
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -163,7 +164,7 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         cache = model.new_cache(B, T + max_new_tokens)
         logits = prefill(model, input_ids, pixel_values, attention_mask, cache)  # (B, V)
         for step in range(max_new_tokens):
