@@ -28,7 +28,7 @@ def _load(path: str, device: str = "cpu", dtype: str | None = None):
     return OmniModel.from_pretrained(path, device=resolve_device(device), dtype=dtype).eval()
 
 
-def _answer(model, processor, messages: list[dict], args, echo: bool = True) -> str:
+def _answer(model, processor, messages: list[dict], args) -> str:
     """Stream the model's reply to `messages` to stdout; return it."""
     from omnilm.data.collate import to_device
     from omnilm.infer import stream
@@ -41,11 +41,9 @@ def _answer(model, processor, messages: list[dict], args, echo: bool = True) -> 
                         top_k=args.top_k, top_p=args.top_p):
         if not pieces:
             piece = piece.lstrip()  # the first token carries the space after "ASSISTANT:"
-        if echo:
-            print(piece, end="", flush=True)
+        print(piece, end="", flush=True)
         pieces.append(piece)
-    if echo:
-        print()
+    print()
     return "".join(pieces).strip()
 
 

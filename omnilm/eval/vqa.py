@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from omnilm.data.collate import to_device
 from omnilm.data.shapeworld import normalize_answer
 
 
@@ -49,7 +50,7 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
     for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", disable=not progress):
         chunk = items[start:start + batch_size]
         batch = processor([q["chat"] for q in chunk], images=[[str(folder / p) for p in q["images"]] for q in chunk])
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = to_device(batch, device)
         new = model.generate(**batch, max_new_tokens=max_new_tokens, stop_token_ids=[eos])
         for q, ids in zip(chunk, new.tolist()):
             ids = ids[:ids.index(eos)] if eos in ids else ids
