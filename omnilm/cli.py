@@ -6,7 +6,8 @@
     omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE]
     omnilm eval-clip CKPT --data JSON --image-folder DIR
     omnilm chat CKPT --image a.png "question"     # without a question: a multi-turn chat
-    omnilm info CKPT | --preset NAME              # architecture and parameter count
+    omnilm info CKPT | --preset NAME              # architecture and parameter count (total and active)
+    omnilm inspect routing CKPT --image a.png "prompt"   # which experts each token of an MoE model went to
     omnilm convert SRC DST --dtype bfloat16       # re-save a checkpoint (dtype, shard size)
 """
 
@@ -169,7 +170,35 @@ def cmd_info(args) -> None:
         v = c.vision
         print(f"vision: CLIP ViT {v.n_layers} layers, dim {v.dim}, {v.image_size}px / {v.patch_size}px patches, "
               f"feature layer {c.vision_feature_layer}, {c.image_seq_len} tokens per image")
-    print(f"parameters: {model.num_parameters():,}")
+    t = c.text
+    if t.n_experts:
+        layers = "every layer" if t.moe_every == 1 else f"every {t.moe_every}th layer"
+        print(f"moe:    {t.n_experts} experts of width {t.expert_dim} in {layers}, {t.router} routing, "
+              f"{t.n_experts_per_token} per token" + (f", {t.n_shared_experts} shared" if t.n_shared_experts else "")
+              + (f", capacity factor {t.capacity_factor:g}" if t.capacity_factor else ""))
+        print(f"parameters: {model.num_parameters():,} ({model.num_parameters(active_only=True):,} active per token)")
+    else:
+        print(f"parameters: {model.num_parameters():,}")
+
+
+def cmd_inspect_routing(args) -> None:
+    from omnilm.data import Processor
+    from omnilm.data.collate import to_device
+    from omnilm.errors import OmniInputError
+    from omnilm.inspect.routing import format_routes, moe_layer_ids, plot_load, route_prompt
+
+    model = _load(args.checkpoint, args.device)
+    if not model.config.text.n_experts:
+        raise OmniInputError(f"{args.checkpoint} has a dense decoder (no experts): routing needs an MoE model "
+                             "(e.g. one trained with --preset tiny-moe)")
+    processor = Processor.for_model(model, args.checkpoint)
+    batch = to_device(processor([_user(args.prompt, args.image)]), next(model.parameters()).device)
+    rows, load = route_prompt(model, batch)
+    layers = moe_layer_ids(model)
+    print(format_routes(rows, layers))
+    if args.png:
+        plot_load(load, args.png, title=f"expert load over the {len(rows)} prompt tokens", layer_ids=layers)
+        print(f"wrote {args.png}")
 
 
 def cmd_convert(args) -> None:
@@ -243,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train and evaluate the tiny model on ShapeWorld (about 7 minutes on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--preset", default="tiny", help="architecture (default tiny)")
+    p.add_argument("--preset", default="tiny", help="architecture: tiny (default) or tiny-moe (sparse decoder)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
@@ -290,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder")
     p.add_argument("--preset", help="a preset name instead of a folder (see omnilm.config.PRESETS)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("inspect", help="look inside a model: which experts an MoE model routes each token to")
+    what = p.add_subparsers(dest="what", required=True)
+    q = what.add_parser("routing", help="per token, the experts each MoE layer chose and their weights")
+    q.add_argument("checkpoint", help="an MoE model folder (omnilm, or Hugging Face Mixtral)")
+    q.add_argument("prompt", help="the user message; rendered with the chat template, as chat would")
+    q.add_argument("--image", action="append", default=[], help="image file for the message; repeatable")
+    q.add_argument("--png", default=None, help="also draw the load per layer and expert over the prompt's tokens")
+    q.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    q.set_defaults(func=cmd_inspect_routing)
 
     p = sub.add_parser("convert", help="load a checkpoint folder and save it again (dtype, sharding)")
     p.add_argument("src")

@@ -74,15 +74,54 @@ class TextConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2  # a list: any of them ends generation (Llama 3)
     pad_token_id: int | None = None
+    # Sparse mixture of experts (omnilm.model.moe); n_experts = 0 is a dense decoder.
+    n_experts: int = 0
+    n_experts_per_token: int = 2  # top-k; "switch" takes 1 (top-1 "topk" renormalises every weight to 1,
+    # so that only the router losses would train the router)
+    moe_every: int = 1  # layers n-1, 2n-1, ... are MoE: 1 is every layer (Mixtral), 2 every other (Switch, GShard)
+    expert_dim: int | None = None  # each expert's hidden width; None: mlp_dim
+    n_shared_experts: int = 0  # experts every token uses, beside the routed ones (DeepSeekMoE, Qwen-MoE)
+    router: str = "topk"  # "topk": softmax, top-k, renormalised (Mixtral); "switch": top-1, weighted by its probability
+    capacity_factor: float | None = None  # expert capacity = factor * tokens * k / n_experts; None: never drop
+    router_jitter: float = 0.0  # training only: the router's input times U(1 - j, 1 + j) (Switch; Mixtral's
+    # transformers code also jitters the experts' input)
+    # Router loss weights. Each loss is averaged over the MoE layers before weighting, so a coefficient
+    # means the same at any depth (Switch sums over layers instead: its alpha is this / n_moe_layers).
+    router_aux_loss_coef: float = 0.01  # load balancing (Switch Transformer)
+    router_z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
             self.head_dim = self.dim // self.n_heads
+        if self.expert_dim is None:
+            self.expert_dim = self.mlp_dim
+        if self.n_experts:
+            self._check_moe()
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
                 "grouped-query attention needs each key/value head to serve a whole group of query heads"
             )
+
+    def _check_moe(self) -> None:
+        if self.router not in ("topk", "switch"):
+            raise ValueError(f"router={self.router!r}: use 'topk' (Mixtral) or 'switch' (top-1, Switch Transformer)")
+        if self.router == "switch" and self.n_experts_per_token != 1:
+            raise ValueError(f"switch routing sends each token to one expert: set n_experts_per_token=1, "
+                             f"not {self.n_experts_per_token}")
+        if not 1 <= self.n_experts_per_token <= self.n_experts:
+            raise ValueError(f"n_experts_per_token={self.n_experts_per_token} must be between 1 and "
+                             f"n_experts={self.n_experts}")
+        if self.moe_every < 1 or self.moe_every > self.n_layers:
+            raise ValueError(f"moe_every={self.moe_every} must be between 1 and n_layers={self.n_layers}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 (or None: never drop tokens)")
+        if self.router_jitter < 0 or self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+            raise ValueError("router_jitter, router_aux_loss_coef and router_z_loss_coef must be >= 0")
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether decoder layer `i` holds a mixture of experts instead of the dense MLP."""
+        return self.n_experts > 0 and (i + 1) % self.moe_every == 0
 
 
 @dataclass
@@ -199,4 +238,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         vision=dict(image_size=96, patch_size=32, dim=192, n_layers=4, n_heads=6, mlp_dim=768),
         image_token_id=3,
     ),
+    # Mixtral-8x7B (mistralai/Mixtral-8x7B-v0.1), text only: 8 experts of width 14336 in every
+    # layer, 2 per token; 46.7B parameters in all, 12.9B used per token.
+    "mixtral-8x7b": dict(
+        text=dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, mlp_dim=14336, norm_eps=1e-5,
+                  rope_theta=1e6, max_seq_len=32768, n_experts=8, n_experts_per_token=2, router_aux_loss_coef=0.02),
+        vision=None,
+    ),
 }
+# tiny with a sparse decoder: 8 experts of half the dense width, 2 per token, so a token uses as
+# many feed-forward parameters as in tiny (plus the router's 8 x 256 per layer) from 2x the total.
+PRESETS["tiny-moe"] = {**PRESETS["tiny"], "text": {**PRESETS["tiny"]["text"], "n_experts": 8, "n_experts_per_token": 2,
+                                                 "expert_dim": 344}}

@@ -26,7 +26,7 @@ from torch import nn
 from omnilm.config import OmniConfig, VisionConfig
 from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, read_json, write_json
-from omnilm.model.hf_config import config_from_hf, config_to_hf, vision_config_from_hf
+from omnilm.model.hf_config import config_from_hf, config_to_hf, hf_incompatibility, vision_config_from_hf
 from omnilm.model.vision import VisionTransformer
 
 # --- key layouts ------------------------------------------------------------------------------
@@ -70,7 +70,12 @@ KEYS_FROM_HF: dict[str, list[tuple[str, str]]] = {
 LAYER_RULES = [
     (r"^(vision|text)\.encoder\.layers\.", r"\1.layers."),  # CLIP keeps its blocks under `encoder.`
     (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."),  # CLIP's name for the output projection
+    (r"\.block_sparse_moe\.", ".mlp."),  # Mixtral's MoE block (then _stack_experts merges its experts)
 ]
+# Mixtral on disk keeps one SwiGLU per expert: block_sparse_moe.experts.E.{w1 (gate), w2 (down),
+# w3 (up)}.weight. omnilm (like transformers 5 in memory) stacks them: experts.gate_up_proj (E, 2F, D)
+# and experts.down_proj (E, D, F). The router is block_sparse_moe.gate.weight (E, D) in both.
+EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
 # Harmless keys some checkpoints carry: buffers transformers recomputes, and CLIP's text side
 # (kept only when both CLIP towers are read, kind "clip_model").
 IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|position_ids)$")
@@ -215,7 +220,59 @@ def read_weights(folder: Path, kind: str, dtype: torch.dtype | str | None,
             raise OmniInputError(
                 f"cannot read {file} ({e}): the file is truncated or corrupt; download or save it again"
             ) from None
+    _stack_experts(state, origin, folder)
     return state, origin
+
+
+def _stack_experts(state: dict[str, torch.Tensor], origin: dict[str, str], folder: Path) -> None:
+    """Merge Mixtral's per-expert w1/w2/w3 tensors into omnilm's stacked expert weights, in place."""
+    groups: dict[str, dict[str, dict[int, str]]] = {}
+    for name in [n for n in state if EXPERT_KEY.match(n)]:
+        prefix, e, w = EXPERT_KEY.match(name).groups()
+        groups.setdefault(prefix, {"w1": {}, "w2": {}, "w3": {}})[w][int(e)] = name
+    for prefix, parts in groups.items():
+        n = 1 + max(max(p) for p in parts.values() if p)
+        for w, names in parts.items():
+            if sorted(names) != list(range(n)):
+                missing = sorted(set(range(n)) - set(names))
+                raise OmniInputError(f"{folder}: {prefix} has {n} experts but no {w} weight for expert(s) "
+                                     f"{_few([str(m) for m in missing])}; the checkpoint is incomplete")
+        for w, names in parts.items():
+            shapes = {tuple(state[name].shape) for name in names.values()}
+            if len(shapes) > 1:
+                raise OmniInputError(f"{folder}: the {w} weights of {origin[names[0]].replace('.0.', '.*.')} differ "
+                                     f"in shape ({', '.join(map(str, sorted(shapes)))}); every expert must be the same size")
+        pattern = {w: origin[names[0]].replace(f".0.{w}.", f".*.{w}.") for w, names in parts.items()}
+        take = {w: [state.pop(parts[w][e]) for e in range(n)] for w in parts}
+        for name in (nm for p in parts.values() for nm in p.values()):
+            origin.pop(name)
+        if take["w1"][0].shape != take["w3"][0].shape:
+            raise OmniInputError(f"{folder}: {pattern['w1']} is {tuple(take['w1'][0].shape)} but {pattern['w3']} is "
+                                 f"{tuple(take['w3'][0].shape)}; an expert's gate and up projections must match")
+        state[prefix + ".gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(take["w1"], take["w3"])])
+        state[prefix + ".down_proj"] = torch.stack(take["w2"])
+        origin[prefix + ".gate_up_proj"] = f"{pattern['w1']} + {pattern['w3']}"
+        origin[prefix + ".down_proj"] = pattern["w2"]
+
+
+def _unstack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of _stack_experts, on checkpoint keys: Mixtral's hub layout, as transformers writes it."""
+    out: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key.endswith(".mlp.gate.weight"):
+            out[key.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = t
+        elif key.endswith(".mlp.experts.gate_up_proj"):
+            base = key.replace(".mlp.experts.gate_up_proj", ".block_sparse_moe.experts")
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                out[f"{base}.{e}.w1.weight"], out[f"{base}.{e}.w3.weight"] = gate[e], up[e]
+        elif key.endswith(".mlp.experts.down_proj"):
+            base = key.replace(".mlp.experts.down_proj", ".block_sparse_moe.experts")
+            for e in range(t.shape[0]):
+                out[f"{base}.{e}.w2.weight"] = t[e]
+        else:
+            out[key] = t
+    return out
 
 
 def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], origin: dict[str, str], folder: Path,
@@ -386,20 +443,28 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB") 
         check_tokenizer(cfg, model.tokenizer, "save_pretrained")  # before anything is written
     limit = parse_size(max_shard_size)  # a bad size fails before anything is written
     kind = "llava" if cfg.vision is not None else "llama"
+    # An MoE that transformers has no class for (Switch routing, shared experts, ...) keeps
+    # omnilm's own names and omnilm.json only; omnilm loads it back the same.
+    hf_format = hf_incompatibility(cfg) is None
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.text.tie_embeddings:
             continue
         if t.is_meta:
             raise OmniInputError(f"cannot save {name}: it is on the meta device (no values); load or initialise it first")
-        tensors[key_to_hf(name, kind)] = t.detach()
+        tensors[key_to_hf(name, kind) if hf_format else name] = t.detach()
+    if hf_format and cfg.text.n_experts:
+        tensors = _unstack_experts(tensors)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
 
     write_weights(tensors, folder, limit)
 
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    write_json(folder / "config.json", config_to_hf(cfg, dtype))
+    if hf_format:
+        write_json(folder / "config.json", config_to_hf(cfg, dtype))
+    elif (folder / "config.json").is_file():
+        (folder / "config.json").unlink()  # an earlier save's would describe other weights
     atomic_write(folder / "omnilm.json", cfg.save)
     if cfg.vision is not None:
         write_json(folder / "preprocessor_config.json", _image_processor_to_hf(cfg.vision))

@@ -1,6 +1,7 @@
 """Config conversion between transformers' config.json dicts and omnilm's dataclasses.
 
-LLaVA (`LlavaConfig`: text_config + vision_config), LLaMA (`LlamaConfig`) and CLIP vision
+LLaVA (`LlavaConfig`: text_config + vision_config), LLaMA (`LlamaConfig`), Mixtral
+(`MixtralConfig`, as a text model or as LLaVA's language model) and CLIP vision
 (`CLIPVisionConfig`). Fields a config.json leaves out take transformers' defaults.
 """
 
@@ -22,6 +23,12 @@ LLAMA_DEFAULTS: dict[str, Any] = dict(
     hidden_act="silu", max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0,
     attention_bias=False, mlp_bias=False, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
 )
+# MixtralConfig's defaults where they differ from LlamaConfig's (Mixtral-8x7B).
+MIXTRAL_DEFAULTS: dict[str, Any] = {**LLAMA_DEFAULTS, **dict(
+    intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32, rms_norm_eps=1e-5,
+    rope_theta=1e6, num_local_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.001, router_jitter_noise=0.0,
+)}
+TEXT_MODEL_TYPES = ("llama", "mixtral")
 CLIP_VISION_DEFAULTS: dict[str, Any] = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
     image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
@@ -43,11 +50,11 @@ def _getter(d: dict[str, Any], defaults: dict[str, Any]) -> Callable[[str], Any]
     return get
 
 
-def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict | None]:
+def _rope_from_hf(d: dict[str, Any], default_theta: float) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from 4.x `rope_theta` + `rope_scaling` or 5.x `rope_parameters`."""
     # transformers 5 also lets `rope_scaling` win over `rope_parameters` when both are there.
     params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", None) or d.get("rope_theta") or LLAMA_DEFAULTS["rope_theta"]
+    theta = params.pop("rope_theta", None) or d.get("rope_theta") or default_theta
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if kind not in ROPE_TYPES:
@@ -56,13 +63,24 @@ def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict | None]:
 
 
 def text_config_from_hf(d: dict[str, Any]) -> TextConfig:
-    """A transformers LlamaConfig dict -> TextConfig."""
-    get = _getter(d, LLAMA_DEFAULTS)
+    """A transformers LlamaConfig or MixtralConfig dict -> TextConfig."""
+    mixtral = d.get("model_type") == "mixtral"
+    get = _getter(d, MIXTRAL_DEFAULTS if mixtral else LLAMA_DEFAULTS)
     if get("hidden_act") != "silu":
         raise OmniInputError(f"text hidden_act {get('hidden_act')!r} is not LLaMA's silu; omnilm cannot load it")
-    theta, scaling = _rope_from_hf(d)
+    window = d.get("sliding_window")
+    if window is not None and window < get("max_position_embeddings"):
+        raise OmniInputError(f"config.json asks for sliding-window attention ({window} tokens), which omnilm does not "
+                             "implement; set sliding_window to null to attend to the whole context")
+    theta, scaling = _rope_from_hf(d, get("rope_theta"))
+    moe = {}
+    if mixtral:  # every layer is a top-k MoE whose experts are intermediate_size wide
+        # transformers' Mixtral has no z-loss: a loaded Mixtral trains as it would there.
+        moe = dict(n_experts=get("num_local_experts"), n_experts_per_token=get("num_experts_per_tok"),
+                   router_aux_loss_coef=get("router_aux_loss_coef"), router_jitter=get("router_jitter_noise"),
+                   router_z_loss_coef=0.0)
     try:
-        return TextConfig(
+        return TextConfig(**moe,
             vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
             n_heads=get("num_attention_heads"), n_kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
             head_dim=d.get("head_dim"), mlp_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps"),
@@ -99,14 +117,16 @@ def vision_config_from_hf(d: dict[str, Any], defaults: dict[str, Any] = CLIP_VIS
 def config_from_hf(d: dict[str, Any]) -> OmniConfig:
     """A transformers config.json dict (model_type "llava" or "llama") -> OmniConfig."""
     model_type = d.get("model_type")
-    if model_type == "llama":
+    if model_type in TEXT_MODEL_TYPES:
         return OmniConfig(text=text_config_from_hf(d), vision=None)
     if model_type != "llava":
-        raise OmniInputError(f"config.json has model_type {model_type!r}; omnilm loads llava and llama "
+        raise OmniInputError(f"config.json has model_type {model_type!r}; omnilm loads llava, llama and mixtral "
                              "(and clip / clip_vision_model with load_vision_encoder)")
     text = dict(d.get("text_config") or {})
-    if text.get("model_type", "llama") != "llama":
-        raise OmniInputError(f"this LLaVA's language model is {text['model_type']!r}; omnilm's decoder is LLaMA")
+    text.setdefault("model_type", "llama")
+    if text["model_type"] not in TEXT_MODEL_TYPES:
+        raise OmniInputError(f"this LLaVA's language model is {text['model_type']!r}; omnilm's decoder is "
+                             "LLaMA or Mixtral")
     # LlavaConfig ties the embeddings when either level asks for it.
     text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
     layer = d.get("vision_feature_layer", -2)
@@ -133,8 +153,31 @@ def config_from_hf(d: dict[str, Any]) -> OmniConfig:
         raise OmniInputError(f"config.json: {e}") from None
 
 
+def hf_incompatibility(cfg: OmniConfig) -> str | None:
+    """Why transformers has no class for `cfg` (None when LLaVA, LLaMA or Mixtral describes it)."""
+    t = cfg.text
+    if not t.n_experts:
+        return None
+    if t.moe_every != 1:
+        return "Mixtral has a mixture of experts in every layer (moe_every=1)"
+    if t.router != "topk":
+        return "Mixtral routes with top-k softmax (router='topk')"
+    if t.n_shared_experts:
+        return "Mixtral has no shared experts"
+    if t.capacity_factor is not None:
+        return "Mixtral drops no tokens (capacity_factor=None)"
+    if t.mlp_bias:
+        return "Mixtral's experts have no biases"
+    return None
+
+
 def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
     scaling = dict(t.rope_scaling) if t.rope_scaling else None
+    moe = {}
+    if t.n_experts:  # hf_incompatibility has checked that Mixtral describes it
+        moe = {"model_type": "mixtral", "intermediate_size": t.expert_dim, "num_local_experts": t.n_experts,
+               "num_experts_per_tok": t.n_experts_per_token, "router_aux_loss_coef": t.router_aux_loss_coef,
+               "router_jitter_noise": t.router_jitter, "output_router_logits": False, "sliding_window": None}
     return {
         "model_type": "llama",
         "vocab_size": t.vocab_size,
@@ -161,6 +204,7 @@ def text_config_to_hf(t: TextConfig) -> dict[str, Any]:
         "pad_token_id": t.pad_token_id,
         "initializer_range": 0.02,
         "use_cache": True,
+        **moe,
     }
 
 
@@ -186,7 +230,8 @@ def config_to_hf(cfg: OmniConfig, dtype: torch.dtype = torch.float32) -> dict[st
     dtype_name = str(dtype).removeprefix("torch.")
     text = text_config_to_hf(cfg.text)
     if cfg.vision is None:
-        return {"architectures": ["LlamaForCausalLM"], **text, "dtype": dtype_name}
+        arch = "MixtralForCausalLM" if cfg.text.n_experts else "LlamaForCausalLM"
+        return {"architectures": [arch], **text, "dtype": dtype_name}
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",

@@ -1,7 +1,9 @@
-"""LLaMA decoder (Touvron et al. 2023), the language model of LLaVA-1.5 (Vicuna).
+"""LLaMA decoder (Touvron et al. 2023), the language model of LLaVA-1.5 (Vicuna), and its sparse
+variant: with `n_experts > 0` chosen layers swap the dense MLP for a mixture of experts (Mixtral).
 
-Weight-compatible with HF `LlamaModel`. It takes input embeddings, so the assembled model can
-splice image features in before the first block. Shape letters: B batch, T tokens, D width.
+Weight-compatible with HF `LlamaModel` and `MixtralModel`. It takes input embeddings, so the
+assembled model can splice image features in before the first block. Shape letters: B batch,
+T tokens, D width.
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ from torch import nn
 
 from omnilm.config import TextConfig
 from omnilm.model.layers import Attention, KVCache, RMSNorm, SwiGLU, decoder_mask, rope_cos_sin
+from omnilm.model.moe import MoE, Routing
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attention_bias)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.mlp_dim, bias=cfg.mlp_bias)
+        self.is_moe = cfg.is_moe_layer(index)
+        self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.dim, cfg.mlp_dim, bias=cfg.mlp_bias)
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, tokens: torch.Tensor | None = None,
+                routing: list[Routing] | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal=True, cache=cache, layer=layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.is_moe:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        out, stats = self.mlp(self.post_attention_layernorm(x), tokens, stats=routing is not None)
+        if routing is not None:
+            routing.append(stats)
+        return x + out
 
 
 class LlamaDecoder(nn.Module):
@@ -31,16 +41,18 @@ class LlamaDecoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                routing: list[Routing] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D) for input embeddings x (B, T, D).
 
         `attention_mask` (B, S) covers the cached positions and the new ones (1 = real token).
         Without `position_ids`, positions count real tokens only, so a left-padded prompt gets
-        the same positions as the unpadded one.
+        the same positions as the unpadded one. Each MoE layer appends its `Routing` to `routing`
+        when a list is given (padding tokens go to no expert and count in no statistic).
         """
         B, T, _ = x.shape
         start = cache.seen if cache is not None else 0
@@ -51,8 +63,9 @@ class LlamaDecoder(nn.Module):
                 position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
         rope = rope_cos_sin(self.config, position_ids)
         mask = decoder_mask(attention_mask, T, start, x.device)
+        tokens = attention_mask[:, start:start + T] if attention_mask is not None else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, cache, i)
+            x = layer(x, rope, mask, cache, i, tokens, routing)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)

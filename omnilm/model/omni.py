@@ -7,7 +7,7 @@ loss. Shape letters: B batch, T tokens, N images, L tokens per image, D text wid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,17 @@ from omnilm.errors import OmniInputError
 from omnilm.model.connector import build_projector
 from omnilm.model.layers import KVCache, build_initialised
 from omnilm.model.llm import LlamaDecoder
+from omnilm.model.moe import Routing
 from omnilm.model.vision import VisionTransformer
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
-    loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # with labels: lm_loss, plus the router losses of an MoE model
+    lm_loss: torch.Tensor | None = None  # the next-token cross-entropy alone
+    # One per MoE layer, in order: with labels or output_routing (else empty, as for a dense model).
+    routing: list[Routing] = field(default_factory=list)
 
 
 class OmniModel(nn.Module):
@@ -73,8 +77,19 @@ class OmniModel(nn.Module):
 
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())  # shared (tied) tensors count once
+    def num_parameters(self, active_only: bool = False) -> int:
+        """All parameters (shared, tied tensors once); with `active_only`, those one token uses:
+        everything outside the routed experts, plus `n_experts_per_token` of them in each MoE layer."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active_only:
+            return total
+        t = self.config.text
+        for layer in self.llm.layers:
+            if layer.is_moe:
+                experts = layer.mlp.experts
+                per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // t.n_experts
+                total -= per_expert * (t.n_experts - t.n_experts_per_token)
+        return total
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -116,13 +131,14 @@ class OmniModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0) -> ModelOutput:
+                logits_to_keep: int = 0, output_routing: bool = False) -> ModelOutput:
         """Logits (B, T, V) for `input_ids` (B, T), and the next-token loss when `labels` are given.
 
         `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the
         batch. With a `cache`, `input_ids` are the new tokens and `attention_mask` covers the
         cached ones too. `logits_to_keep=n` computes logits for the last n positions only
-        (prefill needs one row, not a (B, T, V) tensor).
+        (prefill needs one row, not a (B, T, V) tensor). An MoE model reports each layer's routing
+        in `.routing` when there are labels (its losses join the loss) or `output_routing` is set.
         """
         if pixel_values is None and (cache is None or cache.seen == 0):
             n_markers = int((input_ids == self.config.image_token_id).sum()) if self.vision is not None else 0
@@ -131,16 +147,22 @@ class OmniModel(nn.Module):
                     f"input_ids hold {n_markers} image tokens but no pixel_values were given: pass the images"
                 )
         x = self.embed(input_ids, pixel_values)
-        h = self.llm(x, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        routing: list[Routing] | None = [] if labels is not None or output_routing else None
+        h = self.llm(x, attention_mask=attention_mask, position_ids=position_ids, cache=cache, routing=routing)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = None
-        if labels is not None:
-            if logits_to_keep:
-                raise ValueError("labels need every position's logits: leave logits_to_keep at 0")
-            # Token t predicts token t+1; -100 marks tokens without a target.
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX)
-        return ModelOutput(logits=logits, loss=loss)
+        if labels is None:
+            return ModelOutput(logits=logits, routing=routing or [])
+        if logits_to_keep:
+            raise ValueError("labels need every position's logits: leave logits_to_keep at 0")
+        # Token t predicts token t+1; -100 marks tokens without a target.
+        lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                  ignore_index=IGNORE_INDEX)
+        loss = lm_loss
+        if routing:  # each router loss is averaged over the MoE layers, then weighted
+            t = self.config.text
+            loss = loss + t.router_aux_loss_coef * torch.stack([r.aux_loss for r in routing]).mean()
+            loss = loss + t.router_z_loss_coef * torch.stack([r.z_loss for r in routing]).mean()
+        return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, routing=routing)
 
     # --- inference -----------------------------------------------------------------------------
 

@@ -186,14 +186,15 @@ def train(args: TrainArgs) -> dict[str, Any]:
             # Each micro-batch counts by its number of targets, so accumulating k batches of b
             # equals one batch of k*b (a mean of per-batch means would not).
             weights = [stage.n_targets(b) for b in batches]
-            step_loss, tokens = 0.0, 0
+            step_loss, tokens, extra = 0.0, 0, {}
             for batch, weight in zip(batches, weights):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss = stage.loss(model, batch)
+                    loss, logged = stage.loss(model, batch)
                 share = weight / sum(weights)
                 (loss * share).backward()
                 step_loss += loss.item() * share
                 tokens += int(batch["attention_mask"].sum())
+                _accumulate(extra, logged, share)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -201,7 +202,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
             dt = time.perf_counter() - t0
             losses.append(step_loss)
             record = {"step": step + 1, "loss": round(step_loss, 6), "lr": optimizer.param_groups[0]["lr"],
-                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4)}
+                      "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4),
+                      **extra}
             metrics_file.write(json.dumps(record) + "\n")
             if (step + 1) % args.log_every == 0:
                 metrics_file.flush()  # so `tail -f metrics.jsonl` follows the run
@@ -216,8 +218,20 @@ def train(args: TrainArgs) -> dict[str, Any]:
     if end == args.steps:
         model.save_pretrained(out / "model")
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"stage {args.stage}")
+    plot_routing(out / "metrics.jsonl", out / "routing.png", title=f"stage {args.stage}")
     return {"stage": args.stage, "steps": end, "losses": losses, "final_loss": losses[-1] if losses else None,
             "seconds": time.perf_counter() - t_start, "model": model}
+
+
+def _accumulate(total: dict[str, Any], logged: dict[str, Any], share: float) -> None:
+    """Add one micro-batch's logged numbers (scalars, or lists of lists as an MoE's load) weighted by `share`."""
+    for key, value in logged.items():
+        if isinstance(value, list):
+            old = total.get(key)
+            total[key] = [[round((old[i][j] if old else 0.0) + share * v, 4) for j, v in enumerate(row)]
+                          for i, row in enumerate(value)]
+        else:
+            total[key] = round(total.get(key, 0.0) + share * value, 6)
 
 
 def _logged_step(line: str) -> float:
@@ -237,6 +251,21 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], where: Path) -> 
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4])
         raise OmniInputError(f"--resume from {where} with different settings ({details}): resume with the "
                              "original ones, or start a new run in a new --out")
+
+
+def plot_routing(metrics: Path, png: Path, title: str = "", last: int = 50) -> None:
+    """An MoE run's expert load (layers x experts), averaged over its last `last` logged steps."""
+    from omnilm.inspect.routing import plot_load
+
+    rows = [row for row in map(json.loads, metrics.read_text().splitlines()) if "load" in row]
+    if not rows:
+        return  # a dense model, or a stage without routing
+    rows = rows[-last:]
+    load = torch.tensor([row["load"] for row in rows]).mean(0)
+    aux = sum(row["aux_loss"] for row in rows) / len(rows)
+    dropped = sum(row["dropped"] for row in rows) / len(rows)
+    plot_load(load.tolist(), png, title=f"{title}: expert load, last {len(rows)} steps\n"
+                                        f"aux loss {aux:.3f}, dropped {100 * dropped:.1f}%")
 
 
 def plot_loss(metrics: Path, png: Path, title: str = "") -> None:

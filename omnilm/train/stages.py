@@ -19,6 +19,7 @@ from omnilm.config import IGNORE_INDEX, OmniConfig
 from omnilm.data import ImageProcessor, LlavaDataset, Processor, Tokenizer, collate, render_turns, train_tokenizer
 from omnilm.data.llava_json import read_records
 from omnilm.errors import OmniInputError
+from omnilm.inspect.routing import summarize_routing
 
 # Which records each stage reads by default, by their `task` field. A record without one (real
 # LLaVA data) is read by every stage; None as the default means "every task but captions".
@@ -30,7 +31,8 @@ class Stage:
     model: nn.Module  # in train mode, with requires_grad set on what the stage trains
     dataset: Any  # indexable; dataset[i] -> sample dict
     collate: Callable[[list[dict]], dict]
-    loss: Callable[[nn.Module, dict], Any]  # (model, batch) -> mean loss over the batch's targets
+    # (model, batch) -> (mean loss over the batch's targets, numbers to log: an MoE's routing)
+    loss: Callable[[nn.Module, dict], tuple[Any, dict[str, Any]]]
     n_targets: Callable[[dict], int]  # how many targets that mean is over
     group_lrs: dict[str, float]
 
@@ -41,7 +43,10 @@ def build_stage(args, resume_from: Path | None = None) -> Stage:
 
 
 def lm_loss(model, batch):
-    return model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"]).loss
+    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"])
+    if not out.routing:
+        return out.loss, {}
+    return out.loss, {"lm_loss": round(out.lm_loss.item(), 6), **summarize_routing(out.routing)}
 
 
 def lm_targets(batch) -> int:
@@ -49,7 +54,7 @@ def lm_targets(batch) -> int:
 
 
 def clip_loss(model, batch):
-    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[0]
+    return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])[0], {}
 
 
 def resolve_tokenizer(args, *folders: Path | None) -> Tokenizer:

@@ -1,0 +1,57 @@
+"""Dense against sparse: the ShapeWorld recipe with the `tiny` decoder and with `tiny-moe` (8 experts,
+2 per token, each half as wide: the same parameters per token, twice as many in all), same data,
+seed and step budget. Prints held-out accuracy per task family, parameters (total and active per
+token), and the median training step time of stage instruct.
+
+    python benchmarks/moe_vs_dense.py [--out runs/bench-moe] [--scale 1.0]
+
+`--scale` multiplies every stage's steps (0.25 for a quick look). About 2 × the demo's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/bench-moe")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps by this")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    from omnilm.train.recipe import Recipe, run_recipe
+
+    base = Recipe(seed=args.seed, progress=False)
+    base = dataclasses.replace(base, clip_steps=round(base.clip_steps * args.scale),
+                               align_steps=round(base.align_steps * args.scale),
+                               instruct_steps=round(base.instruct_steps * args.scale))
+    results = {}
+    for preset in ("tiny", "tiny-moe"):
+        print(f"running: {preset} ...", flush=True)
+        out = Path(args.out) / preset
+        r = run_recipe(out, dataclasses.replace(base, preset=preset))
+        rows = [json.loads(line) for line in (out / "instruct" / "metrics.jsonl").read_text().splitlines()]
+        r["step_s"] = statistics.median(row["step_s"] for row in rows)
+        r["dropped"] = rows[-1].get("dropped")
+        results[preset] = r
+
+    tasks = sorted(results["tiny"]["eval"]["tasks"])
+    print(f"\nSame data, seed and budget: clip {base.clip_steps}, align {base.align_steps}, "
+          f"instruct {base.instruct_steps} steps.\n")
+    print("| preset | parameters | active per token | instruct step | " + " | ".join(tasks) + " | overall |")
+    print("|---|---:|---:|---:|" + "---:|" * (len(tasks) + 1))
+    for preset, r in results.items():
+        m = r["model"]
+        accs = " | ".join(f"{100 * r['eval']['tasks'][t]['accuracy']:.1f}" for t in tasks)
+        print(f"| {preset} | {m.num_parameters() / 1e6:.2f} M | {m.num_parameters(active_only=True) / 1e6:.2f} M "
+              f"| {r['step_s']:.3f} s | {accs} | **{100 * r['eval']['accuracy']:.1f}** |")
+    print(f"\nRouting plots: {Path(args.out) / 'tiny-moe' / 'instruct' / 'routing.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Looking inside a model: where an MoE decoder sends each token (`routing`)."""
