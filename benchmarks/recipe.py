@@ -38,8 +38,9 @@ def main() -> None:
         results[name] = run_recipe(Path(args.out) / name.split()[0], recipe)
 
     tasks = sorted(next(iter(results.values()))["eval"]["tasks"])
-    print(f"\nSame total budget: {budget} optimizer steps; in instruct the vision encoder trains at "
-          f"lr {base.vision_lr} in both.\n")
+    tower = f"trains at lr {base.vision_lr or base.instruct_lr}" if base.train_vision else "is frozen"
+    print(f"\nSame total budget: {budget} optimizer steps; in instruct the vision encoder {tower} in both, "
+          f"and the projector starts {'whitened' if base.whiten_projector else 'at random'}.\n")
     print("| recipe | " + " | ".join(tasks) + " | overall | wall time |")
     print("|---|" + "---:|" * (len(tasks) + 2))
     for name, r in results.items():

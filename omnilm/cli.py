@@ -60,7 +60,8 @@ def cmd_data(args) -> None:
     from omnilm.data.shapeworld import write_shapeworld
 
     t0 = time.perf_counter()
-    path = write_shapeworld(args.out, args.n, args.seed, args.split, image_size=args.image_size)
+    path = write_shapeworld(args.out, args.n, args.seed, args.split, image_size=args.image_size, jitter=args.jitter,
+                            questions=args.questions, n_objects=args.n_objects)
     print(f"wrote {args.n} images and {2 * args.n} records to {path} in {time.perf_counter() - t0:.1f}s")
 
 
@@ -172,7 +173,7 @@ def cmd_info(args) -> None:
               f"feature layer {c.vision_feature_layer}, {c.image_seq_len} tokens per image")
     t = c.text
     if t.n_experts:
-        layers = "every layer" if t.moe_every == 1 else f"every {t.moe_every}th layer"
+        layers = "every layer" if t.moe_every == 1 else f"one layer in {t.moe_every}"
         print(f"moe:    {t.n_experts} experts of width {t.expert_dim} in {layers}, {t.router} routing, "
               f"{t.n_experts_per_token} per token" + (f", {t.n_shared_experts} shared" if t.n_shared_experts else "")
               + (f", capacity factor {t.capacity_factor:g}" if t.capacity_factor else ""))
@@ -251,6 +252,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="gradient-norm clipping (default 1.0)")
     p.add_argument("--train-vision", action="store_true", help="instruct: also train the vision encoder (frozen by default)")
     p.add_argument("--vision-lr", type=float, default=None, help="peak learning rate of the vision encoder (default --lr)")
+    p.add_argument("--whiten-projector", action="store_true",
+                   help="start a fresh projector by whitening the vision features, so that every feature "
+                        "direction learns at the same speed (see omnilm.model.connector.whiten_)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (default: at the end)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="write metrics.jsonl out every N steps (default 10)")
@@ -282,8 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="folder for <split>.json and images/")
     q.add_argument("--n", type=int, required=True, help="number of images (each: a caption and a question record)")
     q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--split", choices=("train", "test"), default="train", help="train and test never share a scene seed")
+    q.add_argument("--split", default="train",
+                   help="train (default), test, or any other name: each split has its own scene seeds")
     q.add_argument("--image-size", type=int, default=96, help="pixels per side, 64-128 (default 96: the tiny preset's input)")
+    q.add_argument("--jitter", type=float, default=1.0,
+                   help="how far shapes stray from their cell's centre: 0 centred, 1 anywhere in the cell (default)")
+    q.add_argument("--questions", choices=("mixed", "all"), default="mixed",
+                   help="per image, a conversation of 1 to 4 question families (mixed, default) or of all of them")
+    q.add_argument("--n-objects", type=int, default=None, help="objects per scene, 1-4 (default: a mix of 1 to 4)")
     q.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="run one stage of the recipe (clip, align or instruct)")

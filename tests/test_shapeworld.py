@@ -154,6 +154,33 @@ def test_write_shapeworld_is_reproducible(tmp_path):
         sw.write_shapeworld(tmp_path, 1, seed=1, split="../x")
 
 
+def test_jitter_moves_shapes_and_nothing_else():
+    # jitter 0 puts every shape's bounding box in the middle of its cell; the text never changes.
+    for index in range(30):
+        centred, moved = sw.make_example(index, 0, "train", 96, jitter=0.0), sw.make_example(index, 0, "train", 96)
+        assert centred.records == moved.records and centred.scene == moved.scene
+        pixels = np.abs(np.asarray(centred.image).astype(int) - np.asarray(centred.image)[0, 0]).max(-1) > 40
+        for obj in centred.scene:
+            r, c = divmod(obj.cell, 3)
+            cell = pixels[32 * r:32 * r + 32, 32 * c:32 * c + 32]
+            rows, cols = np.nonzero(cell.any(1))[0], np.nonzero(cell.any(0))[0]
+            assert abs((rows[0] + rows[-1]) / 2 - 15.5) <= 1 and abs((cols[0] + cols[-1]) / 2 - 15.5) <= 1, obj
+    with pytest.raises(ValueError, match="jitter"):
+        sw.write_shapeworld("unused", 1, seed=0, split="train", jitter=1.5)
+
+
+def test_all_questions_ask_every_family_once():
+    for index in range(40):
+        mixed, every = sw.make_example(index, 0, "train"), sw.make_example(index, 0, "train", questions="all")
+        assert _png(mixed.image) == _png(every.image) and mixed.records[0] == every.records[0]  # same scene, caption
+        record = every.records[1]
+        assert sorted(record["turn_tasks"]) == sorted(f for f in sw.FAMILIES if sw.can_ask(f, every.scene))
+        for question, answer in _turns(record):
+            assert answer_from_pixels(question, read_objects(every.image)) == answer
+    with pytest.raises(ValueError, match="questions"):
+        sw.write_shapeworld("unused", 1, seed=0, split="train", questions="some")
+
+
 def test_command_line(tmp_path):
     from omnilm.cli import main
 
@@ -162,12 +189,12 @@ def test_command_line(tmp_path):
     assert len(records) == 6 and Image.open(tmp_path / records[0]["image"]).size == (96, 96)
 
 
-@pytest.mark.parametrize("image_size", [64, 96, 128])
-def test_pixels_show_what_the_text_says(image_size):
+@pytest.mark.parametrize("image_size, jitter", [(64, 1.0), (96, 1.0), (128, 1.0), (96, 0.25), (96, 0.0)])
+def test_pixels_show_what_the_text_says(image_size, jitter):
     # Every object's size, colour, shape and cell read back from the pixels matches the
     # caption, and every question answered from the pixels gets the record's answer.
     for index in range(150 if image_size == 64 else 40):
-        example = sw.make_example(index, 0, "train", image_size)
+        example = sw.make_example(index, 0, "train", image_size, jitter)
         objects = read_objects(example.image)
         described = re.findall(rf"a (small|large) ({_C}) ({_S}) at the ({_P})[,. ]", example.records[0]
                                ["conversations"][1]["value"])

@@ -156,9 +156,13 @@ def test_the_recipe_end_to_end_in_miniature(tmp_path):
     every held-out question is scored."""
     from omnilm.train.recipe import Recipe, run_recipe
 
-    recipe = Recipe(n_train=32, n_test=6, clip_steps=2, clip_batch=8, align_steps=2, align_batch=8,
+    recipe = Recipe(n_train=32, n_test=6, clip_images=16, clip_steps=2, clip_batch=8, align_steps=2, align_batch=8,
                     instruct_steps=2, instruct_batch=8, progress=False)
     result = run_recipe(tmp_path, recipe)
+    clip_records = json.loads((tmp_path / "data" / "clip.json").read_text())
+    assert len(clip_records) == 32 and all(" and " not in r["conversations"][1]["value"] for r in clip_records[::2])
+    train_records = json.loads((tmp_path / "data" / "train.json").read_text())
+    assert all(len(r["turn_tasks"]) >= 5 for r in train_records if r["task"] != "caption")  # every family
     n_questions = sum(1 if r.get("turn_tasks") is None else len(r["turn_tasks"])
                       for r in json.loads((tmp_path / "data" / "test.json").read_text()) if r["task"] != "caption")
     assert result["eval"]["n"] == n_questions == len((tmp_path / "predictions.jsonl").read_text().splitlines())
@@ -166,3 +170,28 @@ def test_the_recipe_end_to_end_in_miniature(tmp_path):
     assert OmniModel.from_pretrained(tmp_path / "model").num_parameters() == result["model"].num_parameters()
     again = run_recipe(tmp_path, recipe)  # the recipe owns its folder: a rerun starts afresh
     assert again["eval"] == result["eval"]  # and is deterministic
+
+
+def test_whitened_projector_starts_with_unit_covariance(shapeworld, tmp_path):
+    from omnilm.train.stages import _image_features, build_stage
+
+    stage = build_stage(args(shapeworld, tmp_path, stage="align", whiten_projector=True))
+    model, fc1 = stage.model, stage.model.projector.fc1
+    feats = _image_features(model, stage.dataset)
+    # Rows come in order of decreasing variance; 48 tiny images leave the last few directions
+    # nearly empty (kept finite by eps), so check the leading half.
+    k = min(fc1.out_features, feats.shape[1]) // 2
+    with torch.no_grad():
+        h = fc1(feats)[:, :k]
+    assert h.mean(0).abs().max() < 1e-3
+    torch.testing.assert_close(torch.cov(h.T), torch.eye(k), atol=2e-3, rtol=0)
+    one_line_error(lambda: args(shapeworld, tmp_path, whiten_projector=True, init=tmp_path), "--whiten-projector")
+
+
+def test_resume_accepts_a_checkpoint_older_than_a_new_setting(tmp_path):
+    from omnilm.train.loop import _check_same_run
+
+    now = {"steps": 6, "whiten_projector": False, "lr": 1e-3}
+    _check_same_run({"steps": 6, "lr": 1e-3}, now, tmp_path)  # saved before whiten_projector existed
+    one_line_error(lambda: _check_same_run({"steps": 6, "lr": 1e-3}, {**now, "whiten_projector": True}, tmp_path),
+                   "whiten_projector: False -> True")

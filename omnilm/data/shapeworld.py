@@ -127,9 +127,10 @@ def generate_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
     return tuple(objects)
 
 
-def render(scene: Scene, image_size: int = 64, rng: random.Random | None = None) -> Image.Image:
+def render(scene: Scene, image_size: int = 64, rng: random.Random | None = None, jitter: float = 1.0) -> Image.Image:
     """Draw `scene` on a light, slightly tinted background, each shape inside its cell with a
-    1 px margin and a small random offset. Draws the same numbers from `rng` at any size."""
+    1 px margin and a random offset: anywhere in the cell with `jitter` 1, centred with 0.
+    Draws the same numbers from `rng` at any size and jitter."""
     if not 32 <= image_size <= 512:
         raise OmniInputError(f"image_size {image_size} is out of range: use 32 to 512 pixels (64 to 128 is typical)")
     rng = rng or random.Random(0)
@@ -138,7 +139,7 @@ def render(scene: Scene, image_size: int = 64, rng: random.Random | None = None)
     draw = ImageDraw.Draw(image)
     edges = [round(i * image_size / 3) for i in range(4)]  # cell boundaries in pixels
     for obj in scene:
-        jx, jy = rng.random(), rng.random()
+        jx, jy = (0.5 + jitter * (u - 0.5) for u in (rng.random(), rng.random()))
         fill = tuple(min(255, max(0, c + rng.randint(-8, 8))) for c in COLOUR_RGB[obj.colour])
         left, top = edges[obj.col], edges[obj.row]
         inner = min(edges[obj.col + 1] - left, edges[obj.row + 1] - top) - 2  # room inside the margin
@@ -279,10 +280,17 @@ def ask(family: str, scene: Scene, rng: random.Random) -> tuple[str, str]:
     return _ASKERS[family](scene, rng)
 
 
-def pick_families(scene: Scene, rng: random.Random) -> list[str]:
-    """One family (with probability P_SINGLE_TURN) or 2 to 4 different ones, in asking order."""
-    k = 1 if rng.random() < P_SINGLE_TURN else rng.randint(2, 4)
+QUESTION_MIXES = ("mixed", "all")
+
+
+def pick_families(scene: Scene, rng: random.Random, questions: str = "mixed") -> list[str]:
+    """The families to ask about `scene`, in asking order. "mixed": one family (with probability
+    P_SINGLE_TURN) or 2 to 4 different ones; "all": every family the scene allows, shuffled."""
     pool = [f for f in FAMILIES if can_ask(f, scene)]
+    if questions == "all":
+        rng.shuffle(pool)
+        return pool
+    k = 1 if rng.random() < P_SINGLE_TURN else rng.randint(2, 4)
     chosen = []
     for _ in range(k):
         family = rng.choices(pool, weights=[FAMILY_WEIGHTS[f] for f in pool])[0]
@@ -310,12 +318,14 @@ class Example(NamedTuple):
     records: list  # [caption record, question record] in LLaVA JSON form
 
 
-def make_example(index: int, seed: int, split: str, image_size: int = 64) -> Example:
-    """Example `index`: its scene, image and two LLaVA records, a caption and a question
-    conversation (single-turn, or 2-4 turns of different families), all from one generator."""
+def make_example(index: int, seed: int, split: str, image_size: int = 64, jitter: float = 1.0,
+                 questions: str = "mixed", n_objects: int | None = None) -> Example:
+    """Example `index`: its scene (`n_objects` objects, default 1 to 4), image and two LLaVA
+    records, a caption and a question conversation (see `pick_families`), all from one
+    generator. `jitter` changes where shapes sit in their cells (see `render`), never the text."""
     rng = example_rng(split, seed, index)
-    scene = generate_scene(rng)
-    image = render(scene, image_size, rng)
+    scene = generate_scene(rng, n_objects)
+    image = render(scene, image_size, rng, jitter)
     stem = f"{split}-{index:06d}"
     image_path = f"images/{split}_{index:06d}.png"
     caption_record = {
@@ -323,7 +333,7 @@ def make_example(index: int, seed: int, split: str, image_size: int = 64) -> Exa
         "conversations": [{"from": "human", "value": "<image>\n" + rng.choice(CAPTION_PROMPTS)},
                           {"from": "gpt", "value": caption(scene)}],
     }
-    families = pick_families(scene, rng)
+    families = pick_families(scene, rng, questions)
     conversations = []
     for turn, family in enumerate(families):
         question, answer = ask(family, scene, rng)
@@ -337,7 +347,8 @@ def make_example(index: int, seed: int, split: str, image_size: int = 64) -> Exa
     return Example(scene, image, [caption_record, question_record])
 
 
-def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_size: int = 64) -> Path:
+def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_size: int = 64,
+                     jitter: float = 1.0, questions: str = "mixed", n_objects: int | None = None) -> Path:
     """Write `n` examples: PNGs to `out_dir/images/{split}_{index:06d}.png` and all records to
     `out_dir/{split}.json` (a JSON list, one record a line, replaced atomically; image paths
     are relative to `out_dir`). Returns the JSON path."""
@@ -347,11 +358,17 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
         raise OmniInputError(f"split {split!r} is not a plain name: use train or test (lower case letters, digits, _)")
     if n < 0:
         raise OmniInputError(f"n is {n}: ask for zero or more examples")
+    if not 0 <= jitter <= 1:
+        raise OmniInputError(f"jitter is {jitter}: use 0 (shapes centred in their cells) to 1 (anywhere in the cell)")
+    if n_objects is not None and not 1 <= n_objects <= 4:
+        raise OmniInputError(f"n_objects is {n_objects}: a scene holds 1 to 4 objects (or leave it unset for a mix)")
+    if questions not in QUESTION_MIXES:
+        raise OmniInputError(f"questions={questions!r}: use 'mixed' (1 to 4 families per image) or 'all' (every family)")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for index in tqdm(range(n), desc=f"shapeworld {split}", unit="img", disable=n < 2000):
-        example = make_example(index, seed, split, image_size)
+        example = make_example(index, seed, split, image_size, jitter, questions, n_objects)
         example.image.save(out_dir / example.records[0]["image"], format="PNG")
         lines += [json.dumps(record) for record in example.records]
     path = out_dir / f"{split}.json"

@@ -95,6 +95,10 @@ class OmniModel(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image features in the decoder's embedding space: (N, 3, H, W) -> (N, L, D)."""
+        return self.projector(self.image_features(pixel_values))
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the projector reads: the chosen CLIP layer's tokens, (N, 3, H, W) -> (N, L, Dv)."""
         if self.vision is None:
             raise OmniInputError("this model has no vision encoder (text-only); pass no images")
         size = self.config.vision.image_size
@@ -106,7 +110,7 @@ class OmniModel(nn.Module):
         feats = self.vision(pixel_values, layer=self.config.vision_feature_layer)  # (N, 1+P, Dv)
         if self.config.vision_feature_select == "default":
             feats = feats[:, 1:]  # drop the class token
-        return self.projector(feats)
+        return feats
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D) with image features written at the image-token positions."""

@@ -51,6 +51,7 @@ class TrainArgs:
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     train_vision: bool = False  # instruct: also train the vision encoder
+    whiten_projector: bool = False  # a fresh projector starts by whitening the vision features (connector.whiten_)
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     log_every: int = 10  # flush metrics.jsonl every N steps
@@ -82,12 +83,14 @@ class TrainArgs:
         if not 0 <= self.min_lr_ratio <= 1:
             raise OmniInputError(f"--min-lr-ratio {self.min_lr_ratio} must be between 0 and 1")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
-        ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr"),
+        ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector"),
                    "align": ("train_vision", "vision_lr"), "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise OmniInputError(f"stage {self.stage} does not use {flags}; drop it (see omnilm train --help)")
+        if self.whiten_projector and self.init is not None:
+            raise OmniInputError("--whiten-projector initialises a fresh projector: drop it, or start without --init")
         if self.vision_lr is not None and not self.train_vision:
             raise OmniInputError("--vision-lr needs --train-vision (the vision encoder is frozen otherwise)")
 
@@ -246,6 +249,9 @@ RESUMABLE_CHANGES = {"resume", "stop_after", "device", "progress", "log_every", 
 
 
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
+    # A setting added after the checkpoint was written counts as its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs) if f.default is not dataclasses.MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4])

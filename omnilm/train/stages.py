@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from omnilm.config import IGNORE_INDEX, OmniConfig
 from omnilm.data import ImageProcessor, LlavaDataset, Processor, Tokenizer, collate, render_turns, train_tokenizer
 from omnilm.data.llava_json import read_records
 from omnilm.errors import OmniInputError
+from omnilm.infer.generate import eval_mode
 from omnilm.inspect.routing import summarize_routing
+from omnilm.model.connector import whiten_
 
 # Which records each stage reads by default, by their `task` field. A record without one (real
 # LLaVA data) is read by every stage; None as the default means "every task but captions".
@@ -82,6 +85,25 @@ def corpus(json_path: Path) -> list[str]:
 
 def _tasks(args) -> set[str] | None:
     return set(args.tasks) if args.tasks else DEFAULT_TASKS[args.stage]
+
+
+def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: int = 250) -> torch.Tensor:
+    """The projector's inputs, (M, Dv), for the images of the first records of `dataset`, up to
+    `n_images` (an image that several records share counts each time)."""
+    pixels, seen = [], 0
+    for i in range(len(dataset)):
+        p = dataset.pixel_values(i)
+        if p is not None:
+            pixels.append(p)
+            seen += p.shape[0]
+        if seen >= n_images:
+            break
+    if not pixels:
+        raise OmniInputError("--whiten-projector needs images, and the dataset's records have none")
+    pixels = torch.cat(pixels)[:n_images]
+    with torch.no_grad(), eval_mode(model):
+        feats = [model.image_features(pixels[s:s + batch]) for s in range(0, len(pixels), batch)]
+    return torch.cat(feats).flatten(0, 1)
 
 
 def _dataset(args, processor: Processor, max_length: int | None = None) -> LlavaDataset:
@@ -194,6 +216,10 @@ def build_llava_stage(args, resume_from: Path | None):
     vision = model.config.vision
     processor = Processor(tokenizer, ImageProcessor.from_vision_config(vision) if vision else None, model.config.image_seq_len)
     dataset = _dataset(args, processor, max_length=model.config.text.max_seq_len)
+    if args.whiten_projector and resume_from is None:  # a resumed run has it in its weights already
+        if model.vision is None:
+            raise OmniInputError("--whiten-projector needs a model with a vision encoder; this one is text-only")
+        whiten_(model.projector, _image_features(model, dataset))
     group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("vision", args.vision_lr))
                  if lr is not None}
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
