@@ -151,13 +151,14 @@ def test_runs_refuse_what_would_lose_or_mix_work(shapeworld, tmp_path):
     one_line_error(lambda: args(shapeworld, tmp_path, vision_lr=1e-4), "--vision-lr needs --train-vision")
 
 
-def test_the_recipe_end_to_end_in_miniature(tmp_path):
-    """What `omnilm demo` runs, at a few steps a stage: every stage chains, the model is saved and
-    every held-out question is scored."""
+@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
+def test_the_recipe_end_to_end_in_miniature(tmp_path, preset):
+    """What `omnilm demo [--preset tiny-moe]` runs, at a few steps a stage: every stage chains, the
+    model is saved and every held-out question is scored."""
     from omnilm.train.recipe import Recipe, run_recipe
 
-    recipe = Recipe(n_train=32, n_test=6, clip_images=16, clip_steps=2, clip_batch=8, align_steps=2, align_batch=8,
-                    instruct_steps=2, instruct_batch=8, progress=False)
+    recipe = Recipe(preset=preset, n_train=32, n_test=6, clip_images=16, clip_steps=2, clip_batch=8, align_steps=2,
+                    align_batch=8, instruct_steps=2, instruct_batch=8, progress=False)
     result = run_recipe(tmp_path, recipe)
     clip_records = json.loads((tmp_path / "data" / "clip.json").read_text())
     assert len(clip_records) == 32 and all(" and " not in r["conversations"][1]["value"] for r in clip_records[::2])
@@ -168,6 +169,9 @@ def test_the_recipe_end_to_end_in_miniature(tmp_path):
     assert result["eval"]["n"] == n_questions == len((tmp_path / "predictions.jsonl").read_text().splitlines())
     assert {"recall@1", "colour_acc"} <= set(json.loads((tmp_path / "clip_eval.json").read_text()))
     assert OmniModel.from_pretrained(tmp_path / "model").num_parameters() == result["model"].num_parameters()
+    if preset == "tiny-moe":
+        assert (tmp_path / "instruct" / "routing.png").is_file()
+        return
     again = run_recipe(tmp_path, recipe)  # the recipe owns its folder: a rerun starts afresh
     assert again["eval"] == result["eval"]  # and is deterministic
 
