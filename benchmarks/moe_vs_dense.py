@@ -26,10 +26,7 @@ def main() -> None:
 
     from omnilm.train.recipe import Recipe, run_recipe
 
-    base = Recipe(seed=args.seed, progress=False)
-    base = dataclasses.replace(base, clip_steps=round(base.clip_steps * args.scale),
-                               align_steps=round(base.align_steps * args.scale),
-                               instruct_steps=round(base.instruct_steps * args.scale))
+    base = Recipe(seed=args.seed, progress=False).scaled(args.scale)
     results = {}
     for preset in ("tiny", "tiny-moe"):
         print(f"running: {preset} ...", flush=True)
@@ -37,7 +34,6 @@ def main() -> None:
         r = run_recipe(out, dataclasses.replace(base, preset=preset))
         rows = [json.loads(line) for line in (out / "instruct" / "metrics.jsonl").read_text().splitlines()]
         r["step_s"] = statistics.median(row["step_s"] for row in rows)
-        r["dropped"] = rows[-1].get("dropped")
         results[preset] = r
 
     tasks = sorted(results["tiny"]["eval"]["tasks"])

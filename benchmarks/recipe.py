@@ -26,9 +26,7 @@ def main() -> None:
     from omnilm.train.recipe import Recipe, run_recipe
 
     base = Recipe(seed=args.seed, progress=False)
-    full = dataclasses.replace(base, clip_steps=round(base.clip_steps * args.scale),
-                               align_steps=round(base.align_steps * args.scale),
-                               instruct_steps=round(base.instruct_steps * args.scale))
+    full = base.scaled(args.scale)
     budget = full.clip_steps + full.align_steps + full.instruct_steps
     alone = dataclasses.replace(full, stages=("instruct",), instruct_steps=budget)
 

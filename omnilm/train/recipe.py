@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,11 @@ class Recipe:
     whiten_projector: bool = True
     stages: tuple[str, ...] = ("clip", "align", "instruct")  # instruct always runs; clip and align may be left out
     progress: bool = True
+
+    def scaled(self, factor: float) -> Recipe:
+        """The same recipe with every stage's steps multiplied by `factor` (benchmarks' --scale)."""
+        return replace(self, clip_steps=round(self.clip_steps * factor), align_steps=round(self.align_steps * factor),
+                       instruct_steps=round(self.instruct_steps * factor))
 
 
 def run_recipe(out: str | Path, recipe: Recipe = Recipe()) -> dict[str, Any]:
