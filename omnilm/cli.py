@@ -57,12 +57,18 @@ def _user(text: str, images: list[str]) -> dict:
 
 
 def cmd_data(args) -> None:
+    import json
+
     from omnilm.data.shapeworld import write_shapeworld
 
     t0 = time.perf_counter()
     path = write_shapeworld(args.out, args.n, args.seed, args.split, image_size=args.image_size, jitter=args.jitter,
-                            questions=args.questions, n_objects=args.n_objects)
-    print(f"wrote {args.n} images and {2 * args.n} records to {path} in {time.perf_counter() - t0:.1f}s")
+                            questions=args.questions, n_objects=args.n_objects, multi_image=args.multi_image)
+    # Multi-image examples write one record each, so count what was written.
+    records = json.loads(path.read_text())
+    n_images = len({name for r in records for name in ([r["image"]] if isinstance(r["image"], str) else r["image"])})
+    print(f"wrote {args.n} examples ({n_images} images, {len(records)} records) to {path} "
+          f"in {time.perf_counter() - t0:.1f}s")
 
 
 def cmd_train(args) -> None:
@@ -282,9 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="generate built-in datasets")
     data = p.add_subparsers(dest="dataset", required=True)
-    q = data.add_parser("shapeworld", help="procedural shapes with exact answers, as LLaVA JSON + PNGs")
+    q = data.add_parser("shapeworld", help="procedural shapes with exact answers, as LLaVA JSON + PNGs "
+                                           "(single images, or 2 to 4 interleaved with --multi-image)")
     q.add_argument("--out", required=True, help="folder for <split>.json and images/")
-    q.add_argument("--n", type=int, required=True, help="number of images (each: a caption and a question record)")
+    q.add_argument("--n", type=int, required=True,
+                   help="number of examples (a single-image one: a caption and a question record; a multi-image one: "
+                        "one record)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--split", default="train",
                    help="train (default), test, or any other name: each split has its own scene seeds")
@@ -294,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--questions", choices=("mixed", "all"), default="mixed",
                    help="per image, a conversation of 1 to 4 question families (mixed, default) or of all of them")
     q.add_argument("--n-objects", type=int, default=None, help="objects per scene, 1-4 (default: a mix of 1 to 4)")
+    q.add_argument("--multi-image", type=float, default=0.0, metavar="P",
+                   help="fraction of examples with 2 to 4 interleaved images and multi-image questions, default 0")
     q.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="run one stage of the recipe (clip, align or instruct)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+FUSIONS = ("joint", "early", "late", "cross_attention")
 # The label that carries no loss: prompt, image and padding tokens (PyTorch cross_entropy's default).
 IGNORE_INDEX = -100
 # The image normalisation OpenAI's CLIP was trained with (and every LLaVA-1.5 checkpoint uses).
@@ -137,12 +138,28 @@ class OmniConfig:
     vision_feature_select: str = "default"
     projector_act: str = "gelu"
     projector_bias: bool = True
+    # How image and text meet (omnilm.model.fusion; docs/fusion.md):
+    #   "joint"            LLaVA: vision features, projected, stand in the sequence at the marker
+    #   "early"            Fuyu: raw patches, linearly embedded, in the sequence; no vision encoder
+    #                      (`vision` then only describes the input: size, patch, normalisation)
+    #   "late"             the decoder reads text only; each image's pooled features join its final
+    #                      hidden states through a learned gate, at and after the image's marker
+    #   "cross_attention"  Flamingo: a perceiver resampler makes `n_latents` vectors per image, read
+    #                      by tanh-gated cross-attention blocks before every `cross_attention_every`-th
+    #                      decoder layer; `attend` picks the images a token reads: the latest one
+    #                      ("previous") or every one so far ("all")
+    fusion: str = "joint"
+    n_latents: int = 8
+    resampler_layers: int = 2
+    cross_attention_every: int = 2
+    attend: str = "previous"
 
     def __post_init__(self) -> None:
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
         if isinstance(self.vision, dict):
             self.vision = VisionConfig(**self.vision)
+        self._check_fusion()
         if self.vision_feature_select not in ("default", "full"):
             raise ValueError(
                 f"vision_feature_select={self.vision_feature_select!r}: use 'default' (drop the class token) or 'full'"
@@ -155,11 +172,34 @@ class OmniConfig:
                     f"{n} layers; use an index in [-{n + 1}, {n}] (-2 = penultimate, LLaVA-1.5)"
                 )
 
+    def _check_fusion(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion={self.fusion!r}: use one of {', '.join(FUSIONS)}")
+        if self.fusion != "joint" and self.vision is None:
+            raise ValueError(f"fusion={self.fusion!r} needs a vision config (image size and patches); "
+                             "a text-only model has fusion='joint'")
+        if self.fusion in ("late", "cross_attention") and not 0 <= self.image_token_id < self.text.vocab_size:
+            raise ValueError(f"fusion={self.fusion!r} keeps each image marker as a text token, so image_token_id "
+                             f"({self.image_token_id}) must lie inside the vocabulary (0..{self.text.vocab_size - 1})")
+        if self.attend not in ("previous", "all"):
+            raise ValueError(f"attend={self.attend!r}: use 'previous' (the latest image) or 'all' (every image so far)")
+        if self.n_latents < 1 or self.resampler_layers < 1:
+            raise ValueError(f"n_latents={self.n_latents} and resampler_layers={self.resampler_layers} must be >= 1")
+        if self.fusion == "cross_attention" and not 1 <= self.cross_attention_every <= self.text.n_layers:
+            raise ValueError(f"cross_attention_every={self.cross_attention_every} must be between 1 and "
+                             f"n_layers={self.text.n_layers}")
+
     @property
     def image_seq_len(self) -> int:
-        """Number of LLM tokens one image becomes."""
+        """Number of sequence tokens one image becomes: its vision tokens (joint), its patches plus
+        a row break after each row (early), or the marker alone (late, cross_attention)."""
         if self.vision is None:
             return 0
+        if self.fusion == "early":
+            side = self.vision.image_size // self.vision.patch_size
+            return side * (side + 1)
+        if self.fusion in ("late", "cross_attention"):
+            return 1
         return self.vision.n_patches + (self.vision_feature_select == "full")
 
     # --- (de)serialisation -------------------------------------------------------------------

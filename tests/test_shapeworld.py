@@ -293,3 +293,238 @@ def test_normalize_answer():
     assert sw.normalize_answer("'red'") == "red"
     assert sw.normalize_answer("centre") == "center"
     assert sw.normalize_answer("zero") == "0" and sw.normalize_answer("4") == "4"
+
+
+# --- multi-image examples -----------------------------------------------------------------------
+#
+# The oracle below answers multi-image questions from object tuples (size, colour, shape,
+# cell name) per image, parsing the question text with its own patterns; it is fed the scenes
+# and, where the images are read back, the pixels.
+
+_ORD = {"first": 0, "second": 1, "third": 2, "fourth": 3}
+_O = "first|second|third|fourth"
+_QUESTION = re.compile(r"(?:Which|What|Do|Is|How|Where)[^?\n]*\?")
+
+
+def _objects(scene) -> list:
+    return [(o.size, o.colour, o.shape, o.position) for o in scene]
+
+
+def answer_multi(question: str, images: list) -> str:
+    """Answer a multi-image question from the objects of each image (in marker order)."""
+    counts = [len(objects) for objects in images]
+    if m := re.fullmatch(r"Which (?:of the two images|image) has (more|the most) (?:shapes|objects)\?", question):
+        assert (m[1] == "more") == (len(images) == 2), question  # "more" for two images, "the most" for more
+        assert counts.count(max(counts)) == 1, counts
+        return list(_ORD)[counts.index(max(counts))]
+    if m := (re.fullmatch(rf"Which colour (?:appears|is) in the ({_O}) image but not in the ({_O})(?: image)?\?", question)
+             or re.fullmatch(rf"What colour does the ({_O}) image have that the ({_O}) image does not\?", question)):
+        b, a = (images[_ORD[m[1]]], images[_ORD[m[2]]])
+        new = {o[1] for o in b} - {o[1] for o in a}
+        assert len(new) == 1, (question, images)
+        return new.pop()
+    if m := (re.fullmatch(rf"Do the ({_O}) and ({_O}) images show the same shape\?", question)
+             or re.fullmatch(rf"Is the shape in the ({_O}) image the same as the shape in the ({_O}) image\?", question)):
+        a, b = images[_ORD[m[1]]], images[_ORD[m[2]]]
+        assert len(a) == len(b) == 1, (question, images)  # "the shape" of an image is one shape
+        return "yes" if a[0][2] == b[0][2] else "no"
+    everything = [o for objects in images for o in objects]
+    if re.fullmatch(r"How many (?:shapes|objects) are there in (?:the|all the) images(?: altogether)?\?", question):
+        return str(len(everything))
+    if m := re.fullmatch(rf"How many ({_C}) shapes are there in (?:the|all the) images\?", question):
+        return str(sum(o[1] == m[1] for o in everything))
+    if m := re.fullmatch(r"How many (\w+) are there in (?:the|all the) images\?", question):
+        return str(sum(sw.PLURALS[o[2]] == m[1] for o in everything))
+    raise AssertionError(f"multi-image question in no known phrasing: {question!r}")
+
+
+def _check_answers(record: dict, images: list) -> None:
+    # Every turn's answer from the images its chat has shown so far: the first turn of a chat
+    # with one image is an ordinary single-image question.
+    convs, shown = record["conversations"], 0
+    for human, gpt in zip(convs[::2], convs[1::2]):
+        shown += human["value"].count("<image>")
+        [question] = _QUESTION.findall(human["value"])
+        seen = images[:shown]
+        expected = answer_from_pixels(question, seen[0]) if shown == 1 else answer_multi(question, seen)
+        assert expected == gpt["value"], (record["id"], question, seen)
+
+
+def test_multi_image_same_index_same_bytes():
+    a, b = sw.make_multi_example(7, 3, "train"), sw.make_multi_example(7, 3, "train")
+    assert a.record == b.record and [_png(x) for x in a.images] == [_png(x) for x in b.images]
+    assert a.scenes == b.scenes and len(a.images) == len(a.scenes) >= 2
+    assert sw.make_multi_example(7, 3, "test").record != a.record
+    assert sw.make_multi_example(7, 4, "train").record != a.record
+    # Text does not depend on the image size or jitter.
+    assert sw.make_multi_example(7, 3, "train", image_size=96, jitter=0.0).record == a.record
+
+
+def test_multi_image_record_format():
+    tasks, n_images = collections.Counter(), collections.Counter()
+    for index in range(400):
+        record = sw.make_multi_example(index, 2, "test").record
+        images, convs = record["image"], record["conversations"]
+        assert images == [f"images/test_{index:06d}_{k}.png" for k in range(1, len(images) + 1)]
+        assert 2 <= len(images) <= 4 and record["id"] == f"test-{index:06d}-{record['task']}"
+        assert [t["from"] for t in convs] == ["human", "gpt"] * (len(convs) // 2)
+        assert sum(t["value"].count("<image>") for t in convs[::2]) == len(images)
+        assert not any("<image>" in t["value"] for t in convs[1::2])  # markers in human turns only
+        for turn in convs[1::2]:
+            assert turn["value"] in sw.ANSWERS and sw.normalize_answer(turn["value"]) == turn["value"]
+        tasks[record["task"]] += 1
+        n_images[len(images)] += 1
+        if record["task"] == "multi_turn":
+            families = record["turn_tasks"]
+            assert len(families) == len(convs) // 2 == len(images) in (2, 3)
+            assert families[0] in sw.FAMILIES and set(families[1:]) <= set(sw.MULTI_FAMILIES)
+            assert all(t["value"].count("<image>") == 1 for t in convs[::2])  # one new image a turn
+        else:
+            assert record["task"] in sw.MULTI_FAMILIES and len(convs) == 2 and "turn_tasks" not in record
+    assert set(tasks) == {*sw.MULTI_FAMILIES, "multi_turn"} and set(n_images) == {2, 3, 4}
+    assert 0.3 < tasks["multi_turn"] / 400 < 0.5  # chats are about 40 %
+
+
+def test_multi_image_answers_from_scenes_and_pixels():
+    families = collections.Counter()
+    for index in range(300):
+        example = sw.make_multi_example(index, 0, "train")
+        record = example.record
+        _check_answers(record, [_objects(scene) for scene in example.scenes])
+        if index < 60:  # the pixels show the scenes, so the answers hold for what is drawn
+            pixels = [read_objects(image) for image in example.images]
+            assert pixels == [_objects(scene) for scene in example.scenes], index
+            _check_answers(record, pixels)
+        families.update(record.get("turn_tasks", [record["task"]]))
+    assert set(sw.MULTI_FAMILIES) <= set(families)
+
+
+def test_multi_image_layouts_and_later_turn_images():
+    placed = collections.Counter()
+    for index in range(300):
+        record = sw.make_multi_example(index, 1, "train").record
+        convs = record["conversations"]
+        for turn in convs[::2]:
+            text = turn["value"]
+            if text.index("?") < text.rindex("<image>"):
+                placed["after the question"] += 1
+            if re.search(r"<image>[^\n]", text):
+                placed["mid-sentence"] += 1
+            if re.search(r"Image 2: <image>", text):
+                placed["labelled"] += 1
+            if text.startswith("<image>\n<image>\n"):
+                placed["before"] += 1
+        if record["task"] == "multi_turn":
+            placed["chat"] += 1
+            assert convs[0]["value"].count("<image>") == 1 and convs[2]["value"].count("<image>") == 1
+            placed["chat with a third image"] += len(convs) == 6
+    assert min(placed.values()) >= 10 and len(placed) == 6, placed
+
+
+def test_multi_image_answer_balance():
+    answers = collections.defaultdict(collections.Counter)
+    for index in range(400):
+        record = sw.make_multi_example(index, 5, "train").record
+        families = record.get("turn_tasks", [record["task"]])
+        for family, turn in zip(families, record["conversations"][1::2]):
+            answers[family][turn["value"]] += 1
+    same = answers["multi_same_shape"]
+    assert set(same) == {"yes", "no"} and 0.35 <= same["yes"] / sum(same.values()) <= 0.65, same
+    assert set(answers["multi_more"]) == set(sw.ORDINALS), answers["multi_more"]
+    assert set(answers["multi_new_colour"]) == set(sw.COLOURS)
+    assert {"0", "9"} <= set(answers["multi_total"]) <= set("0123456789")
+    # Directly: with every image drawn, "more" picks its winner uniformly.
+    rng = random.Random(0)
+    winners = collections.Counter(sw.ask_multi("multi_more", [None] * 4, rng)[2] for _ in range(2000))
+    assert set(winners) == set(sw.ORDINALS) and max(winners.values()) < 1.3 * min(winners.values()), winners
+
+
+def test_ask_multi_keeps_given_images_and_refuses_the_impossible():
+    rng = random.Random(3)
+    given = sw.generate_scene(rng, 4)
+    for family in sw.MULTI_FAMILIES:
+        if family == "multi_same_shape":  # needs a one-object image to compare with
+            assert not sw.can_ask_multi(family, [given, None])
+            with pytest.raises(ValueError, match="no multi_same_shape question"):
+                sw.ask_multi(family, [given, None], rng)
+            continue
+        scenes, question, answer = sw.ask_multi(family, [given, None], rng)
+        assert scenes[0] == given and answer_multi(question, [_objects(s) for s in scenes]) == answer
+    tied = (sw.generate_scene(rng, 4), sw.generate_scene(rng, 4))
+    assert not sw.can_ask_multi("multi_more", [*tied, None])  # a third image cannot break a tie of 4
+    assert not sw.can_ask_multi("multi_total", [*tied, sw.generate_scene(rng, 2), None])  # over 9
+    with pytest.raises(ValueError, match="unknown multi-image question family"):
+        sw.ask_multi("colour", [None, None], rng)
+
+
+def test_write_multi_image_keeps_single_image_examples(tmp_path):
+    n = 30
+    plain = json.loads(sw.write_shapeworld(tmp_path / "plain", n, seed=4, split="train").read_text())
+    assert plain == [r for i in range(n) for r in sw.make_example(i, 4, "train").records]
+    path = sw.write_shapeworld(tmp_path / "mixed", n, seed=4, split="train", multi_image=0.5)
+    records = {}
+    for record in json.loads(path.read_text()):
+        records.setdefault(int(record["id"].split("-")[1]), []).append(record)
+    multi = [i for i in range(n) if isinstance(records[i][0]["image"], list)]
+    assert 5 < len(multi) < 25
+    for index, written in records.items():
+        if index in multi:
+            example = sw.make_multi_example(index, 4, "train")
+            assert written == [example.record]
+            for name, image in zip(example.record["image"], example.images):
+                assert (tmp_path / "mixed" / name).read_bytes() == _png(image)
+        else:
+            assert written == sw.make_example(index, 4, "train").records
+            name = written[0]["image"]
+            assert (tmp_path / "mixed" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+    only = json.loads(sw.write_shapeworld(tmp_path / "only", 12, seed=4, split="train", multi_image=1.0).read_text())
+    assert len(only) == 12 and all(isinstance(r["image"], list) and r["task"] != "caption" for r in only)
+    again = sw.write_shapeworld(tmp_path / "again", n, seed=4, split="train", multi_image=0.5)
+    assert again.read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_bad_multi_image_fraction_is_refused(bad):
+    from omnilm.errors import OmniInputError
+
+    with pytest.raises(OmniInputError, match="multi_image is .*from 0 .* to 1"):
+        sw.write_shapeworld("unused", 1, seed=0, split="train", multi_image=bad)
+
+
+def test_llava_dataset_reads_multi_image_records(tmp_path):
+    import torch
+
+    from omnilm.data import ImageProcessor, LlavaDataset, Processor, train_tokenizer
+
+    path = sw.write_shapeworld(tmp_path, 8, seed=0, split="train", image_size=32, multi_image=1.0)
+    records = json.loads(path.read_text())
+    texts = [t["value"] for r in records for t in r["conversations"]] * 3
+    seq = 4
+    processor = Processor(train_tokenizer(texts, vocab_size=400), ImageProcessor(size=32, crop_size=32), seq)
+    dataset = LlavaDataset(path, None, processor)
+    assert len(dataset) == len(records)
+    for i, record in enumerate(records):
+        sample = dataset[i]
+        paths = [tmp_path / name for name in record["image"]]
+        assert sample["pixel_values"].shape == (len(paths), 3, 32, 32)
+        assert (sample["input_ids"] == processor.tokenizer.image_token_id).sum() == seq * len(paths)
+        assert torch.equal(sample["pixel_values"], processor.image_processor(paths))  # one per marker, in order
+        assert not torch.equal(sample["pixel_values"][0], sample["pixel_values"][1])
+
+
+def test_command_line_multi_image(tmp_path, capsys):
+    from omnilm.cli import main
+
+    main(["data", "shapeworld", "--out", str(tmp_path), "--n", "4", "--seed", "2", "--multi-image", "1",
+          "--image-size", "64"])
+    records = json.loads((tmp_path / "train.json").read_text())
+    assert len(records) == 4 and all(isinstance(r["image"], list) for r in records)
+    n_images = sum(len(r["image"]) for r in records)
+    assert f"wrote 4 examples ({n_images} images, 4 records)" in capsys.readouterr().out
+
+
+def test_normalize_answer_multi_image_words():
+    assert sw.normalize_answer("Seven.") == "7" and sw.normalize_answer("nine") == "9"
+    assert sw.normalize_answer("2nd") == "second" and sw.normalize_answer("The 4th") == "the fourth"
+    assert sw.normalize_answer("First!") == "first"
+    assert set(sw.ORDINALS) | set("0123456789") <= sw.ANSWERS

@@ -17,10 +17,13 @@ import torch
 
 from omnilm.data.collate import to_device
 from omnilm.data.shapeworld import normalize_answer
+from omnilm.data.tokenizer import IMAGE_TOKEN
 
 
 def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -> list[dict]:
-    """One entry per assistant turn: its chat prefix, reference answer, task and image."""
+    """One entry per assistant turn: its chat prefix, reference answer, task and the images its
+    prefix has shown (a chat may bring images in later turns). The question is the turn's text
+    with image markers shown as "<image>" only where they stand inside a sentence."""
     out = []
     for rec in records:
         if rec.get("task") in skip_tasks:
@@ -31,8 +34,10 @@ def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -
         images = rec.get("image")
         images = [] if images is None else [images] if isinstance(images, str) else list(images)
         for n, i in enumerate(answers):
-            out.append({"id": rec.get("id"), "task": turn_tasks[n], "question": turns[i - 1]["value"].replace("<image>\n", "").replace("<image>", "").strip(),
-                        "answer": turns[i]["value"], "chat": turns[:i], "images": images})
+            shown = sum(t["value"].count(IMAGE_TOKEN) for t in turns[:i])
+            question = " ".join(line for line in turns[i - 1]["value"].split("\n") if line.strip() != IMAGE_TOKEN)
+            out.append({"id": rec.get("id"), "task": turn_tasks[n], "question": question.strip(),
+                        "answer": turns[i]["value"], "chat": turns[:i], "images": images[:shown]})
     return out
 
 

@@ -6,14 +6,20 @@ import torch
 from torch import nn
 
 from omnilm.config import OmniConfig
+from omnilm.model.fusion import PatchEmbedding
 from omnilm.model.layers import MLP
 
 
-def build_projector(cfg: OmniConfig) -> nn.Module:
-    """LLaVA-1.5's two-layer MLP projector (Liu et al. 2023, "Improved Baselines"): vision width ->
-    text width -> text width, GELU between. LLaVA-1.0 used a single linear layer; the MLP is one
-    of the 1.5 changes that raised accuracy."""
-    assert cfg.vision is not None
+def build_projector(cfg: OmniConfig) -> nn.Module | None:
+    """What writes an image into the decoder's sequence, by fusion mode: for "joint", LLaVA-1.5's
+    two-layer MLP projector (Liu et al. 2023, "Improved Baselines"): vision width -> text width ->
+    text width, GELU between (LLaVA-1.0 used a single linear layer; the MLP is one of the 1.5
+    changes that raised accuracy). For "early", Fuyu's linear patch embedding. None for a
+    text-only model, and for late and cross-attention fusion, which keep images out of the sequence."""
+    if cfg.vision is None or cfg.fusion in ("late", "cross_attention"):
+        return None
+    if cfg.fusion == "early":
+        return PatchEmbedding(cfg.vision, cfg.text.dim)
     return MLP(cfg.vision.dim, cfg.text.dim, cfg.text.dim, cfg.projector_act, bias=cfg.projector_bias)
 
 

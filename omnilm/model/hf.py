@@ -443,8 +443,8 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB") 
         check_tokenizer(cfg, model.tokenizer, "save_pretrained")  # before anything is written
     limit = parse_size(max_shard_size)  # a bad size fails before anything is written
     kind = "llava" if cfg.vision is not None else "llama"
-    # An MoE that transformers has no class for (Switch routing, shared experts, ...) keeps
-    # omnilm's own names and omnilm.json only; omnilm loads it back the same.
+    # A model transformers has no class for (Switch routing, shared experts, fusion other than
+    # joint, ...) keeps omnilm's own names and omnilm.json only; omnilm loads it back the same.
     hf_format = hf_incompatibility(cfg) is None
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
@@ -470,7 +470,7 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB") 
         write_json(folder / "preprocessor_config.json", _image_processor_to_hf(cfg.vision))
     if getattr(model, "tokenizer", None) is not None:
         model.tokenizer.save(folder)
-        if cfg.vision is not None:  # with both halves, transformers' AutoProcessor can load a LlavaProcessor
+        if cfg.vision is not None and hf_format:  # with both halves, AutoProcessor can load a LlavaProcessor
             write_json(folder / "processor_config.json", _processor_to_hf(cfg))
 
 

@@ -155,6 +155,8 @@ def config_from_hf(d: dict[str, Any]) -> OmniConfig:
 
 def hf_incompatibility(cfg: OmniConfig) -> str | None:
     """Why transformers has no class for `cfg` (None when LLaVA, LLaMA or Mixtral describes it)."""
+    if cfg.fusion != "joint":
+        return f"LLaVA fuses jointly; transformers has no class for fusion={cfg.fusion!r}"
     t = cfg.text
     if not t.n_experts:
         return None

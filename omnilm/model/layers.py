@@ -150,6 +150,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.seen = 0
+        # Images a fusion mode reads from beside the sequence (late, cross_attention): set by the
+        # model when the prompt's images are encoded, read again at every decoding step.
+        self.media = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.seen + k.shape[2]
@@ -166,8 +169,10 @@ class KVCache:
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads (Ainslie et al. 2023) through SDPA.
 
-    Serves the CLIP encoder (bias, no rotary, no mask) and the LLaMA decoder (rotary, causal,
-    KV cache). `mask` is boolean (B, 1, T, S), True where a query may attend.
+    Serves the CLIP encoder (bias, no rotary, no mask), the LLaMA decoder (rotary, causal,
+    KV cache) and cross-attention (keys and values from a `context` (B, S, D) instead of x:
+    the perceiver resampler and Flamingo's gated layers). `mask` is boolean (B, 1, T, S), True
+    where a query may attend.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool):
@@ -180,11 +185,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = False,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, context: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
+        kv = x if context is None else context
+        S = kv.shape[1]
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(kv).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = self.v_proj(kv).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -256,12 +263,13 @@ class MLP(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """Reset every parameter the way LLaMA/LLaVA initialise: norms to 1, biases to 0, the rest N(0, std)."""
+    """Reset every parameter the way LLaMA/LLaVA initialise: norms to 1, biases to 0, the rest N(0, std);
+    and gates (parameters named `*_gate`, Flamingo's tanh gates) to 0, so that they start closed."""
     for m in module.modules():
         for name, p in m.named_parameters(recurse=False):
             if isinstance(m, (nn.LayerNorm, RMSNorm)) and name == "weight":
                 nn.init.ones_(p)
-            elif name == "bias":
+            elif name == "bias" or name.endswith("_gate"):
                 nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std)

@@ -8,6 +8,8 @@ T tokens, D width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -46,13 +48,16 @@ class LlamaDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                routing: list[Routing] | None = None) -> torch.Tensor:
+                routing: list[Routing] | None = None,
+                before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D) for input embeddings x (B, T, D).
 
         `attention_mask` (B, S) covers the cached positions and the new ones (1 = real token).
         Without `position_ids`, positions count real tokens only, so a left-padded prompt gets
         the same positions as the unpadded one. Each MoE layer appends its `Routing` to `routing`
         when a list is given (padding tokens go to no expert and count in no statistic).
+        `before_layer(i, x)`, when given, transforms the hidden states before layer i: where
+        cross-attention fusion inserts its gated blocks, leaving the decoder's own weights as they are.
         """
         B, T, _ = x.shape
         start = cache.seen if cache is not None else 0
@@ -65,6 +70,8 @@ class LlamaDecoder(nn.Module):
         mask = decoder_mask(attention_mask, T, start, x.device)
         tokens = attention_mask[:, start:start + T] if attention_mask is not None else None
         for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                x = before_layer(i, x)
             x = layer(x, rope, mask, cache, i, tokens, routing)
         if cache is not None:
             cache.advance(T)

@@ -1,8 +1,11 @@
-"""OmniModel: vision encoder -> projector -> LLaMA decoder, assembled (LLaVA-1.5, "joint" fusion).
+"""OmniModel: vision encoder -> projector -> LLaMA decoder, assembled (LLaVA-1.5, "joint" fusion),
+and the other fusion modes of `config.fusion` on the same decoder (omnilm.model.fusion).
 
-This is the one module that knows both towers: it decides where image features go (exactly at
-the image-token positions, any number of images per sequence and per batch) and computes the
-loss. Shape letters: B batch, T tokens, N images, L tokens per image, D text width, V vocab.
+This is the one module that knows both towers: it decides where images go (for joint and early
+fusion exactly at the image-token positions, any number of images per sequence and per batch;
+for late and cross-attention fusion beside the sequence, readable from their markers on) and
+computes the loss. Shape letters: B batch, T tokens, N images, L tokens per image, D text width,
+V vocab.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 from omnilm.config import IGNORE_INDEX, OmniConfig
 from omnilm.errors import OmniInputError
 from omnilm.model.connector import build_projector
+from omnilm.model.fusion import Media, build_fusion
 from omnilm.model.layers import KVCache, build_initialised
 from omnilm.model.llm import LlamaDecoder
 from omnilm.model.moe import Routing
@@ -37,8 +41,10 @@ class OmniModel(nn.Module):
     def __init__(self, config: OmniConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionTransformer(config.vision) if config.vision is not None else None
-        self.projector = build_projector(config) if config.vision is not None else None
+        # Early fusion has no vision encoder: its projector embeds raw patches.
+        self.vision = VisionTransformer(config.vision) if config.vision is not None and config.fusion != "early" else None
+        self.projector = build_projector(config)
+        self.fusion = build_fusion(config)  # late and cross_attention only
         self.llm = LlamaDecoder(config.text)
         self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
         if config.text.tie_embeddings:
@@ -94,19 +100,30 @@ class OmniModel(nn.Module):
     # --- forward -------------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image features in the decoder's embedding space: (N, 3, H, W) -> (N, L, D)."""
-        return self.projector(self.image_features(pixel_values))
+        """Images as the decoder takes them, (N, 3, H, W) -> (N, L, D): the projected vision tokens
+        (joint), the embedded patches and row breaks (early), one pooled vector (late) or the
+        resampler's latents (cross_attention)."""
+        if self.config.fusion == "early":
+            return self.projector(self._check_pixels(pixel_values))
+        feats = self.image_features(pixel_values)
+        return self.fusion.encode(feats) if self.fusion is not None else self.projector(feats)
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        v = self.config.vision
+        if v is None:
+            raise OmniInputError("this model has no vision encoder (text-only); pass no images")
+        if tuple(pixel_values.shape[-3:]) != (v.n_channels, v.image_size, v.image_size):
+            raise OmniInputError(
+                f"pixel_values are {tuple(pixel_values.shape)} but the model takes (N, {v.n_channels}, "
+                f"{v.image_size}, {v.image_size}): preprocess the images with this model's processor"
+            )
+        return pixel_values
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """What the projector reads: the chosen CLIP layer's tokens, (N, 3, H, W) -> (N, L, Dv)."""
-        if self.vision is None:
-            raise OmniInputError("this model has no vision encoder (text-only); pass no images")
-        size = self.config.vision.image_size
-        if tuple(pixel_values.shape[-3:]) != (self.config.vision.n_channels, size, size):
-            raise OmniInputError(
-                f"pixel_values are {tuple(pixel_values.shape)} but the vision encoder takes (N, "
-                f"{self.config.vision.n_channels}, {size}, {size}): preprocess the images with this model's processor"
-            )
+        if self.vision is None and self.config.vision is not None:
+            raise OmniInputError("an early-fusion model has no vision encoder: its projector reads raw patches")
+        self._check_pixels(pixel_values)
         feats = self.vision(pixel_values, layer=self.config.vision_feature_layer)  # (N, 1+P, Dv)
         if self.config.vision_feature_select == "default":
             feats = feats[:, 1:]  # drop the class token
@@ -120,14 +137,14 @@ class OmniModel(nn.Module):
         if self.config.image_token_id >= self.config.text.vocab_size:
             input_ids = input_ids.masked_fill(is_image, 0)
         x = self.llm.embed_tokens(input_ids)
-        if pixel_values is None:
+        if pixel_values is None or self.fusion is not None:  # late, cross_attention: the marker stays text
             return x
         feats = self.encode_images(pixel_values)  # (N, L, D)
         n_tokens, (N, L) = int(is_image.sum()), feats.shape[:2]
         if n_tokens != N * L:
             raise OmniInputError(
-                f"input_ids hold {n_tokens} image tokens but {N} image(s) give {N * L} features ({L} per image): "
-                f"expand each <image> marker to {L} tokens and pass one image per marker"
+                f"input_ids hold {n_tokens} image tokens, room for {n_tokens / L:g} image(s) of {L} tokens, but "
+                f"{N} image(s) were given: expand each <image> marker to {L} tokens and pass one image per marker"
             )
         # Row-major order: image i fills the i-th run of image tokens across the whole batch.
         return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
@@ -145,14 +162,23 @@ class OmniModel(nn.Module):
         in `.routing` when there are labels (its losses join the loss) or `output_routing` is set.
         """
         if pixel_values is None and (cache is None or cache.seen == 0):
-            n_markers = int((input_ids == self.config.image_token_id).sum()) if self.vision is not None else 0
+            n_markers = int((input_ids == self.config.image_token_id).sum()) if self.config.vision is not None else 0
             if n_markers:
                 raise OmniInputError(
                     f"input_ids hold {n_markers} image tokens but no pixel_values were given: pass the images"
                 )
         x = self.embed(input_ids, pixel_values)
         routing: list[Routing] | None = [] if labels is not None or output_routing else None
-        h = self.llm(x, attention_mask=attention_mask, position_ids=position_ids, cache=cache, routing=routing)
+        start = cache.seen if cache is not None else 0
+        query_positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        media = self._media(input_ids, pixel_values, cache, start)
+        before_layer = None
+        if self.config.fusion == "cross_attention":
+            before_layer = self.fusion.before_layer(media, query_positions)
+        h = self.llm(x, attention_mask=attention_mask, position_ids=position_ids, cache=cache, routing=routing,
+                     before_layer=before_layer)
+        if self.config.fusion == "late":
+            h = self.fusion(h, media, query_positions)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if labels is None:
             return ModelOutput(logits=logits, routing=routing or [])
@@ -167,6 +193,21 @@ class OmniModel(nn.Module):
             loss = loss + t.router_aux_loss_coef * torch.stack([r.aux_loss for r in routing]).mean()
             loss = loss + t.router_z_loss_coef * torch.stack([r.z_loss for r in routing]).mean()
         return ModelOutput(logits=logits, loss=loss, lm_loss=lm_loss, routing=routing)
+
+    def _media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, cache: KVCache | None,
+               start: int) -> Media | None:
+        """The images late and cross-attention fusion read beside the sequence: this call's, after
+        those already in the cache (which keeps them for the decoding steps)."""
+        if self.fusion is None:
+            return None
+        media = None
+        if pixel_values is not None:
+            media = Media.locate(input_ids, self.config.image_token_id, self.encode_images(pixel_values), start)
+        if cache is None:
+            return media
+        if media is not None:
+            cache.media = media if cache.media is None else cache.media.extend(media)
+        return cache.media
 
     # --- inference -----------------------------------------------------------------------------
 

@@ -203,8 +203,10 @@ def build_llava_stage(args, resume_from: Path | None):
                                  f"{str(e).splitlines()[-1].strip()}") from None
     model.tokenizer = tokenizer
 
-    # Stage 1 trains the projector alone; stage 2 the projector and the LLM (Liu et al. 2023).
-    trains = {"align": {"projector"}, "instruct": {"projector", "llm", "lm_head"}}[args.stage]
+    # Stage 1 trains the projector alone; stage 2 the projector and the LLM (Liu et al. 2023). The
+    # other fusion modes' connectors (late's pooling and gate, the resampler and gated blocks of
+    # cross-attention) train where the projector does.
+    trains = {"align": {"projector", "fusion"}, "instruct": {"projector", "fusion", "llm", "lm_head"}}[args.stage]
     if args.train_vision:
         trains = trains | {"vision"}
     for name, p in model.named_parameters():
@@ -217,10 +219,20 @@ def build_llava_stage(args, resume_from: Path | None):
     processor = Processor(tokenizer, ImageProcessor.from_vision_config(vision) if vision else None, model.config.image_seq_len)
     dataset = _dataset(args, processor, max_length=model.config.text.max_seq_len)
     if args.whiten_projector and resume_from is None:  # a resumed run has it in its weights already
+        fusion = model.config.fusion
         if model.vision is None:
-            raise OmniInputError("--whiten-projector needs a model with a vision encoder; this one is text-only")
-        whiten_(model.projector, _image_features(model, dataset))
-    group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("vision", args.vision_lr))
-                 if lr is not None}
+            raise OmniInputError("--whiten-projector whitens vision features; this model has no vision encoder "
+                                 f"({'early fusion' if fusion == 'early' else 'text-only'}): drop the flag")
+        if fusion == "cross_attention":
+            raise OmniInputError("--whiten-projector applies to the joint projector and late fusion's pooling MLP, "
+                                 "not to the perceiver resampler: drop the flag for fusion=cross_attention")
+        feats = _image_features(model, dataset)
+        if fusion == "late":  # its MLP reads each image's mean vision token
+            whiten_(model.fusion.pool, feats.mean(1))
+        else:
+            whiten_(model.projector, feats)
+    # Late and cross-attention fusion's own modules are their connector: they take the projector's rate.
+    group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("fusion", args.projector_lr),
+                                           ("vision", args.vision_lr)) if lr is not None}
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
                  loss=lm_loss, n_targets=lm_targets, group_lrs=group_lrs)
