@@ -87,9 +87,11 @@ def _tasks(args) -> set[str] | None:
     return set(args.tasks) if args.tasks else DEFAULT_TASKS[args.stage]
 
 
-def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: int = 250) -> torch.Tensor:
+def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: int = 250,
+                    pool: bool = False) -> torch.Tensor:
     """The projector's inputs, (M, Dv), for the images of the first records of `dataset`, up to
-    `n_images` (an image that several records share counts each time)."""
+    `n_images` (an image that several records share counts each time): every vision token, or
+    with `pool` one mean token per image (what late fusion's MLP reads)."""
     pixels, seen = [], 0
     for i in range(len(dataset)):
         p = dataset.pixel_values(i)
@@ -103,7 +105,8 @@ def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: i
     pixels = torch.cat(pixels)[:n_images]
     with torch.no_grad(), eval_mode(model):
         feats = [model.image_features(pixels[s:s + batch]) for s in range(0, len(pixels), batch)]
-    return torch.cat(feats).flatten(0, 1)
+    feats = torch.cat(feats)
+    return feats.mean(1) if pool else feats.flatten(0, 1)
 
 
 def _dataset(args, processor: Processor, max_length: int | None = None) -> LlavaDataset:
@@ -226,11 +229,10 @@ def build_llava_stage(args, resume_from: Path | None):
         if fusion == "cross_attention":
             raise OmniInputError("--whiten-projector applies to the joint projector and late fusion's pooling MLP, "
                                  "not to the perceiver resampler: drop the flag for fusion=cross_attention")
-        feats = _image_features(model, dataset)
-        if fusion == "late":  # its MLP reads each image's mean vision token
-            whiten_(model.fusion.pool, feats.mean(1))
+        if fusion == "late":
+            whiten_(model.fusion.pool, _image_features(model, dataset, pool=True))
         else:
-            whiten_(model.projector, feats)
+            whiten_(model.projector, _image_features(model, dataset))
     # Late and cross-attention fusion's own modules are their connector: they take the projector's rate.
     group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("fusion", args.projector_lr),
                                            ("vision", args.vision_lr)) if lr is not None}

@@ -1,0 +1,202 @@
+"""`omnilm bench fusion`: the four fusion modes trained on the same data, compared.
+
+Each mode (and a text-only baseline that never sees the images) is trained by the same
+instruct stage on the same interleaved ShapeWorld data, with the same seed, step budget and
+optimizer, then scored on the same held-out questions, single- and multi-image. The vision
+tower is the same random, frozen ViT for joint, late and cross-attention (instruction tuning
+alone beat the full recipe at equal steps: docs/shapeworld-recipe.md); early fusion has none.
+
+    out/data/                 train.json, test.json, images/, tokenizer/
+    out/<mode>/               the instruct run (metrics.jsonl, loss.png, model/), eval.json, predictions.jsonl
+    out/results.json          every figure below
+    docs/fusion.md, docs/fusion.png   (with --docs) the table and the bar chart the README shows
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnilm.data.shapeworld import FAMILIES, MULTI_FAMILIES
+from omnilm.io import write_json, write_text
+
+MODES = ("text_only", "joint", "early", "late", "cross_attention")
+TASKS = ["caption", *FAMILIES, *MULTI_FAMILIES, "multi_turn"]
+
+
+@dataclass
+class FusionBench:
+    out: Path = Path("runs/bench-fusion")
+    modes: tuple[str, ...] = MODES
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-3
+    n_train: int = 6000  # examples; half single-image (a caption and a chat), half multi-image
+    n_test: int = 300
+    multi_image: float = 0.5
+    jitter: float = 0.25
+    seed: int = 0
+    preset: str = "tiny"
+    progress: bool = True
+
+
+def _strip_images(records: list[dict]) -> list[dict]:
+    """The text-only baseline's view: the same chats with every image and marker removed."""
+    out = []
+    for r in records:
+        r = {k: v for k, v in r.items() if k != "image"}
+        r["conversations"] = [{**t, "value": " ".join(t["value"].replace("<image>", " ").split())}
+                              for t in r["conversations"]]
+        out.append(r)
+    return out
+
+
+def make_data(bench: FusionBench) -> tuple[Path, Path]:
+    """ShapeWorld with multi-image examples, its text-only copy, and one tokenizer for all."""
+    from omnilm.config import OmniConfig
+    from omnilm.data import train_tokenizer
+    from omnilm.data.llava_json import read_records
+    from omnilm.data.shapeworld import write_shapeworld
+    from omnilm.train.stages import corpus
+
+    data = bench.out / "data"
+    size = OmniConfig.from_preset(bench.preset).vision.image_size
+    train_json = write_shapeworld(data, bench.n_train, bench.seed, "train", image_size=size, jitter=bench.jitter,
+                                  questions="all", multi_image=bench.multi_image)
+    test_json = write_shapeworld(data, bench.n_test, bench.seed, "test", image_size=size, jitter=bench.jitter,
+                                 multi_image=bench.multi_image)
+    for path in (train_json, test_json):
+        write_json(path.with_name(path.stem + "_text.json"), _strip_images(read_records(path)))
+    train_tokenizer(corpus(train_json)).save(data / "tokenizer")
+    return train_json, test_json
+
+
+def _generation_latency(model, processor, record: dict, folder: Path, repeats: int = 7) -> float:
+    """Median seconds for a greedy 8-token answer to one held-out multi-image prompt, batch 1."""
+    from omnilm.eval.vqa import questions
+
+    q = questions([record])[-1]
+    inputs = processor([q["chat"]], images=[[str(folder / name) for name in q["images"]]])
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first warms up
+            t = time.perf_counter()
+            model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], max_new_tokens=8,
+                           stop_token_ids=[])
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
+def run_mode(bench: FusionBench, mode: str, train_json: Path, test_json: Path) -> dict[str, Any]:
+    from omnilm.data import Processor
+    from omnilm.data.llava_json import read_records
+    from omnilm.eval.vqa import evaluate_vqa, write_predictions
+    from omnilm.train.loop import TrainArgs, train
+
+    data = bench.out / "data"
+    text_only = mode == "text_only"
+    if text_only:
+        train_json, test_json = (p.with_name(p.stem + "_text.json") for p in (train_json, test_json))
+    overrides = {"vision": None} if text_only else {"fusion": mode}
+    out = bench.out / mode
+    summary = train(TrainArgs(
+        stage="instruct", data=train_json, image_folder=data, out=out, preset=bench.preset,
+        tokenizer=data / "tokenizer", steps=bench.steps, batch_size=bench.batch_size, lr=bench.lr,
+        warmup=bench.steps // 20, seed=bench.seed, tasks=TASKS, whiten_projector=mode in ("joint", "late"),
+        config_overrides=overrides, progress=bench.progress, resume=False))
+    model = summary["model"].eval()
+    processor = Processor.for_model(model)
+    records = read_records(test_json)
+    evaluation, predictions = evaluate_vqa(model, processor, records, data, progress=bench.progress)
+    write_predictions(predictions, out / "predictions.jsonl")
+    write_json(out / "eval.json", evaluation)
+    steps = [json.loads(line)["step_s"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    multi = next(r for r in read_records(bench.out / "data" / "test.json") if isinstance(r.get("image"), list))
+    if text_only:
+        multi = _strip_images([multi])[0]
+    return {
+        "mode": mode,
+        "eval": evaluation,
+        "parameters": model.num_parameters(),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "tokens_per_image": model.config.image_seq_len,
+        "step_s": statistics.median(steps[len(steps) // 10:]),  # past the warm-up steps
+        "latency_s": _generation_latency(model, processor, multi, data),
+        "train_s": summary["seconds"],
+    }
+
+
+def _group(evaluation: dict, families) -> tuple[float, int]:
+    tasks = evaluation["tasks"]
+    n = sum(tasks[f]["n"] for f in families if f in tasks)
+    right = sum(tasks[f]["n"] * tasks[f]["accuracy"] for f in families if f in tasks)
+    return (right / n if n else float("nan")), n
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """The Markdown table: per-task accuracy, single- and multi-image means, sizes and speed."""
+    tasks = [t for t in (*FAMILIES, *MULTI_FAMILIES) if any(t in r["eval"]["tasks"] for r in results)]
+    head = ["mode", *[t.removeprefix("multi_") + (" (multi)" if t.startswith("multi_") else "") for t in tasks],
+            "single-image", "multi-image", "trainable / total params", "tokens per image", "train step", "latency (8 tokens)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in results:
+        accs = [f"{100 * r['eval']['tasks'][t]['accuracy']:.1f}" if t in r["eval"]["tasks"] else "–" for t in tasks]
+        single, multi = _group(r["eval"], FAMILIES)[0], _group(r["eval"], MULTI_FAMILIES)[0]
+        lines.append("| " + " | ".join([
+            r["mode"], *accs, f"**{100 * single:.1f}**", f"**{100 * multi:.1f}**",
+            f"{r['trainable'] / 1e6:.2f} M / {r['parameters'] / 1e6:.2f} M", str(r["tokens_per_image"] or "–"),
+            f"{r['step_s']:.3f} s", f"{1000 * r['latency_s']:.0f} ms"]) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Grouped bars: per mode, accuracy on each single-image family and each multi-image one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in (*FAMILIES, *MULTI_FAMILIES) if any(t in r["eval"]["tasks"] for r in results)]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        ys = [100 * r["eval"]["tasks"].get(t, {}).get("accuracy", 0.0) for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], ys, width, label=r["mode"])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20, ha="right")
+    ax.set_ylabel("held-out exact match (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(ncol=len(results), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.15))
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_fusion_bench(bench: FusionBench, docs: Path | None = None) -> list[dict[str, Any]]:
+    """Train and score every mode of `bench.modes`; print the table; with `docs`, write
+    docs/fusion.md's table file (`fusion_table.md`) and `fusion.png` there."""
+    t0 = time.perf_counter()
+    bench.out.mkdir(parents=True, exist_ok=True)
+    train_json, test_json = make_data(bench)
+    results = []
+    for mode in bench.modes:
+        print(f"fusion bench: training {mode} ({bench.steps} steps) ...", flush=True)
+        shutil.rmtree(bench.out / mode, ignore_errors=True)
+        results.append(run_mode(bench, mode, train_json, test_json))
+        write_json(bench.out / "results.json", results)
+    table = format_table(results)
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\n{table}\n\n{len(results)} runs of {bench.steps} steps in {minutes:.1f} min (data included)")
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        write_text(docs / "fusion_table.md", table + "\n")
+        plot(results, docs / "fusion.png")
+    return results
