@@ -177,10 +177,19 @@ def cmd_info(args) -> None:
     c = model.config
     print(f"text:   {c.text.n_layers} layers, dim {c.text.dim}, {c.text.n_heads} heads / {c.text.n_kv_heads} kv heads, "
           f"mlp {c.text.mlp_dim}, vocab {c.text.vocab_size}, rope theta {c.text.rope_theta:g}")
-    if c.vision is not None:
+    if c.vision is not None and c.fusion == "early":
+        v = c.vision
+        print(f"vision: none (early fusion): {v.image_size}px images in {v.patch_size}px patches, linearly embedded "
+              f"with a row break per row, {c.image_seq_len} tokens per image")
+    elif c.vision is not None:
         v = c.vision
         print(f"vision: CLIP ViT {v.n_layers} layers, dim {v.dim}, {v.image_size}px / {v.patch_size}px patches, "
               f"feature layer {c.vision_feature_layer}, {c.image_seq_len} tokens per image")
+    if c.fusion == "late":
+        print("fusion: late: pooled images join the last hidden states through a gate (the marker is 1 token)")
+    elif c.fusion == "cross_attention":
+        print(f"fusion: cross-attention: {c.n_latents} resampler latents per image ({c.resampler_layers} layers), "
+              f"gated blocks before every {c.cross_attention_every} decoder layers, attend={c.attend}")
     t = c.text
     if t.n_experts:
         layers = "every layer" if t.moe_every == 1 else f"one layer in {t.moe_every}"

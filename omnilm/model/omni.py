@@ -130,7 +130,8 @@ class OmniModel(nn.Module):
         return feats
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings (B, T, D) with image features written at the image-token positions."""
+        """Token embeddings (B, T, D) with image features written at the image-token positions (joint,
+        early); late and cross-attention fusion keep each marker as a text token."""
         is_image = input_ids == self.config.image_token_id
         # The image id may lie outside a text vocabulary (any row will do: features overwrite it);
         # inside it, keep its own row, as HF does when generation feeds the id back without images.
