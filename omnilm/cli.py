@@ -234,6 +234,7 @@ def cmd_bench_fusion(args) -> None:
     if unknown:
         raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(FusionBench.modes)}")
     bench = FusionBench(out=Path(args.out), modes=modes, steps=args.steps, n_train=args.n_train, n_test=args.n_test,
+                        connector_lr=args.connector_lr,
                         seed=args.seed, progress=not args.no_progress)
     run_fusion_bench(bench, docs=Path(args.docs) if args.docs else None)
 
@@ -401,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default {d.n_train})")
     q.add_argument("--n-test", type=int, default=d.n_test, help=f"held-out examples (default {d.n_test})")
     q.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(d.modes)} (default all)")
+    q.add_argument("--connector-lr", type=float, default=d.connector_lr,
+                   help="peak LR of each mode's connector (projector, patch embedding, late gate, resampler and "
+                        "gated blocks); default: the decoder's")
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--docs", default=None, help="also write fusion_table.md and fusion.png into this folder (e.g. docs)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")

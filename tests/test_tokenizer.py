@@ -118,3 +118,24 @@ def test_missing_or_broken_files(tmp_path):
         Tokenizer.from_file(tmp_path)
     with pytest.raises(OmniInputError, match="vocab_size=100"):
         train_tokenizer(TEXTS, vocab_size=100)
+
+
+def test_system_prompt_travels_with_the_tokenizer(tmp_path):
+    """The system prompt a model was trained with is saved with its tokenizer, and the processor
+    and the training dataset both render chats with it; transformers still loads the folder."""
+    from omnilm.data import Processor
+    from omnilm.data.chat import DEFAULT_SYSTEM
+
+    texts = ["USER: What colour is the circle? ASSISTANT: red</s>"] * 20
+    tok = train_tokenizer(texts, vocab_size=300, system_prompt="Answer briefly.")
+    tok.save(tmp_path)
+    back = Tokenizer.from_file(tmp_path)
+    assert back.system_prompt == "Answer briefly."
+    chat = [{"role": "user", "content": "What colour is the circle?"}]
+    ids = Processor(back, None, 0)(chat)["input_ids"][0].tolist()
+    assert back.decode(ids).startswith("Answer briefly. USER:")
+    plain = train_tokenizer(texts, vocab_size=300)
+    assert plain.system_prompt is None
+    assert plain.decode(Processor(plain, None, 0)(chat)["input_ids"][0].tolist()).startswith(DEFAULT_SYSTEM)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf("Answer briefly.")["input_ids"] == back.encode("Answer briefly.")

@@ -73,7 +73,7 @@ def _normalize_part(part, i: int) -> dict:
 
 
 def render_turns(
-    messages: list[dict], add_generation_prompt: bool = True, system: str = DEFAULT_SYSTEM
+    messages: list[dict], add_generation_prompt: bool = True, system: str | None = None
 ) -> list[tuple[str, bool]]:
     """The prompt as `(text, is_assistant_answer)` segments, alternating; their concatenation
     is `render_chat`'s text. Answer segments are what instruction tuning supervises: the
@@ -81,7 +81,8 @@ def render_turns(
     return _turns(normalize_messages(messages), add_generation_prompt, system)
 
 
-def _turns(messages: list[dict], add_generation_prompt: bool, system: str) -> list[tuple[str, bool]]:
+def _turns(messages: list[dict], add_generation_prompt: bool, system: str | None) -> list[tuple[str, bool]]:
+    system = DEFAULT_SYSTEM if system is None else system  # None: Vicuna's, as LLaVA-1.5
     if messages[0]["role"] == "system":
         system, messages = _text(messages[0]), messages[1:]
     segments: list[tuple[str, bool]] = []
@@ -105,7 +106,7 @@ def _turns(messages: list[dict], add_generation_prompt: bool, system: str) -> li
 
 
 def render_chat(
-    messages: list[dict], add_generation_prompt: bool = True, system: str = DEFAULT_SYSTEM
+    messages: list[dict], add_generation_prompt: bool = True, system: str | None = None
 ) -> tuple[str, list]:
     """Render a chat to `(prompt_text, images)`: each image part becomes `"<image>\\n"` where it
     stands, and `images` lists the sources of image parts in order (placeholders excluded).

@@ -126,7 +126,7 @@ class LlavaDataset(Dataset):
 
     def _encode(self, conversations: list[dict]) -> tuple[list[int], list[int]]:
         tokenizer = self.processor.tokenizer
-        segments = render_turns(conversations, add_generation_prompt=False)
+        segments = render_turns(conversations, add_generation_prompt=False, system=tokenizer.system_prompt)
         text = "".join(segment for segment, _ in segments)
         # Character ranges to supervise: from the end of "ASSISTANT:" (the inference prompt)
         # to the end of "answer</s>". The space between belongs to the answer's first token.

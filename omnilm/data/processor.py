@@ -90,7 +90,7 @@ class Processor:
                 prompts.append(item)
                 carried.append([])
             elif isinstance(item, list):
-                text, item_images = render_chat(item, add_generation_prompt)
+                text, item_images = render_chat(item, add_generation_prompt, self.tokenizer.system_prompt)
                 prompts.append(text)
                 carried.append(item_images)
             else:

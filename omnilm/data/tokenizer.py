@@ -27,6 +27,9 @@ class Tokenizer:
 
     `pad_id` falls back to `eos_id` when the tokenizer has no pad token (as LLaMA's has
     none); padded positions are masked out by the attention mask, so their id never matters.
+    `system_prompt` is the chat template's system message the model was trained with (None:
+    Vicuna's, LLaVA-1.5's default); it is saved in tokenizer_config.json, so that training,
+    evaluation and chat all render prompts the same way.
     """
 
     def __init__(
@@ -37,8 +40,10 @@ class Tokenizer:
         pad_token: str | None = None,
         unk_token: str | None = None,
         model_max_length: int | None = None,
+        system_prompt: str | None = None,
     ):
         self._backend = backend
+        self.system_prompt = system_prompt
         self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
         self.pad_token = pad_token if pad_token is not None else eos_token
         self.model_max_length = model_max_length
@@ -80,7 +85,8 @@ class Tokenizer:
                 tokens[key] = value["content"] if isinstance(value, dict) else value
             else:
                 tokens[key] = _CONVENTIONAL[key] if backend.token_to_id(_CONVENTIONAL[key]) is not None else None
-        return cls(backend, model_max_length=config.get("model_max_length"), **tokens)
+        return cls(backend, model_max_length=config.get("model_max_length"), system_prompt=config.get("system_prompt"),
+                   **tokens)
 
     @property
     def bos_id(self) -> int | None:
@@ -147,6 +153,8 @@ class Tokenizer:
         }
         if self.model_max_length is not None:
             config["model_max_length"] = self.model_max_length
+        if self.system_prompt is not None:
+            config["system_prompt"] = self.system_prompt
         write_json(folder / "tokenizer_config.json", config)
         write_json(folder / "special_tokens_map.json", special)
 
@@ -160,9 +168,10 @@ def _bos_template(bos: str | None, bos_id: int | None) -> processors.TemplatePro
     )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, system_prompt: str | None = None) -> Tokenizer:
     """Train a byte-level BPE tokenizer whose special tokens are `<pad>`=0, `<s>`=1, `</s>`=2,
-    `<image>`=3, prepending `<s>` like LLaMA. The same texts give the same tokenizer."""
+    `<image>`=3, prepending `<s>` like LLaMA. The same texts give the same tokenizer. It keeps
+    `system_prompt` for the chats it will render (render `texts` with the same one)."""
     specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(specials) + len(alphabet):
@@ -179,4 +188,4 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
     )
     backend.train_from_iterator(texts, trainer)
     backend.post_processor = _bos_template("<s>", 1)
-    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", system_prompt=system_prompt)

@@ -38,12 +38,16 @@ class FusionBench:
     steps: int = 400
     batch_size: int = 32
     lr: float = 1e-3
+    # Each mode's connector (joint's projector, early's patch embedding, late's pooling and gate, the
+    # resampler and gated blocks of cross-attention) may learn faster than the decoder, as LLaVA's projector.
+    connector_lr: float | None = None
     n_train: int = 6000  # examples; half single-image (a caption and a chat), half multi-image
     n_test: int = 300
     multi_image: float = 0.5
     jitter: float = 0.25
     seed: int = 0
     preset: str = "tiny"
+    system_prompt: str | None = "Answer about the image."  # as the demo's Recipe
     progress: bool = True
 
 
@@ -74,7 +78,7 @@ def make_data(bench: FusionBench) -> tuple[Path, Path]:
                                  multi_image=bench.multi_image)
     for path in (train_json, test_json):
         write_json(path.with_name(path.stem + "_text.json"), _strip_images(read_records(path)))
-    train_tokenizer(corpus(train_json)).save(data / "tokenizer")
+    train_tokenizer(corpus(train_json, bench.system_prompt), system_prompt=bench.system_prompt).save(data / "tokenizer")
     return train_json, test_json
 
 
@@ -109,6 +113,7 @@ def run_mode(bench: FusionBench, mode: str, train_json: Path, test_json: Path) -
     summary = train(TrainArgs(
         stage="instruct", data=train_json, image_folder=data, out=out, preset=bench.preset,
         tokenizer=data / "tokenizer", steps=bench.steps, batch_size=bench.batch_size, lr=bench.lr,
+        projector_lr=None if text_only else bench.connector_lr,
         warmup=bench.steps // 20, seed=bench.seed, tasks=TASKS, whiten_projector=mode in ("joint", "late"),
         config_overrides=overrides, progress=bench.progress, resume=False))
     model = summary["model"].eval()

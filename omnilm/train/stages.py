@@ -70,14 +70,14 @@ def resolve_tokenizer(args, *folders: Path | None) -> Tokenizer:
     return train_tokenizer(corpus(args.data))
 
 
-def corpus(json_path: Path) -> list[str]:
+def corpus(json_path: Path, system_prompt: str | None = None) -> list[str]:
     """The text the model will read: every record rendered with the chat template (system prompt
     and role tags included, so they compress to a few tokens), for training a tokenizer on it."""
     records = read_records(Path(json_path))
     texts = []
     for r in records:
         try:
-            texts.append("".join(segment for segment, _ in render_turns(r["conversations"], False)))
+            texts.append("".join(segment for segment, _ in render_turns(r["conversations"], False, system_prompt)))
         except (OmniInputError, KeyError, TypeError):  # bad records are the dataset's to report
             continue
     return texts
