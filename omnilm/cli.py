@@ -122,7 +122,6 @@ def cmd_chat(args) -> None:
 
 
 def _repl(model, processor, args) -> None:
-
     print("omnilm chat: type a message; /image PATH adds an image to your next message, /reset starts over, "
           "/quit (or Ctrl-D) leaves.")
     messages: list[dict] = []
@@ -234,8 +233,7 @@ def cmd_bench_fusion(args) -> None:
     if unknown:
         raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(FusionBench.modes)}")
     bench = FusionBench(out=Path(args.out), modes=modes, steps=args.steps, n_train=args.n_train, n_test=args.n_test,
-                        connector_lr=args.connector_lr,
-                        seed=args.seed, progress=not args.no_progress)
+                        connector_lr=args.connector_lr, seed=args.seed, progress=not args.no_progress)
     run_fusion_bench(bench, docs=Path(args.docs) if args.docs else None)
 
 
@@ -432,7 +430,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-
     args = parse_args(argv)
     try:
         args.func(args)
