@@ -217,3 +217,22 @@ def test_every_mode_saves_and_loads(fusion, tmp_path):
     # Only LLaVA's layout (joint) is written for transformers; the others keep omnilm's names.
     assert (tmp_path / "config.json").is_file() == (fusion == "joint")
     assert (tmp_path / "processor_config.json").exists() is False  # no tokenizer here
+
+
+def test_early_fusion_runs_in_bfloat16_weights():
+    """Float pixels meet bf16 patch weights (`--dtype bfloat16` checkpoints), as the ViT handles them."""
+    model = small("early").to(torch.bfloat16)
+    ids, mask = batch(model, ROWS[1:])
+    with torch.no_grad():
+        assert model(ids, pixels(1), mask).logits.dtype == torch.bfloat16
+
+
+def test_too_many_images_across_prefill_chunks_is_a_clear_error():
+    from omnilm.model.fusion import MAX_IMAGES
+
+    model = small("late")
+    first = torch.tensor([[1] + [IMG] * MAX_IMAGES])
+    cache = model.new_cache(1, first.shape[1] + 2)
+    with torch.no_grad():
+        model(first, pixels(MAX_IMAGES), cache=cache)
+        one_line_error(lambda: model(torch.tensor([[IMG, 5]]), pixels(1), cache=cache), f"at most {MAX_IMAGES}")

@@ -218,3 +218,9 @@ def test_resume_accepts_a_checkpoint_older_than_a_new_setting(tmp_path):
     _check_same_run({"steps": 6, "lr": 1e-3}, now, tmp_path)  # saved before whiten_projector existed
     one_line_error(lambda: _check_same_run({"steps": 6, "lr": 1e-3}, {**now, "whiten_projector": True}, tmp_path),
                    "whiten_projector: False -> True")
+
+
+def test_vision_flags_refused_for_a_model_without_a_vision_encoder(shapeworld, tmp_path):
+    early = SMALL | {"fusion": "early"}
+    one_line_error(lambda: train(args(shapeworld, tmp_path, train_vision=True, config_overrides=early)),
+                   "--train-vision", "early fusion")

@@ -84,16 +84,20 @@ def make_data(bench: FusionBench) -> tuple[Path, Path]:
 
 def _generation_latency(model, processor, record: dict, folder: Path, repeats: int = 7) -> float:
     """Median seconds for a greedy 8-token answer to one held-out multi-image prompt, batch 1."""
+    from omnilm.data.collate import to_device
     from omnilm.eval.vqa import questions
 
     q = questions([record])[-1]
-    inputs = processor([q["chat"]], images=[[str(folder / name) for name in q["images"]]])
+    device = next(model.parameters()).device
+    inputs = to_device(processor([q["chat"]], images=[[str(folder / name) for name in q["images"]]]), device)
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 1):  # the first warms up
             t = time.perf_counter()
             model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], max_new_tokens=8,
                            stop_token_ids=[])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t)
     return statistics.median(times[1:])
 

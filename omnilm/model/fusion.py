@@ -58,9 +58,7 @@ class Media:
         B = input_ids.shape[0]
         per_row = is_marker.sum(1)
         M = int(per_row.max()) if N else 0
-        if M > MAX_IMAGES:
-            raise OmniInputError(f"a prompt holds {M} images; this fusion mode tells at most {MAX_IMAGES} apart: "
-                                 "split the prompt")
+        _check_count(M)
         rows, cols = is_marker.nonzero(as_tuple=True)  # row-major: the order of the images
         slots = (is_marker.cumsum(1) - 1)[rows, cols]
         features = feats.new_zeros(B, M, *feats.shape[1:])
@@ -76,7 +74,14 @@ class Media:
         features = torch.cat([self.features, later.features.to(self.features)], 1)
         idx = order.view(*order.shape, *([1] * (features.ndim - 2))).expand_as(features)
         keep = int((positions != _NO_IMAGE).sum(1).max())
+        _check_count(keep)
         return Media(features.gather(1, idx)[:, :keep], positions.gather(1, order)[:, :keep])
+
+
+def _check_count(n_images: int) -> None:
+    if n_images > MAX_IMAGES:
+        raise OmniInputError(f"a prompt holds {n_images} images; this fusion mode tells at most {MAX_IMAGES} apart: "
+                             "split the prompt")
 
 
 def media_mask(positions: torch.Tensor, query_positions: torch.Tensor, attend: str) -> torch.Tensor:
@@ -118,7 +123,8 @@ class PatchEmbedding(nn.Module):
         """(N, C, H, W) -> (N, side * (side + 1), D): row by row, each row's patches then a break."""
         N, C, p, s = pixel_values.shape[0], pixel_values.shape[1], self.patch_size, self.side
         # Each patch flattened pixel by pixel, channels innermost (y, x, c), as Fuyu's processor does.
-        patches = pixel_values[:, :, :s * p, :s * p].reshape(N, C, s, p, s, p).permute(0, 2, 4, 3, 5, 1)
+        pixels = pixel_values.to(self.proj.weight.dtype)[:, :, :s * p, :s * p]
+        patches = pixels.reshape(N, C, s, p, s, p).permute(0, 2, 4, 3, 5, 1)
         x = self.proj(patches.reshape(N, s, s, p * p * C))  # (N, s, s, D)
         breaks = self.row_break.to(x.dtype).expand(N, s, 1, x.shape[-1])
         return torch.cat([x, breaks], dim=2).flatten(1, 2)

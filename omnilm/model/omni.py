@@ -78,7 +78,8 @@ class OmniModel(nn.Module):
         return load_pretrained(cls, path, device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
-        """Write a folder that both omnilm and transformers load (safetensors, atomic)."""
+        """Write a folder that omnilm loads, and transformers too when its classes describe the model
+        (LLaVA, LLaMA, Mixtral: joint fusion; see hf_config.hf_incompatibility). Safetensors, atomic."""
         from omnilm.model.hf import save_pretrained
 
         save_pretrained(self, path, max_shard_size=max_shard_size)

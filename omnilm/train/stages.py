@@ -197,6 +197,10 @@ def build_llava_stage(args, resume_from: Path | None):
         overrides["text"] = dict(overrides.get("text", {}), vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         model = OmniModel.from_preset(args.preset, image_token_id=tokenizer.image_token_id, **overrides)
+    if model.vision is None and (args.vision is not None or args.train_vision):
+        flag = "--vision" if args.vision is not None else "--train-vision"
+        why = "early fusion has none (its projector reads raw patches)" if model.config.vision else "it is text-only"
+        raise OmniInputError(f"{flag} needs the model's vision encoder, but {why}: drop {flag}")
     if args.vision is not None and resume_from is None:
         encoder = load_vision_encoder(args.vision)
         try:
