@@ -65,10 +65,9 @@ def _strip_images(records: list[dict]) -> list[dict]:
 def make_data(bench: FusionBench) -> tuple[Path, Path]:
     """ShapeWorld with multi-image examples, its text-only copy, and one tokenizer for all."""
     from omnilm.config import OmniConfig
-    from omnilm.data import train_tokenizer
     from omnilm.data.llava_json import read_records
     from omnilm.data.shapeworld import write_shapeworld
-    from omnilm.train.stages import corpus
+    from omnilm.train.stages import chat_tokenizer
 
     data = bench.out / "data"
     size = OmniConfig.from_preset(bench.preset).vision.image_size
@@ -78,7 +77,7 @@ def make_data(bench: FusionBench) -> tuple[Path, Path]:
                                  multi_image=bench.multi_image)
     for path in (train_json, test_json):
         write_json(path.with_name(path.stem + "_text.json"), _strip_images(read_records(path)))
-    train_tokenizer(corpus(train_json, bench.system_prompt), system_prompt=bench.system_prompt).save(data / "tokenizer")
+    chat_tokenizer(train_json, bench.system_prompt).save(data / "tokenizer")
     return train_json, test_json
 
 

@@ -67,6 +67,15 @@ class Media:
         positions[rows, slots] = cols + start
         return cls(features, positions)
 
+    @property
+    def empty(self) -> bool:
+        return self.features.shape[1] == 0
+
+    def ordered(self, order: nn.Embedding) -> torch.Tensor:
+        """The features with each image's learned ordinal vector added (row m of `order` to the
+        m-th image of every row), so that a query can ask for "the second image"."""
+        return self.features + order.weight[:self.features.shape[1], None].to(self.features)
+
     def extend(self, later: Media) -> Media:
         """These images followed by `later` ones (a prompt prefilled in chunks)."""
         positions = torch.cat([self.positions, later.positions], 1)
@@ -156,10 +165,9 @@ class LateFusion(nn.Module):
         return self.pool(feats.mean(1, keepdim=True))
 
     def forward(self, h: torch.Tensor, media: Media | None, query_positions: torch.Tensor) -> torch.Tensor:
-        if media is None or media.features.shape[1] == 0:
+        if media is None or media.empty:
             return h
-        M = media.features.shape[1]
-        images = media.features + self.order.weight[:M, None].to(media.features)  # (B, M, 1, D)
+        images = media.ordered(self.order)  # (B, M, 1, D)
         c = _attend_media(self.attn, self.norm(h), images, media_mask(media.positions, query_positions, "all"))
         g = torch.sigmoid(self.gate(torch.cat([h, c], dim=-1)))
         return h + g * c
@@ -242,10 +250,9 @@ class CrossAttentionFusion(nn.Module):
 
     def before_layer(self, media: Media | None, query_positions: torch.Tensor):
         """The hook `LlamaDecoder` calls before each layer: a gated block where one stands."""
-        if media is None or media.features.shape[1] == 0:
+        if media is None or media.empty:
             return None
-        M = media.features.shape[1]
-        latents = media.features + self.order.weight[:M, None].to(media.features)
+        latents = media.ordered(self.order)
         allowed = media_mask(media.positions, query_positions, self.attend)
 
         def hook(i: int, x: torch.Tensor) -> torch.Tensor:

@@ -79,12 +79,12 @@ class Recipe:
 
 def run_recipe(out: str | Path, recipe: Recipe = Recipe()) -> dict[str, Any]:
     """Run the recipe; returns timings, the CLIP and VQA evaluations and the final model."""
-    from omnilm.data import Processor, train_tokenizer
+    from omnilm.data import Processor
     from omnilm.data.llava_json import read_records
     from omnilm.data.shapeworld import write_shapeworld
     from omnilm.eval.clip import evaluate_clip_checkpoint
     from omnilm.eval.vqa import evaluate_vqa, write_predictions
-    from omnilm.train.stages import corpus
+    from omnilm.train.stages import chat_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def run_recipe(out: str | Path, recipe: Recipe = Recipe()) -> dict[str, Any]:
     if "clip" in recipe.stages and recipe.clip_objects is not None:
         clip_json = write_shapeworld(data, recipe.clip_images, recipe.seed, "clip", image_size=size,
                                      jitter=recipe.jitter, n_objects=recipe.clip_objects)
-    tokenizer = train_tokenizer(corpus(train_json, recipe.system_prompt), system_prompt=recipe.system_prompt)
+    tokenizer = chat_tokenizer(train_json, recipe.system_prompt)
     tokenizer.save(out / "tokenizer")
     timings["data"] = time.perf_counter() - t0
 

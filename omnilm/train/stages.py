@@ -67,7 +67,14 @@ def resolve_tokenizer(args, *folders: Path | None) -> Tokenizer:
     for folder in folders:
         if folder is not None and (Path(folder) / "tokenizer.json").is_file():
             return Tokenizer.from_file(folder)
-    return train_tokenizer(corpus(args.data))
+    return chat_tokenizer(args.data)
+
+
+def chat_tokenizer(json_path: Path, system_prompt: str | None = None) -> Tokenizer:
+    """A BPE trained on a dataset's chats as the model will read them, rendered with
+    `system_prompt` (None: Vicuna's), which the tokenizer keeps and saves, so that training,
+    evaluation and chat render prompts exactly as the tokenizer was trained on them."""
+    return train_tokenizer(corpus(json_path, system_prompt), system_prompt=system_prompt)
 
 
 def corpus(json_path: Path, system_prompt: str | None = None) -> list[str]:
