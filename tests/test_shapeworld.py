@@ -199,6 +199,7 @@ def test_pixels_show_what_the_text_says(image_size, jitter):
         described = re.findall(rf"a (small|large) ({_C}) ({_S}) at the ({_P})[,. ]", example.records[0]
                                ["conversations"][1]["value"])
         assert objects == described, (index, example.scene)
+        assert [r["n_objects"] for r in example.records] == [len(objects)] * 2
         for question, answer in _turns(example.records[1]):
             assert answer_from_pixels(question, objects) == answer, (index, question, objects)
 

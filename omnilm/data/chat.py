@@ -93,7 +93,8 @@ def _turns(messages: list[dict], add_generation_prompt: bool, system: str | None
         else:
             segments.append((text, is_answer))
 
-    add(system + " ", False)
+    if system:  # "" leaves the system message out: the prompt starts at "USER: "
+        add(system + " ", False)
     for message in messages:
         if message["role"] == "user":
             add(f"USER: {_text(message)} ", False)

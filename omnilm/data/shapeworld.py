@@ -348,7 +348,7 @@ def make_example(index: int, seed: int, split: str, image_size: int = 64, jitter
     stem = f"{split}-{index:06d}"
     image_path = f"images/{split}_{index:06d}.png"
     caption_record = {
-        "id": f"{stem}-caption", "image": image_path, "task": "caption",
+        "id": f"{stem}-caption", "image": image_path, "task": "caption", "n_objects": len(scene),
         "conversations": [{"from": "human", "value": "<image>\n" + rng.choice(CAPTION_PROMPTS)},
                           {"from": "gpt", "value": caption(scene)}],
     }
@@ -359,7 +359,9 @@ def make_example(index: int, seed: int, split: str, image_size: int = 64, jitter
         conversations += [{"from": "human", "value": ("<image>\n" if turn == 0 else "") + question},
                           {"from": "gpt", "value": answer}]
     task = families[0] if len(families) == 1 else "multi_turn"
-    question_record = {"id": f"{stem}-{task}", "image": image_path, "task": task}
+    # n_objects lets `omnilm eval` split accuracy by scene size: with one object a question needs
+    # no look-up, with two or more the model must find the object the question names.
+    question_record = {"id": f"{stem}-{task}", "image": image_path, "task": task, "n_objects": len(scene)}
     if task == "multi_turn":
         question_record["turn_tasks"] = families
     question_record["conversations"] = conversations
@@ -368,7 +370,7 @@ def make_example(index: int, seed: int, split: str, image_size: int = 64, jitter
 
 def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_size: int = 64,
                      jitter: float = 1.0, questions: str = "mixed", n_objects: int | None = None,
-                     multi_image: float = 0.0) -> Path:
+                     multi_image: float = 0.0, progress: bool = True) -> Path:
     """Write `n` examples: PNGs to `out_dir/images/{split}_{index:06d}.png` and all records to
     `out_dir/{split}.json` (a JSON list, one record a line, replaced atomically; image paths
     are relative to `out_dir`). Returns the JSON path.
@@ -376,7 +378,8 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
     A `multi_image` fraction of the examples (chosen per index by `is_multi_image`) are
     multi-image ones (`make_multi_example`): one record, and PNGs `{split}_{index:06d}_{k}.png`.
     The others are exactly what they are without it. `questions` and `n_objects` shape the
-    single-image examples only: multi-image scenes are drawn to fit their questions."""
+    single-image examples only: multi-image scenes are drawn to fit their questions. A progress bar
+    shows for 2,000 examples or more, unless `progress` is False."""
     from tqdm import tqdm
 
     if not re.fullmatch(r"[a-z][a-z0-9_]*", str(split)):
@@ -395,7 +398,7 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     lines = []
-    for index in tqdm(range(n), desc=f"shapeworld {split}", unit="img", disable=n < 2000):
+    for index in tqdm(range(n), desc=f"shapeworld {split}", unit="img", disable=not progress or n < 2000):
         if is_multi_image(index, seed, split, multi_image):
             multi = make_multi_example(index, seed, split, image_size, jitter)
             for image, name in zip(multi.images, multi.record["image"]):

@@ -71,10 +71,9 @@ def make_data(bench: FusionBench) -> tuple[Path, Path]:
 
     data = bench.out / "data"
     size = OmniConfig.from_preset(bench.preset).vision.image_size
-    train_json = write_shapeworld(data, bench.n_train, bench.seed, "train", image_size=size, jitter=bench.jitter,
-                                  questions="all", multi_image=bench.multi_image)
-    test_json = write_shapeworld(data, bench.n_test, bench.seed, "test", image_size=size, jitter=bench.jitter,
-                                 multi_image=bench.multi_image)
+    shared = dict(image_size=size, jitter=bench.jitter, multi_image=bench.multi_image, progress=bench.progress)
+    train_json = write_shapeworld(data, bench.n_train, bench.seed, "train", questions="all", **shared)
+    test_json = write_shapeworld(data, bench.n_test, bench.seed, "test", **shared)
     for path in (train_json, test_json):
         write_json(path.with_name(path.stem + "_text.json"), _strip_images(read_records(path)))
     chat_tokenizer(train_json, bench.system_prompt).save(data / "tokenizer")

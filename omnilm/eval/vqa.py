@@ -37,7 +37,8 @@ def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -
             shown = sum(t["value"].count(IMAGE_TOKEN) for t in turns[:i])
             question = " ".join(line for line in turns[i - 1]["value"].split("\n") if line.strip() != IMAGE_TOKEN)
             out.append({"id": rec.get("id"), "task": turn_tasks[n], "question": question.strip(),
-                        "answer": turns[i]["value"], "chat": turns[:i], "images": images[:shown]})
+                        "answer": turns[i]["value"], "chat": turns[:i], "images": images[:shown],
+                        "n_objects": rec.get("n_objects")})
     return out
 
 
@@ -63,27 +64,54 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
             predictions.append({"id": q["id"], "task": q["task"], "question": q["question"], "answer": q["answer"],
                                 "prediction": prediction,
                                 "correct": normalize_answer(prediction) == normalize_answer(q["answer"])})
+            if q["n_objects"] is not None:
+                predictions[-1]["n_objects"] = q["n_objects"]
     return summarize(predictions), predictions
 
 
 def summarize(predictions: list[dict]) -> dict[str, Any]:
+    """Accuracy per task family and overall; for records that say how many objects their scene
+    holds (ShapeWorld's `n_objects`), also per family and object count, under "objects"."""
     per_task: dict[str, list[bool]] = defaultdict(list)
+    per_objects: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for p in predictions:
         per_task[p["task"]].append(p["correct"])
-    tasks = {t: {"n": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(per_task.items())}
+        if p.get("n_objects") is not None:
+            per_objects[p["task"]][p["n_objects"]].append(p["correct"])
+            per_objects["overall"][p["n_objects"]].append(p["correct"])
+    tasks = {t: _accuracy(v) for t, v in sorted(per_task.items())}
     n = len(predictions)
-    return {"tasks": tasks, "n": n, "accuracy": sum(p["correct"] for p in predictions) / n if n else 0.0}
+    summary = {"tasks": tasks, "n": n, "accuracy": sum(p["correct"] for p in predictions) / n if n else 0.0}
+    if per_objects:
+        summary["objects"] = {t: {k: _accuracy(v) for k, v in sorted(by_k.items())}
+                              for t, by_k in sorted(per_objects.items(), key=lambda kv: kv[0] == "overall")}
+    return summary
+
+
+def _accuracy(correct: list[bool]) -> dict[str, Any]:
+    return {"n": len(correct), "accuracy": sum(correct) / len(correct)}
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    """The summary as markdown: accuracy per family, then (when known) per number of objects."""
     lines = ["| task | questions | accuracy |", "|---|---:|---:|"]
     for task, r in summary["tasks"].items():
         lines.append(f"| {task} | {r['n']} | {100 * r['accuracy']:.1f}% |")
     lines.append(f"| **overall** | {summary['n']} | **{100 * summary['accuracy']:.1f}%** |")
+    if summary.get("objects"):
+        counts = sorted({k for by_k in summary["objects"].values() for k in by_k})
+        lines += ["", "Accuracy by objects in the scene (questions in brackets):", "",
+                  "| task | " + " | ".join(f"{k} object{'s' * (k > 1)}" for k in counts) + " |",
+                  "|---|" + "---:|" * len(counts)]
+        for task, by_k in summary["objects"].items():
+            cells = [f"{100 * by_k[k]['accuracy']:.1f}% ({by_k[k]['n']})" if k in by_k else "–" for k in counts]
+            name = f"**{task}**" if task == "overall" else task
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def write_predictions(predictions: list[dict], path: str | Path) -> None:
     with Path(path).open("w") as f:
         for p in predictions:
-            f.write(json.dumps({k: p[k] for k in ("id", "task", "question", "answer", "prediction")}) + "\n")
+            f.write(json.dumps({k: p[k] for k in ("id", "task", "n_objects", "question", "answer", "prediction")
+                                if k in p}) + "\n")
