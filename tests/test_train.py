@@ -177,7 +177,7 @@ def test_the_recipe_end_to_end_in_miniature(tmp_path, preset):
     from omnilm.train.recipe import Recipe, run_recipe
 
     recipe = Recipe(preset=preset, n_train=32, n_test=6, clip_images=16, clip_steps=2, clip_batch=8, align_steps=2,
-                    align_batch=8, instruct_steps=2, instruct_batch=8, progress=False)
+                    align_batch=8, instruct_steps=2, instruct_batch=8, llm_layers=2, system_prompt="", progress=False)
     result = run_recipe(tmp_path, recipe)
     clip_records = json.loads((tmp_path / "data" / "clip.json").read_text())
     assert len(clip_records) == 32 and all(" and " not in r["conversations"][1]["value"] for r in clip_records[::2])
