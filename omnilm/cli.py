@@ -346,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="exact-match accuracy per task family on LLaVA-format questions")
+    p = sub.add_parser("eval", help="exact-match accuracy per task family on LLaVA-format questions",
+                       description="Exact-match accuracy per task family (a record's `task`, or each turn's "
+                                   "`turn_tasks`), and, for records with `n_objects` (ShapeWorld's), per number "
+                                   "of objects in the scene.")
     p.add_argument("checkpoint", help="model folder (omnilm or Hugging Face LLaVA)")
     p.add_argument("--data", required=True, help="LLaVA-format JSON; every assistant turn of a non-caption record is a question")
     p.add_argument("--image-folder", required=True)
