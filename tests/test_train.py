@@ -34,12 +34,13 @@ def args(root, out, **kw) -> TrainArgs:
     return TrainArgs(**(defaults | kw))
 
 
-def test_resume_continues_exactly(shapeworld, tmp_path):
-    straight = train(args(shapeworld, tmp_path / "straight"))["losses"]
-    first = train(args(shapeworld, tmp_path / "resumed", stop_after=3))["losses"]
-    rest = train(args(shapeworld, tmp_path / "resumed", resume=True))["losses"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(shapeworld, tmp_path, optimizer):
+    straight = train(args(shapeworld, tmp_path / "straight", optimizer=optimizer))["losses"]
+    first = train(args(shapeworld, tmp_path / "resumed", stop_after=3, optimizer=optimizer))["losses"]
+    rest = train(args(shapeworld, tmp_path / "resumed", resume=True, optimizer=optimizer))["losses"]
     assert len(first) == 3 and len(rest) == 3
-    assert first + rest == straight  # bit for bit: weights, AdamW moments, data order and RNG restored
+    assert first + rest == straight  # bit for bit: weights, optimizer moments, data order and RNG restored
     logged = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "resumed" / "loss.png").stat().st_size > 0

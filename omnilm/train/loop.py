@@ -24,7 +24,7 @@ from omnilm.errors import OmniInputError
 from omnilm.data.collate import to_device
 from omnilm.train.stages import build_stage
 from omnilm.train.checkpoint import checkpoint_config, latest_checkpoint, load_trainer_state, save_checkpoint
-from omnilm.train.optim import build_optimizer, lr_factor, set_lr
+from omnilm.train.optim import OPTIMIZERS, build_optimizer, lr_factor, set_lr
 
 STAGES = ("clip", "align", "instruct")
 
@@ -49,6 +49,7 @@ class TrainArgs:
     warmup: int = 20  # capped at steps
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # or "muon": Muon for the transformer blocks' matrices, AdamW for the rest
     clip_grad: float = 1.0
     train_vision: bool = False  # instruct: also train the vision encoder
     whiten_projector: bool = False  # a fresh projector starts by whitening the vision features (connector.whiten_)
@@ -78,6 +79,8 @@ class TrainArgs:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise OmniInputError(f"--{name.replace('_', '-')} is {value}; it must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise OmniInputError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.warmup < 0:
             raise OmniInputError(f"--warmup is {self.warmup}; it must be 0 or more")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -161,7 +164,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
                                  "or use a new --out (or delete its checkpoints/)")
     stage = build_stage(args, resume_from)
     model = stage.model.to(device)  # in train mode, frozen parts in eval: the stage decides
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, stage.group_lrs)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, stage.group_lrs, kind=args.optimizer)
     start = 0
     if resume_from is not None:
         start = load_trainer_state(resume_from, optimizer)

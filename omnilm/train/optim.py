@@ -1,4 +1,5 @@
-"""AdamW with parameter groups, and the learning-rate schedule as a plain function of the step."""
+"""The optimizers (AdamW with parameter groups; Muon for the transformer blocks' matrices with AdamW
+for the rest) and the learning-rate schedule as a plain function of the step."""
 
 from __future__ import annotations
 
@@ -16,31 +17,99 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
-                    group_lrs: dict[str, float] | None = None, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters of `model`.
+                    group_lrs: dict[str, float] | None = None, betas=(0.9, 0.95), kind: str = "adamw"):
+    """AdamW over the trainable parameters of `model`, or with `kind="muon"`, Muon for the 2-D
+    weights inside transformer blocks and AdamW for the rest (see `MuonAdamW`).
 
     `group_lrs` maps a top-level module name (e.g. "projector") to its own peak LR, as LLaVA
     trains its projector faster than the LLM. Matrices decay; norms, biases and embeddings
     (1-D or looked up, not multiplied) do not. Each group keeps its peak in "base_lr".
     """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
     group_lrs = group_lrs or {}
     looked_up = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    orthogonalized = {id(p) for name, p in model.named_parameters() if kind == "muon" and is_block_matrix(name, p)}
+    groups: dict[tuple[bool, str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         top = name.split(".")[0]
         decay = p.ndim >= 2 and id(p) not in looked_up
-        groups.setdefault((top if top in group_lrs else "", decay), []).append(p)
+        groups.setdefault((id(p) in orthogonalized, top if top in group_lrs else "", decay), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: check which parts of the model the stage trains")
-    param_groups = []
-    for (top, decay), params in sorted(groups.items()):
+    param_groups: dict[bool, list[dict]] = {False: [], True: []}
+    for (muon, top, decay), params in sorted(groups.items()):
         peak = group_lrs.get(top, lr)
-        param_groups.append({"params": params, "lr": peak, "base_lr": peak, "name": top or "model",
-                             "weight_decay": weight_decay if decay else 0.0})
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
+        param_groups[muon].append({"params": params, "lr": peak, "base_lr": peak, "name": top or "model",
+                                   "weight_decay": weight_decay if decay else 0.0})
+    adamw = torch.optim.AdamW(param_groups[False], lr=lr, betas=betas) if param_groups[False] else None
+    if not param_groups[True]:
+        return adamw
+    # "match_rms_adamw" scales each update to the RMS an AdamW update has (0.2 * sqrt(max(m, n))),
+    # so one learning rate serves both halves (Liu et al. 2025, "Muon is scalable for LLM training").
+    muon = torch.optim.Muon(param_groups[True], lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw)
+
+
+def is_block_matrix(name: str, p: nn.Parameter) -> bool:
+    """A hidden weight matrix: 2-D and inside a transformer block (`...layers.N...`). Embeddings, the
+    output head, connectors, norms, biases and the stacked 3-D weights of MoE experts are not."""
+    return p.ndim == 2 and ".layers." in f".{name}"
+
+
+class MuonAdamW:
+    """Muon (torch.optim.Muon: momentum, then the update orthogonalised by a Newton-Schulz
+    iteration; Jordan et al. 2024) for the transformer blocks' matrices, AdamW for everything else,
+    behind one optimizer's interface: `step`, `zero_grad`, `param_groups` (Muon's last) and a
+    `state_dict` laid out as a single optimizer's, so checkpoints resume it unchanged.
+
+    Why it is here: an update of AdamW follows the gradient's dominant directions, and in a small
+    decoder trained from scratch the directions that matter late (which image token a question
+    names) are weak ones. Muon gives every direction of a matrix's update the same size. On
+    ShapeWorld it lifted 1,000 instruct steps from 59.7% to 74.8% (docs/shapeworld-recipe.md).
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer | None):
+        self.parts = [o for o in (adamw, muon) if o is not None]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        """One optimizer's layout: parameters numbered on across the parts, in `param_groups` order."""
+        state, groups, offset = {}, [], 0
+        for part in self.parts:
+            sd = part.state_dict()
+            state.update({offset + i: entry for i, entry in sd["state"].items()})
+            groups += [dict(group, params=[offset + i for i in group["params"]]) for group in sd["param_groups"]]
+            offset += sum(len(group["params"]) for group in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups, offset = iter(state_dict["param_groups"]), 0
+        for part in self.parts:
+            mine = [next(groups) for _ in part.param_groups]
+            n = sum(len(group["params"]) for group in mine)
+            part.load_state_dict({
+                "state": {int(i) - offset: entry for i, entry in state_dict["state"].items() if offset <= int(i) < offset + n},
+                "param_groups": [dict(group, params=[i - offset for i in group["params"]]) for group in mine],
+            })
+            offset += n
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
