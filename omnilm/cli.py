@@ -233,7 +233,8 @@ def cmd_bench_fusion(args) -> None:
     if unknown:
         raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(FusionBench.modes)}")
     bench = FusionBench(out=Path(args.out), modes=modes, steps=args.steps, n_train=args.n_train, n_test=args.n_test,
-                        connector_lr=args.connector_lr, seed=args.seed, progress=not args.no_progress)
+                        lr=args.lr, optimizer=args.optimizer, connector_lr=args.connector_lr, seed=args.seed,
+                        progress=not args.no_progress)
     run_fusion_bench(bench, docs=Path(args.docs) if args.docs else None)
 
 
@@ -402,11 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "accuracy, trainable/total parameters, tokens per image, seconds per training "
                                     "step and generation latency. About 25 minutes on 2 CPU cores at the defaults.")
     d = _bench_defaults()
+    from omnilm.train.optim import OPTIMIZERS
     q.add_argument("--out", default=str(d.out), help=f"run folder (default {d.out})")
     q.add_argument("--steps", type=int, default=d.steps, help=f"instruct steps per mode (default {d.steps})")
     q.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default {d.n_train})")
     q.add_argument("--n-test", type=int, default=d.n_test, help=f"held-out examples (default {d.n_test})")
     q.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(d.modes)} (default all)")
+    q.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
+    q.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
+                   help=f"every mode's optimizer (default {d.optimizer}; muon: see omnilm train --help)")
     q.add_argument("--connector-lr", type=float, default=d.connector_lr,
                    help="peak LR of each mode's connector (projector, patch embedding, late gate, resampler and "
                         "gated blocks); default: the decoder's")

@@ -38,6 +38,7 @@ class FusionBench:
     steps: int = 400
     batch_size: int = 32
     lr: float = 1e-3
+    optimizer: str = "adamw"  # or "muon" (omnilm.train.optim.MuonAdamW), for every mode alike
     # Each mode's connector (joint's projector, early's patch embedding, late's pooling and gate, the
     # resampler and gated blocks of cross-attention) may learn faster than the decoder, as LLaVA's projector.
     connector_lr: float | None = None
@@ -115,7 +116,7 @@ def run_mode(bench: FusionBench, mode: str, train_json: Path, test_json: Path) -
     summary = train(TrainArgs(
         stage="instruct", data=train_json, image_folder=data, out=out, preset=bench.preset,
         tokenizer=data / "tokenizer", steps=bench.steps, batch_size=bench.batch_size, lr=bench.lr,
-        projector_lr=None if text_only else bench.connector_lr,
+        optimizer=bench.optimizer, projector_lr=None if text_only else bench.connector_lr,
         warmup=bench.steps // 20, seed=bench.seed, tasks=TASKS, whiten_projector=mode in ("joint", "late"),
         config_overrides=overrides, progress=bench.progress, resume=False))
     model = summary["model"].eval()
