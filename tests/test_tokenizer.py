@@ -139,7 +139,7 @@ def test_system_prompt_travels_with_the_tokenizer(tmp_path):
     assert plain.decode(Processor(plain, None, 0)(chat)["input_ids"][0].tolist()).startswith(DEFAULT_SYSTEM)
     hf = AutoTokenizer.from_pretrained(tmp_path)
     assert hf("Answer briefly.")["input_ids"] == back.encode("Answer briefly.")
-    # "" (the demo's) leaves the system message out, and survives the round trip as "", not None.
+    # "" leaves the system message out, and survives the round trip as "", not None.
     train_tokenizer(texts, vocab_size=300, system_prompt="").save(tmp_path / "none")
     none = Tokenizer.from_file(tmp_path / "none")
     assert none.system_prompt == ""

@@ -33,21 +33,21 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
         raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
     group_lrs = group_lrs or {}
     looked_up = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    orthogonalized = {id(p) for name, p in model.named_parameters() if kind == "muon" and is_block_matrix(name, p)}
     groups: dict[tuple[bool, str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        orthogonalized = kind == "muon" and is_block_matrix(name, p)
         top = name.split(".")[0]
         decay = p.ndim >= 2 and id(p) not in looked_up
-        groups.setdefault((id(p) in orthogonalized, top if top in group_lrs else "", decay), []).append(p)
+        groups.setdefault((orthogonalized, top if top in group_lrs else "", decay), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: check which parts of the model the stage trains")
     param_groups: dict[bool, list[dict]] = {False: [], True: []}
-    for (muon, top, decay), params in sorted(groups.items()):
+    for (orthogonalized, top, decay), params in sorted(groups.items()):
         peak = group_lrs.get(top, lr)
-        param_groups[muon].append({"params": params, "lr": peak, "base_lr": peak, "name": top or "model",
-                                   "weight_decay": weight_decay if decay else 0.0})
+        param_groups[orthogonalized].append({"params": params, "lr": peak, "base_lr": peak, "name": top or "model",
+                                             "weight_decay": weight_decay if decay else 0.0})
     adamw = torch.optim.AdamW(param_groups[False], lr=lr, betas=betas) if param_groups[False] else None
     if not param_groups[True]:
         return adamw
