@@ -232,9 +232,11 @@ def cmd_bench_fusion(args) -> None:
     unknown = [m for m in modes if m not in FusionBench.modes]
     if unknown:
         raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(FusionBench.modes)}")
+    if args.llm_layers is not None and args.llm_layers < 1:
+        raise OmniInputError(f"--llm-layers is {args.llm_layers}: give the decoder at least one layer")
     bench = FusionBench(out=Path(args.out), modes=modes, steps=args.steps, n_train=args.n_train, n_test=args.n_test,
                         lr=args.lr, optimizer=args.optimizer, connector_lr=args.connector_lr, seed=args.seed,
-                        progress=not args.no_progress)
+                        llm_layers=args.llm_layers, progress=not args.no_progress)
     run_fusion_bench(bench, docs=Path(args.docs) if args.docs else None)
 
 
@@ -415,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--connector-lr", type=float, default=d.connector_lr,
                    help="peak LR of each mode's connector (projector, patch embedding, late gate, resampler and "
                         "gated blocks); default: the decoder's")
+    q.add_argument("--llm-layers", type=int, default=d.llm_layers, metavar="N",
+                   help="decoder layers in every mode (default: the tiny preset's 4; the demo trains 2)")
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--docs", default=None, help="also write fusion_table.md and fusion.png into this folder (e.g. docs)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")

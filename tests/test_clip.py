@@ -194,6 +194,19 @@ def test_config_round_trip():
     assert isinstance(cfg.text, ClipTextConfig)
 
 
+def test_fresh_tower_positions_are_as_visible_as_its_patches():
+    # A fresh tower's position embedding is drawn at position_init_std, comparable to what a patch
+    # adds to a token; at the 0.02 of the other weights, where an object is would be lost in the noise.
+    torch.manual_seed(0)
+    model = ClipModel.from_config(ClipConfig.tiny())
+    embeddings = model.vision.embeddings
+    assert abs(embeddings.position_embedding.weight.std().item() - model.config.position_init_std) < 0.05
+    assert abs(embeddings.patch_embedding.weight.std().item() - 0.02) < 0.002
+    with torch.no_grad():
+        patches = embeddings.patch_embedding(torch.randn(16, 3, 96, 96))  # normalised pixels: about unit scale
+    assert 0.5 < patches.std().item() / model.config.position_init_std < 2
+
+
 def test_save_refuses_a_tokenizer_that_does_not_fit(tmp_path):
     tokenizer = train_tokenizer(["a red circle."], vocab_size=300)
     model = ClipModel.from_config(ClipConfig.tiny())  # text tower for a 512-id vocabulary

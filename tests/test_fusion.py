@@ -236,3 +236,33 @@ def test_too_many_images_across_prefill_chunks_is_a_clear_error():
     with torch.no_grad():
         model(first, pixels(MAX_IMAGES), cache=cache)
         one_line_error(lambda: model(torch.tensor([[IMG, 5]]), pixels(1), cache=cache), f"at most {MAX_IMAGES}")
+
+
+def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
+    """What `omnilm bench fusion` runs, at two steps a mode on a few dozen examples: every mode
+    trains on the same data at the asked depth, is scored on single- and multi-image questions,
+    and the table and chart are written."""
+    import json
+
+    from omnilm.cli import main
+
+    main(["bench", "fusion", "--out", str(tmp_path / "run"), "--steps", "2", "--n-train", "24", "--n-test", "6",
+          "--modes", "text_only,joint,cross_attention", "--llm-layers", "2", "--docs", str(tmp_path / "docs"),
+          "--no-progress"])
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["mode"] for r in results] == ["text_only", "joint", "cross_attention"]
+    n_questions = {r["eval"]["n"] for r in results}
+    assert len(n_questions) == 1 and n_questions.pop() > 6  # the same held-out questions, several per example
+    for r in results:
+        saved = OmniModel.from_pretrained(tmp_path / "run" / r["mode"] / "model")
+        assert saved.config.text.n_layers == 2 and saved.num_parameters() == r["parameters"]
+        assert 0 < r["trainable"] <= r["parameters"] and r["step_s"] > 0 and r["latency_s"] > 0
+    assert [r["tokens_per_image"] for r in results] == [0, 9, 1]  # no image; a token a patch; the marker alone
+    table = (tmp_path / "docs" / "fusion_table.md").read_text()
+    assert table.count("\n") == 2 + len(results) and "multi-image" in table and "cross_attention" in table
+    assert (tmp_path / "docs" / "fusion.png").stat().st_size > 0
+    assert "3 runs of 2 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "fusion", "--out", str(tmp_path / "bad"), "--llm-layers", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: --llm-layers is 0: give the decoder at least one layer"
+    assert not (tmp_path / "bad").exists()  # refused before any work

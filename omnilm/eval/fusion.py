@@ -48,6 +48,7 @@ class FusionBench:
     jitter: float = 0.25
     seed: int = 0
     preset: str = "tiny"
+    llm_layers: int | None = None  # the decoder's depth (None: the preset's); the demo's recipe uses 2
     system_prompt: str | None = "Answer about the image."  # as the demo's Recipe
     progress: bool = True
 
@@ -112,6 +113,8 @@ def run_mode(bench: FusionBench, mode: str, train_json: Path, test_json: Path) -
     if text_only:
         train_json, test_json = (p.with_name(p.stem + "_text.json") for p in (train_json, test_json))
     overrides = {"vision": None} if text_only else {"fusion": mode}
+    if bench.llm_layers is not None:
+        overrides["text"] = {"n_layers": bench.llm_layers}
     out = bench.out / mode
     summary = train(TrainArgs(
         stage="instruct", data=train_json, image_folder=data, out=out, preset=bench.preset,

@@ -66,6 +66,11 @@ class ClipConfig:
     text: ClipTextConfig = field(default_factory=ClipTextConfig)
     embed_dim: int = 512
     logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature, 0.07
+    # The ViT's learned positions start N(0, position_init_std). At the N(0, 0.02) of every other
+    # weight they are some 50 times smaller than a patch's embedding, and a tower trained from
+    # scratch on ShapeWorld never learns where anything is (zero-shot position at chance, 0.15);
+    # as large as the patch embedding, it does (0.93; docs/shapeworld-recipe.md, sixth round).
+    position_init_std: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
@@ -217,6 +222,7 @@ class ClipModel(nn.Module):
         def finish(model: ClipModel) -> None:
             with torch.no_grad():
                 model.logit_scale.fill_(config.logit_scale_init)  # a temperature, not a weight
+                model.vision.embeddings.position_embedding.weight.normal_(0.0, config.position_init_std)
 
         return build_initialised(cls, config, device, dtype, finish)
 
