@@ -1,6 +1,6 @@
 """LLaVA-1.5's recipe end to end on ShapeWorld: data -> tokenizer -> CLIP -> align -> instruct -> eval.
 
-`omnilm demo` runs it with the defaults below (about 8 minutes on 2 CPU cores), and
+`omnilm demo` runs it with the defaults below (8 to 10 minutes on 2 CPU cores), and
 `benchmarks/recipe.py` runs it against instruction tuning alone. Everything lands under `out/`:
 
     out/data/        train.json, test.json, clip.json, images/   (ShapeWorld, disjoint seeds)
