@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Trains every fusion mode (and a text-only baseline) with the instruct stage on "
                                     "the same single- and multi-image ShapeWorld data, then prints per-task held-out "
                                     "accuracy, trainable/total parameters, tokens per image, seconds per training "
-                                    "step and generation latency. About 25 minutes on 2 CPU cores at the defaults.")
+                                    "step and generation latency. About 27 minutes on 2 CPU cores at the defaults.")
     d = _bench_defaults()
     from omnilm.train.optim import OPTIMIZERS
     q.add_argument("--out", default=str(d.out), help=f"run folder (default {d.out})")
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak LR of each mode's connector (projector, patch embedding, late gate, resampler and "
                         "gated blocks); default: the decoder's")
     q.add_argument("--llm-layers", type=int, default=d.llm_layers, metavar="N",
-                   help="decoder layers in every mode (default: the tiny preset's 4; the demo trains 2)")
+                   help=f"decoder layers in every mode (default {d.llm_layers}, as the demo; the tiny preset has 4)")
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--docs", default=None, help="also write fusion_table.md and fusion.png into this folder (e.g. docs)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -30,7 +30,7 @@ from omnilm.model.vision import VisionTransformer
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor | None  # (B, T, V); None when training asked for the loss alone (return_logits=False)
+    logits: torch.Tensor  # (B, T, V)
     loss: torch.Tensor | None = None  # with labels: lm_loss, plus the router losses of an MoE model
     lm_loss: torch.Tensor | None = None  # the next-token cross-entropy alone
     # One per MoE layer, in order: with labels or output_routing (else empty, as for a dense model).
@@ -154,7 +154,7 @@ class OmniModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0, output_routing: bool = False, return_logits: bool = True) -> ModelOutput:
+                logits_to_keep: int = 0, output_routing: bool = False) -> ModelOutput:
         """Logits (B, T, V) for `input_ids` (B, T), and the next-token loss when `labels` are given.
 
         `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the
@@ -162,9 +162,6 @@ class OmniModel(nn.Module):
         cached ones too. `logits_to_keep=n` computes logits for the last n positions only
         (prefill needs one row, not a (B, T, V) tensor). An MoE model reports each layer's routing
         in `.routing` when there are labels (its losses join the loss) or `output_routing` is set.
-        With labels, `return_logits=False` computes the output head only at the positions that have
-        a target (training needs no more; a few answer tokens among a long prompt) and leaves
-        `.logits` None.
         """
         if pixel_values is None and (cache is None or cache.seen == 0):
             n_markers = int((input_ids == self.config.image_token_id).sum()) if self.config.vision is not None else 0
@@ -184,19 +181,14 @@ class OmniModel(nn.Module):
                      before_layer=before_layer)
         if self.config.fusion == "late":
             h = self.fusion(h, media, query_positions)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if labels is None:
-            return ModelOutput(logits=self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h),
-                               routing=routing or [])
+            return ModelOutput(logits=logits, routing=routing or [])
         if logits_to_keep:
             raise ValueError("labels need every position's logits: leave logits_to_keep at 0")
         # Token t predicts token t+1; -100 marks tokens without a target.
-        targets = labels[:, 1:]
-        if return_logits:
-            logits = self.lm_head(h)
-            lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        else:
-            logits, has_target = None, targets != IGNORE_INDEX
-            lm_loss = F.cross_entropy(self.lm_head(h[:, :-1][has_target]).float(), targets[has_target])
+        lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                  ignore_index=IGNORE_INDEX)
         loss = lm_loss
         if routing:  # each router loss is averaged over the MoE layers, then weighted
             t = self.config.text

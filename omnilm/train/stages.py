@@ -46,8 +46,7 @@ def build_stage(args, resume_from: Path | None = None) -> Stage:
 
 
 def lm_loss(model, batch):
-    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
-                return_logits=False)
+    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"])
     if not out.routing:
         return out.loss, {}
     return out.loss, {"lm_loss": round(out.lm_loss.item(), 6), **summarize_routing(out.routing)}
