@@ -264,5 +264,6 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
     assert "3 runs of 2 steps" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         main(["bench", "fusion", "--out", str(tmp_path / "bad"), "--llm-layers", "0"])
-    assert e.value.code == 2 and capsys.readouterr().err.strip() == "error: --llm-layers is 0: give the decoder at least one layer"
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --llm-layers is 0: give the decoder at least one layer"
     assert not (tmp_path / "bad").exists()  # refused before any work
