@@ -75,9 +75,10 @@ class Recipe:
     # are what the look-up needs: with Muon, 4 layers and 750 steps reached 65.3%, 2 and 1,300 84.9%.
     llm_layers: int | None = 2
     # Which of the tower's hidden states the projector reads (0: the embeddings, i: block i's output;
-    # None: the preset's -2, LLaVA's penultimate layer). Layer 1 reached 89.3% when CLIP had learned
-    # position and 81.9% when it had not, the penultimate 85.6% in the latter case: CLIP learns
-    # position in some runs only, so the demo keeps LLaVA's choice (docs/shapeworld-recipe.md, sixth round).
+    # None: the preset's -2, LLaVA's penultimate layer). Layer 1 reached 84.6-89.6% when CLIP had
+    # learned position and 81.9% when it had not, the penultimate 81.5-85.6% in the latter case: CLIP
+    # learns position in some runs only, so the demo keeps LLaVA's choice (docs/shapeworld-recipe.md,
+    # sixth round).
     vision_feature_layer: int | None = None
     stages: tuple[str, ...] = ("clip", "align", "instruct")  # instruct always runs; clip and align may be left out
     progress: bool = True
