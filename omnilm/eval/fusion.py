@@ -26,6 +26,7 @@ import torch
 
 from omnilm.data.shapeworld import FAMILIES, MULTI_FAMILIES
 from omnilm.io import write_json, write_text
+from omnilm.train.recipe import Recipe
 
 MODES = ("text_only", "joint", "early", "late", "cross_attention")
 TASKS = ["caption", *FAMILIES, *MULTI_FAMILIES, "multi_turn"]
@@ -35,24 +36,24 @@ TASKS = ["caption", *FAMILIES, *MULTI_FAMILIES, "multi_turn"]
 class FusionBench:
     out: Path = Path("runs/bench-fusion")
     modes: tuple[str, ...] = MODES
-    # The demo's instruct settings (omnilm.train.recipe.Recipe): Muon for the decoder's matrices
-    # (omnilm.train.optim.MuonAdamW) at lr 2e-3, a 2-layer decoder; 800 steps keep the whole
-    # bench under 30 minutes on 2 CPU cores (26.9 min measured).
+    # 800 steps keep the whole bench under 30 minutes on 2 CPU cores (26.9 min measured).
     steps: int = 800
-    batch_size: int = 32
-    lr: float = 2e-3
-    optimizer: str = "muon"  # or "adamw", for every mode alike
+    # The rest of the instruct stage as the demo's recipe trains it: Muon for the decoder's matrices
+    # (omnilm.train.optim.MuonAdamW), its learning rate and batch, a 2-layer decoder.
+    batch_size: int = Recipe.instruct_batch
+    lr: float = Recipe.instruct_lr
+    optimizer: str = Recipe.instruct_optimizer  # "muon" or "adamw", for every mode alike
     # Each mode's connector (joint's projector, early's patch embedding, late's pooling and gate, the
     # resampler and gated blocks of cross-attention) may learn faster than the decoder, as LLaVA's projector.
     connector_lr: float | None = None
     n_train: int = 6000  # examples; half single-image (a caption and a chat), half multi-image
     n_test: int = 300
     multi_image: float = 0.5
-    jitter: float = 0.25
+    jitter: float = Recipe.jitter  # shapes near their cell's centre, as in the demo
     seed: int = 0
     preset: str = "tiny"
-    llm_layers: int | None = 2  # the decoder's depth (None: the preset's 4)
-    system_prompt: str | None = "Answer about the image."  # as the demo's Recipe
+    llm_layers: int | None = Recipe.llm_layers  # the decoder's depth (None: the preset's)
+    system_prompt: str | None = Recipe.system_prompt
     progress: bool = True
 
 
