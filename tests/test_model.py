@@ -106,3 +106,45 @@ def test_loss_ignores_masked_labels():
     logp = out.logits[:, :-1].log_softmax(-1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[:, 5:]  # targets at positions 6.. only
     torch.testing.assert_close(out.loss, nll.mean())
+
+
+
+def test_cpu_training_picks_the_math_kernel_for_short_sequences_only():
+    from torch.nn.attention import SDPBackend
+
+    from omnilm.model.layers import CPU_MATH_ATTENTION_MAX_LEN, sdpa_backend
+
+    short, long = (torch.randn(2, 4, n, 16) for n in (CPU_MATH_ATTENTION_MAX_LEN, CPU_MATH_ATTENTION_MAX_LEN + 1))
+    assert sdpa_backend(short.requires_grad_(), short) == SDPBackend.MATH
+    assert sdpa_backend(long.requires_grad_(), long) is None
+    with torch.no_grad():  # inference keeps PyTorch's choice
+        assert sdpa_backend(short, short) is None
+
+
+def test_the_math_kernel_gives_the_flash_kernels_outputs_and_gradients(monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from omnilm.model import layers
+    from omnilm.model.layers import Attention, decoder_mask, sdpa_backend
+
+    torch.manual_seed(0)
+    attention = Attention(dim=64, n_heads=4, n_kv_heads=2, head_dim=16, bias=False)
+    x = torch.randn(3, 40, 64)
+    real = torch.arange(40)[None, :] < torch.tensor([[40], [35], [10]])  # right padding
+    mask = decoder_mask(real.long(), 40, 0)
+    assert sdpa_backend(x.requires_grad_(), x) == SDPBackend.MATH  # what runs unforced below
+
+    def forward_backward() -> list[torch.Tensor]:
+        leaf = x.detach().requires_grad_()
+        attention.zero_grad()
+        y = attention(leaf, mask=mask)
+        (y * real[..., None]).square().sum().backward()
+        return [y.detach(), leaf.grad, *(p.grad for p in attention.parameters())]
+
+    ours = forward_backward()
+    monkeypatch.setattr(layers, "CPU_MATH_ATTENTION_MAX_LEN", 0)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        flash = forward_backward()
+    assert not torch.equal(ours[0], flash[0])  # two kernels ran: they round differently
+    for a, b in zip(ours, flash):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

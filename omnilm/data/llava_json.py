@@ -44,7 +44,9 @@ class LlavaDataset(Dataset):
     `records[i]` is the i-th kept record as it stands in the file (extra fields included).
     With `skip_bad`, bad records are left out and listed in `skipped` as `(id, reason)`;
     without it the first one raises `OmniInputError`. `max_length` bounds the tokenized
-    length, image tokens included. `cache_images` keeps preprocessed images in memory.
+    length, image tokens included. `cache_images` keeps preprocessed images in memory. Token ids
+    and labels are always kept once computed (a few hundred bytes a record, and a training run
+    reads every record once an epoch).
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class LlavaDataset(Dataset):
         self.skipped: list[tuple[str, str]] = []
         self._images: list[list[Path]] = []  # per record, in marker order
         self._cache: dict[Path, torch.Tensor] = {}  # path -> (3, H, W)
+        self._encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kept index -> (input_ids, labels)
 
         raw = read_records(self.json_path)
         considered = 0
@@ -77,8 +80,10 @@ class LlavaDataset(Dataset):
             considered += 1
             rid = record.get("id", index) if isinstance(record, dict) else index
             problem, images = self._check(record)
+            encoded = None
             if problem is None and max_length is not None:
-                n_tokens = len(self._encode(record["conversations"])[0])
+                encoded = self._encode(record["conversations"])
+                n_tokens = len(encoded[0])
                 if n_tokens > max_length:
                     problem = (
                         f"is {n_tokens} tokens ({len(images)} images of {processor.image_seq_len} tokens each), "
@@ -92,6 +97,8 @@ class LlavaDataset(Dataset):
                     )
                 self.skipped.append((str(rid), problem))
                 continue
+            if encoded is not None:
+                self._encoded[len(self.records)] = encoded
             self.records.append(record)
             self.ids.append(rid)
             self._images.append(images)
@@ -116,15 +123,17 @@ class LlavaDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         """`input_ids` (T,) and `labels` (T,) long, `pixel_values` (N, 3, H, W) float32 in
         marker order or None, and the record's `id`."""
-        input_ids, labels = self._encode(self.records[i]["conversations"])
+        if i not in self._encoded:
+            self._encoded[i] = self._encode(self.records[i]["conversations"])
+        input_ids, labels = self._encoded[i]
         return {
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
+            "input_ids": input_ids,
+            "labels": labels,
             "pixel_values": self.pixel_values(i),
             "id": self.ids[i],
         }
 
-    def _encode(self, conversations: list[dict]) -> tuple[list[int], list[int]]:
+    def _encode(self, conversations: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         segments = render_turns(conversations, add_generation_prompt=False, system=tokenizer.system_prompt)
         text = "".join(segment for segment, _ in segments)
@@ -145,7 +154,7 @@ class LlavaDataset(Dataset):
             for token, (begin, end) in zip(ids, offsets)
         ]
         ids, labels = expand_image_tokens(ids, image_id, self.processor.image_seq_len, labels)
-        return ids, labels
+        return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
     def pixel_values(self, i: int) -> torch.Tensor | None:
         """Record i's images, preprocessed: (N, 3, H, W) in marker order, or None."""

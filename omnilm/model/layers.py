@@ -7,16 +7,33 @@ H query heads, Hkv key/value heads, hd head dim.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnilm.config import TextConfig
 from omnilm.errors import OmniInputError
 
 # torch >= 2.5 lets SDPA broadcast key/value heads itself (no copy); older torch gets repeat.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+# Longest key length at which, on CPU and under autograd, SDPA runs its math kernel instead of
+# its flash kernel, whose CPU backward is slow on short sequences: forward and backward of the
+# tiny decoder's attention on a padded batch of 32 x 104 tokens take 1.6x as long with flash; at
+# 128 tokens the two are even, from 192 flash is the faster (`python benchmarks/attention.py`).
+CPU_MATH_ATTENTION_MAX_LEN = 128
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor) -> SDPBackend | None:
+    """The SDPA kernel to force for this call, None to let PyTorch choose: the math kernel for
+    short sequences trained on CPU (see CPU_MATH_ATTENTION_MAX_LEN)."""
+    training = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if q.device.type == "cpu" and training and k.shape[-2] <= CPU_MATH_ATTENTION_MAX_LEN:
+        return SDPBackend.MATH
+    return None
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +224,9 @@ class Attention(nn.Module):
         # are the same positions; a cached step (fewer queries than keys) needs the mask (or, for
         # one query, none: it may see every cached key).
         causal = is_causal and mask is None and q.shape[2] == k.shape[2]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kwargs)
+        backend = sdpa_backend(q, k)
+        with sdpa_kernel(backend) if backend is not None else nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kwargs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
