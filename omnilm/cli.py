@@ -294,6 +294,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="gradient-norm clipping (default 1.0)")
     p.add_argument("--train-vision", action="store_true", help="instruct: also train the vision encoder (frozen by default)")
     p.add_argument("--vision-lr", type=float, default=None, help="peak learning rate of the vision encoder (default --lr)")
+    p.add_argument("--patch-lr", type=float, default=None,
+                   help="peak learning rate of the ViT's patch embedding where the tower trains (clip; instruct "
+                        "with --train-vision); default: the tower's. A tenth of --lr keeps the learned positions "
+                        "visible beside the patches (the recipe's stage clip uses it)")
     p.add_argument("--whiten-projector", action="store_true",
                    help="start a fresh projector by whitening the vision features, so that every feature "
                         "direction learns at the same speed (see omnilm.model.connector.whiten_)")

@@ -77,3 +77,18 @@ def test_muon_state_dict_reloads_into_a_fresh_pair():
 def test_unknown_optimizer_is_a_one_line_error(tmp_path):
     one_line_error(lambda: TrainArgs(stage="instruct", data=tmp_path, image_folder=tmp_path, out=tmp_path,
                                      optimizer="sgd"), "--optimizer", "adamw, muon")
+
+
+def test_group_lrs_take_the_longest_matching_module_path():
+    model = small_model()
+    model.vision.requires_grad_(True)  # a trainable tower, as in stage clip or with --train-vision
+    opt = build_optimizer(model, 1e-3, group_lrs={"vision": 1e-4, "vision.embeddings.patch_embedding": 1e-5,
+                                                  "projector": 2e-3})
+    names = {id(p): name for name, p in model.named_parameters()}
+    peak = {names[id(p)]: g["base_lr"] for g in opt.param_groups for p in g["params"]}
+    assert peak["vision.embeddings.patch_embedding.weight"] == 1e-5
+    assert peak["vision.embeddings.position_embedding.weight"] == 1e-4  # "vision", not the patch path
+    assert peak["vision.layers.0.mlp.fc1.weight"] == 1e-4
+    assert peak["projector.fc1.weight"] == 2e-3
+    assert peak["llm.layers.0.mlp.up_proj.weight"] == 1e-3
+    assert {g["name"] for g in opt.param_groups} == {"model", "vision", "vision.embeddings.patch_embedding", "projector"}

@@ -169,6 +169,15 @@ def test_runs_refuse_what_would_lose_or_mix_work(shapeworld, tmp_path):
     one_line_error(lambda: args(shapeworld, tmp_path, stage="align", train_vision=True), "stage align does not use --train-vision")
     one_line_error(lambda: args(shapeworld, tmp_path, stage="clip", vision=tmp_path), "stage clip does not use --vision")
     one_line_error(lambda: args(shapeworld, tmp_path, vision_lr=1e-4), "--vision-lr needs --train-vision")
+    one_line_error(lambda: args(shapeworld, tmp_path, patch_lr=1e-4), "--patch-lr needs --train-vision")
+    one_line_error(lambda: args(shapeworld, tmp_path, stage="align", patch_lr=1e-4), "stage align does not use --patch-lr")
+
+
+def test_stage_clip_trains_the_patch_embedding_at_its_own_rate(shapeworld, tmp_path):
+    train(args(shapeworld, tmp_path, stage="clip", steps=2, lr=1e-3, patch_lr=1e-4, tasks=["caption"]))
+    groups = json.loads((tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["param_groups"]
+    peaks = {g["name"]: g["base_lr"] for g in groups}
+    assert peaks == {"model": 1e-3, "vision.embeddings.patch_embedding": 1e-4}
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])

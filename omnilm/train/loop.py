@@ -46,6 +46,7 @@ class TrainArgs:
     lr: float = 1e-3
     projector_lr: float | None = None  # default: lr
     vision_lr: float | None = None  # with train_vision; default: lr
+    patch_lr: float | None = None  # the ViT's patch embedding, where the tower trains (clip; instruct with train_vision)
     warmup: int = 20  # capped at steps
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -75,7 +76,7 @@ class TrainArgs:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise OmniInputError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must be at least 1")
-        for name in ("lr", "clip_grad", "projector_lr", "vision_lr"):
+        for name in ("lr", "clip_grad", "projector_lr", "vision_lr", "patch_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise OmniInputError(f"--{name.replace('_', '-')} is {value}; it must be > 0")
@@ -87,15 +88,17 @@ class TrainArgs:
             raise OmniInputError(f"--min-lr-ratio {self.min_lr_ratio} must be between 0 and 1")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
         ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector"),
-                   "align": ("train_vision", "vision_lr"), "instruct": ()}[self.stage]
+                   "align": ("train_vision", "vision_lr", "patch_lr"), "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise OmniInputError(f"stage {self.stage} does not use {flags}; drop it (see omnilm train --help)")
         if self.whiten_projector and self.init is not None:
             raise OmniInputError("--whiten-projector initialises a fresh projector: drop it, or start without --init")
-        if self.vision_lr is not None and not self.train_vision:
-            raise OmniInputError("--vision-lr needs --train-vision (the vision encoder is frozen otherwise)")
+        for name in ("vision_lr", "patch_lr"):
+            if self.stage == "instruct" and getattr(self, name) is not None and not self.train_vision:
+                raise OmniInputError(f"--{name.replace('_', '-')} needs --train-vision (the vision encoder is "
+                                     "frozen otherwise)")
 
 
 # --- deterministic batches ----------------------------------------------------------------------

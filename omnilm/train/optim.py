@@ -25,9 +25,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
     """AdamW over the trainable parameters of `model`, or with `kind="muon"`, Muon for the 2-D
     weights inside transformer blocks and AdamW for the rest (see `MuonAdamW`).
 
-    `group_lrs` maps a top-level module name (e.g. "projector") to its own peak LR, as LLaVA
-    trains its projector faster than the LLM. Matrices decay; norms, biases and embeddings
-    (1-D or looked up, not multiplied) do not. Each group keeps its peak in "base_lr".
+    `group_lrs` maps a module path ("projector", "vision.embeddings.patch_embedding") to its own
+    peak LR, the longest matching path winning: LLaVA trains its projector faster than the LLM.
+    Matrices decay; norms, biases and embeddings (1-D or looked up, not multiplied) do not. Each
+    group keeps its peak in "base_lr" and its module path (or "model") in "name".
     """
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -38,15 +39,16 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
         if not p.requires_grad:
             continue
         orthogonalized = kind == "muon" and is_block_matrix(name, p)
-        top = name.split(".")[0]
+        path = max((prefix for prefix in group_lrs if name == prefix or name.startswith(prefix + ".")), key=len,
+                   default="")
         decay = p.ndim >= 2 and id(p) not in looked_up
-        groups.setdefault((orthogonalized, top if top in group_lrs else "", decay), []).append(p)
+        groups.setdefault((orthogonalized, path, decay), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: check which parts of the model the stage trains")
     param_groups: dict[bool, list[dict]] = {False: [], True: []}
-    for (orthogonalized, top, decay), params in sorted(groups.items()):
-        peak = group_lrs.get(top, lr)
-        param_groups[orthogonalized].append({"params": params, "lr": peak, "base_lr": peak, "name": top or "model",
+    for (orthogonalized, path, decay), params in sorted(groups.items()):
+        peak = group_lrs.get(path, lr)
+        param_groups[orthogonalized].append({"params": params, "lr": peak, "base_lr": peak, "name": path or "model",
                                              "weight_decay": weight_decay if decay else 0.0})
     adamw = torch.optim.AdamW(param_groups[False], lr=lr, betas=betas) if param_groups[False] else None
     if not param_groups[True]:
