@@ -1,6 +1,6 @@
 """The `omnilm` command line: thin wrappers over the library.
 
-    omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, 8-10 min on 2 cores
+    omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, about 9 min on 2 cores
     omnilm data shapeworld --out DIR --n N --seed S --split train|test
     omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
     omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE]
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train and evaluate the tiny model on ShapeWorld (8 to 10 minutes on 2 cores)")
+    p = sub.add_parser("demo", help="train and evaluate the tiny model on ShapeWorld (about 9 minutes on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--preset", default="tiny", help="architecture: tiny (default) or tiny-moe (sparse decoder)")
     p.add_argument("--seed", type=int, default=0)

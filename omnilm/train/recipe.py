@@ -1,6 +1,6 @@
 """LLaVA-1.5's recipe end to end on ShapeWorld: data -> tokenizer -> CLIP -> align -> instruct -> eval.
 
-`omnilm demo` runs it with the defaults below (8 to 10 minutes on 2 CPU cores), and
+`omnilm demo` runs it with the defaults below (about 9 minutes on 2 CPU cores), and
 `benchmarks/recipe.py` runs it against instruction tuning alone. Everything lands under `out/`:
 
     out/data/        train.json, test.json, clip.json, images/   (ShapeWorld, disjoint seeds)
@@ -47,14 +47,14 @@ class Recipe:
     # The ViT's patch embedding trains at a tenth of clip_lr. At the full rate the patches' part of
     # each token outgrows the learned positions tenfold, an object's cell falls under 2% of its
     # token's variance, and CLIP learns position in some runs only (zero-shot 0.09-0.93); at a
-    # tenth, 20-37% and 1.00 (docs/shapeworld-recipe.md, seventh round).
+    # tenth, 20-37%, and 0.91-1.00 in every run (docs/shapeworld-recipe.md, seventh round).
     clip_patch_lr: float | None = 1e-4
     align_steps: int = 50
     align_batch: int = 32
     align_lr: float = 2e-3
-    # As many as fit in the demo's ten minutes: the look-up of the object a question names is learned
-    # late in the stage, and 150 more steps took one run from 88.9% (1,300) to 94.4% (1,450; both
-    # docs/shapeworld-recipe.md, seventh round).
+    # As many as fit in the demo's ten minutes with a margin: the look-up of the object a question
+    # names is learned late in the stage. 1,300 steps reached 88.9%; 1,450 reached 89.3% (the demo,
+    # 2 threads) and 94.4% (1 thread; docs/shapeworld-recipe.md, seventh round).
     instruct_steps: int = 1450
     instruct_batch: int = 32
     instruct_lr: float = 2e-3
@@ -83,10 +83,10 @@ class Recipe:
     # are what the look-up needs: with Muon, 4 layers and 750 steps reached 65.3%, 2 and 1,300 84.9%.
     llm_layers: int | None = 2
     # Which of the tower's hidden states the projector reads (0: the embeddings, i: block i's output;
-    # None: the preset's -2, LLaVA's penultimate layer). Layer 1 reached 84.6-89.6% when CLIP had
-    # learned position and 81.9% when it had not, the penultimate 81.5-85.6% in the latter case: CLIP
-    # learns position in some runs only, so the demo keeps LLaVA's choice (docs/shapeworld-recipe.md,
-    # sixth round).
+    # None: the preset's -2, LLaVA's penultimate layer). With the patch embedding at clip_patch_lr the
+    # penultimate layer keeps a quarter of its variance for the cell; layer 1 (91.0%) and the
+    # penultimate (88.9%) are within one run's spread, so the demo keeps LLaVA's choice
+    # (docs/shapeworld-recipe.md, sixth and seventh rounds).
     vision_feature_layer: int | None = None
     stages: tuple[str, ...] = ("clip", "align", "instruct")  # instruct always runs; clip and align may be left out
     progress: bool = True
