@@ -2,9 +2,10 @@
 
 Where `omnilm.model.layers.CPU_MATH_ATTENTION_MAX_LEN` comes from: one causal, grouped-query
 attention call as the tiny decoder trains it (8 query heads and 4 key/value heads of 32, the
-projections included, bf16 autocast, the boolean mask of a right-padded batch), with the batch shrinking as the sequence grows so every row
-holds about the same number of tokens. Both kernels run alternately in the same process; the
-table gives medians and the ratio (> 1: math faster).
+projections included, bf16 autocast, the boolean mask of a right-padded batch), the batch
+shrinking as the sequence grows so that every batch holds about the same number of tokens. Both
+kernels run alternately in the same process; the table gives medians and the ratio (> 1: math
+faster).
 
     python benchmarks/attention.py [--repeats 7] [--threads 2] [--tokens 3328]
 """

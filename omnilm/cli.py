@@ -1,6 +1,6 @@
 """The `omnilm` command line: thin wrappers over the library.
 
-    omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, about 9 min on 2 cores
+    omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, ~9 min on 2 cores
     omnilm data shapeworld --out DIR --n N --seed S --split train|test
     omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
     omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE]

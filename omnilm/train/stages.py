@@ -182,11 +182,11 @@ def build_clip_stage(args, resume_from: Path | None):
 
 
 def _patch_lr(args) -> dict[str, float]:
-    # The ViT's patch embedding reads a whole patch into each token (3,072 values in `tiny`: 32 x 32
-    # x 3), its position embedding is added as it is. AdamW moves every weight by about the learning rate, so the
-    # patches' part of a token outgrows the positions': after the demo's 600 CLIP steps an object's
-    # cell explained under 2% of its token's variance, and CLIP learned position in some runs only.
-    # At a tenth of the rate it explains 20-37% (docs/shapeworld-recipe.md, seventh round).
+    # The ViT's patch embedding reads a whole patch into each token (3,072 values in `tiny`), its
+    # position embedding is added as it is. AdamW moves every weight by about the learning rate, so
+    # the patches' part of a token outgrows the positions': after the demo's 600 CLIP steps an
+    # object's cell explained under 2% of its token's variance, and CLIP learned position in some
+    # runs only. At a tenth of the rate it explains 20-37% (docs/shapeworld-recipe.md, seventh round).
     return {"vision.embeddings.patch_embedding": args.patch_lr} if args.patch_lr is not None else {}
 
 
