@@ -36,7 +36,7 @@ TASKS = ["caption", *FAMILIES, *MULTI_FAMILIES, "multi_turn"]
 class FusionBench:
     out: Path = Path("runs/bench-fusion")
     modes: tuple[str, ...] = MODES
-    # 800 steps keep the whole bench under 30 minutes on 2 CPU cores (26.9 min measured).
+    # 800 steps keep the whole bench well under 30 minutes on 2 CPU cores (20.7 min measured; 1,000: 24.9).
     steps: int = 800
     # The rest of the instruct stage as the demo's recipe trains it: Muon for the decoder's matrices
     # (omnilm.train.optim.MuonAdamW), its learning rate and batch, a 2-layer decoder.
