@@ -229,11 +229,6 @@ def cmd_bench_fusion(args) -> None:
     from omnilm.eval.fusion import FusionBench, run_fusion_bench
 
     modes = tuple(args.modes.split(",")) if args.modes else FusionBench.modes
-    unknown = [m for m in modes if m not in FusionBench.modes]
-    if unknown:
-        raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(FusionBench.modes)}")
-    if args.llm_layers is not None and args.llm_layers < 1:
-        raise OmniInputError(f"--llm-layers is {args.llm_layers}: give the decoder at least one layer")
     bench = FusionBench(out=Path(args.out), modes=modes, steps=args.steps, n_train=args.n_train, n_test=args.n_test,
                         lr=args.lr, optimizer=args.optimizer, connector_lr=args.connector_lr, seed=args.seed,
                         llm_layers=args.llm_layers, progress=not args.no_progress)

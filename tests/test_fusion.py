@@ -267,3 +267,7 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --llm-layers is 0: give the decoder at least one layer"
     assert not (tmp_path / "bad").exists()  # refused before any work
+    from omnilm.eval.fusion import FusionBench  # the library refuses as the command line does
+
+    one_line_error(lambda: FusionBench(out=tmp_path / "bad", llm_layers=0), "--llm-layers is 0")
+    one_line_error(lambda: FusionBench(out=tmp_path / "bad", modes=("joint", "fused")), "unknown fused", "choose from")

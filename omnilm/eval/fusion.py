@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from omnilm.data.shapeworld import FAMILIES, MULTI_FAMILIES
+from omnilm.errors import OmniInputError
 from omnilm.io import write_json, write_text
 from omnilm.train.recipe import Recipe
 
@@ -55,6 +56,14 @@ class FusionBench:
     llm_layers: int | None = Recipe.llm_layers  # the decoder's depth (None: the preset's)
     system_prompt: str | None = Recipe.system_prompt
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked here, before any data is written, so that the library and the CLI refuse alike.
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
+        if self.llm_layers is not None and self.llm_layers < 1:
+            raise OmniInputError(f"--llm-layers is {self.llm_layers}: give the decoder at least one layer")
 
 
 def _strip_images(records: list[dict]) -> list[dict]:
