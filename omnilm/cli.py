@@ -231,7 +231,8 @@ def cmd_bench_fusion(args) -> None:
     modes = tuple(args.modes.split(",")) if args.modes else FusionBench.modes
     bench = FusionBench(out=Path(args.out), modes=modes, steps=args.steps, n_train=args.n_train, n_test=args.n_test,
                         lr=args.lr, optimizer=args.optimizer, connector_lr=args.connector_lr, seed=args.seed,
-                        llm_layers=args.llm_layers, progress=not args.no_progress)
+                        llm_layers=args.llm_layers, clip_steps=args.clip_steps, clip_images=args.clip_images,
+                        progress=not args.no_progress)
     run_fusion_bench(bench, docs=Path(args.docs) if args.docs else None)
 
 
@@ -418,6 +419,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "gated blocks); default: the decoder's")
     q.add_argument("--llm-layers", type=int, default=d.llm_layers, metavar="N",
                    help=f"decoder layers in every mode (default {d.llm_layers}, as the demo; the tiny preset has 4)")
+    q.add_argument("--clip-steps", type=int, default=d.clip_steps, metavar="N",
+                   help=f"train the vision tower of joint, late and cross-attention first with the demo's stage clip "
+                        f"(default {d.clip_steps}); 0: the modes read a random frozen tower")
+    q.add_argument("--clip-images", type=int, default=d.clip_images, metavar="N",
+                   help=f"single-object scenes for stage clip (default {d.clip_images})")
     q.add_argument("--seed", type=int, default=d.seed)
     q.add_argument("--docs", default=None, help="also write fusion_table.md and fusion.png into this folder (e.g. docs)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars")

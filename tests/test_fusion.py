@@ -240,15 +240,18 @@ def test_too_many_images_across_prefill_chunks_is_a_clear_error():
 
 def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
     """What `omnilm bench fusion` runs, at two steps a mode on a few dozen examples: every mode
-    trains on the same data at the asked depth, is scored on single- and multi-image questions,
-    and the table and chart are written."""
+    trains on the same data at the asked depth, the modes with a vision encoder read the one CLIP
+    tower trained first, every mode is scored on single- and multi-image questions, and the table
+    and chart are written."""
     import json
 
     from omnilm.cli import main
+    from omnilm.model.hf import load_vision_encoder
 
     main(["bench", "fusion", "--out", str(tmp_path / "run"), "--steps", "2", "--n-train", "24", "--n-test", "6",
-          "--modes", "text_only,joint,cross_attention", "--llm-layers", "2", "--docs", str(tmp_path / "docs"),
-          "--no-progress"])
+          "--modes", "text_only,joint,cross_attention", "--llm-layers", "2", "--clip-steps", "2", "--clip-images", "64",
+          "--docs", str(tmp_path / "docs"), "--no-progress"])
+    tower = load_vision_encoder(tmp_path / "run" / "clip" / "model").state_dict()
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["mode"] for r in results] == ["text_only", "joint", "cross_attention"]
     n_questions = {r["eval"]["n"] for r in results}
@@ -256,6 +259,10 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
     for r in results:
         saved = OmniModel.from_pretrained(tmp_path / "run" / r["mode"] / "model")
         assert saved.config.text.n_layers == 2 and saved.num_parameters() == r["parameters"]
+        if r["mode"] == "text_only":
+            assert saved.vision is None
+        else:  # the CLIP tower, frozen
+            assert all(torch.equal(v, tower[k]) for k, v in saved.vision.state_dict().items())
         assert 0 < r["trainable"] <= r["parameters"] and r["step_s"] > 0 and r["latency_s"] > 0
     assert [r["tokens_per_image"] for r in results] == [0, 9, 1]  # no image; a token a patch; the marker alone
     table = (tmp_path / "docs" / "fusion_table.md").read_text()

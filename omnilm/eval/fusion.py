@@ -2,11 +2,13 @@
 
 Each mode (and a text-only baseline that never sees the images) is trained by the same
 instruct stage on the same interleaved ShapeWorld data, with the same seed, step budget and
-optimizer, then scored on the same held-out questions, single- and multi-image. The vision
-tower is the same random, frozen ViT for joint, late and cross-attention (instruction tuning
-alone beat the full recipe at equal steps: docs/shapeworld-recipe.md); early fusion has none.
+optimizer, then scored on the same held-out questions, single- and multi-image. Joint, late and
+cross-attention read the same vision tower, frozen: one CLIP ViT trained first by the demo's stage
+clip (as LLaVA and Flamingo start from a pretrained encoder; with `clip_steps=0` a random ViT);
+early fusion has none.
 
-    out/data/                 train.json, test.json, images/, tokenizer/
+    out/data/                 train.json, test.json, clip.json, images/, tokenizer/
+    out/clip/                 stage clip (model/ is the tower the modes read), clip_eval.json
     out/<mode>/               the instruct run (metrics.jsonl, loss.png, model/), eval.json, predictions.jsonl
     out/results.json          every figure below
     docs/fusion.md, docs/fusion.png   (with --docs) the table and the bar chart the README shows
@@ -30,6 +32,7 @@ from omnilm.io import write_json, write_text
 from omnilm.train.recipe import Recipe
 
 MODES = ("text_only", "joint", "early", "late", "cross_attention")
+ENCODER_MODES = ("joint", "late", "cross_attention")  # the modes that read a vision tower
 TASKS = ["caption", *FAMILIES, *MULTI_FAMILIES, "multi_turn"]
 
 
@@ -47,10 +50,14 @@ class FusionBench:
     # Each mode's connector (joint's projector, early's patch embedding, late's pooling and gate, the
     # resampler and gated blocks of cross-attention) may learn faster than the decoder, as LLaVA's projector.
     connector_lr: float | None = None
-    n_train: int = 6000  # examples; half single-image (a caption and a chat), half multi-image
+    n_train: int = Recipe.n_train  # examples; half single-image (a caption and a chat), half multi-image
     n_test: int = 300
     multi_image: float = 0.5
     jitter: float = Recipe.jitter  # shapes near their cell's centre, as in the demo
+    # Stage clip as in the demo (single-object scenes, the patch embedding at a tenth of the rate);
+    # 0 steps: the modes read a random frozen tower instead.
+    clip_steps: int = Recipe.clip_steps
+    clip_images: int = Recipe.clip_images
     seed: int = 0
     preset: str = "tiny"
     llm_layers: int | None = Recipe.llm_layers  # the decoder's depth (None: the preset's)
@@ -64,6 +71,14 @@ class FusionBench:
             raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
         if self.llm_layers is not None and self.llm_layers < 1:
             raise OmniInputError(f"--llm-layers is {self.llm_layers}: give the decoder at least one layer")
+        if self.clip_steps < 0 or (self.clip_steps and self.clip_images < 1):
+            raise OmniInputError(f"--clip-steps {self.clip_steps} on --clip-images {self.clip_images}: give 0 steps "
+                                 "(a random tower) or some steps on at least one image")
+
+    def clip_recipe(self) -> Recipe:
+        """The demo's recipe with this bench's preset, seed and CLIP budget (`train_clip_tower` reads it)."""
+        return Recipe(preset=self.preset, seed=self.seed, clip_steps=self.clip_steps, clip_images=self.clip_images,
+                      jitter=self.jitter, progress=self.progress)
 
 
 def _strip_images(records: list[dict]) -> list[dict]:
@@ -78,7 +93,8 @@ def _strip_images(records: list[dict]) -> list[dict]:
 
 
 def make_data(bench: FusionBench) -> tuple[Path, Path]:
-    """ShapeWorld with multi-image examples, its text-only copy, and one tokenizer for all."""
+    """ShapeWorld with multi-image examples, its text-only copy, one tokenizer for all, and (with
+    `clip_steps`) the single-object scenes of stage clip."""
     from omnilm.config import OmniConfig
     from omnilm.data.llava_json import read_records
     from omnilm.data.shapeworld import write_shapeworld
@@ -91,6 +107,10 @@ def make_data(bench: FusionBench) -> tuple[Path, Path]:
     test_json = write_shapeworld(data, bench.n_test, bench.seed, "test", **shared)
     for path in (train_json, test_json):
         write_json(path.with_name(path.stem + "_text.json"), _strip_images(read_records(path)))
+    if bench.clip_steps:
+        recipe = bench.clip_recipe()
+        write_shapeworld(data, recipe.clip_images, bench.seed, "clip", n_objects=recipe.clip_objects,
+                         image_size=size, jitter=bench.jitter, progress=bench.progress)
     chat_tokenizer(train_json, bench.system_prompt).save(data / "tokenizer")
     return train_json, test_json
 
@@ -115,7 +135,9 @@ def _generation_latency(model, processor, record: dict, folder: Path, repeats: i
     return statistics.median(times[1:])
 
 
-def run_mode(bench: FusionBench, mode: str, train_json: Path, test_json: Path) -> dict[str, Any]:
+def run_mode(bench: FusionBench, mode: str, train_json: Path, test_json: Path,
+             vision: Path | None = None) -> dict[str, Any]:
+    """Train `mode` (reading the CLIP tower `vision` if it has a vision encoder), score it, time it."""
     from omnilm.data import Processor
     from omnilm.data.llava_json import read_records
     from omnilm.eval.vqa import evaluate_vqa, write_predictions
@@ -131,7 +153,8 @@ def run_mode(bench: FusionBench, mode: str, train_json: Path, test_json: Path) -
     out = bench.out / mode
     summary = train(TrainArgs(
         stage="instruct", data=train_json, image_folder=data, out=out, preset=bench.preset,
-        tokenizer=data / "tokenizer", steps=bench.steps, batch_size=bench.batch_size, lr=bench.lr,
+        tokenizer=data / "tokenizer", vision=vision if mode in ENCODER_MODES else None, steps=bench.steps,
+        batch_size=bench.batch_size, lr=bench.lr,
         optimizer=bench.optimizer, projector_lr=None if text_only else bench.connector_lr,
         warmup=bench.steps // 20, seed=bench.seed, tasks=TASKS, whiten_projector=mode in ("joint", "late"),
         config_overrides=overrides, progress=bench.progress, resume=False))
@@ -210,11 +233,23 @@ def run_fusion_bench(bench: FusionBench, docs: Path | None = None) -> list[dict[
     t0 = time.perf_counter()
     bench.out.mkdir(parents=True, exist_ok=True)
     train_json, test_json = make_data(bench)
+    vision = None
+    if bench.clip_steps and any(mode in ENCODER_MODES for mode in bench.modes):
+        from omnilm.eval.clip import format_clip_results
+        from omnilm.train.recipe import train_clip_tower
+
+        print(f"fusion bench: training the CLIP tower ({bench.clip_steps} steps) ...", flush=True)
+        shutil.rmtree(bench.out / "clip", ignore_errors=True)
+        data = bench.out / "data"
+        vision, clip_eval, _ = train_clip_tower(bench.out / "clip", data / "clip.json", test_json, data,
+                                                data / "tokenizer", bench.clip_recipe())
+        write_json(bench.out / "clip_eval.json", clip_eval)
+        print(format_clip_results(clip_eval), flush=True)
     results = []
     for mode in bench.modes:
         print(f"fusion bench: training {mode} ({bench.steps} steps) ...", flush=True)
         shutil.rmtree(bench.out / mode, ignore_errors=True)
-        results.append(run_mode(bench, mode, train_json, test_json))
+        results.append(run_mode(bench, mode, train_json, test_json, vision))
         write_json(bench.out / "results.json", results)
     table = format_table(results)
     minutes = (time.perf_counter() - t0) / 60

@@ -101,12 +101,25 @@ class Recipe:
                        instruct_steps=round(self.instruct_steps * factor))
 
 
+def train_clip_tower(out: Path, clip_json: Path, test_json: Path, image_folder: Path, tokenizer: Path,
+                     recipe: Recipe) -> tuple[Path, dict[str, Any], float]:
+    """Stage clip as the recipe runs it (its steps, batch and learning rates, the patch embedding's
+    included) on `clip_json`. Returns the CLIP model's folder, which `TrainArgs.vision` takes, its
+    zero-shot evaluation on `test_json`, and the seconds it trained."""
+    from omnilm.eval.clip import evaluate_clip_checkpoint
+
+    summary = train(TrainArgs(stage="clip", data=clip_json, image_folder=image_folder, out=out, tokenizer=tokenizer,
+                              preset=recipe.preset, seed=recipe.seed, steps=recipe.clip_steps,
+                              batch_size=recipe.clip_batch, lr=recipe.clip_lr, patch_lr=recipe.clip_patch_lr,
+                              warmup=recipe.clip_steps // 10, progress=recipe.progress))
+    return out / "model", evaluate_clip_checkpoint(out / "model", test_json, image_folder), summary["seconds"]
+
+
 def run_recipe(out: str | Path, recipe: Recipe = Recipe()) -> dict[str, Any]:
     """Run the recipe; returns timings, the CLIP and VQA evaluations and the final model."""
     from omnilm.data import Processor
     from omnilm.data.llava_json import read_records
     from omnilm.data.shapeworld import write_shapeworld
-    from omnilm.eval.clip import evaluate_clip_checkpoint
     from omnilm.eval.vqa import evaluate_vqa, write_predictions
     from omnilm.train.stages import chat_tokenizer
 
@@ -137,12 +150,8 @@ def run_recipe(out: str | Path, recipe: Recipe = Recipe()) -> dict[str, Any]:
     result: dict[str, Any] = {"recipe": asdict(recipe)}
     vision = None
     if "clip" in recipe.stages:
-        summary = train(TrainArgs(stage="clip", out=out / "clip", steps=recipe.clip_steps, batch_size=recipe.clip_batch,
-                                  lr=recipe.clip_lr, patch_lr=recipe.clip_patch_lr, warmup=recipe.clip_steps // 10,
-                                  **{**common, "data": clip_json}))
-        timings["clip"] = summary["seconds"]
-        vision = out / "clip" / "model"
-        result["clip_eval"] = evaluate_clip_checkpoint(vision, test_json, data)
+        vision, result["clip_eval"], timings["clip"] = train_clip_tower(out / "clip", clip_json, test_json, data,
+                                                                        out / "tokenizer", recipe)
         write_json(out / "clip_eval.json", result["clip_eval"])
     init = None
     if "align" in recipe.stages:
