@@ -40,7 +40,8 @@ TASKS = ["caption", *FAMILIES, *MULTI_FAMILIES, "multi_turn"]
 class FusionBench:
     out: Path = Path("runs/bench-fusion")
     modes: tuple[str, ...] = MODES
-    # 800 steps keep the whole bench well under 30 minutes on 2 CPU cores (20.7 min measured; 1,000: 24.9).
+    # 800 steps keep the whole bench under 30 minutes on 2 CPU cores, CLIP and data included (25.8 min
+    # measured; 20.7 with a random tower and 6,000 examples, where 1,000 steps took 24.9).
     steps: int = 800
     # The rest of the instruct stage as the demo's recipe trains it: Muon for the decoder's matrices
     # (omnilm.train.optim.MuonAdamW), its learning rate and batch, a 2-layer decoder.
