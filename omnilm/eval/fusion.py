@@ -72,9 +72,11 @@ class FusionBench:
             raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
         if self.llm_layers is not None and self.llm_layers < 1:
             raise OmniInputError(f"--llm-layers is {self.llm_layers}: give the decoder at least one layer")
-        if self.clip_steps < 0 or (self.clip_steps and self.clip_images < 1):
-            raise OmniInputError(f"--clip-steps {self.clip_steps} on --clip-images {self.clip_images}: give 0 steps "
-                                 "(a random tower) or some steps on at least one image")
+        if self.clip_steps < 0:
+            raise OmniInputError(f"--clip-steps is {self.clip_steps}: give 0 (a random tower) or more")
+        if self.clip_steps and self.clip_images < Recipe.clip_batch:
+            raise OmniInputError(f"--clip-images is {self.clip_images}: stage clip draws batches of "
+                                 f"{Recipe.clip_batch}, so give at least that many (or --clip-steps 0)")
 
     def clip_recipe(self) -> Recipe:
         """The demo's recipe with this bench's preset, seed and CLIP budget (`train_clip_tower` reads it)."""
