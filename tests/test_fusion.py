@@ -281,4 +281,5 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", clip_images=16), "--clip-images is 16", "at least")
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", clip_steps=-1), "--clip-steps is -1")
     assert FusionBench(out=tmp_path / "bad", clip_steps=0, clip_images=0).clip_steps == 0  # a random tower needs none
+    assert not FusionBench(out=tmp_path / "bad", modes=("text_only", "early")).trains_clip  # no mode reads a tower
     assert not (tmp_path / "bad").exists()

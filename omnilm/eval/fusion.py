@@ -78,6 +78,11 @@ class FusionBench:
             raise OmniInputError(f"--clip-images is {self.clip_images}: stage clip draws batches of "
                                  f"{Recipe.clip_batch}, so give at least that many (or --clip-steps 0)")
 
+    @property
+    def trains_clip(self) -> bool:
+        """Whether the bench trains a CLIP tower first: some steps, and a mode that reads one."""
+        return self.clip_steps > 0 and any(mode in ENCODER_MODES for mode in self.modes)
+
     def clip_recipe(self) -> Recipe:
         """The demo's recipe with this bench's preset, seed and CLIP budget (`train_clip_tower` reads it)."""
         return Recipe(preset=self.preset, seed=self.seed, clip_steps=self.clip_steps, clip_images=self.clip_images,
@@ -96,8 +101,8 @@ def _strip_images(records: list[dict]) -> list[dict]:
 
 
 def make_data(bench: FusionBench) -> tuple[Path, Path]:
-    """ShapeWorld with multi-image examples, its text-only copy, one tokenizer for all, and (with
-    `clip_steps`) the single-object scenes of stage clip."""
+    """ShapeWorld with multi-image examples, its text-only copy, one tokenizer for all, and (when
+    the bench `trains_clip`) the single-object scenes of stage clip."""
     from omnilm.config import OmniConfig
     from omnilm.data.llava_json import read_records
     from omnilm.data.shapeworld import write_shapeworld
@@ -110,7 +115,7 @@ def make_data(bench: FusionBench) -> tuple[Path, Path]:
     test_json = write_shapeworld(data, bench.n_test, bench.seed, "test", **shared)
     for path in (train_json, test_json):
         write_json(path.with_name(path.stem + "_text.json"), _strip_images(read_records(path)))
-    if bench.clip_steps:
+    if bench.trains_clip:
         recipe = bench.clip_recipe()
         write_shapeworld(data, recipe.clip_images, bench.seed, "clip", n_objects=recipe.clip_objects,
                          image_size=size, jitter=bench.jitter, progress=bench.progress)
@@ -237,7 +242,7 @@ def run_fusion_bench(bench: FusionBench, docs: Path | None = None) -> list[dict[
     bench.out.mkdir(parents=True, exist_ok=True)
     train_json, test_json = make_data(bench)
     vision = None
-    if bench.clip_steps and any(mode in ENCODER_MODES for mode in bench.modes):
+    if bench.trains_clip:
         from omnilm.eval.clip import format_clip_results
         from omnilm.train.recipe import train_clip_tower
 
