@@ -230,7 +230,9 @@ def cmd_bench_fusion(args) -> None:
 
     modes = tuple(args.modes.split(",")) if args.modes else FusionBench.modes
     bench = FusionBench(out=Path(args.out), modes=modes, steps=args.steps, n_train=args.n_train, n_test=args.n_test,
-                        lr=args.lr, optimizer=args.optimizer, connector_lr=args.connector_lr, seed=args.seed,
+                        lr=args.lr, optimizer=args.optimizer, connector_lr=args.connector_lr, gate_lr=args.gate_lr,
+                        cross_attention_every=args.cross_attention_every, captions=args.captions,
+                        group_by_length=not args.no_group_by_length, seed=args.seed,
                         llm_layers=args.llm_layers, clip_steps=args.clip_steps, clip_images=args.clip_images,
                         progress=not args.no_progress)
     run_fusion_bench(bench, docs=Path(args.docs) if args.docs else None)
@@ -281,6 +283,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default 1)")
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr:g})")
     p.add_argument("--projector-lr", type=float, default=None, help="peak learning rate of the projector (default --lr)")
+    p.add_argument("--gate-lr", type=float, default=None,
+                   help="peak learning rate of cross-attention's tanh gates (default: the projector's). Adam moves a "
+                        "scalar about its LR a step, so a gate starting at 0 needs some 0.5/LR steps to open")
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warm-up steps before the cosine decay (default {d.warmup})")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR as a fraction of the peak")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay on matrices (default 0)")
@@ -294,6 +299,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate of the ViT's patch embedding where the tower trains (clip; instruct "
                         "with --train-vision); default: the tower's. A tenth of --lr keeps the learned positions "
                         "visible beside the patches (the recipe's stage clip uses it)")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="align/instruct: batch records of similar length together, so less of each batch is padding "
+                        "(as LLaVA's group_by_modality_length); batches stay a pure function of --seed")
     p.add_argument("--whiten-projector", action="store_true",
                    help="start a fresh projector by whitening the vision features, so that every feature "
                         "direction learns at the same speed (see omnilm.model.connector.whiten_)")
@@ -343,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--jitter", type=float, default=1.0,
                    help="how far shapes stray from their cell's centre: 0 centred, 1 anywhere in the cell (default)")
     q.add_argument("--questions", choices=("mixed", "all"), default="mixed",
-                   help="per image, a conversation of 1 to 4 question families (mixed, default) or of all of them")
+                   help="per image, a conversation of 1 to 4 question families (mixed, default) or of all of them; "
+                        "all also follows each multi-image question with every other multi-image family its images answer")
     q.add_argument("--n-objects", type=int, default=None, help="objects per scene, 1-4 (default: a mix of 1 to 4)")
     q.add_argument("--multi-image", type=float, default=0.0, metavar="P",
                    help="fraction of examples with 2 to 4 interleaved images and multi-image questions, default 0")
@@ -418,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--connector-lr", type=float, default=d.connector_lr,
                    help="peak LR of each mode's connector (projector, patch embedding, late gate, resampler and "
                         "gated blocks); default: the decoder's")
+    q.add_argument("--gate-lr", type=float, default=d.gate_lr,
+                   help=f"peak LR of cross-attention's tanh gates (default {d.gate_lr:g}; they start at 0 and Adam "
+                        "moves a scalar about its LR a step)")
+    q.add_argument("--cross-attention-every", type=int, default=d.cross_attention_every, metavar="N",
+                   help=f"a gated cross-attention block before every N-th decoder layer (default {d.cross_attention_every})")
+    q.add_argument("--no-group-by-length", action="store_true",
+                   help="batch records in random order (default: records of similar length together, less padding)")
+    q.add_argument("--captions", action="store_true",
+                   help="also train on the caption records (default: questions only, as the demo's instruct stage)")
     q.add_argument("--llm-layers", type=int, default=d.llm_layers, metavar="N",
                    help=f"decoder layers in every mode (default {d.llm_layers}, as the demo; the tiny preset has 4)")
     q.add_argument("--clip-steps", type=int, default=d.clip_steps, metavar="N",

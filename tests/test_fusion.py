@@ -248,7 +248,7 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
     from omnilm.cli import main
     from omnilm.model.hf import load_vision_encoder
 
-    main(["bench", "fusion", "--out", str(tmp_path / "run"), "--steps", "2", "--n-train", "24", "--n-test", "6",
+    main(["bench", "fusion", "--out", str(tmp_path / "run"), "--steps", "2", "--n-train", "48", "--n-test", "6",
           "--modes", "text_only,joint,cross_attention", "--llm-layers", "2", "--clip-steps", "2", "--clip-images", "64",
           "--docs", str(tmp_path / "docs"), "--no-progress"])
     tower = load_vision_encoder(tmp_path / "run" / "clip" / "model").state_dict()
@@ -265,6 +265,14 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
             assert all(torch.equal(v, tower[k]) for k, v in saved.vision.state_dict().items())
         assert 0 < r["trainable"] <= r["parameters"] and r["step_s"] > 0 and r["latency_s"] > 0
     assert [r["tokens_per_image"] for r in results] == [0, 9, 1]  # no image; a token a patch; the marker alone
+    # Questions only (no captions); cross-attention with a gated block before every layer, its gates at their rate.
+    runs = {r["mode"]: json.loads((tmp_path / "run" / r["mode"] / "checkpoints" / "step-000002" / "trainer_state.json")
+                                  .read_text()) for r in results}
+    assert all("caption" not in state["run_config"]["tasks"] for state in runs.values())
+    assert [state["run_config"]["gate_lr"] for state in runs.values()] == [None, None, 0.02]
+    gates = {g["name"]: g["base_lr"] for g in runs["cross_attention"]["param_groups"] if g["name"].endswith("_gate")}
+    assert len(gates) == 2 * 2 and set(gates.values()) == {0.02}  # two blocks of two gates
+    assert OmniModel.from_pretrained(tmp_path / "run" / "cross_attention" / "model").config.cross_attention_every == 1
     table = (tmp_path / "docs" / "fusion_table.md").read_text()
     assert table.count("\n") == 2 + len(results) and "multi-image" in table and "cross_attention" in table
     assert (tmp_path / "docs" / "fusion.png").stat().st_size > 0
@@ -280,6 +288,9 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", modes=("joint", "fused")), "unknown fused", "choose from")
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", clip_images=16), "--clip-images is 16", "at least")
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", clip_steps=-1), "--clip-steps is -1")
+    one_line_error(lambda: FusionBench(out=tmp_path / "bad", gate_lr=0.0), "--gate-lr is 0.0")
+    one_line_error(lambda: FusionBench(out=tmp_path / "bad", cross_attention_every=3), "--cross-attention-every is 3",
+                   "1 to 2")
     assert FusionBench(out=tmp_path / "bad", clip_steps=0, clip_images=0).clip_steps == 0  # a random tower needs none
     assert not FusionBench(out=tmp_path / "bad", modes=("text_only", "early")).trains_clip  # no mode reads a tower
     assert not (tmp_path / "bad").exists()

@@ -400,6 +400,28 @@ def test_multi_image_answers_from_scenes_and_pixels():
     assert set(sw.MULTI_FAMILIES) <= set(families)
 
 
+def test_all_questions_follow_a_multi_image_question_with_every_family_its_images_answer():
+    # questions="all": after the drawn question (or the chat's last image turn), one text-only turn
+    # for each other multi-image family the same images answer, each answer checked by the oracle.
+    more = 0
+    for index in range(300):
+        mixed, full = sw.make_multi_example(index, 6, "train"), sw.make_multi_example(index, 6, "train", questions="all")
+        assert full.scenes == mixed.scenes and full.record["image"] == mixed.record["image"]
+        convs = full.record["conversations"]
+        assert convs[:len(mixed.record["conversations"])] == mixed.record["conversations"]
+        extra = len(convs) - len(mixed.record["conversations"])
+        assert all("<image>" not in turn["value"] for turn in convs[len(convs) - extra::2])
+        _check_answers(full.record, [_objects(scene) for scene in full.scenes])
+        families = full.record.get("turn_tasks", [full.record["task"]])
+        last = len(mixed.record.get("turn_tasks", [mixed.record["task"]])) - 1
+        assert len(set(families[last:])) == len(families[last:])  # each family once about the final images
+        # Every family the images answer is asked: "more" whenever one image has the most objects.
+        counts = [len(scene) for scene in full.scenes]
+        assert ("multi_more" in families[last:]) == (counts.count(max(counts)) == 1)
+        more += extra // 2
+    assert more > 300  # well over one more question per example
+
+
 def test_multi_image_layouts_and_later_turn_images():
     placed = collections.Counter()
     for index in range(300):

@@ -2,6 +2,8 @@
 transformers, and bad data at the command line. Tiny models on a few dozen ShapeWorld images."""
 
 import json
+import math
+import random
 
 import pytest
 import torch
@@ -178,6 +180,43 @@ def test_stage_clip_trains_the_patch_embedding_at_its_own_rate(shapeworld, tmp_p
     groups = json.loads((tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["param_groups"]
     peaks = {g["name"]: g["base_lr"] for g in groups}
     assert peaks == {"model": 1e-3, "vision.embeddings.patch_embedding": 1e-4}
+
+
+def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
+    from omnilm.train.loop import BatchStream
+
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.randint(40, 80), rng.randint(100, 200)]) for _ in range(1000)]
+    plain, grouped = BatchStream(1000, 8, seed=3), BatchStream(1000, 8, seed=3, lengths=lengths)
+    for epoch in range(2):
+        steps = range(epoch * 125, (epoch + 1) * 125)
+        seen = [i for k in steps for i in grouped.indices(k)]
+        # The same records as the plain epoch (its ragged tail dropped), each once, in another order.
+        assert sorted(seen) == sorted(i for k in steps for i in plain.indices(k)) and len(set(seen)) == 1000
+        padded = {name: sum(8 * max(lengths[i] for i in s.indices(k)) for k in steps) for name, s in
+                  (("plain", plain), ("grouped", grouped))}
+        assert padded["grouped"] < 0.8 * padded["plain"], padded
+    again = BatchStream(1000, 8, seed=3, lengths=lengths)  # a pure function of (seed, k): resumable
+    assert [again.indices(k) for k in (130, 7)] == [grouped.indices(k) for k in (130, 7)]
+    assert BatchStream(1000, 8, seed=4, lengths=lengths).indices(0) != grouped.indices(0)
+
+
+def test_group_by_length_trains_and_refuses_stage_clip(shapeworld, tmp_path):
+    losses = train(args(shapeworld, tmp_path, steps=2, group_by_length=True))["losses"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    one_line_error(lambda: args(shapeworld, tmp_path, stage="clip", group_by_length=True),
+                   "stage clip does not use --group-by-length")
+
+
+def test_cross_attention_gates_train_at_their_own_rate(shapeworld, tmp_path):
+    train(args(shapeworld, tmp_path, steps=2, gate_lr=0.05, config_overrides=SMALL | {"fusion": "cross_attention"}))
+    groups = json.loads((tmp_path / "checkpoints" / "step-000002" / "trainer_state.json").read_text())["param_groups"]
+    gates = {g["name"]: g["base_lr"] for g in groups if g["name"].endswith("_gate")}
+    assert gates and set(gates.values()) == {0.05}
+    assert {g["base_lr"] for g in groups if not g["name"].endswith("_gate")} == {3e-3}
+    one_line_error(lambda: train(args(shapeworld, tmp_path / "joint", steps=2, gate_lr=0.05)),
+                   "--gate-lr", "fusion=joint", "has none")
+    one_line_error(lambda: args(shapeworld, tmp_path, stage="clip", gate_lr=0.05), "stage clip does not use --gate-lr")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])

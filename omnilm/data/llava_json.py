@@ -120,6 +120,13 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def token_lengths(self) -> list[int]:
+        """Each record's sequence length in tokens, its images' tokens included."""
+        for i, record in enumerate(self.records):
+            if i not in self._encoded:
+                self._encoded[i] = self._encode(record["conversations"])
+        return [len(self._encoded[i][0]) for i in range(len(self.records))]
+
     def __getitem__(self, i: int) -> dict:
         """`input_ids` (T,) and `labels` (T,) long, `pixel_values` (N, 3, H, W) float32 in
         marker order or None, and the record's `id`."""

@@ -27,7 +27,9 @@ question, mid-sentence, labelled "Image 1: <image>"), with questions that need s
 them: which image has the most shapes, which colour is new in one image, whether two images
 hold the same shape, how many shapes there are in all (families `MULTI_FAMILIES`, answers an
 ordinal, a colour, yes/no or a digit). Some are chats whose first turn asks an ordinary
-question about one image and whose later turns each bring one more image. Which indices are
+question about one image and whose later turns each bring one more image; with
+`questions="all"` each goes on with every other multi-image family its images answer
+(`follow_up_questions`). Which indices are
 multi-image is decided by `random.Random(f"shapeworld-kind:{split}:{seed}:{index}")`, and a
 multi-image example draws from `random.Random(f"shapeworld-multi:{split}:{seed}:{index}")`
 (`multi_rng`), so the single-image examples come out exactly as without them.
@@ -377,8 +379,10 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
 
     A `multi_image` fraction of the examples (chosen per index by `is_multi_image`) are
     multi-image ones (`make_multi_example`): one record, and PNGs `{split}_{index:06d}_{k}.png`.
-    The others are exactly what they are without it. `questions` and `n_objects` shape the
-    single-image examples only: multi-image scenes are drawn to fit their questions. A progress bar
+    The others are exactly what they are without it. `n_objects` shapes the single-image examples
+    only (multi-image scenes are drawn to fit their questions); `questions="all"` asks every family
+    a single image allows, and follows a multi-image question with every other multi-image family
+    its images answer. A progress bar
     shows for 2,000 examples or more, unless `progress` is False."""
     from tqdm import tqdm
 
@@ -400,7 +404,7 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
     lines = []
     for index in tqdm(range(n), desc=f"shapeworld {split}", unit="img", disable=not progress or n < 2000):
         if is_multi_image(index, seed, split, multi_image):
-            multi = make_multi_example(index, seed, split, image_size, jitter)
+            multi = make_multi_example(index, seed, split, image_size, jitter, questions)
             for image, name in zip(multi.images, multi.record["image"]):
                 image.save(out_dir / name, format="PNG")
             lines.append(json.dumps(multi.record))
@@ -573,18 +577,73 @@ def _ask_total(slots: Slots, rng: random.Random) -> tuple[list, str, str]:
     given = sum(len(scene) for scene in slots if scene is not None)
     most = min(4, (MAX_TOTAL - given) // free)
     scenes = [scene if scene is not None else generate_scene(rng, rng.randint(1, most)) for scene in slots]
+    return (scenes, *_total_question(scenes, rng))
+
+
+def _total_question(scenes: list, rng: random.Random) -> tuple[str, str]:
+    # A "how many ... in all the images" question about drawn scenes holding at most MAX_TOTAL objects.
     objects = [o for scene in scenes for o in scene]
     kind, u = rng.random(), rng.random()
     if kind < 0.4:
-        return scenes, rng.choice(MULTI_TEMPLATES["total_all"]), str(len(objects))
+        return rng.choice(MULTI_TEMPLATES["total_all"]), str(len(objects))
     attr, values = ("colour", COLOURS) if kind < 0.7 else ("shape", SHAPES)
     present = [v for v in values if any(getattr(o, attr) == v for o in objects)]
     absent = [v for v in values if v not in present]  # empty when all images together hold every one
     value = rng.choice(present if u < 0.75 or not absent else absent)
     n = sum(getattr(o, attr) == value for o in objects)
     if attr == "colour":
-        return scenes, rng.choice(MULTI_TEMPLATES["total_colour"]).format(colour=value), str(n)
-    return scenes, rng.choice(MULTI_TEMPLATES["total_shape"]).format(shapes=PLURALS[value]), str(n)
+        return rng.choice(MULTI_TEMPLATES["total_colour"]).format(colour=value), str(n)
+    return rng.choice(MULTI_TEMPLATES["total_shape"]).format(shapes=PLURALS[value]), str(n)
+
+
+# --- questions about images already drawn (questions="all") -------------------------------------
+#
+# `ask_multi` draws images to fit a question; these ask what images already drawn answer with
+# exactly one answer, or return None: a unique largest count, a pair of images with exactly one
+# new colour, a pair of one-object images, a total of at most MAX_TOTAL.
+
+
+def _tell_more(scenes: list, rng: random.Random) -> tuple[str, str] | None:
+    counts = [len(scene) for scene in scenes]
+    if counts.count(max(counts)) > 1:
+        return None
+    return rng.choice(MULTI_TEMPLATES["more_of_two" if len(scenes) == 2 else "most"]), ORDINALS[counts.index(max(counts))]
+
+
+def _tell_new_colour(scenes: list, rng: random.Random) -> tuple[str, str] | None:
+    new = {(a, b): [c for c in _colours(scenes[b]) if c not in _colours(scenes[a])]
+           for a, b in itertools.permutations(range(len(scenes)), 2)}
+    pairs = [pair for pair, colours in new.items() if len(colours) == 1]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    return rng.choice(MULTI_TEMPLATES["new_colour"]).format(a=ORDINALS[a], b=ORDINALS[b]), new[a, b][0]
+
+
+def _tell_same_shape(scenes: list, rng: random.Random) -> tuple[str, str] | None:
+    pairs = list(itertools.combinations([i for i, scene in enumerate(scenes) if len(scene) == 1], 2))
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    question = rng.choice(MULTI_TEMPLATES["same_shape"]).format(a=ORDINALS[a], b=ORDINALS[b])
+    return question, "yes" if scenes[a][0].shape == scenes[b][0].shape else "no"
+
+
+def _tell_total(scenes: list, rng: random.Random) -> tuple[str, str] | None:
+    return _total_question(scenes, rng) if sum(len(scene) for scene in scenes) <= MAX_TOTAL else None
+
+
+_MULTI_TELLERS = {"multi_more": _tell_more, "multi_new_colour": _tell_new_colour,
+                  "multi_same_shape": _tell_same_shape, "multi_total": _tell_total}
+
+
+def follow_up_questions(scenes: list, rng: random.Random, skip: str | None = None) -> list[tuple[str, str, str]]:
+    """(family, question, answer) for each multi-image family but `skip` that the drawn `scenes`
+    answer with exactly one answer, in random order: the follow-up turns of `questions="all"`."""
+    families = [f for f in MULTI_FAMILIES if f != skip]
+    rng.shuffle(families)
+    told = [(family, _MULTI_TELLERS[family](scenes, rng)) for family in families]
+    return [(family, *qa) for family, qa in told if qa is not None]
 
 
 _MULTI_ASKERS = {"multi_more": _ask_more, "multi_new_colour": _ask_new_colour,
@@ -679,14 +738,21 @@ class MultiExample(NamedTuple):
     record: dict  # the one LLaVA JSON record; its "image" lists the images' paths in marker order
 
 
-def make_multi_example(index: int, seed: int, split: str, image_size: int = 64, jitter: float = 1.0) -> MultiExample:
+def make_multi_example(index: int, seed: int, split: str, image_size: int = 64, jitter: float = 1.0,
+                       questions: str = "mixed") -> MultiExample:
     """Multi-image example `index`, all from `multi_rng(split, seed, index)`: a single question
     about 2 to 4 images placed anywhere in the text, or (P_MULTI_CHAT) a chat whose later turns
-    bring more images. Its images are `images/{split}_{index:06d}_{k}.png`, k = 1, 2, ... in
-    marker order. The record's `task` is its one family or "multi_turn" (with `turn_tasks`).
-    Text is drawn before pixels, so it depends on neither `image_size` nor `jitter`."""
+    bring more images. With `questions="all"` the chat goes on, with no new image, to every other
+    multi-image family the images answer (`follow_up_questions`): more supervision per image drawn,
+    as "all" gives single-image examples. Its images are `images/{split}_{index:06d}_{k}.png`,
+    k = 1, 2, ... in marker order. The record's `task` is its one family or "multi_turn" (with
+    `turn_tasks`). Text is drawn before pixels, so it depends on neither `image_size` nor `jitter`."""
     rng = multi_rng(split, seed, index)
     scenes, conversations, families = _multi_chat(rng) if rng.random() < P_MULTI_CHAT else _multi_question(rng)
+    if questions == "all":
+        for family, question, answer in follow_up_questions(list(scenes), rng, skip=families[-1]):
+            conversations += [_human(question), _gpt(answer)]
+            families.append(family)
     images = [render(scene, image_size, rng, jitter) for scene in scenes]
     task = families[0] if len(families) == 1 else "multi_turn"
     record = {"id": f"{split}-{index:06d}-{task}",

@@ -40,9 +40,10 @@ TASKS = ["caption", *FAMILIES, *MULTI_FAMILIES, "multi_turn"]
 class FusionBench:
     out: Path = Path("runs/bench-fusion")
     modes: tuple[str, ...] = MODES
-    # 800 steps keep the whole bench under 30 minutes on 2 CPU cores, CLIP and data included (25.8 min
-    # measured; 20.7 with a random tower and 6,000 examples, where 1,000 steps took 24.9).
-    steps: int = 800
+    # 700 steps keep the whole bench under 30 minutes on 2 CPU cores, CLIP and data included: the
+    # follow-up questions lengthen the multi-image chats, and cross-attention's block before every
+    # layer costs a third more a step (800 steps took 25.8 min before either).
+    steps: int = 700
     # The rest of the instruct stage as the demo's recipe trains it: Muon for the decoder's matrices
     # (omnilm.train.optim.MuonAdamW), its learning rate and batch, a 2-layer decoder.
     batch_size: int = Recipe.instruct_batch
@@ -51,7 +52,19 @@ class FusionBench:
     # Each mode's connector (joint's projector, early's patch embedding, late's pooling and gate, the
     # resampler and gated blocks of cross-attention) may learn faster than the decoder, as LLaVA's projector.
     connector_lr: float | None = None
-    n_train: int = Recipe.n_train  # examples; half single-image (a caption and a chat), half multi-image
+    # Cross-attention's tanh gates start at 0 and Adam moves a scalar about its LR a step: at the
+    # decoder's 2e-3 they would take most of the run to open (omnilm.train.stages._gate_lr).
+    gate_lr: float | None = 0.02
+    cross_attention_every: int = 1  # a gated block before every decoder layer (Flamingo-3B's spacing)
+    # Captions teach where objects are, but they are a third of the records and the look-up the
+    # questions need comes later with them (as in the demo's recipe, docs/shapeworld-recipe.md).
+    captions: bool = False
+    # Single-image chats are some 70 tokens, multi-image ones up to 200: batches of similar lengths
+    # waste less on padding (a quarter of a random batch's tokens is padding).
+    group_by_length: bool = True
+    # Examples: half single-image (a chat of every question family, and a caption record that only
+    # --captions trains on), half multi-image (a question, or a chat, then follow-up questions).
+    n_train: int = Recipe.n_train
     n_test: int = 300
     multi_image: float = 0.5
     jitter: float = Recipe.jitter  # shapes near their cell's centre, as in the demo
@@ -74,6 +87,14 @@ class FusionBench:
             raise OmniInputError(f"--llm-layers is {self.llm_layers}: give the decoder at least one layer")
         if self.clip_steps < 0:
             raise OmniInputError(f"--clip-steps is {self.clip_steps}: give 0 (a random tower) or more")
+        if self.gate_lr is not None and not self.gate_lr > 0:
+            raise OmniInputError(f"--gate-lr is {self.gate_lr}: it must be > 0")
+        from omnilm.config import OmniConfig
+
+        layers = self.llm_layers or OmniConfig.from_preset(self.preset).text.n_layers
+        if not 1 <= self.cross_attention_every <= layers:
+            raise OmniInputError(f"--cross-attention-every is {self.cross_attention_every}: give 1 to {layers} "
+                                 f"(the decoder's layers)")
         if self.clip_steps and self.clip_images < Recipe.clip_batch:
             raise OmniInputError(f"--clip-images is {self.clip_images}: stage clip draws batches of "
                                  f"{Recipe.clip_batch}, so give at least that many (or --clip-steps 0)")
@@ -156,6 +177,8 @@ def run_mode(bench: FusionBench, mode: str, train_json: Path, test_json: Path,
     if text_only:
         train_json, test_json = (p.with_name(p.stem + "_text.json") for p in (train_json, test_json))
     overrides = {"vision": None} if text_only else {"fusion": mode}
+    if mode == "cross_attention":
+        overrides["cross_attention_every"] = bench.cross_attention_every
     if bench.llm_layers is not None:
         overrides["text"] = {"n_layers": bench.llm_layers}
     out = bench.out / mode
@@ -164,8 +187,9 @@ def run_mode(bench: FusionBench, mode: str, train_json: Path, test_json: Path,
         tokenizer=data / "tokenizer", vision=vision if mode in ENCODER_MODES else None, steps=bench.steps,
         batch_size=bench.batch_size, lr=bench.lr,
         optimizer=bench.optimizer, projector_lr=None if text_only else bench.connector_lr,
-        warmup=bench.steps // 20, seed=bench.seed, tasks=TASKS, whiten_projector=mode in ("joint", "late"),
-        config_overrides=overrides, progress=bench.progress, resume=False))
+        gate_lr=bench.gate_lr if mode == "cross_attention" else None, warmup=bench.steps // 20, seed=bench.seed,
+        tasks=TASKS if bench.captions else [t for t in TASKS if t != "caption"], whiten_projector=mode in ("joint", "late"),
+        group_by_length=bench.group_by_length, config_overrides=overrides, progress=bench.progress, resume=False))
     model = summary["model"].eval()
     processor = Processor.for_model(model)
     records = read_records(test_json)

@@ -47,6 +47,7 @@ class TrainArgs:
     projector_lr: float | None = None  # default: lr
     vision_lr: float | None = None  # with train_vision; default: lr
     patch_lr: float | None = None  # the ViT's patch embedding, where the tower trains (clip; instruct with train_vision)
+    gate_lr: float | None = None  # cross-attention's tanh gates (scalars); default: the fusion modules' rate
     warmup: int = 20  # capped at steps
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -61,6 +62,7 @@ class TrainArgs:
     bf16: bool | None = None  # autocast; default: where it is faster (see bf16_is_fast)
     skip_bad: bool = False
     cache_images: bool = True  # keep preprocessed images in memory (off for datasets larger than RAM)
+    group_by_length: bool = False  # batch records of similar length together: less padding (BatchStream)
     resume: bool = False
     stop_after: int | None = None  # stop (and checkpoint) after this many steps, as if interrupted
     progress: bool = True
@@ -76,7 +78,7 @@ class TrainArgs:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise OmniInputError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must be at least 1")
-        for name in ("lr", "clip_grad", "projector_lr", "vision_lr", "patch_lr"):
+        for name in ("lr", "clip_grad", "projector_lr", "vision_lr", "patch_lr", "gate_lr"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise OmniInputError(f"--{name.replace('_', '-')} is {value}; it must be > 0")
@@ -87,7 +89,8 @@ class TrainArgs:
         if not 0 <= self.min_lr_ratio <= 1:
             raise OmniInputError(f"--min-lr-ratio {self.min_lr_ratio} must be between 0 and 1")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
-        ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector"),
+        ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector", "gate_lr",
+                            "group_by_length"),
                    "align": ("train_vision", "vision_lr", "patch_lr"), "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]
         if given:
@@ -106,12 +109,18 @@ class TrainArgs:
 
 class BatchStream:
     """Micro-batch k of a run is a pure function of (seed, k): a fresh permutation per epoch, drop
-    the ragged tail. Resuming at step s therefore continues with exactly the batches it would have seen."""
+    the ragged tail. Resuming at step s therefore continues with exactly the batches it would have seen.
 
-    def __init__(self, n: int, batch_size: int, seed: int):
+    With `lengths` (tokens per record), each run of GROUP batches of the permutation is sorted by
+    length and cut into batches again, and the epoch's batches are shuffled: records of a batch have
+    similar lengths, so less of it is padding (LLaVA's group_by_modality_length, HF's group_by_length)."""
+
+    GROUP = 16
+
+    def __init__(self, n: int, batch_size: int, seed: int, lengths: list[int] | None = None):
         if n < batch_size:
             raise OmniInputError(f"the dataset has {n} records but --batch-size is {batch_size}: use a smaller batch")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.batch_size, self.seed, self.lengths = n, batch_size, seed, lengths
         self.per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
 
@@ -120,7 +129,17 @@ class BatchStream:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+            if self.lengths is not None:
+                self._perm = self._grouped(self._perm[:self.per_epoch * self.batch_size], g)
         return self._perm[j * self.batch_size:(j + 1) * self.batch_size].tolist()
+
+    def _grouped(self, perm: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        lengths = torch.tensor(self.lengths)[perm]
+        size = self.GROUP * self.batch_size
+        chunks = [perm[i:i + size][lengths[i:i + size].argsort(descending=True, stable=True)]
+                  for i in range(0, len(perm), size)]
+        batches = torch.cat(chunks).view(self.per_epoch, self.batch_size)
+        return batches[torch.randperm(self.per_epoch, generator=g)].flatten()
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -174,7 +193,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
     end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     if start >= end:
         raise OmniInputError(f"{resume_from} is already at step {start}, and this run ends at {end}: nothing to do")
-    stream = BatchStream(len(stage.dataset), args.batch_size, args.seed)
+    lengths = stage.dataset.token_lengths() if args.group_by_length else None
+    stream = BatchStream(len(stage.dataset), args.batch_size, args.seed, lengths)
     params = [p for p in model.parameters() if p.requires_grad]
 
     metrics_path = out / "metrics.jsonl"

@@ -257,4 +257,17 @@ def build_llava_stage(args, resume_from: Path | None):
     group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("fusion", args.projector_lr),
                                            ("vision", args.vision_lr)) if lr is not None} | _patch_lr(args)
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
-                 loss=lm_loss, n_targets=lm_targets, group_lrs=group_lrs)
+                 loss=lm_loss, n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model))
+
+
+def _gate_lr(args, model: nn.Module) -> dict[str, float]:
+    # Cross-attention's tanh gates are scalars that start at 0. Adam moves a scalar by about its
+    # learning rate a step whatever its gradient, so at 2e-3 a gate needs some 300 steps at the peak
+    # rate to reach tanh(0.55) = 0.5: most of a short run. Flamingo trains for hundreds of thousands.
+    if args.gate_lr is None:
+        return {}
+    gates = [name for name, _ in model.named_parameters() if name.endswith("_gate")]
+    if not gates:
+        raise OmniInputError(f"--gate-lr sets the rate of cross-attention's tanh gates; this model (fusion="
+                             f"{model.config.fusion}) has none: drop the flag")
+    return dict.fromkeys(gates, args.gate_lr)
