@@ -201,9 +201,12 @@ def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
     assert BatchStream(1000, 8, seed=4, lengths=lengths).indices(0) != grouped.indices(0)
 
 
-def test_group_by_length_trains_and_refuses_stage_clip(shapeworld, tmp_path):
-    losses = train(args(shapeworld, tmp_path, steps=2, group_by_length=True))["losses"]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+def test_group_by_length_resumes_exactly_and_refuses_stage_clip(shapeworld, tmp_path):
+    straight = train(args(shapeworld, tmp_path / "straight", group_by_length=True))["losses"]
+    first = train(args(shapeworld, tmp_path / "resumed", stop_after=3, group_by_length=True))["losses"]
+    rest = train(args(shapeworld, tmp_path / "resumed", resume=True, group_by_length=True))["losses"]
+    assert first + rest == straight and all(math.isfinite(x) for x in straight)
+    assert straight != train(args(shapeworld, tmp_path / "plain"))["losses"]  # other batches
     one_line_error(lambda: args(shapeworld, tmp_path, stage="clip", group_by_length=True),
                    "stage clip does not use --group-by-length")
 

@@ -29,8 +29,8 @@ hold the same shape, how many shapes there are in all (families `MULTI_FAMILIES`
 ordinal, a colour, yes/no or a digit). Some are chats whose first turn asks an ordinary
 question about one image and whose later turns each bring one more image; with
 `questions="all"` each goes on with every other multi-image family its images answer
-(`follow_up_questions`). Which indices are
-multi-image is decided by `random.Random(f"shapeworld-kind:{split}:{seed}:{index}")`, and a
+(`follow_up_questions`). Which indices are multi-image is decided by
+`random.Random(f"shapeworld-kind:{split}:{seed}:{index}")`, and a
 multi-image example draws from `random.Random(f"shapeworld-multi:{split}:{seed}:{index}")`
 (`multi_rng`), so the single-image examples come out exactly as without them.
 
@@ -382,8 +382,7 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
     The others are exactly what they are without it. `n_objects` shapes the single-image examples
     only (multi-image scenes are drawn to fit their questions); `questions="all"` asks every family
     a single image allows, and follows a multi-image question with every other multi-image family
-    its images answer. A progress bar
-    shows for 2,000 examples or more, unless `progress` is False."""
+    its images answer. A progress bar shows for 2,000 examples or more, unless `progress` is False."""
     from tqdm import tqdm
 
     if not re.fullmatch(r"[a-z][a-z0-9_]*", str(split)):
