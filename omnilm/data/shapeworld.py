@@ -514,8 +514,11 @@ def _ask_more(slots: Slots, rng: random.Random) -> tuple[list, str, str]:
     winner = rng.choice(winners)
     counts = rng.choice([c for c in options if c.index(max(c)) == winner])
     scenes = [scene if scene is not None else generate_scene(rng, n) for scene, n in zip(slots, counts)]
-    template = MULTI_TEMPLATES["more_of_two" if len(slots) == 2 else "most"]
-    return scenes, rng.choice(template), ORDINALS[winner]
+    return scenes, rng.choice(_more_templates(len(slots))), ORDINALS[winner]
+
+
+def _more_templates(n_images: int) -> tuple[str, ...]:
+    return MULTI_TEMPLATES["more_of_two" if n_images == 2 else "most"]
 
 
 def _ask_new_colour(slots: Slots, rng: random.Random) -> tuple[list, str, str]:
@@ -606,7 +609,7 @@ def _tell_more(scenes: list, rng: random.Random) -> tuple[str, str] | None:
     counts = [len(scene) for scene in scenes]
     if counts.count(max(counts)) > 1:
         return None
-    return rng.choice(MULTI_TEMPLATES["more_of_two" if len(scenes) == 2 else "most"]), ORDINALS[counts.index(max(counts))]
+    return rng.choice(_more_templates(len(scenes))), ORDINALS[counts.index(max(counts))]
 
 
 def _tell_new_colour(scenes: list, rng: random.Random) -> tuple[str, str] | None:

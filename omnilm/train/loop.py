@@ -120,7 +120,8 @@ class BatchStream:
     def __init__(self, n: int, batch_size: int, seed: int, lengths: list[int] | None = None):
         if n < batch_size:
             raise OmniInputError(f"the dataset has {n} records but --batch-size is {batch_size}: use a smaller batch")
-        self.n, self.batch_size, self.seed, self.lengths = n, batch_size, seed, lengths
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
         self.per_epoch = n // batch_size
         self._epoch, self._perm = -1, None
 
@@ -134,7 +135,7 @@ class BatchStream:
         return self._perm[j * self.batch_size:(j + 1) * self.batch_size].tolist()
 
     def _grouped(self, perm: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        lengths = torch.tensor(self.lengths)[perm]
+        lengths = self.lengths[perm]
         size = self.GROUP * self.batch_size
         chunks = [perm[i:i + size][lengths[i:i + size].argsort(descending=True, stable=True)]
                   for i in range(0, len(perm), size)]
