@@ -42,7 +42,8 @@ class FusionBench:
     modes: tuple[str, ...] = MODES
     # 700 steps keep the whole bench under 30 minutes on 2 CPU cores, CLIP and data included: the
     # follow-up questions lengthen the multi-image chats, and cross-attention's block before every
-    # layer costs a third more a step (800 steps took 25.8 min before either).
+    # layer costs a third more a step (800 steps took 25.8 min before either). The multi-image look-up
+    # is learned late: joint passes 85% on those questions at 4,000 steps, 25 min by itself (docs/fusion.md).
     steps: int = 700
     # The rest of the instruct stage as the demo's recipe trains it: Muon for the decoder's matrices
     # (omnilm.train.optim.MuonAdamW), its learning rate and batch, a 2-layer decoder.
