@@ -417,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = _bench_defaults()
     from omnilm.train.optim import OPTIMIZERS
     q.add_argument("--out", default=str(d.out), help=f"run folder (default {d.out})")
-    q.add_argument("--steps", type=int, default=d.steps, help=f"instruct steps per mode (default {d.steps}, what five modes get in 30 min on 2 CPU cores; joint "
-                        "passes 85%% on multi-image questions at 4000: docs/fusion.md)")
+    q.add_argument("--steps", type=int, default=d.steps,
+                   help=f"instruct steps per mode (default {d.steps}, what five modes get in 30 min on 2 CPU cores; "
+                        "joint passes 85%% on multi-image questions at 4000: docs/fusion.md)")
     q.add_argument("--n-train", type=int, default=d.n_train, help=f"training examples (default {d.n_train})")
     q.add_argument("--n-test", type=int, default=d.n_test, help=f"held-out examples (default {d.n_test})")
     q.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(d.modes)} (default all)")
