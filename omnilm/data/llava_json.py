@@ -122,23 +122,24 @@ class LlavaDataset(Dataset):
 
     def token_lengths(self) -> list[int]:
         """Each record's sequence length in tokens, its images' tokens included."""
-        for i, record in enumerate(self.records):
-            if i not in self._encoded:
-                self._encoded[i] = self._encode(record["conversations"])
-        return [len(self._encoded[i][0]) for i in range(len(self.records))]
+        return [len(self._encoded_at(i)[0]) for i in range(len(self.records))]
 
     def __getitem__(self, i: int) -> dict:
         """`input_ids` (T,) and `labels` (T,) long, `pixel_values` (N, 3, H, W) float32 in
         marker order or None, and the record's `id`."""
-        if i not in self._encoded:
-            self._encoded[i] = self._encode(self.records[i]["conversations"])
-        input_ids, labels = self._encoded[i]
+        input_ids, labels = self._encoded_at(i)
         return {
             "input_ids": input_ids,
             "labels": labels,
             "pixel_values": self.pixel_values(i),
             "id": self.ids[i],
         }
+
+    def _encoded_at(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Records are tokenized once, when first needed (validation may have done it already).
+        if i not in self._encoded:
+            self._encoded[i] = self._encode(self.records[i]["conversations"])
+        return self._encoded[i]
 
     def _encode(self, conversations: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer = self.processor.tokenizer
