@@ -290,8 +290,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR as a fraction of the peak")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="weight decay on matrices (default 0)")
     p.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZERS,
-                   help="adamw (default), or muon: Muon for the transformer blocks' weight matrices and AdamW for "
-                        "the rest, at the same --lr (on ShapeWorld it learns the question-to-object look-up far sooner)")
+                   help="adamw (default), or muon: Muon for the transformer blocks' weight matrices (each MoE "
+                        "expert's one by one) and AdamW for the rest, at the same --lr (on ShapeWorld it learns "
+                        "the question-to-object look-up far sooner)")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="gradient-norm clipping (default 1.0)")
     p.add_argument("--train-vision", action="store_true", help="instruct: also train the vision encoder (frozen by default)")
     p.add_argument("--vision-lr", type=float, default=None, help="peak learning rate of the vision encoder (default --lr)")

@@ -12,6 +12,7 @@ from omnilm.train.optim import MuonAdamW, build_optimizer, lr_factor, set_lr
 
 SMALL = dict(text=dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, mlp_dim=128, vocab_size=100),
              vision=dict(n_layers=2, dim=64, n_heads=4, mlp_dim=128))
+MOE = dict(n_experts=4, n_experts_per_token=2, expert_dim=32)
 
 
 def small_model(**overrides) -> OmniModel:
@@ -39,6 +40,33 @@ def test_muon_takes_the_decoder_block_matrices_and_adamw_the_rest():
     assert all(g["lr"] == pytest.approx(g["base_lr"] / 2) for g in opt.param_groups)
 
 
+def test_muon_orthogonalises_each_moe_expert_matrix_on_its_own():
+    """Stacked expert weights: each expert's gate, up and down matrix moves as torch.optim.Muon moves
+    that matrix alone, as it moves a dense SwiGLU's three linear layers."""
+    torch.manual_seed(0)
+    model = small_model(text=SMALL["text"] | MOE)
+    opt = build_optimizer(model, 1e-2, weight_decay=0.1, kind="muon")
+    experts = [layer.mlp.experts for layer in model.llm.layers]
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not held & {id(p) for e in experts for p in e.parameters()}  # the stacks only through their views
+    matrices = [m for e in experts for m in e.matrices()]
+    assert len(matrices) == 2 * 3 * 4 and {stacked[index].shape for stacked, index in matrices} == {(32, 64), (64, 32)}
+    alone = [torch.nn.Parameter(stacked.detach()[index].clone()) for stacked, index in matrices]
+    reference = torch.optim.Muon(alone, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    start = [stacked.detach()[index].clone() for stacked, index in matrices]
+    for _ in range(3):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) if p.requires_grad else None
+        for a, (stacked, index) in zip(alone, matrices):
+            a.grad = stacked.grad[index].clone()
+        opt.step()
+        reference.step()
+        opt.zero_grad()
+    for a, s, (stacked, index) in zip(alone, start, matrices):
+        torch.testing.assert_close(stacked.detach()[index], a.detach(), rtol=1e-6, atol=1e-7)
+        assert not torch.equal(stacked.detach()[index], s)
+
+
 def test_muon_without_block_matrices_to_train_is_plain_adamw():
     model = small_model()
     model.llm.requires_grad_(False)  # stage align: the projector alone
@@ -46,9 +74,10 @@ def test_muon_without_block_matrices_to_train_is_plain_adamw():
     assert type(build_optimizer(model, 1e-3, kind="muon")) is torch.optim.AdamW
 
 
-def test_muon_state_dict_reloads_into_a_fresh_pair():
+@pytest.mark.parametrize("moe", [False, True])
+def test_muon_state_dict_reloads_into_a_fresh_pair(moe):
     torch.manual_seed(0)
-    model = small_model()
+    model = small_model(text=SMALL["text"] | MOE) if moe else small_model()
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(opt):
@@ -60,7 +89,8 @@ def test_muon_state_dict_reloads_into_a_fresh_pair():
     step(opt)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     sd = copy.deepcopy(opt.state_dict())  # its tensors are the live moments otherwise
-    assert sorted(sd["state"]) == list(range(len(params)))  # numbered as one optimizer's
+    held = sum(len(g["params"]) for g in opt.param_groups)  # an MoE's expert matrices one by one
+    assert sorted(sd["state"]) == list(range(held)) and (held > len(params)) == moe  # numbered as one optimizer's
     rng = torch.get_rng_state()
     step(opt)
     after_two = {k: v.clone() for k, v in model.state_dict().items()}

@@ -85,6 +85,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * hidden_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n, dim, hidden_dim))
 
+    def matrices(self) -> list[tuple[nn.Parameter, tuple]]:
+        """Each expert's weight matrices as (stacked parameter, index): gate, up and down of expert 0,
+        then of expert 1, ... The matrices a dense SwiGLU layer holds as three linear layers, which
+        Muon orthogonalises one by one (omnilm.train.optim)."""
+        f = self.hidden_dim
+        return [m for e in range(self.n) for m in ((self.gate_up_proj, (e, slice(0, f))),
+                                                    (self.gate_up_proj, (e, slice(f, 2 * f))), (self.down_proj, (e,)))]
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D): rows grouped by expert, counts (E,) rows per expert, in order -> (M, D)."""
         # The grouped GEMMs are not on autocast's list: cast as autocast would cast a linear layer.

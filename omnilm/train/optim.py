@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from omnilm.model.moe import Experts
+
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
     """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` of the peak at `total`."""
@@ -22,8 +24,9 @@ OPTIMIZERS = ("adamw", "muon")
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
                     group_lrs: dict[str, float] | None = None, betas=(0.9, 0.95), kind: str = "adamw"):
-    """AdamW over the trainable parameters of `model`, or with `kind="muon"`, Muon for the 2-D
-    weights inside transformer blocks and AdamW for the rest (see `MuonAdamW`).
+    """AdamW over the trainable parameters of `model`, or with `kind="muon"`, Muon for the weight
+    matrices inside transformer blocks, each MoE expert's included, and AdamW for the rest (see
+    `MuonAdamW`).
 
     `group_lrs` maps a module path ("projector", "vision.embeddings.patch_embedding") to its own
     peak LR, the longest matching path winning: LLaVA trains its projector faster than the LLM.
@@ -34,14 +37,27 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
         raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
     group_lrs = group_lrs or {}
     looked_up = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    # Stacked MoE weights hold one matrix per expert (and gate and up side by side): Muon, which
+    # takes 2-D parameters, gets each matrix as its own parameter, a view of the stack (see MuonAdamW).
+    expert_matrices: dict[int, list[tuple]] = {}
+    for m in model.modules():
+        if isinstance(m, Experts):
+            for stacked, index in m.matrices():
+                expert_matrices.setdefault(id(stacked), []).append(index)
     groups: dict[tuple[bool, str, bool], list[nn.Parameter]] = {}
+    views: list[tuple[nn.Parameter, tuple, nn.Parameter]] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        orthogonalized = kind == "muon" and is_block_matrix(name, p)
         path = max((prefix for prefix in group_lrs if name == prefix or name.startswith(prefix + ".")), key=len,
                    default="")
         decay = p.ndim >= 2 and id(p) not in looked_up
+        if kind == "muon" and id(p) in expert_matrices and ".layers." in f".{name}":
+            for index in expert_matrices[id(p)]:
+                views.append((p, index, nn.Parameter(p.detach()[index])))  # shares p's storage
+                groups.setdefault((True, path, decay), []).append(views[-1][2])
+            continue
+        orthogonalized = kind == "muon" and is_block_matrix(name, p)
         groups.setdefault((orthogonalized, path, decay), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: check which parts of the model the stage trains")
@@ -56,12 +72,13 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
     # "match_rms_adamw" scales each update to the RMS an AdamW update has (0.2 * sqrt(max(m, n))),
     # so one learning rate serves both halves (Liu et al. 2025, "Muon is scalable for LLM training").
     muon = torch.optim.Muon(param_groups[True], lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    return MuonAdamW(muon, adamw)
+    return MuonAdamW(muon, adamw, views)
 
 
 def is_block_matrix(name: str, p: nn.Parameter) -> bool:
     """A hidden weight matrix: 2-D and inside a transformer block (`...layers.N...`). Embeddings, the
-    output head, connectors, norms, biases and the stacked 3-D weights of MoE experts are not."""
+    output head, connectors, norms and biases are not; MoE experts' stacked 3-D weights are taken
+    matrix by matrix (`Experts.matrices`)."""
     return p.ndim == 2 and ".layers." in f".{name}"
 
 
@@ -75,22 +92,32 @@ class MuonAdamW:
     decoder trained from scratch the directions that matter late (which image token a question
     names) are weak ones. Muon gives every direction of a matrix's update the same size. On
     ShapeWorld it lifted 1,000 instruct steps from 59.7% to 74.8% (docs/shapeworld-recipe.md).
+
+    Stacked MoE expert weights reach Muon as views, one 2-D parameter per expert matrix sharing
+    the stack's storage: each step hands every view its slice of the stack's gradient, and Muon's
+    in-place update of the view is the update of the stack.
     """
 
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer | None):
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer | None,
+                 views: list[tuple[nn.Parameter, tuple, nn.Parameter]] = ()):
         self.parts = [o for o in (adamw, muon) if o is not None]
+        self.views = list(views)  # (stacked parameter, index, the view Muon holds)
 
     @property
     def param_groups(self) -> list[dict]:
         return [group for part in self.parts for group in part.param_groups]
 
     def step(self) -> None:
+        for stacked, index, view in self.views:
+            view.grad = None if stacked.grad is None else stacked.grad[index]
         for part in self.parts:
             part.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for part in self.parts:
             part.zero_grad(set_to_none=set_to_none)
+        for _, _, view in self.views:
+            view.grad = None  # a slice of the stack's gradient, which the parts do not own
 
     def state_dict(self) -> dict:
         """One optimizer's layout: parameters numbered on across the parts, in `param_groups` order."""
