@@ -40,6 +40,24 @@ def test_muon_takes_the_decoder_block_matrices_and_adamw_the_rest():
     assert all(g["lr"] == pytest.approx(g["base_lr"] / 2) for g in opt.param_groups)
 
 
+def test_muon_takes_cross_attentions_gated_blocks_as_decoder_layers():
+    """The gated blocks stand between the decoder's layers and hold an attention and a feed-forward
+    each: their matrices are Muon's, as the resampler's layers are; gates, latents, the ordinal
+    table and the resampler's output projection are AdamW's."""
+    model = small_model(fusion="cross_attention", cross_attention_every=1)
+    opt = build_optimizer(model, 1e-3, kind="muon")
+    adamw, muon = opt.parts
+    names = {id(p): name for name, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    blocks = ("llm.layers.", "fusion.blocks.", "fusion.resampler.layers.")
+    expected = {n for n, p in model.named_parameters() if n.startswith(blocks) and p.ndim == 2}
+    assert in_muon == expected
+    assert {"fusion.blocks.1.attn.q_proj.weight", "fusion.blocks.1.mlp.down_proj.weight"} <= in_muon
+    assert {"fusion.blocks.0.attn_gate", "fusion.blocks.0.mlp_gate", "fusion.resampler.latents",
+            "fusion.resampler.proj.weight", "fusion.order.weight", "fusion.blocks.0.norm.weight"} <= in_adamw
+
+
 def test_muon_orthogonalises_each_moe_expert_matrix_on_its_own():
     """Stacked expert weights: each expert's gate, up and down matrix moves as torch.optim.Muon moves
     that matrix alone, as it moves a dense SwiGLU's three linear layers."""

@@ -185,7 +185,7 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         v = cfg.vision
         self.latents = nn.Parameter(torch.empty(cfg.n_latents, v.dim))
-        self.layers = nn.ModuleList(_ResamplerLayer(v) for _ in range(cfg.resampler_layers))
+        self.layers = nn.ModuleList(ResamplerLayer(v) for _ in range(cfg.resampler_layers))
         self.norm = nn.LayerNorm(v.dim, eps=v.norm_eps)
         self.proj = nn.Linear(v.dim, cfg.text.dim)
 
@@ -197,7 +197,7 @@ class PerceiverResampler(nn.Module):
         return self.proj(self.norm(x))
 
 
-class _ResamplerLayer(nn.Module):
+class ResamplerLayer(nn.Module):
     def __init__(self, v: VisionConfig):
         super().__init__()
         self.norm_media = nn.LayerNorm(v.dim, eps=v.norm_eps)

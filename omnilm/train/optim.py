@@ -8,7 +8,10 @@ import math
 import torch
 from torch import nn
 
+from omnilm.model.fusion import GatedCrossAttentionBlock, ResamplerLayer
+from omnilm.model.llm import DecoderLayer
 from omnilm.model.moe import Experts
+from omnilm.model.vision import EncoderLayer
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> float:
@@ -22,11 +25,17 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.1) -> flo
 OPTIMIZERS = ("adamw", "muon")
 
 
+# The transformer blocks whose weight matrices Muon takes: the decoder's layers, the ViT's (and the
+# CLIP text tower's), the perceiver resampler's, and cross-attention's gated blocks, which stand
+# between the decoder's layers and do there what a decoder layer does (attention, then a feed-forward).
+BLOCKS = (DecoderLayer, EncoderLayer, ResamplerLayer, GatedCrossAttentionBlock)
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
                     group_lrs: dict[str, float] | None = None, betas=(0.9, 0.95), kind: str = "adamw"):
     """AdamW over the trainable parameters of `model`, or with `kind="muon"`, Muon for the weight
-    matrices inside transformer blocks, each MoE expert's included, and AdamW for the rest (see
-    `MuonAdamW`).
+    matrices inside transformer blocks (`BLOCKS`), each MoE expert's included, and AdamW for the
+    rest (see `MuonAdamW`).
 
     `group_lrs` maps a module path ("projector", "vision.embeddings.patch_embedding") to its own
     peak LR, the longest matching path winning: LLaVA trains its projector faster than the LLM.
@@ -37,13 +46,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
         raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
     group_lrs = group_lrs or {}
     looked_up = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    # Stacked MoE weights hold one matrix per expert (and gate and up side by side): Muon, which
-    # takes 2-D parameters, gets each matrix as its own parameter, a view of the stack (see MuonAdamW).
-    expert_matrices: dict[int, list[tuple]] = {}
-    for m in model.modules():
-        if isinstance(m, Experts):
-            for stacked, index in m.matrices():
-                expert_matrices.setdefault(id(stacked), []).append(index)
+    matrices, expert_matrices = block_matrices(model) if kind == "muon" else (set(), {})
     groups: dict[tuple[bool, str, bool], list[nn.Parameter]] = {}
     views: list[tuple[nn.Parameter, tuple, nn.Parameter]] = []
     for name, p in model.named_parameters():
@@ -52,13 +55,12 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
         path = max((prefix for prefix in group_lrs if name == prefix or name.startswith(prefix + ".")), key=len,
                    default="")
         decay = p.ndim >= 2 and id(p) not in looked_up
-        if kind == "muon" and id(p) in expert_matrices and ".layers." in f".{name}":
+        if id(p) in expert_matrices:  # Muon takes 2-D parameters: each expert's matrix as a view of the stack
             for index in expert_matrices[id(p)]:
                 views.append((p, index, nn.Parameter(p.detach()[index])))  # shares p's storage
                 groups.setdefault((True, path, decay), []).append(views[-1][2])
             continue
-        orthogonalized = kind == "muon" and is_block_matrix(name, p)
-        groups.setdefault((orthogonalized, path, decay), []).append(p)
+        groups.setdefault((id(p) in matrices, path, decay), []).append(p)
     if not groups:
         raise ValueError("no trainable parameters: check which parts of the model the stage trains")
     param_groups: dict[bool, list[dict]] = {False: [], True: []}
@@ -75,11 +77,19 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
     return MuonAdamW(muon, adamw, views)
 
 
-def is_block_matrix(name: str, p: nn.Parameter) -> bool:
-    """A hidden weight matrix: 2-D and inside a transformer block (`...layers.N...`). Embeddings, the
-    output head, connectors, norms and biases are not; MoE experts' stacked 3-D weights are taken
-    matrix by matrix (`Experts.matrices`)."""
-    return p.ndim == 2 and ".layers." in f".{name}"
+def block_matrices(model: nn.Module) -> tuple[set[int], dict[int, list[tuple]]]:
+    """What Muon takes of `model`: the ids of the 2-D weights inside its transformer blocks, and
+    the stacked 3-D weights of the MoE experts there, each with the indices of its expert matrices
+    (`Experts.matrices`). Embeddings, the output head, connectors (the projector, the resampler's
+    output projection, late fusion's attention), norms, biases and gates are not in a block."""
+    blocks = [m for m in model.modules() if isinstance(m, BLOCKS)]
+    matrices = {id(p) for block in blocks for p in block.parameters() if p.ndim == 2}
+    experts = {id(m): m for block in blocks for m in block.modules() if isinstance(m, Experts)}
+    stacks: dict[int, list[tuple]] = {}
+    for e in experts.values():
+        for stacked, index in e.matrices():
+            stacks.setdefault(id(stacked), []).append(index)
+    return matrices, stacks
 
 
 class MuonAdamW:
