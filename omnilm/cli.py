@@ -414,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the same single- and multi-image ShapeWorld data, then prints per-task held-out "
                                     "accuracy, trainable/total parameters, tokens per image, seconds per training "
                                     "step and generation latency. Joint, late and cross-attention read one CLIP tower "
-                                    "trained first (--clip-steps). About 26 minutes on 2 CPU cores at the defaults.")
+                                    "trained first (--clip-steps). 17 to 26 minutes on 2 CPU cores at the defaults, "
+                                    "by the machine's hour.")
     d = _bench_defaults()
     from omnilm.train.optim import OPTIMIZERS
     q.add_argument("--out", default=str(d.out), help=f"run folder (default {d.out})")
