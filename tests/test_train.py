@@ -67,6 +67,20 @@ def test_every_fusion_mode_trains_saves_and_resumes_exactly(shapeworld, tmp_path
         assert not torch.equal(before[k], after[k]), k  # the mode's own connector trains
 
 
+def test_resume_refuses_optimizer_state_of_another_parameter_split(shapeworld, tmp_path, monkeypatch):
+    """A checkpoint whose optimizer held other parameters (cross-attention's gated blocks were AdamW's
+    before optim.BLOCKS named them) stops the resume with one line, before any state is loaded."""
+    import omnilm.train.optim as optim
+
+    small = SMALL | {"fusion": "cross_attention"}
+    run = dict(steps=4, optimizer="muon", config_overrides=small)
+    monkeypatch.setattr(optim, "BLOCKS", tuple(b for b in optim.BLOCKS if b.__name__ != "GatedCrossAttentionBlock"))
+    train(args(shapeworld, tmp_path, stop_after=2, **run))
+    monkeypatch.undo()
+    one_line_error(lambda: train(args(shapeworld, tmp_path, resume=True, **run)), "step-000002",
+                   "this run's optimizer has groups of", "start a new --out")
+
+
 def test_instruction_tuning_learns(shapeworld, tmp_path):
     losses = train(args(shapeworld, tmp_path, steps=40, train_vision=True))["losses"]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses

@@ -3,7 +3,7 @@
 Layout (no pickle anywhere; tensors in safetensors, the rest in JSON):
 
     OUT/checkpoints/step-000100/model/               the model's own save_pretrained folder
-    OUT/checkpoints/step-000100/optimizer.safetensors AdamW moments, one tensor per (param, key)
+    OUT/checkpoints/step-000100/optimizer.safetensors optimizer moments, one tensor per (param, key)
     OUT/checkpoints/step-000100/trainer_state.json   step, param groups, RNG states, run config
     OUT/checkpoints/latest                           the name of the newest complete checkpoint
 
@@ -86,6 +86,12 @@ def checkpoint_config(path: Path) -> dict[str, Any]:
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> int:
     """Restore optimizer moments and RNG state from checkpoint `path`; return its step."""
     state = json.loads((path / "trainer_state.json").read_text())
+    saved, now = _group_sizes(state["param_groups"]), _group_sizes(optimizer.param_groups)
+    if saved != now:
+        raise OmniInputError(
+            f"{path} holds optimizer state for parameter groups of {saved} parameters, but this run's optimizer "
+            f"has groups of {now}: the checkpoint splits the model between AdamW and Muon otherwise (an earlier "
+            "omnilm wrote it); finish the run with that version, or start a new --out")
     tensors = load_file(path / "optimizer.safetensors")
     torch.set_rng_state(tensors.pop("rng.torch"))
     cuda_rng = tensors.pop("rng.cuda", None)
@@ -94,6 +100,10 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> int:
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
     random.setstate(_tuples(state["python_rng"]))
     return int(state["step"])
+
+
+def _group_sizes(param_groups: list[dict]) -> list[int]:
+    return [len(group["params"]) for group in param_groups]
 
 
 def _jsonable(x):
