@@ -8,7 +8,10 @@ from conftest import one_line_error
 
 from omnilm import OmniModel
 from omnilm.train.loop import TrainArgs
-from omnilm.train.optim import MuonAdamW, build_optimizer, lr_factor, set_lr
+from omnilm.model.layers import Attention
+from omnilm.train import optim
+from omnilm.train.optim import (MuonAdamW, build_optimizer, check_split, describe_split, human_count, lr_factor,
+                                set_lr, split_sizes)
 
 SMALL = dict(text=dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, mlp_dim=128, vocab_size=100),
              vision=dict(n_layers=2, dim=64, n_heads=4, mlp_dim=128))
@@ -140,3 +143,145 @@ def test_group_lrs_take_the_longest_matching_module_path():
     assert peak["projector.fc1.weight"] == 2e-3
     assert peak["llm.layers.0.mlp.up_proj.weight"] == 1e-3
     assert {g["name"] for g in opt.param_groups} == {"model", "vision", "vision.embeddings.patch_embedding", "projector"}
+
+
+
+# --- the split checks itself --------------------------------------------------------------------
+
+
+class NewBlock(torch.nn.Module):
+    """A transformer block of a type BLOCKS does not name: an attention and a feed-forward matrix."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.attn = Attention(dim, 2, 2, dim // 2, bias=False)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.fc = torch.nn.Linear(dim, dim)
+
+
+class TinyNewModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 16)
+        self.blocks = torch.nn.ModuleList(NewBlock() for _ in range(2))
+        self.head = torch.nn.Linear(16, 10, bias=False)
+
+
+def test_a_block_type_missing_from_blocks_stops_muon(monkeypatch):
+    """Found by structure (a ModuleList element holding an Attention), the new block's matrices may not
+    fall to AdamW; named in BLOCKS, they are Muon's."""
+    model = TinyNewModel()
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.q_proj\.weight .*add NewBlock to omnilm\.train\.optim\.BLOCKS"):
+        build_optimizer(model, 1e-3, kind="muon")
+    build_optimizer(model, 1e-3, kind="adamw")  # AdamW for all is a split of its own: no complaint
+    monkeypatch.setattr(optim, "BLOCKS", optim.BLOCKS + (NewBlock,))
+    opt = build_optimizer(model, 1e-3, kind="muon")
+    in_muon = {id(p) for g in opt.parts[-1].param_groups for p in g["params"]}
+    assert in_muon == {id(p) for b in model.blocks for p in b.parameters() if p.ndim == 2}
+    monkeypatch.undo()
+    model.blocks.requires_grad_(False)  # frozen, the block asks nothing of Muon
+    assert type(build_optimizer(model, 1e-3, kind="muon")) is torch.optim.AdamW
+
+
+PRESETS = {"joint": ("tiny", {}), "early": ("tiny", dict(fusion="early")), "late": ("tiny", dict(fusion="late")),
+           "cross_attention": ("tiny", dict(fusion="cross_attention", cross_attention_every=1)),
+           "tiny-moe": ("tiny-moe", {})}
+
+
+def preset_model(preset: str) -> OmniModel:
+    name, overrides = PRESETS[preset]
+    model = OmniModel.from_preset(name, **(SMALL | overrides))
+    if model.vision is not None:
+        model.vision.requires_grad_(False)  # frozen, as in the instruct stage
+    return model
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_every_trainable_parameter_is_in_exactly_one_group(preset, kind, train_vision):
+    model = preset_model(preset)
+    if model.vision is not None:
+        model.vision.requires_grad_(train_vision)
+    opt = build_optimizer(model, 1e-3, kind=kind)  # the checks pass
+    views = {id(view): (stacked, index) for stacked, index, view in getattr(opt, "views", ())}
+    stacks = {id(s): s for s, _ in views.values()}
+    held = [id(views[id(p)][0]) if id(p) in views else id(p) for g in opt.param_groups for p in g["params"]]
+    direct = [key for key in held if key not in stacks]
+    assert len(direct) == len(set(direct))  # once each
+    assert set(held) == {id(p) for p in model.parameters() if p.requires_grad}
+    for stacked in stacks.values():  # a stack through views that tile it
+        covered = torch.zeros(stacked.shape, dtype=torch.int)
+        for s, index in views.values():
+            if s is stacked:
+                covered[index] += 1
+        assert bool((covered == 1).all())
+    assert bool(views) == (preset == "tiny-moe" and kind == "muon")
+
+
+def test_a_parameter_in_two_groups_or_in_none_is_refused():
+    model = small_model()
+    opt = build_optimizer(model, 1e-3, kind="muon")
+    adamw, muon = opt.parts
+    lost = muon.param_groups[0]["params"].pop()
+    with pytest.raises(ValueError, match=r"in no optimizer group: llm\.layers"):
+        check_split(model, opt, "muon")
+    adamw.param_groups[0]["params"].append(lost)  # in AdamW instead: a block matrix there
+    with pytest.raises(ValueError, match=r"llm\.layers\.\d\..* add DecoderLayer to omnilm\.train\.optim\.BLOCKS"):
+        check_split(model, opt, "muon")
+    muon.param_groups[0]["params"].append(lost)  # and in Muon too
+    with pytest.raises(ValueError, match="in more than one optimizer group"):
+        check_split(model, opt, "muon")
+    plain = build_optimizer(model, 1e-3)
+    model.projector.requires_grad_(False)  # held, but frozen
+    with pytest.raises(ValueError, match=r"projector\..* not a trainable parameter"):
+        check_split(model, plain, "adamw")
+
+
+def test_expert_stacks_are_held_through_views_that_cover_them():
+    model = preset_model("tiny-moe")
+    opt = build_optimizer(model, 1e-3, kind="muon")
+    muon = opt.parts[-1]
+    dropped = opt.views.pop()  # the view still in Muon's groups, no longer known as the stack's
+    with pytest.raises(ValueError, match="a tensor, which is not a trainable parameter"):
+        check_split(model, opt, "muon")
+    opt.views.append(dropped)
+    check_split(model, opt, "muon")
+    for group in muon.param_groups:  # one expert matrix leaves Muon: the stack is held in part
+        group["params"] = [p for p in group["params"] if p is not dropped[2]]
+    with pytest.raises(ValueError, match=r"views of llm\.layers\.\d\.mlp\.experts\.down_proj .* must cover it once"):
+        check_split(model, opt, "muon")
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+@pytest.mark.parametrize("preset", ["joint", "tiny-moe"])
+def test_describe_split_sums_the_groups(kind, preset):
+    model = preset_model(preset)
+    opt = build_optimizer(model, 1e-3, kind=kind)
+    parts = opt.parts[::-1] if kind == "muon" else [opt]  # Muon's first
+    sums = [(sum(p.numel() for g in part.param_groups for p in g["params"]),
+             sum(len(g["params"]) for g in part.param_groups)) for part in parts]
+    assert [size[1:] for size in split_sizes(opt)] == sums
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if kind == "adamw":
+        (n, k), = sums
+        assert n == total
+        assert describe_split(opt) == f"optimizer: adamw {human_count(n)} parameters in {k} tensors"
+    else:
+        (m, i), (a, j) = sums
+        assert m + a == total
+        dense = 7 * len(model.llm.layers)  # q, k, v, o, gate, up, down
+        assert i > dense if preset == "tiny-moe" else i == dense  # each expert's matrices one by one
+        assert describe_split(opt) == (f"optimizer: muon {human_count(m)} parameters in {i} matrices, "
+                                       f"adamw {human_count(a)} in {j} tensors")
+
+
+def test_human_count():
+    assert [human_count(n) for n in (999, 12_345, 450_000, 1_234_567, 2_500_000_000)] == \
+        ["999", "12.3K", "0.45M", "1.23M", "2.50B"]
+
+
+def test_muon_needs_torch_2_9(monkeypatch):
+    monkeypatch.delattr(torch.optim, "Muon")
+    one_line_error(lambda: build_optimizer(small_model(), 1e-3, kind="muon"), "torch>=2.9", "--optimizer adamw")
+    build_optimizer(small_model(), 1e-3)  # AdamW needs no Muon

@@ -8,7 +8,9 @@ import math
 import torch
 from torch import nn
 
+from omnilm.errors import OmniInputError
 from omnilm.model.fusion import GatedCrossAttentionBlock, ResamplerLayer
+from omnilm.model.layers import Attention
 from omnilm.model.llm import DecoderLayer
 from omnilm.model.moe import Experts
 from omnilm.model.vision import EncoderLayer
@@ -28,7 +30,14 @@ OPTIMIZERS = ("adamw", "muon")
 # The transformer blocks whose weight matrices Muon takes: the decoder's layers, the ViT's (and the
 # CLIP text tower's), the perceiver resampler's, and cross-attention's gated blocks, which stand
 # between the decoder's layers and do there what a decoder layer does (attention, then a feed-forward).
+# A block type missing here leaves its matrices to AdamW, which slows them (docs/fusion.md, "The
+# comparison", on cross-attention's gated blocks); `check_split` refuses such a split.
 BLOCKS = (DecoderLayer, EncoderLayer, ResamplerLayer, GatedCrossAttentionBlock)
+
+# What makes a module a transformer block for `check_split`, whatever BLOCKS says: an element of an
+# nn.ModuleList with one of these among its descendants. omnilm's attention is layers.Attention
+# (self- and cross-attention alike); nn.MultiheadAttention is there for blocks built on torch's.
+ATTENTION = (Attention, nn.MultiheadAttention)
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
@@ -40,10 +49,14 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
     `group_lrs` maps a module path ("projector", "vision.embeddings.patch_embedding") to its own
     peak LR, the longest matching path winning: LLaVA trains its projector faster than the LLM.
     Matrices decay; norms, biases and embeddings (1-D or looked up, not multiplied) do not. Each
-    group keeps its peak in "base_lr" and its module path (or "model") in "name".
+    group keeps its peak in "base_lr" and its module path (or "model") in "name". The split checks
+    itself before it is returned (`check_split`); `describe_split` puts it in one line for the log.
     """
     if kind not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if kind == "muon" and not hasattr(torch.optim, "Muon"):
+        raise OmniInputError(f"--optimizer muon needs torch.optim.Muon, which torch>=2.9 has (this is torch "
+                             f"{torch.__version__}): upgrade torch, or use --optimizer adamw")
     group_lrs = group_lrs or {}
     looked_up = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     matrices, expert_matrices = block_matrices(model) if kind == "muon" else (set(), {})
@@ -70,11 +83,14 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
                                              "weight_decay": weight_decay if decay else 0.0})
     adamw = torch.optim.AdamW(param_groups[False], lr=lr, betas=betas) if param_groups[False] else None
     if not param_groups[True]:
+        check_split(model, adamw, kind)
         return adamw
     # "match_rms_adamw" scales each update to the RMS an AdamW update has (0.2 * sqrt(max(m, n))),
     # so one learning rate serves both halves (Liu et al. 2025, "Muon is scalable for LLM training").
     muon = torch.optim.Muon(param_groups[True], lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    return MuonAdamW(muon, adamw, views)
+    optimizer = MuonAdamW(muon, adamw, views)
+    check_split(model, optimizer, kind)
+    return optimizer
 
 
 def block_matrices(model: nn.Module) -> tuple[set[int], dict[int, list[tuple]]]:
@@ -92,6 +108,105 @@ def block_matrices(model: nn.Module) -> tuple[set[int], dict[int, list[tuple]]]:
     return matrices, stacks
 
 
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each transformer block of `model` by structure, not by type: an element of
+    an nn.ModuleList that holds an attention module (`ATTENTION`) among its descendants."""
+    found = []
+    for path, m in model.named_modules():
+        if isinstance(m, nn.ModuleList):
+            for i, element in enumerate(m):
+                inner = element.modules()
+                next(inner)  # the element itself
+                if any(isinstance(d, ATTENTION) for d in inner):
+                    found.append((f"{path}.{i}" if path else str(i), element))
+    return found
+
+
+def check_split(model: nn.Module, optimizer, kind: str) -> None:
+    """Raise ValueError unless `optimizer` (from `build_optimizer(model, ..., kind=kind)`) holds every
+    trainable parameter of `model` in exactly one group, and nothing else, an MoE expert stack
+    counting as held through its per-matrix views (`MuonAdamW.views`), which must add up to it; and,
+    with kind "muon", unless Muon holds every trainable weight matrix (2-D, not an embedding's) and
+    expert stack of every transformer block found by structure (`transformer_blocks`), so a block
+    type missing from `BLOCKS` does not fall silently to AdamW."""
+    names = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+    trainable = {id(p): p for p in model.parameters() if p.requires_grad}
+    parts = getattr(optimizer, "parts", [optimizer] if optimizer is not None else [])
+    stack_of = {id(view): stacked for stacked, _, view in getattr(optimizer, "views", ())}
+    held: dict[int, int] = {}  # id of a parameter -> how many groups hold it
+    through_views: dict[int, int] = {}  # id of an expert stack -> elements its views in the groups hold
+    muon: set[int] = set()
+    for part in parts:
+        is_muon = hasattr(torch.optim, "Muon") and isinstance(part, torch.optim.Muon)
+        for group in part.param_groups:
+            for p in group["params"]:
+                stacked = stack_of.get(id(p))
+                if stacked is None:
+                    held[id(p)] = held.get(id(p), 0) + 1
+                else:
+                    through_views[id(stacked)] = through_views.get(id(stacked), 0) + p.numel()
+                if is_muon:
+                    muon.add(id(p) if stacked is None else id(stacked))
+    for key in held:  # a view the optimizer does not map to its stack shows here, as a foreign tensor
+        if key not in trainable:
+            raise ValueError(f"the optimizer holds {names.get(key, 'a tensor')}, which is not a trainable parameter "
+                             "of the model")
+    for key in held:
+        if held[key] > 1 or key in through_views:
+            raise ValueError(f"{names[key]} is in more than one optimizer group (itself, or itself and its expert "
+                             "matrices' views); each trainable parameter belongs to exactly one group")
+    for key, elements in through_views.items():
+        if key not in trainable:
+            raise ValueError(f"the optimizer holds views of {names.get(key, 'a tensor')}, which is not a trainable "
+                             "parameter of the model")
+        if elements != trainable[key].numel():
+            raise ValueError(f"the views of {names[key]} in the optimizer's groups hold {elements} elements of its "
+                             f"{trainable[key].numel()}; they must cover it once")
+    missing = [names[key] for key in trainable if key not in held and key not in through_views]
+    if missing:
+        raise ValueError(f"trainable parameters in no optimizer group: {', '.join(missing)}")
+    if kind != "muon":
+        return
+    looked_up = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for path, block in transformer_blocks(model):
+        stacks = {id(p) for m in block.modules() if isinstance(m, Experts) for p in m.parameters()}
+        for name, p in block.named_parameters():
+            if (id(p) in trainable and id(p) not in muon and id(p) not in looked_up
+                    and (p.ndim == 2 or id(p) in stacks)):
+                raise ValueError(f"{path}.{name} is a weight matrix of a transformer block ({type(block).__name__}: "
+                                 "an nn.ModuleList element holding attention) but AdamW trains it, not Muon: add "
+                                 f"{type(block).__name__} to omnilm.train.optim.BLOCKS")
+
+
+def split_sizes(optimizer) -> list[tuple[str, int, int]]:
+    """(kind, parameters, tensors) of each part of `optimizer`, Muon's first: the elements and the
+    tensors its groups hold ("muon" counts an MoE expert stack's matrices one by one)."""
+    parts = getattr(optimizer, "parts", [optimizer])
+    sizes = [(type(part).__name__.lower(), sum(p.numel() for g in part.param_groups for p in g["params"]),
+              sum(len(g["params"]) for g in part.param_groups)) for part in parts]
+    return sorted(sizes, key=lambda size: size[0] != "muon")
+
+
+def human_count(n: int) -> str:
+    """1234567 -> "1.23M", 450000 -> "0.45M", 12345 -> "12.3K", 999 -> "999"."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if n >= 1e5:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f}K"
+    return str(n)
+
+
+def describe_split(optimizer) -> str:
+    """One line for the log: "optimizer: muon 1.23M parameters in 40 matrices, adamw 0.45M in 30
+    tensors", or "optimizer: adamw 1.68M parameters in 70 tensors"."""
+    pieces = [f"{kind} {human_count(n)}{' parameters' if i == 0 else ''} in {k} "
+              f"{'matrices' if kind == 'muon' else 'tensors'}"
+              for i, (kind, n, k) in enumerate(split_sizes(optimizer))]
+    return "optimizer: " + ", ".join(pieces)
+
+
 class MuonAdamW:
     """Muon (torch.optim.Muon: momentum, then the update orthogonalised by a Newton-Schulz
     iteration; Jordan et al. 2024) for the transformer blocks' matrices, AdamW for everything else,
@@ -100,8 +215,9 @@ class MuonAdamW:
 
     Why it is here: an update of AdamW follows the gradient's dominant directions, and in a small
     decoder trained from scratch the directions that matter late (which image token a question
-    names) are weak ones. Muon gives every direction of a matrix's update the same size. On
-    ShapeWorld it lifted 1,000 instruct steps from 59.7% to 74.8% (docs/shapeworld-recipe.md).
+    names) are weak ones. Muon gives every direction of a matrix's update the same size, which is
+    what let the demo's decoder learn that look-up (docs/shapeworld-recipe.md, "Fifth round: Muon
+    learns the look-up").
 
     Stacked MoE expert weights reach Muon as views, one 2-D parameter per expert matrix sharing
     the stack's storage: each step hands every view its slice of the stack's gradient, and Muon's
