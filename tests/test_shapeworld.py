@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from omnilm.data import shapeworld as sw
+from omnilm.eval.vqa import normalize_answer
 
 
 # --- the pixel oracle ---------------------------------------------------------------------------
@@ -157,7 +158,8 @@ def test_write_shapeworld_is_reproducible(tmp_path):
 def test_jitter_moves_shapes_and_nothing_else():
     # jitter 0 puts every shape's bounding box in the middle of its cell; the text never changes.
     for index in range(30):
-        centred, moved = sw.make_example(index, 0, "train", 96, jitter=0.0), sw.make_example(index, 0, "train", 96)
+        centred = sw.make_example(index, 0, "train", 96, jitter=0.0)
+        moved = sw.make_example(index, 0, "train", 96, jitter=1.0)
         assert centred.records == moved.records and centred.scene == moved.scene
         pixels = np.abs(np.asarray(centred.image).astype(int) - np.asarray(centred.image)[0, 0]).max(-1) > 40
         for obj in centred.scene:
@@ -210,7 +212,7 @@ def test_single_object_dominant_colour():
     rng = random.Random(0)
     for _ in range(60):
         scene = sw.generate_scene(rng, n_objects=1)
-        pixels = np.asarray(sw.render(scene, 64, rng)).astype(int)
+        pixels = np.asarray(sw.render(scene, 64, rng, jitter=1.0)).astype(int)
         question, answer = sw.ask("colour", scene, rng)
         assert question in (f"What colour is the {scene[0].shape}?", f"What is the colour of the {scene[0].shape}?")
         edges, (r, c) = [0, 21, 43, 64], divmod(scene[0].cell, 3)
@@ -244,7 +246,7 @@ def test_question_properties_over_many_scenes():
                 assert family == "spatial" and len(scene) == 1
                 continue
             question, answer = sw.ask(family, scene, rng)
-            assert answer in sw.ANSWERS and answer == sw.normalize_answer(answer)
+            assert answer in sw.ANSWERS and answer == normalize_answer(answer)
             answers[family][answer] += 1
             if family == "existence" and answer == "no":
                 colour, shape = re.fullmatch(rf"Is there an? ({_C}) ({_S}).*", question).groups()
@@ -288,12 +290,12 @@ def test_record_format():
 
 
 def test_normalize_answer():
-    assert sw.normalize_answer("  Two. ") == "2"
-    assert sw.normalize_answer("Yes!") == "yes"
-    assert sw.normalize_answer("Top   Left") == "top left"
-    assert sw.normalize_answer("'red'") == "red"
-    assert sw.normalize_answer("centre") == "center"
-    assert sw.normalize_answer("zero") == "0" and sw.normalize_answer("4") == "4"
+    assert normalize_answer("  Two. ") == "2"
+    assert normalize_answer("Yes!") == "yes"
+    assert normalize_answer("Top   Left") == "top left"
+    assert normalize_answer("'red'") == "red"
+    assert normalize_answer("centre") == "center"
+    assert normalize_answer("zero") == "0" and normalize_answer("4") == "4"
 
 
 # --- multi-image examples -----------------------------------------------------------------------
@@ -372,7 +374,7 @@ def test_multi_image_record_format():
         assert sum(t["value"].count("<image>") for t in convs[::2]) == len(images)
         assert not any("<image>" in t["value"] for t in convs[1::2])  # markers in human turns only
         for turn in convs[1::2]:
-            assert turn["value"] in sw.ANSWERS and sw.normalize_answer(turn["value"]) == turn["value"]
+            assert turn["value"] in sw.ANSWERS and normalize_answer(turn["value"]) == turn["value"]
         tasks[record["task"]] += 1
         n_images[len(images)] += 1
         if record["task"] == "multi_turn":
@@ -547,7 +549,7 @@ def test_command_line_multi_image(tmp_path, capsys):
 
 
 def test_normalize_answer_multi_image_words():
-    assert sw.normalize_answer("Seven.") == "7" and sw.normalize_answer("nine") == "9"
-    assert sw.normalize_answer("2nd") == "second" and sw.normalize_answer("The 4th") == "the fourth"
-    assert sw.normalize_answer("First!") == "first"
+    assert normalize_answer("Seven.") == "7" and normalize_answer("nine") == "9"
+    assert normalize_answer("2nd") == "second" and normalize_answer("The 4th") == "the fourth"
+    assert normalize_answer("First!") == "first"
     assert set(sw.ORDINALS) | set("0123456789") <= sw.ANSWERS

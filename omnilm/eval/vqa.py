@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from omnilm.data.collate import to_device
-from omnilm.data.shapeworld import normalize_answer
 from omnilm.data.tokenizer import IMAGE_TOKEN
 
 
@@ -40,6 +39,19 @@ def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -
                         "answer": turns[i]["value"], "chat": turns[:i], "images": images[:shown],
                         "n_objects": rec.get("n_objects")})
     return out
+
+
+_ANSWER_SYNONYMS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                    "seven": "7", "eight": "8", "nine": "9", "centre": "center",
+                    "1st": "first", "2nd": "second", "3rd": "third", "4th": "fourth"}
+
+
+def normalize_answer(text: str) -> str:
+    """What exact match compares: lower case, spaces collapsed, trailing punctuation and
+    quotes stripped, number words "zero".."nine" as digits ("Two." -> "2") and "1st".."4th"
+    as ordinal words ("2nd" -> "second")."""
+    text = " ".join(str(text).lower().split()).strip(" \"'`").rstrip(".!?,;:").strip(" \"'`")
+    return " ".join(_ANSWER_SYNONYMS.get(word, word) for word in text.split())
 
 
 @torch.inference_mode()

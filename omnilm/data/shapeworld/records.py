@@ -1,0 +1,110 @@
+"""Examples and files: a scene, its image and its LLaVA JSON records, and writing many to disk.
+
+    example = make_example(index, seed, split)     # scene, image and two LLaVA records
+    path    = write_shapeworld(out_dir, n, seed, split)
+
+An example's generator (`example_rng`) is consumed in a fixed order: scene, render, caption
+prompt, questions; so its text depends on neither `image_size` nor `jitter`. With
+`multi_image=P`, `write_shapeworld` makes a fraction of the indices multi-image examples
+(`make_multi_example`) and writes the others exactly as it does without them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+from PIL import Image
+
+from omnilm.data.shapeworld.multi import is_multi_image, make_multi_example
+from omnilm.data.shapeworld.questions import QUESTION_MIXES, ask, pick_families
+from omnilm.data.shapeworld.scenes import IMAGE_SIZE, JITTER, Scene, caption, example_rng, generate_scene, render
+from omnilm.errors import OmniInputError
+from omnilm.io import write_text
+
+CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Describe the shapes in the image.")
+
+
+class Example(NamedTuple):
+    scene: Scene
+    image: Image.Image
+    records: list  # [caption record, question record] in LLaVA JSON form
+
+
+def make_example(index: int, seed: int, split: str, image_size: int = IMAGE_SIZE, jitter: float = JITTER,
+                 questions: str = "mixed", n_objects: int | None = None) -> Example:
+    """Example `index`: its scene (`n_objects` objects, default 1 to 4), image and two LLaVA
+    records, a caption and a question conversation (see `pick_families`), all from one
+    generator. `jitter` changes where shapes sit in their cells (see `render`), never the text."""
+    rng = example_rng(split, seed, index)
+    scene = generate_scene(rng, n_objects)
+    image = render(scene, image_size, rng, jitter)
+    stem = f"{split}-{index:06d}"
+    image_path = f"images/{split}_{index:06d}.png"
+    caption_record = {
+        "id": f"{stem}-caption", "image": image_path, "task": "caption", "n_objects": len(scene),
+        "conversations": [{"from": "human", "value": "<image>\n" + rng.choice(CAPTION_PROMPTS)},
+                          {"from": "gpt", "value": caption(scene)}],
+    }
+    families = pick_families(scene, rng, questions)
+    conversations = []
+    for turn, family in enumerate(families):
+        question, answer = ask(family, scene, rng)
+        conversations += [{"from": "human", "value": ("<image>\n" if turn == 0 else "") + question},
+                          {"from": "gpt", "value": answer}]
+    task = families[0] if len(families) == 1 else "multi_turn"
+    # n_objects lets `omnilm eval` split accuracy by scene size: with one object a question needs
+    # no look-up, with two or more the model must find the object the question names.
+    question_record = {"id": f"{stem}-{task}", "image": image_path, "task": task, "n_objects": len(scene)}
+    if task == "multi_turn":
+        question_record["turn_tasks"] = families
+    question_record["conversations"] = conversations
+    return Example(scene, image, [caption_record, question_record])
+
+
+def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_size: int = IMAGE_SIZE,
+                     jitter: float = JITTER, questions: str = "mixed", n_objects: int | None = None,
+                     multi_image: float = 0.0, progress: bool = True) -> Path:
+    """Write `n` examples: PNGs to `out_dir/images/{split}_{index:06d}.png` and all records to
+    `out_dir/{split}.json` (a JSON list, one record a line, replaced atomically; image paths
+    are relative to `out_dir`). Returns the JSON path.
+
+    A `multi_image` fraction of the examples (chosen per index by `is_multi_image`) are
+    multi-image ones (`make_multi_example`): one record, and PNGs `{split}_{index:06d}_{k}.png`.
+    The others are exactly what they are without it. `n_objects` shapes the single-image examples
+    only (multi-image scenes are drawn to fit their questions); `questions="all"` asks every family
+    a single image allows, and follows a multi-image question with every other multi-image family
+    its images answer. A progress bar shows for 2,000 examples or more, unless `progress` is False."""
+    from tqdm import tqdm
+
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", str(split)):
+        raise OmniInputError(f"split {split!r} is not a plain name: use train or test (lower case letters, digits, _)")
+    if n < 0:
+        raise OmniInputError(f"n is {n}: ask for zero or more examples")
+    if not 0 <= jitter <= 1:
+        raise OmniInputError(f"jitter is {jitter}: use 0 (shapes centred in their cells) to 1 (anywhere in the cell)")
+    if n_objects is not None and not 1 <= n_objects <= 4:
+        raise OmniInputError(f"n_objects is {n_objects}: a scene holds 1 to 4 objects (or leave it unset for a mix)")
+    if questions not in QUESTION_MIXES:
+        raise OmniInputError(f"questions={questions!r}: use 'mixed' (1 to 4 families per image) or 'all' (every family)")
+    if not 0 <= multi_image <= 1:
+        raise OmniInputError(f"multi_image is {multi_image}: give the fraction of multi-image examples, "
+                             "from 0 (none) to 1 (all)")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in tqdm(range(n), desc=f"shapeworld {split}", unit="img", disable=not progress or n < 2000):
+        if is_multi_image(index, seed, split, multi_image):
+            multi = make_multi_example(index, seed, split, image_size, jitter, questions)
+            for image, name in zip(multi.images, multi.record["image"]):
+                image.save(out_dir / name, format="PNG")
+            lines.append(json.dumps(multi.record))
+            continue
+        example = make_example(index, seed, split, image_size, jitter, questions, n_objects)
+        example.image.save(out_dir / example.records[0]["image"], format="PNG")
+        lines += [json.dumps(record) for record in example.records]
+    path = out_dir / f"{split}.json"
+    write_text(path, "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
+    return path
