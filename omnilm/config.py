@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,3 +291,70 @@ PRESETS: dict[str, dict[str, Any]] = {
 # many feed-forward parameters as in tiny (plus the router's 8 x 256 per layer) from 2x the total.
 PRESETS["tiny-moe"] = {**PRESETS["tiny"], "text": {**PRESETS["tiny"]["text"], "n_experts": 8, "n_experts_per_token": 2,
                                                  "expert_dim": 344}}
+
+
+# --- CLIP (stage clip trains one; its vision tower starts the LLaVA model) -------------------
+
+
+@dataclass
+class ClipTextConfig:
+    """CLIP's causal text transformer, as HF `CLIPTextConfig` (defaults: OpenAI CLIP's)."""
+
+    vocab_size: int = 49408
+    dim: int = 512
+    n_layers: int = 12
+    n_heads: int = 8
+    mlp_dim: int = 2048
+    max_len: int = 77
+    norm_eps: float = 1e-5
+    act: str = "quick_gelu"
+    bos_token_id: int | None = 49406
+    eos_token_id: int = 49407  # the text is pooled at its first end-of-text token
+    pad_token_id: int | None = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class ClipConfig:
+    """Both towers and the joint space they are projected into."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: ClipTextConfig = field(default_factory=ClipTextConfig)
+    embed_dim: int = 512
+    logit_scale_init: float = math.log(1 / 0.07)  # CLIP's initial temperature, 0.07
+    # The ViT's learned positions start N(0, position_init_std), as large as a patch's embedding:
+    # at the N(0, 0.02) of every other weight they drown under the patches and a tower trained
+    # from scratch never learns where anything is (docs/shapeworld-recipe.md, sixth round).
+    position_init_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = ClipTextConfig(**self.text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClipConfig:
+        d = dict(d)
+        _check_fields(cls, d, "clip config")
+        if isinstance(d.get("vision"), dict):
+            d["vision"] = VisionConfig.from_dict(d["vision"])
+        if isinstance(d.get("text"), dict):
+            _check_fields(ClipTextConfig, d["text"], "clip text config")
+            d["text"] = ClipTextConfig(**d["text"])
+        return cls(**d)
+
+    @classmethod
+    def tiny(cls, embed_dim: int = 128, **text: Any) -> ClipConfig:
+        """The `tiny` preset's vision tower and a 2-layer, 128-wide text tower; `text` overrides
+        its fields (`omnilm.data.captions.text_ids_for(tokenizer)` fits it to a tokenizer)."""
+        fields = dict(vocab_size=513, dim=128, n_layers=2, n_heads=4, mlp_dim=512, max_len=77,
+                      bos_token_id=1, eos_token_id=512, pad_token_id=0)
+        fields.update(text)
+        return cls(vision=OmniConfig.from_preset("tiny").vision, text=ClipTextConfig(**fields), embed_dim=embed_dim)

@@ -9,13 +9,14 @@ import transformers as tf
 from conftest import randomize_
 from PIL import Image
 
-from omnilm.data import ImageProcessor, train_tokenizer
+from omnilm.config import ClipConfig, ClipTextConfig
+from omnilm.data import ImageProcessor, Tokenizer, train_tokenizer
 from omnilm.data import shapeworld as sw
+from omnilm.data.captions import check_caption_tokenizer, end_of_text_id, text_ids_for, tokenize_captions
 from omnilm.errors import OmniInputError
 from omnilm.eval.clip import evaluate_clip, format_clip_results, shapeworld_candidates
 from omnilm.model import hf as hfio
-from omnilm.model.clip import (ClipConfig, ClipModel, ClipTextConfig, end_of_text_id, load_clip, save_clip,
-                               tokenize_captions)
+from omnilm.model.clip import ClipModel
 
 TOL = 1e-4
 EOS = 98  # the tiny config's end-of-text id: the highest id, as in OpenAI's vocabulary
@@ -84,7 +85,7 @@ def assert_same_outputs(ours: ClipModel, theirs: tf.CLIPModel, eos: int = EOS) -
 def test_loads_transformers_clip_with_same_embeddings(tmp_path, eos):
     theirs = tiny_hf_clip(eos)
     theirs.save_pretrained(tmp_path)
-    ours = load_clip(tmp_path)
+    ours = ClipModel.from_pretrained(tmp_path)
     assert ours.config.text.eos_token_id == eos and ours.config.embed_dim == 24
     assert ours.logit_scale.item() == 2.0
     assert_same_outputs(ours, theirs, eos)
@@ -94,7 +95,7 @@ def test_loads_transformers_clip_with_same_embeddings(tmp_path, eos):
 def test_text_hidden_states_match_transformers_under_padding(tmp_path, side):
     theirs = tiny_hf_clip()
     theirs.save_pretrained(tmp_path)
-    ours = load_clip(tmp_path)
+    ours = ClipModel.from_pretrained(tmp_path)
     ids, mask = text_batch()
     if side == "left":  # the same rows, padding moved to the front
         n = mask.sum(1, keepdim=True)
@@ -111,7 +112,7 @@ def test_legacy_eos_pools_at_the_highest_id(tmp_path):
     # transformers reads eos_token_id == 2 as a legacy config and pools at each row's highest id,
     # which is not the end-of-text token here: ours does the same, so the numbers still agree.
     tiny_hf_clip(2).save_pretrained(tmp_path)
-    ours = load_clip(tmp_path)
+    ours = ClipModel.from_pretrained(tmp_path)
     ids = torch.tensor([[1, 50, 2, 0]])
     states = ours.text(ids)
     assert torch.equal(ours.text.pooled(ids), states[:, 1])
@@ -120,8 +121,8 @@ def test_legacy_eos_pools_at_the_highest_id(tmp_path):
 def test_save_loads_in_transformers_and_as_a_vision_encoder(tmp_path):
     theirs = tiny_hf_clip()
     theirs.save_pretrained(tmp_path / "hf")
-    ours = load_clip(tmp_path / "hf")
-    save_clip(ours, tmp_path / "ours")
+    ours = ClipModel.from_pretrained(tmp_path / "hf")
+    ours.save_pretrained(tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["model_type"] == "clip" and config["projection_dim"] == 24
     back, info = tf.CLIPModel.from_pretrained(tmp_path / "ours", output_loading_info=True)
@@ -133,7 +134,7 @@ def test_save_loads_in_transformers_and_as_a_vision_encoder(tmp_path):
     for k, v in ours.vision.state_dict().items():
         assert torch.equal(state[k], v), k
     # and our own loader reads it back exactly
-    again = load_clip(tmp_path / "ours")
+    again = ClipModel.from_pretrained(tmp_path / "ours")
     for k, v in ours.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
 
@@ -141,7 +142,7 @@ def test_save_loads_in_transformers_and_as_a_vision_encoder(tmp_path):
 def test_loss_is_symmetric_infonce_as_transformers(tmp_path):
     theirs = tiny_hf_clip()
     theirs.save_pretrained(tmp_path)
-    ours = load_clip(tmp_path)
+    ours = ClipModel.from_pretrained(tmp_path)
     ids, mask = text_batch()
     px = pixels()
     with torch.no_grad():
@@ -179,7 +180,7 @@ def test_tokenize_captions_ends_every_row_in_end_of_text():
         n = int(m.sum())
         assert row[0] == tokenizer.bos_id and row[n - 1] == eot and (row[:n - 1] < eot).all()
         assert (row[n:] == tokenizer.pad_id).all() and m[:n].all()
-    cfg = ClipConfig.tiny(tokenizer)
+    cfg = ClipConfig.tiny(**text_ids_for(tokenizer))
     assert cfg.text.eos_token_id == eot and cfg.text.vocab_size == eot + 1
     assert cfg.vision == ClipConfig.tiny().vision
     with pytest.raises(OmniInputError, match="max_len=4"):
@@ -207,12 +208,13 @@ def test_fresh_tower_positions_are_as_visible_as_its_patches():
     assert 0.5 < patches.std().item() / model.config.position_init_std < 2
 
 
-def test_save_refuses_a_tokenizer_that_does_not_fit(tmp_path):
+def test_a_tokenizer_that_does_not_fit_the_text_tower_is_refused():
     tokenizer = train_tokenizer(["a red circle."], vocab_size=300)
     model = ClipModel.from_config(ClipConfig.tiny())  # text tower for a 512-id vocabulary
     with pytest.raises(OmniInputError, match="text_ids_for"):
-        save_clip(model, tmp_path, tokenizer)
-    assert not any(tmp_path.iterdir())
+        check_caption_tokenizer(model.config.text, tokenizer, "here")
+    with pytest.raises(OmniInputError, match="text_ids_for"):
+        evaluate_clip(model, tokenizer, None, [], ".")
 
 
 # --- evaluation and a training run that learns ------------------------------------------------
@@ -233,7 +235,7 @@ def test_evaluates_shapeworld_caption_records(tmp_path):
     records = json.loads(path.read_text())
     captions = [r["conversations"][-1]["value"] for r in records if r["task"] == "caption"]
     tokenizer = train_tokenizer(captions, vocab_size=512)
-    model = ClipModel.from_config(ClipConfig.tiny(tokenizer))
+    model = ClipModel.from_config(ClipConfig.tiny(**text_ids_for(tokenizer)))
     results = evaluate_clip(model, tokenizer, ImageProcessor.from_vision_config(model.config.vision), records, tmp_path)
     n_single = sum(len(sw.make_example(i, 0, "test").scene) == 1 for i in range(12))
     assert results["n_images"] == 12 and results["n_single"] == n_single > 0
@@ -245,7 +247,7 @@ def test_tiny_training_run_learns_retrieval(tmp_path):
     captions = [f"a {c} image." for c in COLOURS]
     tokenizer = train_tokenizer(captions, vocab_size=300)
     torch.manual_seed(0)
-    model = ClipModel.from_config(ClipConfig.tiny(tokenizer))
+    model = ClipModel.from_config(ClipConfig.tiny(**text_ids_for(tokenizer)))
     processor = ImageProcessor.from_vision_config(model.config.vision)
     records = []
     for i, (name, rgb) in enumerate(COLOURS.items()):
@@ -275,19 +277,19 @@ def test_tiny_training_run_learns_retrieval(tmp_path):
     assert after["all_acc"] == 1.0
     assert "| recall@1 | 1.000 |" in format_clip_results(after)
     # The trained model round-trips with its tokenizer, and evaluates the same after loading.
-    model.tokenizer = tokenizer
     model.save_pretrained(tmp_path / "clip", max_shard_size="1MB")  # as the trainer's checkpoints; sharded
+    tokenizer.save(tmp_path / "clip")
     assert (tmp_path / "clip" / "model.safetensors.index.json").is_file()
     loaded = ClipModel.from_pretrained(tmp_path / "clip")
-    assert loaded.tokenizer is not None
-    again = evaluate_clip(loaded, loaded.tokenizer, processor, records, tmp_path, candidates=candidates)
+    again = evaluate_clip(loaded, Tokenizer.from_file(tmp_path / "clip"), processor, records, tmp_path,
+                          candidates=candidates)
     assert again == after
 
 
 def test_collapsed_model_scores_zero_recall(tmp_path):
     # Every embedding equal: all captions tie, and a tie with the right caption counts against it.
     tokenizer = train_tokenizer(["a red image.", "a blue image."], vocab_size=300)
-    model = ClipModel.from_config(ClipConfig.tiny(tokenizer))
+    model = ClipModel.from_config(ClipConfig.tiny(**text_ids_for(tokenizer)))
     with torch.no_grad():
         model.visual_projection.weight.zero_()
         model.text_projection.weight.zero_()

@@ -3,7 +3,7 @@
 import collections
 
 from omnilm.data import shapeworld as sw
-from omnilm.eval.vqa import format_table, questions, summarize
+from omnilm.eval.vqa import format_vqa_results, questions, summarize
 
 
 def test_accuracy_is_split_by_objects_in_the_scene():
@@ -26,7 +26,7 @@ def test_accuracy_is_split_by_objects_in_the_scene():
         assert all(r["accuracy"] == (1.0 if k == 1 else 0.0) for k, r in by_k.items())
     assert list(summary["objects"])[-1] == "overall"
     assert summary["accuracy"] == expected["overall"][1] / len(items)
-    table = format_table(summary)
+    table = format_vqa_results(summary)
     assert f"| **overall** | 100.0% ({expected['overall'][1]}) | 0.0% ({expected['overall'][2]}) |" in table
 
 
@@ -34,4 +34,4 @@ def test_records_without_object_counts_get_no_split():
     predictions = [{"task": "colour", "correct": True}, {"task": "colour", "correct": False}]
     summary = summarize(predictions)
     assert "objects" not in summary and summary["tasks"]["colour"] == {"n": 2, "accuracy": 0.5}
-    assert "objects in the scene" not in format_table(summary)
+    assert "objects in the scene" not in format_vqa_results(summary)

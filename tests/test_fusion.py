@@ -8,6 +8,7 @@ from conftest import one_line_error, randomize_
 from omnilm import OmniModel
 from omnilm.config import FUSIONS
 from omnilm.data.processor import expand_image_tokens
+from omnilm.infer import generate
 from omnilm.model.fusion import Media, media_mask
 
 SMALL = dict(text=dict(n_layers=4, dim=64, n_heads=4, n_kv_heads=2, mlp_dim=128, vocab_size=64),
@@ -145,7 +146,7 @@ def test_kv_cache_decoding_equals_the_full_forward(fusion):
         steps = [model(ids, px, mask, cache=cache).logits[:, -1]]
         steps += [model(seq[:, t:t + 1], None, seq_mask[:, :t + 1], cache=cache).logits[:, 0]
                   for t in range(ids.shape[1], seq.shape[1] - 1)]
-        first = model.generate(ids, px, mask, max_new_tokens=1)
+        first = generate(model, ids, px, mask, max_new_tokens=1)
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-4, atol=1e-4)
     assert torch.equal(first[:, 0], full[:, 0].argmax(-1))
 
@@ -282,15 +283,19 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --llm-layers is 0: give the decoder at least one layer"
     assert not (tmp_path / "bad").exists()  # refused before any work
-    from omnilm.eval.fusion import FusionBench  # the library refuses as the command line does
+    from dataclasses import replace
 
-    one_line_error(lambda: FusionBench(out=tmp_path / "bad", llm_layers=0), "--llm-layers is 0")
+    from omnilm.recipes.fusion import FusionBench, bench_recipe  # the library refuses as the command line does
+    from omnilm.recipes.recipe import Recipe
+
+    one_line_error(lambda: Recipe(llm_layers=0), "--llm-layers is 0")
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", modes=("joint", "fused")), "unknown fused", "choose from")
-    one_line_error(lambda: FusionBench(out=tmp_path / "bad", clip_images=16), "--clip-images is 16", "at least")
-    one_line_error(lambda: FusionBench(out=tmp_path / "bad", clip_steps=-1), "--clip-steps is -1")
-    one_line_error(lambda: FusionBench(out=tmp_path / "bad", gate_lr=0.0), "--gate-lr is 0.0")
+    one_line_error(lambda: FusionBench(out=tmp_path / "bad", recipe=replace(bench_recipe(), clip_images=16)),
+                   "--clip-images is 16", "at least")
+    one_line_error(lambda: replace(bench_recipe().clip, steps=0), "--steps is 0")
+    one_line_error(lambda: replace(bench_recipe().instruct, gate_lr=0.0), "--gate-lr is 0.0")
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", cross_attention_every=3), "--cross-attention-every is 3",
                    "1 to 2")
-    assert FusionBench(out=tmp_path / "bad", clip_steps=0, clip_images=0).clip_steps == 0  # a random tower needs none
+    assert not FusionBench(out=tmp_path / "bad", clip=False, recipe=replace(bench_recipe(), clip_images=0)).trains_clip
     assert not FusionBench(out=tmp_path / "bad", modes=("text_only", "early")).trains_clip  # no mode reads a tower
     assert not (tmp_path / "bad").exists()

@@ -307,6 +307,6 @@ def test_generate_restores_training_flags_and_needs_no_grad():
     expected = generate(model, ids, pixels, mask, max_new_tokens=4)
     model.train()
     model.vision.eval()  # a frozen tower stays as it was
-    out = model.generate(ids, pixels, mask, max_new_tokens=4)
+    out = generate(model, ids, pixels, mask, max_new_tokens=4)
     assert torch.equal(out, expected) and not out.requires_grad
     assert model.training and model.llm.training and not model.vision.training

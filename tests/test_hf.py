@@ -193,13 +193,17 @@ def test_saving_again_replaces_the_old_shards(tmp_path):
 
 
 def test_tokenizer_travels_with_the_model(tmp_path):
-    tokenizer_mod = pytest.importorskip("omnilm.data.tokenizer")
+    from omnilm.data import Processor, train_tokenizer
+
     ours = tiny_omni(vision=False)
-    ours.tokenizer = tokenizer_mod.train_tokenizer(["a red circle left of a blue square"] * 4, vocab_size=300)
+    tokenizer = train_tokenizer(["a red circle left of a blue square"] * 4, vocab_size=300)
     ours.save_pretrained(tmp_path)
-    again = OmniModel.from_pretrained(tmp_path)
+    Processor.for_model(ours, tokenizer=tokenizer).save_pretrained(tmp_path)
+    again = Processor.for_model(OmniModel.from_pretrained(tmp_path), tmp_path)
     text = "a blue circle"
-    assert again.tokenizer.encode(text) == ours.tokenizer.encode(text)
+    assert again.tokenizer.encode(text) == tokenizer.encode(text)
+    with pytest.raises(OmniInputError, match="has no tokenizer.json"):
+        Processor.for_model(ours, tmp_path / "elsewhere")
 
 
 def test_saved_llava_folder_loads_as_a_transformers_processor(tmp_path):
@@ -208,11 +212,12 @@ def test_saved_llava_folder_loads_as_a_transformers_processor(tmp_path):
     from omnilm.data import Processor, train_tokenizer
 
     ours = tiny_omni()
-    ours.tokenizer = train_tokenizer(["what colour is the red circle"] * 4, vocab_size=300)
+    tokenizer = train_tokenizer(["what colour is the red circle"] * 4, vocab_size=300)
     with pytest.raises(OmniInputError, match="tokenizer's <image> is id 3 but the model's image_token_id is 299"):
-        ours.save_pretrained(tmp_path)
-    ours.config.image_token_id = ours.tokenizer.image_token_id
+        Processor.for_model(ours, tokenizer=tokenizer)
+    ours.config.image_token_id = tokenizer.image_token_id
     ours.save_pretrained(tmp_path)
+    Processor.for_model(ours, tokenizer=tokenizer).save_pretrained(tmp_path)
     theirs = tf.AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(theirs, tf.LlavaProcessor)
     images = [Image.new("RGB", (45, 37), "red"), Image.new("L", (20, 64), 90)]

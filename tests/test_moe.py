@@ -311,9 +311,9 @@ def test_moe_training_logs_routing_resumes_exactly_and_is_inspectable(tmp_path, 
     train_json = write_shapeworld(root, 24, seed=0, split="train")
     train_tokenizer(corpus(train_json), vocab_size=400).save(root / "tokenizer")
     moe = {**SMALL, "text": {**SMALL["text"], "n_experts": 4, "n_experts_per_token": 2, "expert_dim": 64}}
-    straight = train(args(root, tmp_path / "straight", steps=4, config_overrides=moe))["losses"]
-    first = train(args(root, tmp_path / "resumed", steps=4, stop_after=2, config_overrides=moe))["losses"]
-    rest = train(args(root, tmp_path / "resumed", steps=4, resume=True, config_overrides=moe))["losses"]
+    straight = train(args(root, tmp_path / "straight", steps=4, config=moe))["losses"]
+    first = train(args(root, tmp_path / "resumed", steps=4, stop_after=2, config=moe))["losses"]
+    rest = train(args(root, tmp_path / "resumed", steps=4, resume=True, config=moe))["losses"]
     assert first + rest == straight
 
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]

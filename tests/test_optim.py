@@ -7,7 +7,7 @@ import torch
 from conftest import one_line_error
 
 from omnilm import OmniModel
-from omnilm.train.loop import TrainArgs
+from omnilm.train import TrainArgs
 from omnilm.model.layers import Attention
 from omnilm.train import optim
 from omnilm.train.optim import (MuonAdamW, build_optimizer, check_split, describe_split, human_count, lr_factor,

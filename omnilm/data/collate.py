@@ -1,4 +1,5 @@
-"""Samples -> a training batch: right padding, attention mask, images in order.
+"""Samples -> a training batch: right padding, attention mask, images in order; and `pad_rows`,
+the one place rows of ids become a padded tensor and its mask (training, prompts, captions).
 
 Training uses teacher forcing over whole sequences, so rows are right-padded (generation
 left-pads instead, see `Processor`); the model derives positions from the attention mask,
@@ -14,20 +15,28 @@ import torch
 from omnilm.config import IGNORE_INDEX
 
 
+def pad_rows(rows: list, value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids (lists or 1-D tensors) -> (B, T) long tensor padded with `value` to the longest
+    row, on the right (or the `left`), and the (B, T) mask: 1 on the rows' own entries."""
+    T = max((len(row) for row in rows), default=0)
+    out = torch.full((len(rows), T), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, row in enumerate(rows):
+        n = len(row)
+        if n:  # a slice [-0:] would be the whole row
+            span = slice(T - n, T) if left else slice(0, n)
+            out[b, span] = torch.as_tensor(row, dtype=torch.long)
+            mask[b, span] = 1
+    return out, mask
+
+
 def collate(batch: list[dict], pad_id: int) -> dict:
     """Stack `LlavaDataset` samples. Returns `input_ids` (B, T) right-padded with `pad_id`,
     `labels` (B, T) padded with -100, `attention_mask` (B, T) 1 on real tokens, `pixel_values`
     (N, 3, H, W) with every sample's images in sample order (None when there are none) and
     `ids`, the samples' ids."""
-    T = max(len(sample["input_ids"]) for sample in batch)
-    input_ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for b, sample in enumerate(batch):
-        n = len(sample["input_ids"])
-        input_ids[b, :n] = sample["input_ids"]
-        labels[b, :n] = sample["labels"]
-        attention_mask[b, :n] = 1
+    input_ids, attention_mask = pad_rows([sample["input_ids"] for sample in batch], pad_id)
+    labels, _ = pad_rows([sample["labels"] for sample in batch], IGNORE_INDEX)
     # The model fills image tokens with pixel_values in order across the batch, row by row.
     images = [sample["pixel_values"] for sample in batch if sample["pixel_values"] is not None]
     pixel_values = torch.cat(images) if images else None

@@ -22,6 +22,7 @@ from PIL import Image
 
 from omnilm.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from omnilm.errors import OmniInputError
+from omnilm.model.hf_config import preprocessor_config
 
 
 
@@ -138,23 +139,7 @@ class ImageProcessor:
 
     def to_hf_dict(self) -> dict:
         """A `preprocessor_config.json` that transformers' `AutoImageProcessor` loads to the same preprocessing."""
-        d = {
-            "image_processor_type": "LlavaImageProcessor" if self.pad_to_square else "CLIPImageProcessor",
-            "do_convert_rgb": True,
-            "do_resize": True,
-            "size": {"shortest_edge": self.size},
-            "resample": 3,  # PIL bicubic
-            "do_center_crop": True,
-            "crop_size": {"height": self.crop_size, "width": self.crop_size},
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-            "image_mean": list(self.image_mean),
-            "image_std": list(self.image_std),
-        }
-        if self.pad_to_square:
-            d["do_pad"] = True
-        return d
+        return preprocessor_config(self.size, self.crop_size, self.image_mean, self.image_std, self.pad_to_square)
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> ImageProcessor:

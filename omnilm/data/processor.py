@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from omnilm.data.chat import render_chat
+from omnilm.data.collate import pad_rows
 from omnilm.data.image import ImageProcessor
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.errors import OmniInputError
 from omnilm.io import read_json, write_json
+from omnilm.model.hf_config import hf_incompatibility, processor_config_to_hf
 
 _MISMATCH_HINT = "add a marker per image or remove images"
 
@@ -26,12 +26,16 @@ class Processor:
     """Tokenizer + image processor + the number of tokens each image occupies.
 
     `image_processor` is None for a text-only model; such a processor refuses images.
+    `llava_config`: what transformers' LlavaProcessor needs to expand images the same way
+    (processor_config.json), where transformers has a class for the model; `for_model` sets it.
     """
 
-    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None, image_seq_len: int):
+    def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None, image_seq_len: int,
+                 llava_config: dict | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_seq_len = image_seq_len
+        self.llava_config = llava_config
 
     def __call__(
         self,
@@ -60,14 +64,8 @@ class Processor:
                         f"but max_length is {max_length}: shorten it, use fewer images, or raise max_length"
                     )
         # Padding sits under attention_mask 0, so with no pad or eos token any id would do.
-        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        T = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for b, row in enumerate(rows):
-            if row:  # a slice [-0:] would be the whole row
-                input_ids[b, -len(row):] = torch.tensor(row, dtype=torch.long)
-                attention_mask[b, -len(row):] = 1
+        input_ids, attention_mask = pad_rows(rows, self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
+                                             left=True)
         flat = [image for group in per_prompt for image in group]
         if flat and self.image_processor is None:
             raise OmniInputError(f"{len(flat)} images were given but this processor is text-only: pass no images")
@@ -104,21 +102,27 @@ class Processor:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     @classmethod
-    def for_model(cls, model, folder: str | Path | None = None) -> Processor:
-        """The processor that feeds `model` (an OmniModel): its tokenizer, the image preprocessing
-        of `folder`'s preprocessor_config.json when there is one, else the CLIP preprocessing its
-        vision config implies, and its tokens per image."""
-        if model.tokenizer is None:
-            raise OmniInputError("the model has no tokenizer: load it from a folder with tokenizer.json, "
-                                 "or set model.tokenizer")
+    def for_model(cls, model, folder: str | Path | None = None, tokenizer: Tokenizer | None = None) -> Processor:
+        """The processor that feeds `model` (an OmniModel, or its config): `tokenizer`, else the
+        tokenizer files in the checkpoint `folder`; the image preprocessing of `folder`'s
+        preprocessor_config.json when there is one, else the CLIP preprocessing the model's vision
+        config implies; and the model's tokens per image."""
+        config = getattr(model, "config", model)
+        if tokenizer is None:
+            if folder is None or not (Path(folder) / "tokenizer.json").is_file():
+                where = f"{folder} has no tokenizer.json" if folder is not None else "no tokenizer was given"
+                raise OmniInputError(f"{where}: pass the checkpoint folder saved with its tokenizer, or tokenizer=")
+            tokenizer = Tokenizer.from_file(folder)
+        check_image_token(config, tokenizer, folder or "the tokenizer")
         image_processor = None
-        if model.config.vision is not None:
-            config = Path(folder) / "preprocessor_config.json" if folder is not None else None
-            if config is not None and config.is_file():
-                image_processor = ImageProcessor.from_hf_dict(read_json(config))
+        if config.vision is not None:
+            file = Path(folder) / "preprocessor_config.json" if folder is not None else None
+            if file is not None and file.is_file():
+                image_processor = ImageProcessor.from_hf_dict(read_json(file))
             else:
-                image_processor = ImageProcessor.from_vision_config(model.config.vision)
-        return cls(model.tokenizer, image_processor, model.config.image_seq_len)
+                image_processor = ImageProcessor.from_vision_config(config.vision)
+        llava = processor_config_to_hf(config) if config.vision is not None and not hf_incompatibility(config) else None
+        return cls(tokenizer, image_processor, config.image_seq_len, llava)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, image_seq_len: int) -> Processor:
@@ -129,11 +133,24 @@ class Processor:
         return cls(Tokenizer.from_file(folder), image_processor, image_seq_len)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write the tokenizer files and (unless text-only) a transformers-loadable preprocessor_config.json."""
+        """Write the tokenizer files, (unless text-only) a transformers-loadable preprocessor_config.json,
+        and with `llava_config` the processor_config.json with which `AutoProcessor` builds a LlavaProcessor."""
         folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(folder)
         if self.image_processor is not None:
             write_json(folder / "preprocessor_config.json", self.image_processor.to_hf_dict())
+        if self.llava_config is not None:
+            write_json(folder / "processor_config.json", self.llava_config)
+
+
+def check_image_token(config, tokenizer: Tokenizer, where: str | Path) -> None:
+    """The tokenizer's <image> must be the id the model (`config`, an OmniConfig) fills with image features."""
+    if config.vision is not None and tokenizer.image_token_id != config.image_token_id:
+        raise OmniInputError(
+            f"{where}: the tokenizer's <image> is id {tokenizer.image_token_id} but the model's image_token_id is "
+            f"{config.image_token_id}; set config image_token_id to the tokenizer's id"
+        )
 
 
 def expand_image_tokens(ids: list[int], image_token_id: int, image_seq_len: int, *aligned: list) -> list[list]:

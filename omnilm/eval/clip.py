@@ -18,9 +18,13 @@ from pathlib import Path
 
 import torch
 
+from omnilm.data import ImageProcessor, Tokenizer
+from omnilm.data import shapeworld as sw
+from omnilm.data.captions import check_caption_tokenizer, tokenize_captions
+from omnilm.data.llava_json import read_records
 from omnilm.errors import OmniInputError
-from omnilm.infer.generate import eval_mode
-from omnilm.model.clip import check_tokenizer, tokenize_captions
+from omnilm.model.clip import ClipModel
+from omnilm.model.layers import eval_mode
 
 
 def caption_pairs(records: list[dict]) -> list[tuple[str, str]]:
@@ -42,8 +46,6 @@ def caption_pairs(records: list[dict]) -> list[tuple[str, str]]:
 
 def shapeworld_candidates() -> dict[str, dict[str, str]]:
     """Every caption ShapeWorld writes for a one-object scene -> that object's attributes."""
-    from omnilm.data import shapeworld as sw
-
     out = {}
     for size, colour, shape, cell in itertools.product(sw.SIZES, sw.COLOURS, sw.SHAPES, range(len(sw.CELLS))):
         obj = sw.Obj(shape=shape, colour=colour, size=size, cell=cell)
@@ -78,7 +80,7 @@ def evaluate_clip(model, tokenizer, image_processor, records: list[dict], image_
     `n_single` images whose caption is one of `candidates` (default: ShapeWorld's one-object
     captions), `<attribute>_acc` per attribute and `all_acc`.
     """
-    check_tokenizer(model.config.text, tokenizer, "evaluate_clip")
+    check_caption_tokenizer(model.config.text, tokenizer, "evaluate_clip")
     pairs = caption_pairs(records)
     if not pairs:
         raise OmniInputError("no caption records (task 'caption' with one image and a gpt turn) to evaluate")
@@ -122,12 +124,9 @@ def format_clip_results(results: dict[str, float]) -> str:
 
 def evaluate_clip_checkpoint(folder: str | Path, data: str | Path, image_folder: str | Path) -> dict[str, float]:
     """`evaluate_clip` of the CLIP folder `folder` (with its tokenizer) on the caption records of `data`."""
-    from omnilm.data import ImageProcessor
-    from omnilm.data.llava_json import read_records
-    from omnilm.model.clip import load_clip
-
-    model = load_clip(folder)
-    if model.tokenizer is None:
+    model = ClipModel.from_pretrained(folder)
+    if not (Path(folder) / "tokenizer.json").is_file():
         raise OmniInputError(f"{folder} has no tokenizer.json; save the CLIP model with its tokenizer")
+    tokenizer = Tokenizer.from_file(folder)
     image_processor = ImageProcessor.from_vision_config(model.config.vision)
-    return evaluate_clip(model, model.tokenizer, image_processor, read_records(data), image_folder)
+    return evaluate_clip(model, tokenizer, image_processor, read_records(data), image_folder)

@@ -17,6 +17,7 @@ import torch
 
 from omnilm.data.collate import to_device
 from omnilm.data.tokenizer import IMAGE_TOKEN
+from omnilm.infer import generate
 
 
 def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -> list[dict]:
@@ -69,7 +70,7 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
         chunk = items[start:start + batch_size]
         batch = processor([q["chat"] for q in chunk], images=[[str(folder / p) for p in q["images"]] for q in chunk])
         batch = to_device(batch, device)
-        new = model.generate(**batch, max_new_tokens=max_new_tokens, stop_token_ids=[eos])
+        new = generate(model, **batch, max_new_tokens=max_new_tokens, stop_token_ids=[eos])
         for q, ids in zip(chunk, new.tolist()):
             ids = ids[:ids.index(eos)] if eos in ids else ids
             prediction = processor.decode(ids).strip()
@@ -104,7 +105,7 @@ def _accuracy(correct: list[bool]) -> dict[str, Any]:
     return {"n": len(correct), "accuracy": sum(correct) / len(correct)}
 
 
-def format_table(summary: dict[str, Any]) -> str:
+def format_vqa_results(summary: dict[str, Any]) -> str:
     """The summary as markdown: accuracy per family, then (when known) per number of objects."""
     lines = ["| task | questions | accuracy |", "|---|---:|---:|"]
     for task, r in summary["tasks"].items():

@@ -10,14 +10,13 @@ they arrive. Shape letters: B batch, T prompt length, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
 from omnilm.errors import OmniInputError
-from omnilm.model.layers import KVCache
+from omnilm.model.layers import KVCache, eval_mode
 
 # --- the model, one call at a time ------------------------------------------------------------
 
@@ -82,19 +81,6 @@ def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1
 
 
 # --- the generation loop ----------------------------------------------------------------------
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode inside the block; afterwards every module gets its own training flag back."""
-    # Restore each module's own flag afterwards: a frozen tower may be in eval while the rest trains.
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _as_list(ids: int | list[int] | tuple[int, ...] | None) -> list[int]:

@@ -1,7 +1,9 @@
 """Hugging Face interop: read and write LLaVA, LLaMA and CLIP folders (safetensors only, never pickle).
 
 `OmniModel.from_pretrained` and `OmniModel.save_pretrained` call `load_pretrained` and
-`save_pretrained` here; `load_vision_encoder` reads a CLIP (or LLaVA) folder's vision tower.
+`save_pretrained` here, `ClipModel`'s call `load_clip` and `save_clip`; `load_vision_encoder`
+reads a CLIP (or LLaVA) folder's vision tower. Weights and configs only: the tokenizer files
+beside them are the processor's (`omnilm.data.Processor`).
 
 A folder's config is `omnilm.json` when present (our exact config, written by us), else its
 `config.json` converted: model_type "llava" (CLIP + projector + LLaMA), "llama" (text-only),
@@ -16,17 +18,18 @@ checkpoint in that layout. (A LLaVA that 5.x builds from scratch is saved with
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from omnilm.config import OmniConfig, VisionConfig
+from omnilm.config import ClipConfig, OmniConfig, VisionConfig
 from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, read_json, write_json
-from omnilm.model.hf_config import config_from_hf, config_to_hf, hf_incompatibility, vision_config_from_hf
+from omnilm.model.hf_config import (clip_config_to_hf, clip_text_config_from_hf, config_from_hf, config_to_hf,
+                                    hf_incompatibility, vision_config_from_hf)
 from omnilm.model.vision import VisionTransformer
 
 # --- key layouts ------------------------------------------------------------------------------
@@ -313,8 +316,8 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
     """An OmniModel (`cls`) from an omnilm or transformers LLaVA / LLaMA folder.
 
     `dtype`: None loads float32 (as transformers does); "auto" keeps the checkpoint's dtype;
-    a torch dtype (or its name) casts to it. The folder's tokenizer.json, if any, becomes
-    `model.tokenizer`.
+    a torch dtype (or its name) casts to it. The tokenizer files beside the weights are the
+    processor's (`omnilm.data.Processor.for_model`).
     """
     folder = _folder(path)
     cfg, kind, source = read_config(folder)
@@ -332,23 +335,7 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
     assign_weights(model, state, origin, folder, source, skip=("lm_head.weight",) if tied else ())
     if tied:
         model.lm_head.weight = model.llm.embed_tokens.weight
-    if (folder / "tokenizer.json").is_file():
-        try:
-            from omnilm.data.tokenizer import Tokenizer
-        except ImportError:  # the data package is optional here
-            return model.eval()
-        model.tokenizer = Tokenizer.from_file(folder)
-        check_tokenizer(cfg, model.tokenizer, folder)
     return model.eval()
-
-
-def check_tokenizer(cfg: OmniConfig, tokenizer, where: str | Path) -> None:
-    """The tokenizer's <image> must be the id the model replaces with image features."""
-    if cfg.vision is not None and tokenizer.image_token_id != cfg.image_token_id:
-        raise OmniInputError(
-            f"{where}: the tokenizer's <image> is id {tokenizer.image_token_id} but the model's image_token_id is "
-            f"{cfg.image_token_id}; set config image_token_id to the tokenizer's id"
-        )
 
 
 def load_vision_encoder(path: str | Path, device: str | torch.device | None = None,
@@ -432,27 +419,33 @@ def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size
         old.unlink()
 
 
+def _tensors_to_write(model: nn.Module, rename, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """`model`'s state dict under the names `rename(name)` gives, refusing meta tensors (no values)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name in skip:
+            continue
+        if t.is_meta:
+            raise OmniInputError(f"cannot save {name}: it is on the meta device (no values); load or initialise it first")
+        tensors[rename(name)] = t.detach()
+    return tensors
+
+
 def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB") -> None:
-    """Write `model` as a transformers folder (LLaVA, or LLaMA when text-only) plus omnilm.json.
+    """Write `model` as a transformers folder (LLaVA, or LLaMA when text-only) plus omnilm.json;
+    the processor's files (tokenizer, preprocessor_config.json) are `Processor.save_pretrained`'s.
 
     Shards of at most `max_shard_size` (a tensor larger than that gets its own shard), each written
     atomically; the index last. A tied head is stored once, as the embedding matrix.
     """
     cfg: OmniConfig = model.config
-    if getattr(model, "tokenizer", None) is not None:
-        check_tokenizer(cfg, model.tokenizer, "save_pretrained")  # before anything is written
     limit = parse_size(max_shard_size)  # a bad size fails before anything is written
     kind = "llava" if cfg.vision is not None else "llama"
     # A model transformers has no class for (Switch routing, shared experts, fusion other than
     # joint, ...) keeps omnilm's own names and omnilm.json only; omnilm loads it back the same.
     hf_format = hf_incompatibility(cfg) is None
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.text.tie_embeddings:
-            continue
-        if t.is_meta:
-            raise OmniInputError(f"cannot save {name}: it is on the meta device (no values); load or initialise it first")
-        tensors[key_to_hf(name, kind) if hf_format else name] = t.detach()
+    tensors = _tensors_to_write(model, (lambda name: key_to_hf(name, kind)) if hf_format else (lambda name: name),
+                                skip=("lm_head.weight",) if cfg.text.tie_embeddings else ())
     if hf_format and cfg.text.n_experts:
         tensors = _unstack_experts(tensors)
     folder = Path(path)
@@ -466,27 +459,40 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB") 
     elif (folder / "config.json").is_file():
         (folder / "config.json").unlink()  # an earlier save's would describe other weights
     atomic_write(folder / "omnilm.json", cfg.save)
-    if cfg.vision is not None:
-        write_json(folder / "preprocessor_config.json", _image_processor_to_hf(cfg.vision))
-    if getattr(model, "tokenizer", None) is not None:
-        model.tokenizer.save(folder)
-        if cfg.vision is not None and hf_format:  # with both halves, AutoProcessor can load a LlavaProcessor
-            write_json(folder / "processor_config.json", _processor_to_hf(cfg))
 
 
-def _image_processor_to_hf(vision: VisionConfig) -> dict[str, Any]:
-    from omnilm.data.image import ImageProcessor
-
-    return ImageProcessor.from_vision_config(vision).to_hf_dict()
+# --- CLIP, both towers ------------------------------------------------------------------------
 
 
-def _processor_to_hf(cfg: OmniConfig) -> dict[str, Any]:
-    # LlavaProcessor expands each <image> to (image_size / patch_size)^2 + num_additional_image_tokens
-    # tokens, minus one for the "default" strategy: exactly cfg.image_seq_len.
-    return {
-        "processor_class": "LlavaProcessor",
-        "patch_size": cfg.vision.patch_size,
-        "vision_feature_select_strategy": cfg.vision_feature_select,
-        "num_additional_image_tokens": 1,
-        "image_token": "<image>",
-    }
+def save_clip(model, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+    """Write a ClipModel as a transformers CLIPModel folder: config.json and model.safetensors (HF key
+    names, each file written atomically; shards past `max_shard_size`)."""
+    cfg: ClipConfig = model.config
+    tensors = _tensors_to_write(model, lambda name: key_to_hf(name, "clip_model"))
+    parse_size(max_shard_size)  # a bad size fails before anything is written
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_weights(tensors, folder, max_shard_size)
+    write_json(folder / "config.json", clip_config_to_hf(cfg, model.logit_scale.dtype))
+    # An omnilm.json left by an earlier save of a LLaVA here would be read instead of config.json.
+    (folder / "omnilm.json").unlink(missing_ok=True)
+
+
+def load_clip(cls: type, path: str | Path, device: str | torch.device | None = None,
+              dtype: torch.dtype | str | None = None):
+    """A ClipModel (`cls`) from a transformers CLIPModel folder (ours or one transformers wrote);
+    `dtype` as in `load_pretrained`."""
+    vision, kind, source = read_config(path)  # also checks the folder; image mean/std included
+    folder = Path(path)
+    d = read_json(folder / "config.json") if kind == "clip" else {}
+    if d.get("model_type") != "clip":
+        raise OmniInputError(f"{folder} is not a CLIPModel folder (config.json model_type 'clip', with both towers); "
+                             "for a vision tower alone use omnilm.model.hf.load_vision_encoder")
+    cfg = ClipConfig(vision=vision, text=clip_text_config_from_hf(d.get("text_config") or {}),
+                     embed_dim=d.get("projection_dim", 512),
+                     logit_scale_init=d.get("logit_scale_init_value", math.log(1 / 0.07)))
+    with torch.device("meta"):
+        model = cls(cfg)
+    state, origin = read_weights(folder, "clip_model", dtype, torch.device(device or "cpu"))
+    assign_weights(model, state, origin, folder, source)
+    return model.eval()

@@ -1,8 +1,10 @@
 """Config conversion between transformers' config.json dicts and omnilm's dataclasses.
 
 LLaVA (`LlavaConfig`: text_config + vision_config), LLaMA (`LlamaConfig`), Mixtral
-(`MixtralConfig`, as a text model or as LLaVA's language model) and CLIP vision
-(`CLIPVisionConfig`). Fields a config.json leaves out take transformers' defaults.
+(`MixtralConfig`, as a text model or as LLaVA's language model), CLIP vision
+(`CLIPVisionConfig`) and both CLIP towers (`CLIPConfig`); and the processor files beside them
+(`preprocessor_config.json`, `processor_config.json`). Fields a config.json leaves out take
+transformers' defaults.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from omnilm.config import OmniConfig, TextConfig, VisionConfig
+from omnilm.config import ClipConfig, ClipTextConfig, OmniConfig, TextConfig, VisionConfig
 from omnilm.errors import OmniInputError
 from omnilm.model.layers import ACTIVATIONS
 
@@ -248,3 +250,101 @@ def config_to_hf(cfg: OmniConfig, dtype: torch.dtype = torch.float32) -> dict[st
         "tie_word_embeddings": cfg.text.tie_embeddings,
         "dtype": dtype_name,
     }
+
+# --- processor files ------------------------------------------------------------------------------
+
+
+def preprocessor_config(size: int, crop_size: int, image_mean, image_std, pad_to_square: bool = False) -> dict[str, Any]:
+    """A `preprocessor_config.json` that transformers' `AutoImageProcessor` loads to CLIP's preprocessing
+    (LLaVA's, with `pad_to_square`): resize the shortest edge to `size`, centre-crop, normalise."""
+    d = {
+        "image_processor_type": "LlavaImageProcessor" if pad_to_square else "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": 3,  # PIL bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": crop_size, "width": crop_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(image_mean),
+        "image_std": list(image_std),
+    }
+    if pad_to_square:
+        d["do_pad"] = True
+    return d
+
+
+def processor_config_to_hf(cfg: OmniConfig) -> dict[str, Any]:
+    """`processor_config.json`, with which `AutoProcessor` builds a LlavaProcessor. It expands each
+    <image> to (image_size / patch_size)^2 + num_additional_image_tokens tokens, minus one for the
+    "default" strategy: exactly cfg.image_seq_len."""
+    return {
+        "processor_class": "LlavaProcessor",
+        "patch_size": cfg.vision.patch_size,
+        "vision_feature_select_strategy": cfg.vision_feature_select,
+        "num_additional_image_tokens": 1,
+        "image_token": "<image>",
+    }
+
+
+# --- CLIP, both towers (CLIPModel) ---------------------------------------------------------------
+
+# transformers' CLIPTextConfig defaults, for fields a config.json leaves out.
+CLIP_TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+)
+
+
+def clip_config_to_hf(cfg: ClipConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """ClipConfig -> a transformers CLIPModel config.json dict."""
+    t = cfg.text
+    text = {
+        "model_type": "clip_text_model",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.dim,
+        "intermediate_size": t.mlp_dim,
+        "num_hidden_layers": t.n_layers,
+        "num_attention_heads": t.n_heads,
+        "max_position_embeddings": t.max_len,
+        "hidden_act": t.act,
+        "layer_norm_eps": t.norm_eps,
+        "attention_dropout": 0.0,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+        "projection_dim": cfg.embed_dim,
+    }
+    return {
+        "architectures": ["CLIPModel"],
+        "model_type": "clip",
+        "text_config": text,
+        "vision_config": {**vision_config_to_hf(cfg.vision), "projection_dim": cfg.embed_dim},
+        "projection_dim": cfg.embed_dim,
+        "logit_scale_init_value": cfg.logit_scale_init,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def clip_text_config_from_hf(d: dict[str, Any]) -> ClipTextConfig:
+    """A transformers CLIPTextConfig dict -> ClipTextConfig."""
+    def get(key: str) -> Any:  # transformers writes null for "the default"; ids keep their null
+        if key.endswith("_token_id"):
+            return d.get(key, CLIP_TEXT_DEFAULTS[key])
+        return d[key] if d.get(key) is not None else CLIP_TEXT_DEFAULTS[key]
+
+    eos = get("eos_token_id")
+    if not isinstance(eos, int):
+        raise OmniInputError(f"text eos_token_id={eos!r}: CLIP pools the text at one end-of-text id; set an int")
+    if get("hidden_act") not in ACTIVATIONS:
+        raise OmniInputError(f"text hidden_act {get('hidden_act')!r} is not supported; "
+                             f"use one of {', '.join(sorted(ACTIVATIONS))}")
+    return ClipTextConfig(
+        vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
+        n_heads=get("num_attention_heads"), mlp_dim=get("intermediate_size"), max_len=get("max_position_embeddings"),
+        norm_eps=get("layer_norm_eps"), act=get("hidden_act"), bos_token_id=get("bos_token_id"),
+        eos_token_id=eos, pad_token_id=get("pad_token_id"),
+    )

@@ -7,7 +7,7 @@ H query heads, Hkv key/value heads, hd head dim.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,8 @@ from omnilm.errors import OmniInputError
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 # Longest key length at which, on CPU and under autograd, SDPA runs its math kernel instead of
-# its flash kernel, whose CPU backward is slow on short sequences: forward and backward of the
-# tiny decoder's attention on a padded batch of 32 x 104 tokens take 1.6x as long with flash; at
-# 128 tokens the two are even, from 192 flash is the faster (`python benchmarks/attention.py`).
+# its flash kernel, whose CPU backward is slower on short sequences (`python benchmarks/attention.py`;
+# the timings: docs/results.md, "Attention kernels on CPU").
 CPU_MATH_ATTENTION_MAX_LEN = 128
 
 
@@ -309,3 +308,16 @@ def build_initialised(cls, config, device=None, dtype=None, finish=None):
         if finish is not None:
             finish(model)
     return model
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """Eval mode inside the block; afterwards every module gets its own training flag back."""
+    # Restore each module's own flag afterwards: a frozen tower may be in eval while the rest trains.
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -20,6 +20,7 @@ from torch import nn
 
 from omnilm.config import IGNORE_INDEX, OmniConfig
 from omnilm.errors import OmniInputError
+from omnilm.model import hf
 from omnilm.model.connector import build_projector
 from omnilm.model.fusion import Media, build_fusion
 from omnilm.model.layers import KVCache, build_initialised
@@ -49,7 +50,6 @@ class OmniModel(nn.Module):
         self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
         if config.text.tie_embeddings:
             self.lm_head.weight = self.llm.embed_tokens.weight
-        self.tokenizer = None  # set by from_pretrained when the folder holds one; saved with the model
 
     # --- construction --------------------------------------------------------------------------
 
@@ -73,16 +73,12 @@ class OmniModel(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> OmniModel:
         """Load an omnilm folder or a Hugging Face one (LLaVA, LLaMA or CLIP vision)."""
-        from omnilm.model.hf import load_pretrained
-
-        return load_pretrained(cls, path, device=device, dtype=dtype)
+        return hf.load_pretrained(cls, path, device=device, dtype=dtype)
 
     def save_pretrained(self, path: str | Path, max_shard_size: int | str = "5GB") -> None:
         """Write a folder that omnilm loads, and transformers too when its classes describe the model
         (LLaVA, LLaMA, Mixtral: joint fusion; see hf_config.hf_incompatibility). Safetensors, atomic."""
-        from omnilm.model.hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        hf.save_pretrained(self, path, max_shard_size=max_shard_size)
 
     def num_parameters(self, active_only: bool = False) -> int:
         """All parameters (shared, tied tensors once); with `active_only`, those one token uses:
@@ -97,6 +93,31 @@ class OmniModel(nn.Module):
                 per_expert = (experts.gate_up_proj.numel() + experts.down_proj.numel()) // t.n_experts
                 total -= per_expert * (t.n_experts - t.n_experts_per_token)
         return total
+
+    def describe(self) -> str:
+        """The architecture in a few lines, and the parameter count (`omnilm info`)."""
+        c, t, v = self.config, self.config.text, self.config.vision
+        lines = [f"text:   {t.n_layers} layers, dim {t.dim}, {t.n_heads} heads / {t.n_kv_heads} kv heads, "
+                 f"mlp {t.mlp_dim}, vocab {t.vocab_size}, rope theta {t.rope_theta:g}"]
+        if v is not None and c.fusion == "early":
+            lines.append(f"vision: none (early fusion): {v.image_size}px images in {v.patch_size}px patches, linearly "
+                         f"embedded with a row break per row, {c.image_seq_len} tokens per image")
+        elif v is not None:
+            lines.append(f"vision: CLIP ViT {v.n_layers} layers, dim {v.dim}, {v.image_size}px / {v.patch_size}px "
+                         f"patches, feature layer {c.vision_feature_layer}, {c.image_seq_len} tokens per image")
+        if c.fusion == "late":
+            lines.append("fusion: late: pooled images join the last hidden states through a gate (the marker is 1 token)")
+        elif c.fusion == "cross_attention":
+            lines.append(f"fusion: cross-attention: {c.n_latents} resampler latents per image ({c.resampler_layers} "
+                         f"layers), gated blocks before every {c.cross_attention_every} decoder layers, attend={c.attend}")
+        if not t.n_experts:
+            return "\n".join([*lines, f"parameters: {self.num_parameters():,}"])
+        where = "every layer" if t.moe_every == 1 else f"one layer in {t.moe_every}"
+        lines.append(f"moe:    {t.n_experts} experts of width {t.expert_dim} in {where}, {t.router} routing, "
+                     f"{t.n_experts_per_token} per token" + (f", {t.n_shared_experts} shared" if t.n_shared_experts else "")
+                     + (f", capacity factor {t.capacity_factor:g}" if t.capacity_factor else ""))
+        lines.append(f"parameters: {self.num_parameters():,} ({self.num_parameters(active_only=True):,} active per token)")
+        return "\n".join(lines)
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -217,13 +238,3 @@ class OmniModel(nn.Module):
         t = self.config.text
         p = self.lm_head.weight
         return KVCache(t.n_layers, batch, t.n_kv_heads, t.head_dim, max_len, dtype=p.dtype, device=p.device)
-
-    @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
-                 do_sample: bool = False, **kwargs: Any) -> torch.Tensor:
-        """New token ids (B, n), n <= max_new_tokens; see `omnilm.infer.generate.generate`."""
-        from omnilm.infer.generate import generate
-
-        return generate(self, input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                        max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)

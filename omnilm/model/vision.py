@@ -12,7 +12,7 @@ from omnilm.config import VisionConfig
 from omnilm.model.layers import MLP, Attention
 
 
-class PatchEmbedding(nn.Module):
+class VisionEmbeddings(nn.Module):
     """Class token + non-overlapping patches (conv without bias) + learned absolute positions."""
 
     def __init__(self, cfg: VisionConfig):
@@ -50,7 +50,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.config = cfg
-        self.embeddings = PatchEmbedding(cfg)
+        self.embeddings = VisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # sic: HF's name, kept for weight compatibility
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
         self.post_layernorm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)  # for the pooled class token only

@@ -1,1 +1,6 @@
-"""Training: the loop, what each stage builds, optimizer and schedule, checkpoints, the recipe."""
+"""Training: the settings (`args`), the loop, what each stage builds, optimizers, checkpoints."""
+
+from omnilm.train.args import STAGES, Hyperparams, TrainArgs
+from omnilm.train.loop import train
+
+__all__ = ["STAGES", "Hyperparams", "TrainArgs", "train"]

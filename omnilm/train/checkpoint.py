@@ -2,7 +2,7 @@
 
 Layout (no pickle anywhere; tensors in safetensors, the rest in JSON):
 
-    OUT/checkpoints/step-000100/model/               the model's own save_pretrained folder
+    OUT/checkpoints/step-000100/model/               the model's and its processor's save_pretrained folder
     OUT/checkpoints/step-000100/optimizer.safetensors optimizer moments, one tensor per (param, key)
     OUT/checkpoints/step-000100/trainer_state.json   step, param groups, RNG states, run config
     OUT/checkpoints/latest                           the name of the newest complete checkpoint
@@ -42,15 +42,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[di
     return {"state": state, "param_groups": param_groups}
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer: torch.optim.Optimizer,
+def save_checkpoint(out: Path, step: int, model, processor, optimizer: torch.optim.Optimizer,
                     run_config: dict[str, Any], keep: int = 2) -> Path:
-    """Write the state after `step` optimizer steps; keep the newest `keep` checkpoints."""
+    """Write the state after `step` optimizer steps (the model with its processor's files, so that
+    the checkpoint is a model folder too); keep the newest `keep` checkpoints."""
     root = Path(out) / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "model")
+    processor.save_pretrained(tmp / "model")
     tensors, groups = _flatten_optimizer(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():

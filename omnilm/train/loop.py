@@ -15,94 +15,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from omnilm.errors import OmniInputError
+
 from omnilm.data.collate import to_device
-from omnilm.train.stages import build_stage
+from omnilm.errors import OmniInputError
+from omnilm.interpret.routing import plot_load
+from omnilm.settings import to_dict
+from omnilm.train.args import TrainArgs
 from omnilm.train.checkpoint import checkpoint_config, latest_checkpoint, load_trainer_state, save_checkpoint
-from omnilm.train.optim import OPTIMIZERS, build_optimizer, lr_factor, set_lr
-
-STAGES = ("clip", "align", "instruct")
-
-
-@dataclass
-class TrainArgs:
-    stage: str
-    data: Path  # LLaVA-format JSON
-    image_folder: Path
-    out: Path
-    preset: str | None = "tiny"  # architecture when not starting from --init
-    init: Path | None = None  # a checkpoint folder to start from (omnilm / HF LLaVA; CLIP for stage clip)
-    vision: Path | None = None  # a CLIP folder whose vision tower the LLaVA model starts from
-    tokenizer: Path | None = None  # tokenizer folder; default: from --init / --vision, else trained on the data
-    tasks: list[str] | None = None  # only records of these `task`s (default: captions for clip/align, the rest for instruct)
-    steps: int = 500
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 1e-3
-    projector_lr: float | None = None  # default: lr
-    vision_lr: float | None = None  # with train_vision; default: lr
-    patch_lr: float | None = None  # the ViT's patch embedding, where the tower trains (clip; instruct with train_vision)
-    gate_lr: float | None = None  # cross-attention's tanh gates (scalars); default: the fusion modules' rate
-    warmup: int = 20  # capped at steps
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"  # or "muon": Muon for the transformer blocks' matrices, AdamW for the rest
-    clip_grad: float = 1.0
-    train_vision: bool = False  # instruct: also train the vision encoder
-    whiten_projector: bool = False  # a fresh projector starts by whitening the vision features (connector.whiten_)
-    seed: int = 0
-    save_every: int = 0  # 0: only at the end
-    log_every: int = 10  # flush metrics.jsonl every N steps
-    device: str = "auto"
-    bf16: bool | None = None  # autocast; default: where it is faster (see bf16_is_fast)
-    skip_bad: bool = False
-    cache_images: bool = True  # keep preprocessed images in memory (off for datasets larger than RAM)
-    group_by_length: bool = False  # batch records of similar length together: less padding (BatchStream)
-    resume: bool = False
-    stop_after: int | None = None  # stop (and checkpoint) after this many steps, as if interrupted
-    progress: bool = True
-    config_overrides: dict[str, Any] = field(default_factory=dict)  # for a fresh model: as from_preset's
-
-    def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise OmniInputError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
-        for name in ("data", "image_folder", "out", "init", "vision", "tokenizer"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, Path(value))
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise OmniInputError(f"--{name.replace('_', '-')} is {getattr(self, name)}; it must be at least 1")
-        for name in ("lr", "clip_grad", "projector_lr", "vision_lr", "patch_lr", "gate_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise OmniInputError(f"--{name.replace('_', '-')} is {value}; it must be > 0")
-        if self.optimizer not in OPTIMIZERS:
-            raise OmniInputError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.warmup < 0:
-            raise OmniInputError(f"--warmup is {self.warmup}; it must be 0 or more")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise OmniInputError(f"--min-lr-ratio {self.min_lr_ratio} must be between 0 and 1")
-        # Flags that would silently do nothing (or break the stage's definition) are refused.
-        ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector", "gate_lr",
-                            "group_by_length"),
-                   "align": ("train_vision", "vision_lr", "patch_lr"), "instruct": ()}[self.stage]
-        given = [name for name in ignored if getattr(self, name) not in (None, False)]
-        if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise OmniInputError(f"stage {self.stage} does not use {flags}; drop it (see omnilm train --help)")
-        if self.whiten_projector and self.init is not None:
-            raise OmniInputError("--whiten-projector initialises a fresh projector: drop it, or start without --init")
-        for name in ("vision_lr", "patch_lr"):
-            if self.stage == "instruct" and getattr(self, name) is not None and not self.train_vision:
-                raise OmniInputError(f"--{name.replace('_', '-')} needs --train-vision (the vision encoder is "
-                                     "frozen otherwise)")
-
+from omnilm.train.optim import build_optimizer, lr_factor, set_lr
+from omnilm.train.stages import build_stage
 
 # --- deterministic batches ----------------------------------------------------------------------
 
@@ -176,7 +101,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     use_bf16 = args.bf16 if args.bf16 is not None else bf16_is_fast(device)
     torch.manual_seed(args.seed)
 
-    run_config = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(args).items()}
+    run_config = to_dict(args)
     if args.resume:
         resume_from = latest_checkpoint(out)
         _check_same_run(checkpoint_config(resume_from), run_config, resume_from)
@@ -241,16 +166,17 @@ def train(args: TrainArgs) -> dict[str, Any]:
             bar.update(1)
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
                 metrics_file.flush()  # the checkpoint's steps are on disk before it is
-                save_checkpoint(out, step + 1, model, optimizer, run_config)
+                save_checkpoint(out, step + 1, model, stage.processor, optimizer, run_config)
         bar.close()
 
-    save_checkpoint(out, end, model, optimizer, run_config)
+    save_checkpoint(out, end, model, stage.processor, optimizer, run_config)
     if end == args.steps:
         model.save_pretrained(out / "model")
+        stage.processor.save_pretrained(out / "model")
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"stage {args.stage}")
     plot_routing(out / "metrics.jsonl", out / "routing.png", title=f"stage {args.stage}")
     return {"stage": args.stage, "steps": end, "losses": losses, "final_loss": losses[-1] if losses else None,
-            "seconds": time.perf_counter() - t_start, "model": model}
+            "seconds": time.perf_counter() - t_start, "model": model, "processor": stage.processor}
 
 
 def _accumulate(total: dict[str, Any], logged: dict[str, Any], share: float) -> None:
@@ -277,7 +203,9 @@ RESUMABLE_CHANGES = {"resume", "stop_after", "device", "progress", "log_every", 
 
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
     # A setting added after the checkpoint was written counts as its default.
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs) if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainArgs)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
@@ -288,8 +216,6 @@ def _check_same_run(saved: dict[str, Any], now: dict[str, Any], where: Path) -> 
 
 def plot_routing(metrics: Path, png: Path, title: str = "", last: int = 50) -> None:
     """An MoE run's expert load (layers x experts), averaged over its last `last` logged steps."""
-    from omnilm.inspect.routing import plot_load
-
     rows = [row for row in map(json.loads, metrics.read_text().splitlines()) if "load" in row]
     if not rows:
         return  # a dense model, or a stage without routing

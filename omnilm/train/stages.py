@@ -16,13 +16,18 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from omnilm.config import IGNORE_INDEX, OmniConfig
+from omnilm.config import IGNORE_INDEX, ClipConfig, OmniConfig
 from omnilm.data import ImageProcessor, LlavaDataset, Processor, Tokenizer, collate, render_turns, train_tokenizer
+from omnilm.data.captions import check_caption_tokenizer, text_ids_for, tokenize_captions
 from omnilm.data.llava_json import read_records
+from omnilm.data.processor import check_image_token
 from omnilm.errors import OmniInputError
-from omnilm.infer.generate import eval_mode
-from omnilm.inspect.routing import summarize_routing
+from omnilm.interpret.routing import summarize_routing
+from omnilm.model import OmniModel
+from omnilm.model.clip import ClipModel
 from omnilm.model.connector import whiten_
+from omnilm.model.hf import load_vision_encoder
+from omnilm.model.layers import eval_mode
 
 # Which records each stage reads by default, by their `task` field. A record without one (real
 # LLaVA data) is read by every stage; None as the default means "every task but captions".
@@ -38,6 +43,7 @@ class Stage:
     loss: Callable[[nn.Module, dict], tuple[Any, dict[str, Any]]]
     n_targets: Callable[[dict], int]  # how many targets that mean is over
     group_lrs: dict[str, float]
+    processor: Processor  # its files are saved beside the model's
 
 
 def build_stage(args, resume_from: Path | None = None) -> Stage:
@@ -146,22 +152,16 @@ class CaptionPairs:
 
 
 def build_clip_stage(args, resume_from: Path | None):
-    import torch
-
-    from omnilm.model.clip import ClipConfig, ClipModel, load_clip, tokenize_captions
-    from omnilm.model.clip import check_tokenizer as check_clip_tokenizer
-
     start = resume_from / "model" if resume_from is not None else args.init
     if start is not None:
-        model = load_clip(start)
+        model = ClipModel.from_pretrained(start)
         tokenizer = resolve_tokenizer(args, start)
     else:
         tokenizer = resolve_tokenizer(args)
-        config = ClipConfig.tiny(tokenizer=tokenizer)
-        config.vision = OmniConfig.from_preset(args.preset, **args.config_overrides).vision  # the tower LLaVA will use
+        config = ClipConfig.tiny(**text_ids_for(tokenizer))
+        config.vision = OmniConfig.from_preset(args.preset, **args.model_overrides).vision  # the tower LLaVA will use
         model = ClipModel.from_config(config)
-    check_clip_tokenizer(model.config.text, tokenizer, args.tokenizer or start or "the trained tokenizer")
-    model.tokenizer = tokenizer
+    check_caption_tokenizer(model.config.text, tokenizer, args.tokenizer or start or "the trained tokenizer")
     model.train()
     processor = Processor(tokenizer, ImageProcessor.from_vision_config(model.config.vision), 0)
     pairs = CaptionPairs(_dataset(args, processor))
@@ -178,15 +178,13 @@ def build_clip_stage(args, resume_from: Path | None):
                 "input_ids": input_ids, "attention_mask": attention_mask}
 
     return Stage(model=model, dataset=pairs, collate=collate_pairs, loss=clip_loss,
-                 n_targets=lambda batch: batch["input_ids"].shape[0], group_lrs=_patch_lr(args))
+                 n_targets=lambda batch: batch["input_ids"].shape[0], group_lrs=_patch_lr(args), processor=processor)
 
 
 def _patch_lr(args) -> dict[str, float]:
-    # The ViT's patch embedding reads a whole patch into each token (3,072 values in `tiny`), its
-    # position embedding is added as it is. AdamW moves every weight by about the learning rate, so
-    # the patches' part of a token outgrows the positions': after the demo's 600 CLIP steps an
-    # object's cell explained under 2% of its token's variance, and CLIP learned position in some
-    # runs only. At a tenth of the rate it explains 20-37% (docs/shapeworld-recipe.md, seventh round).
+    # The ViT's patch embedding reads a whole patch into each token, its position embedding is
+    # added as it is; AdamW moves every weight by about the learning rate, so at the full rate the
+    # patches' part of a token outgrows the positions' (docs/shapeworld-recipe.md, seventh round).
     return {"vision.embeddings.patch_embedding": args.patch_lr} if args.patch_lr is not None else {}
 
 
@@ -194,9 +192,6 @@ def _patch_lr(args) -> dict[str, float]:
 
 
 def build_llava_stage(args, resume_from: Path | None):
-    from omnilm.model import OmniModel
-    from omnilm.model.hf import check_tokenizer, load_vision_encoder
-
     start = resume_from / "model" if resume_from is not None else args.init
     if start is not None:
         model = OmniModel.from_pretrained(start)
@@ -204,12 +199,12 @@ def build_llava_stage(args, resume_from: Path | None):
         if tokenizer.vocab_size > model.config.text.vocab_size:
             raise OmniInputError(f"the tokenizer has {tokenizer.vocab_size} tokens but {start} embeds "
                                  f"{model.config.text.vocab_size}: use the tokenizer the model was trained with")
-        check_tokenizer(model.config, tokenizer, args.tokenizer or start)
+        check_image_token(model.config, tokenizer, args.tokenizer or start)
     else:
         if args.preset is None:
             raise OmniInputError(f"stage {args.stage} needs --preset NAME or --init CHECKPOINT")
         tokenizer = resolve_tokenizer(args, args.vision)
-        overrides = dict(args.config_overrides)
+        overrides = dict(args.model_overrides)
         overrides["text"] = dict(overrides.get("text", {}), vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         model = OmniModel.from_preset(args.preset, image_token_id=tokenizer.image_token_id, **overrides)
@@ -224,7 +219,6 @@ def build_llava_stage(args, resume_from: Path | None):
         except RuntimeError as e:
             raise OmniInputError(f"the vision encoder in {args.vision} does not fit the model's vision config: "
                                  f"{str(e).splitlines()[-1].strip()}") from None
-    model.tokenizer = tokenizer
 
     # Stage 1 trains the projector alone; stage 2 the projector and the LLM (Liu et al. 2023). The
     # other fusion modes' connectors (late's pooling and gate, the resampler and gated blocks of
@@ -238,8 +232,7 @@ def build_llava_stage(args, resume_from: Path | None):
     if model.vision is not None and "vision" not in trains:
         model.vision.eval()  # frozen: no dropout today, but keep its mode honest
 
-    vision = model.config.vision
-    processor = Processor(tokenizer, ImageProcessor.from_vision_config(vision) if vision else None, model.config.image_seq_len)
+    processor = Processor.for_model(model, tokenizer=tokenizer)
     dataset = _dataset(args, processor, max_length=model.config.text.max_seq_len)
     if args.whiten_projector and resume_from is None:  # a resumed run has it in its weights already
         fusion = model.config.fusion
@@ -257,7 +250,7 @@ def build_llava_stage(args, resume_from: Path | None):
     group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("fusion", args.projector_lr),
                                            ("vision", args.vision_lr)) if lr is not None} | _patch_lr(args)
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
-                 loss=lm_loss, n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model))
+                 loss=lm_loss, n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model), processor=processor)
 
 
 def _gate_lr(args, model: nn.Module) -> dict[str, float]:

@@ -19,7 +19,7 @@ from omnilm.data.shapeworld.multi import (IMAGE_LAYOUTS, MAX_TOTAL, MULTI_FAMILI
                                           follow_up_questions, is_multi_image, make_multi_example, multi_rng)
 from omnilm.data.shapeworld.questions import (FAMILIES, FAMILY_WEIGHTS, P_SINGLE_TURN, QUESTION_MIXES, TEMPLATES, ask,
                                               can_ask, pick_families, refer)
-from omnilm.data.shapeworld.records import CAPTION_PROMPTS, Example, make_example, write_shapeworld
+from omnilm.data.shapeworld.records import CAPTION_PROMPTS, Example, ShapeWorldSpec, make_example, write_shapeworld
 from omnilm.data.shapeworld.scenes import (ANSWERS, CELLS, COLOUR_RGB, COLOURS, IMAGE_SIZE, JITTER, ORDINALS, PLURALS,
                                            SHAPES, SIZE_FRACTION, SIZES, Obj, Scene, caption, example_rng,
                                            generate_scene, render)
@@ -52,6 +52,7 @@ __all__ = [
     "SIZE_FRACTION",
     "SIZES",
     "Scene",
+    "ShapeWorldSpec",
     "Slots",
     "TEMPLATES",
     "ask",

@@ -2,6 +2,7 @@
 
     example = make_example(index, seed, split)     # scene, image and two LLaVA records
     path    = write_shapeworld(out_dir, n, seed, split)
+    path    = ShapeWorldSpec(out=out_dir, n=n, split="test").write()   # `omnilm data shapeworld`
 
 An example's generator (`example_rng`) is consumed in a fixed order: scene, render, caption
 prompt, questions; so its text depends on neither `image_size` nor `jitter`. With
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from PIL import Image
@@ -23,6 +25,7 @@ from omnilm.data.shapeworld.questions import QUESTION_MIXES, ask, pick_families
 from omnilm.data.shapeworld.scenes import IMAGE_SIZE, JITTER, Scene, caption, example_rng, generate_scene, render
 from omnilm.errors import OmniInputError
 from omnilm.io import write_text
+from omnilm.settings import setting
 
 CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Describe the shapes in the image.")
 
@@ -108,3 +111,28 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
     path = out_dir / f"{split}.json"
     write_text(path, "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
     return path
+
+
+@dataclass(kw_only=True)
+class ShapeWorldSpec:
+    """What `omnilm data shapeworld` writes; its defaults draw the world the demo trains and tests on."""
+
+    out: Path = setting(help="folder for <split>.json and images/")
+    n: int = setting(help="number of examples (a single-image one: a caption and a question record; a multi-image "
+                          "one: one record)")
+    seed: int = setting(0, "seed of the scenes")
+    split: str = setting("train", "train, test, or any other name: each split has its own scene seeds")
+    image_size: int = setting(IMAGE_SIZE, "pixels per side, 64-128 (the tiny preset's input)")
+    jitter: float = setting(JITTER, "how far shapes stray from their cell's centre: 0 centred, 1 anywhere in the cell")
+    questions: str = setting("mixed", "per image, a conversation of 1 to 4 question families (mixed: the demo's test "
+                                      "split) or of all of them (all: its training split); all also follows each "
+                                      "multi-image question with every other multi-image family its images answer",
+                             choices=QUESTION_MIXES)
+    n_objects: int | None = setting(None, "objects per scene, 1-4 (default: a mix of 1 to 4)")
+    multi_image: float = setting(0.0, "fraction of examples with 2 to 4 interleaved images and multi-image questions",
+                                 metavar="P")
+
+    def write(self, progress: bool = True) -> Path:
+        return write_shapeworld(self.out, self.n, self.seed, self.split, image_size=self.image_size,
+                                jitter=self.jitter, questions=self.questions, n_objects=self.n_objects,
+                                multi_image=self.multi_image, progress=progress)

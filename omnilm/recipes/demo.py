@@ -11,26 +11,25 @@ import json
 import time
 from pathlib import Path
 
-from omnilm.train.recipe import Recipe, run_recipe
+from omnilm.eval.clip import format_clip_results
+from omnilm.eval.vqa import format_vqa_results
+from omnilm.recipes.recipe import Recipe, run_recipe
 
 
-def run_demo(out: str | Path = "runs/demo", preset: str = "tiny", seed: int = 0) -> dict:
-    from omnilm.eval.clip import format_clip_results
-    from omnilm.eval.vqa import format_table
-
+def run_demo(out: str | Path = "runs/demo", recipe: Recipe | None = None) -> dict:
     t0 = time.perf_counter()
     out = Path(out)
-    recipe = Recipe(preset=preset, seed=seed)
-    print(f"omnilm demo: ShapeWorld, preset {preset!r}: {recipe.n_train} training images, {recipe.n_test} held-out.\n"
-          f"Stages: clip ({recipe.clip_steps} steps) -> align ({recipe.align_steps}) -> "
-          f"instruct ({recipe.instruct_steps}), then exact-match evaluation. Output: {out}/\n", flush=True)
+    recipe = recipe or Recipe()
+    steps = " -> ".join(f"{stage} ({getattr(recipe, stage).steps} steps)" for stage in recipe.stages)
+    print(f"omnilm demo: ShapeWorld, preset {recipe.preset!r}: {recipe.n_train} training images, {recipe.n_test} "
+          f"held-out.\nStages: {steps}, then exact-match evaluation. Output: {out}/\n", flush=True)
     result = run_recipe(out, recipe)
 
     if "clip_eval" in result:
         print("\nCLIP zero-shot on held-out captions (stage clip):")
         print(format_clip_results(result["clip_eval"]))
     print("\nHeld-out exact-match accuracy (stage instruct, greedy):")
-    print(format_table(result["eval"]))
+    print(format_vqa_results(result["eval"]))
 
     print("\nThree questions about held-out images:")
     images = {r["id"]: r["image"] for r in json.loads(Path(result["test_json"]).read_text())}

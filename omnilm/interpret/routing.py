@@ -3,7 +3,7 @@ per-token table for one prompt (`omnilm inspect routing`).
 
     summarize_routing(routing)   -> {"aux_loss", "z_loss", "dropped", "load": [[share per expert] per MoE layer]}
     plot_load(load, png)          layers x experts heatmap of the share of tokens each expert got
-    route_prompt(model, batch)    -> per token: the experts (and weights) each MoE layer chose
+    route_prompt(model, tokenizer, batch)  -> per token: the experts (and weights) each MoE layer chose
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from omnilm.model.layers import eval_mode
 from omnilm.model.moe import Routing
 
 
@@ -55,17 +56,15 @@ def plot_load(load: list[list[float]], png: str | Path, title: str = "", layer_i
 
 
 @torch.inference_mode()
-def route_prompt(model, batch: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[list[float]]]:
-    """For a single prompt (batch of 1): each token's text and, per MoE layer, the experts it
-    went to with their combine weights (-1: padding); and each layer's load over the prompt."""
-    from omnilm.infer.generate import eval_mode
-
+def route_prompt(model, tokenizer, batch: dict[str, torch.Tensor]) -> tuple[list[dict[str, Any]], list[list[float]]]:
+    """For a single prompt (batch of 1): each token's text (decoded with `tokenizer`; None shows
+    ids) and, per MoE layer, the experts it went to with their combine weights (-1: padding); and
+    each layer's load over the prompt."""
     if not model.config.text.n_experts:
         raise ValueError("this model has a dense decoder (n_experts = 0): there is no routing to show")
     with eval_mode(model):
         out = model(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"), output_routing=True)
     ids = batch["input_ids"][0].tolist()
-    tokenizer = model.tokenizer
     rows = []
     for t, token_id in enumerate(ids):
         text = tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer is not None else str(token_id)

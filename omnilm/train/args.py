@@ -1,0 +1,154 @@
+"""What a training run is told: `Hyperparams` (how a stage trains: steps, batch, learning rates,
+optimizer; a recipe holds one per stage) and `TrainArgs` (those, plus the stage, its data, where
+it starts and where it writes). `omnilm train`'s flags are generated from these fields
+(`omnilm.settings`), and each setting is checked once, here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omnilm.config import FUSIONS
+from omnilm.errors import OmniInputError
+from omnilm.settings import SUPPRESS, setting
+from omnilm.train.optim import OPTIMIZERS
+
+STAGES = ("clip", "align", "instruct")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(kw_only=True)
+class Hyperparams:
+    """How one stage trains."""
+
+    steps: int = setting(500, "optimizer steps")
+    batch_size: int = setting(32, "records per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    lr: float = setting(1e-3, "peak learning rate")
+    projector_lr: float | None = setting(
+        None, "peak learning rate of the projector, or of another fusion mode's connector (late fusion's pooling "
+              "and gate, cross-attention's resampler and gated blocks); default --lr")
+    vision_lr: float | None = setting(None, "peak learning rate of the vision encoder, with --train-vision (default --lr)")
+    patch_lr: float | None = setting(
+        None, "peak learning rate of the ViT's patch embedding where the tower trains (clip; instruct with "
+              "--train-vision); default: the tower's. A tenth of --lr keeps the learned positions visible beside "
+              "the patches (the recipe's stage clip uses it)")
+    gate_lr: float | None = setting(
+        None, "peak learning rate of cross-attention's tanh gates (default: the connector's). Adam moves a scalar "
+              "about its LR a step, so a gate starting at 0 needs some 0.5/LR steps to open")
+    warmup: int = setting(20, "linear warm-up steps before the cosine decay (capped at --steps)")
+    min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = setting(0.0, "weight decay on matrices")
+    optimizer: str = setting(
+        "adamw", "adamw, or muon: Muon for the transformer blocks' weight matrices (each MoE expert's one by one) "
+                 "and AdamW for the rest, at the same --lr (on ShapeWorld it learns the question-to-object look-up "
+                 "far sooner: docs/shapeworld-recipe.md)", choices=OPTIMIZERS)
+    clip_grad: float = setting(1.0, "gradient-norm clipping")
+    tasks: tuple[str, ...] | None = setting(
+        None, "comma-separated record `task`s to train on (default: caption for clip and align, all but caption "
+              "for instruct)")
+    train_vision: bool = setting(False, "instruct: also train the vision encoder (frozen by default, as in LLaVA)")
+    whiten_projector: bool = setting(
+        False, "start a fresh projector by whitening the vision features, so that every feature direction learns "
+               "at the same speed (omnilm.model.connector.whiten_)")
+    group_by_length: bool = setting(
+        False, "align/instruct: batch records of similar length together, so less of each batch is padding (as "
+               "LLaVA's group_by_modality_length); batches stay a pure function of --seed")
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            self.tasks = tuple(self.tasks)
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise OmniInputError(f"{_flag(name)} is {getattr(self, name)}; it must be at least 1")
+        for name in ("lr", "clip_grad", "projector_lr", "vision_lr", "patch_lr", "gate_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise OmniInputError(f"{_flag(name)} is {value}; it must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise OmniInputError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.warmup < 0:
+            raise OmniInputError(f"--warmup is {self.warmup}; it must be 0 or more")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise OmniInputError(f"--min-lr-ratio {self.min_lr_ratio} must be between 0 and 1")
+
+    def scaled(self, factor: float) -> Hyperparams:
+        """These settings with `factor` times the steps, and the warm-up the same share of them."""
+        steps = max(1, round(self.steps * factor))
+        return type(self)(**{**vars(self), "steps": steps, "warmup": steps * self.warmup // self.steps})
+
+
+@dataclass(kw_only=True)
+class TrainArgs(Hyperparams):
+    """One stage of the recipe, on one dataset: `omnilm train`."""
+
+    stage: str = setting(help="clip: contrastive CLIP pretraining; align: stage 1, the projector only, on captions; "
+                              "instruct: stage 2, projector + LLM on questions", choices=STAGES)
+    data: Path = setting(help="LLaVA-format JSON (e.g. from `omnilm data shapeworld`)")
+    image_folder: Path = setting(help="folder the records' image paths are relative to")
+    out: Path = setting(help="run folder: metrics.jsonl, loss.png, checkpoints/, model/")
+    preset: str | None = setting("tiny", "architecture of a fresh model (omnilm.config.PRESETS)")
+    init: Path | None = setting(None, "start from this checkpoint folder (omnilm or Hugging Face LLaVA; a CLIP "
+                                      "folder for stage clip) instead of a fresh model")
+    vision: Path | None = setting(None, "a CLIP folder (stage clip's model/) to take the vision encoder from")
+    tokenizer: Path | None = setting(None, "tokenizer folder (default: from --init or --vision, else a BPE trained "
+                                           "on the data)")
+    fusion: str | None = setting(None, "how a fresh model fuses images and text (default joint, LLaVA): early (raw "
+                                       "patches in the sequence), late (pooled images before the output head), "
+                                       "cross_attention (Flamingo)", choices=FUSIONS)
+    attend: str | None = setting(None, "cross_attention: a token reads the latest image (previous, default) or "
+                                       "every image so far (all)", choices=("previous", "all"))
+    config: dict[str, Any] = setting(
+        help="JSON overrides of the fresh model's config, as OmniConfig.from_preset takes them, e.g. "
+             "'{\"text\": {\"n_layers\": 2}}'", factory=dict, metavar="JSON")
+    seed: int = setting(0, "seed of the weights and of the batch order")
+    save_every: int = setting(0, "checkpoint every N steps (0: only at the end)")
+    log_every: int = setting(10, "write metrics.jsonl out every N steps")
+    device: str = setting("auto", "auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
+    bf16: bool | None = setting(None, "bf16 autocast (default: on where it is faster: CUDA, or CPUs with "
+                                      "AVX512-BF16/AMX)")
+    skip_bad: bool = setting(False, "skip (and count) malformed records instead of stopping")
+    cache_images: bool = setting(True, "keep decoded images in memory (--no-cache-images decodes them every time, "
+                                       "for datasets larger than RAM)")
+    resume: bool = setting(False, "continue exactly from OUT/checkpoints/latest")
+    stop_after: int | None = setting(None, SUPPRESS)  # stop (and checkpoint) early, as if interrupted: for tests
+    progress: bool = setting(True, "progress bar (--no-progress: none)")
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise OmniInputError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        super().__post_init__()
+        for name in ("data", "image_folder", "out", "init", "vision", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+        if self.log_every < 1:
+            raise OmniInputError(f"--log-every is {self.log_every}; it must be at least 1")
+        # Flags that would silently do nothing (or break the stage's definition) are refused.
+        ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector", "gate_lr",
+                            "group_by_length", "fusion", "attend"),
+                   "align": ("train_vision", "vision_lr", "patch_lr"), "instruct": ()}[self.stage]
+        given = [name for name in ignored if getattr(self, name) not in (None, False)]
+        if given:
+            flags = ", ".join(_flag(name) for name in given)
+            raise OmniInputError(f"stage {self.stage} does not use {flags}; drop it (see omnilm train --help)")
+        if self.init is not None and self.whiten_projector:
+            raise OmniInputError("--whiten-projector initialises a fresh projector: drop it, or start without --init")
+        shaping = [_flag(name) for name in ("fusion", "attend", "config") if getattr(self, name)]
+        if self.init is not None and shaping:
+            raise OmniInputError(f"{'/'.join(shaping)} shape a fresh model; a model from --init keeps its own: "
+                                 "drop it")
+        for name in ("vision_lr", "patch_lr"):
+            if self.stage == "instruct" and getattr(self, name) is not None and not self.train_vision:
+                raise OmniInputError(f"{_flag(name)} needs --train-vision (the vision encoder is frozen otherwise)")
+
+    @property
+    def model_overrides(self) -> dict[str, Any]:
+        """What a fresh model changes of its preset: --config, then --fusion and --attend."""
+        return {**self.config, **{name: getattr(self, name) for name in ("fusion", "attend")
+                                  if getattr(self, name) is not None}}
