@@ -37,6 +37,7 @@ def main() -> None:
     import transformers as tf
 
     from omnilm import OmniModel
+    from omnilm.infer import generate
 
     torch.manual_seed(0)
     text = tf.LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
@@ -59,7 +60,7 @@ def main() -> None:
     rows = []
     with torch.inference_mode():
         # Same weights must give the same answer before a timing means anything.
-        mine = ours.generate(ids, px, am, max_new_tokens=n, stop_token_ids=[])
+        mine = generate(ours, ids, px, am, max_new_tokens=n, stop_token_ids=[])
         theirs = hf.generate(input_ids=ids, pixel_values=px, attention_mask=am, max_new_tokens=n,
                              min_new_tokens=n, do_sample=False)[:, ids.shape[1]:]
         assert torch.equal(mine, theirs), "omnilm and transformers disagree; not timing"
@@ -67,7 +68,7 @@ def main() -> None:
             ("forward (B=2, T=%d)" % ids.shape[1],
              lambda: ours(ids, px, am), lambda: hf(input_ids=ids, pixel_values=px, attention_mask=am)),
             ("greedy generate %d tokens" % n,
-             lambda: ours.generate(ids, px, am, max_new_tokens=n, stop_token_ids=[]),
+             lambda: generate(ours, ids, px, am, max_new_tokens=n, stop_token_ids=[]),
              lambda: hf.generate(input_ids=ids, pixel_values=px, attention_mask=am, max_new_tokens=n,
                                  min_new_tokens=n, do_sample=False)),
         ]:

@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from omnilm.train.recipe import Recipe, run_recipe
+    from omnilm.recipes.recipe import Recipe, run_recipe
 
     base = Recipe(seed=args.seed, progress=False).scaled(args.scale)
     results = {}
@@ -37,8 +37,8 @@ def main() -> None:
         results[preset] = r
 
     tasks = sorted(results["tiny"]["eval"]["tasks"])
-    print(f"\nSame data, seed and budget: clip {base.clip_steps}, align {base.align_steps}, "
-          f"instruct {base.instruct_steps} steps.\n")
+    print(f"\nSame data, seed and budget: clip {base.clip.steps}, align {base.align.steps}, "
+          f"instruct {base.instruct.steps} steps.\n")
     print("| preset | parameters | active per token | instruct step | " + " | ".join(tasks) + " | overall |")
     print("|---|---:|---:|---:|" + "---:|" * (len(tasks) + 1))
     for preset, r in results.items():

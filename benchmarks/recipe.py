@@ -23,12 +23,12 @@ def main() -> None:
     args = ap.parse_args()
 
     from omnilm.eval.clip import format_clip_results
-    from omnilm.train.recipe import Recipe, run_recipe
+    from omnilm.recipes.recipe import Recipe, run_recipe
 
     base = Recipe(seed=args.seed, progress=False)
     full = base.scaled(args.scale)
-    budget = full.clip_steps + full.align_steps + full.instruct_steps
-    alone = dataclasses.replace(full, stages=("instruct",), instruct_steps=budget)
+    budget = full.clip.steps + full.align.steps + full.instruct.steps
+    alone = dataclasses.replace(full, stages=("instruct",), instruct=full.instruct.scaled(budget / full.instruct.steps))
 
     results = {}
     for name, recipe in [("clip -> align -> instruct", full), ("instruct only (random vision)", alone)]:
@@ -36,9 +36,9 @@ def main() -> None:
         results[name] = run_recipe(Path(args.out) / name.split()[0], recipe)
 
     tasks = sorted(next(iter(results.values()))["eval"]["tasks"])
-    tower = f"trains at lr {base.vision_lr or base.instruct_lr}" if base.train_vision else "is frozen"
+    tower = f"trains at lr {base.instruct.vision_lr or base.instruct.lr}" if base.instruct.train_vision else "is frozen"
     print(f"\nSame total budget: {budget} optimizer steps; in instruct the vision encoder {tower} in both, "
-          f"and the projector starts {'whitened' if base.whiten_projector else 'at random'}.\n")
+          f"and the projector starts {'whitened' if base.instruct.whiten_projector else 'at random'}.\n")
     print("| recipe | " + " | ".join(tasks) + " | overall | wall time |")
     print("|---|" + "---:|" * (len(tasks) + 2))
     for name, r in results.items():

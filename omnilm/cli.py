@@ -35,23 +35,13 @@ from omnilm.interpret.routing import format_routes, moe_layer_ids, plot_load, ro
 from omnilm.model import OmniModel
 from omnilm.model.hf import read_config
 from omnilm.recipes.demo import run_demo
-from omnilm.recipes.fusion import FusionBench, run_fusion_bench
+from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.recipe import Recipe
 from omnilm.settings import add_flags, from_flags
 from omnilm.train import TrainArgs, train
 from omnilm.train.loop import resolve_device
 
 DTYPES = ("float32", "bfloat16", "float16")
-# The bench runs the recipe's instruct stage (its flags unprefixed: --steps, --lr) and its stage clip
-# (--clip-steps); what each mode decides for itself, and the stages it does not run, get no flag.
-BENCH_FLAGS = dict(
-    prefixes={"recipe": "", "recipe.instruct": "", "recipe.clip": "clip-"},
-    skip=("recipe.align", "recipe.stages", "recipe.questions", "recipe.clip_objects", "recipe.vision_feature_layer",
-          *(f"recipe.{stage}.{name}" for stage in ("clip", "instruct")
-            for name in ("tasks", "whiten_projector", "train_vision", "vision_lr")),
-          *(f"recipe.clip.{name}" for name in ("projector_lr", "gate_lr", "group_by_length")),
-          "recipe.instruct.patch_lr"),
-)
 
 
 def _load(path: str, device: str = "cpu", dtype: str | None = None) -> OmniModel:
@@ -200,7 +190,7 @@ def cmd_convert(args) -> None:
 
 
 def cmd_bench_fusion(args) -> None:
-    run_fusion_bench(from_flags(FusionBench, args, FusionBench(), skip=BENCH_FLAGS["skip"]))
+    run_fusion_bench(from_flags(FusionBench, args, FusionBench(), **BENCH_FLAGS))
 
 
 def cmd_demo(args) -> None:

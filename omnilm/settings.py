@@ -22,10 +22,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import types
 import typing
 from pathlib import Path
 from typing import Any
+
+from omnilm.errors import OmniInputError
 
 SUPPRESS = argparse.SUPPRESS  # as a help text: a flag that works but is not listed
 
@@ -83,13 +86,17 @@ def flags(cls: type, defaults: Any = None, prefixes: dict[str, str] | None = Non
             default = dataclasses.MISSING
         sub = _nested(hints[f.name])
         if sub is not None:
-            prefix = prefixes.get(path, f"{_prefix}{f.name.replace('_', '-')}-")
-            out += flags(sub, default, prefixes, skip, path + ".", prefix)
+            out += flags(sub, default, prefixes, skip, path + ".", _nested_prefix(prefixes, path, _prefix))
             continue
         if not f.metadata.get("help"):
             raise TypeError(f"{cls.__name__}.{f.name} has no help text: declare it with omnilm.settings.setting")
         out.append(Flag(path, f"--{_prefix}{f.name.replace('_', '-')}", f, hints[f.name], default))
     return out
+
+
+def _nested_prefix(prefixes: dict[str, str], path: str, parent: str) -> str:
+    """The flag prefix of the nested settings at `path`: as `prefixes` says, else "parent-name-"."""
+    return prefixes.get(path, f"{parent}{path.rsplit('.', 1)[-1].replace('_', '-')}-")
 
 
 def _dest(path: str) -> str:
@@ -148,10 +155,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
         parser.add_argument(name, **kw)
 
 
-def from_flags(cls: type, args: argparse.Namespace, defaults: Any = None, skip: tuple[str, ...] = (),
-               _path: str = "") -> Any:
-    """The `cls` that the parsed `args` describe (fields without a flag keep `defaults`' values or
-    their own defaults)."""
+def from_flags(cls: type, args: argparse.Namespace, defaults: Any = None, prefixes: dict[str, str] | None = None,
+               skip: tuple[str, ...] = (), _path: str = "", _prefix: str = "") -> Any:
+    """The `cls` that the parsed `args` describe (`defaults`, `prefixes` and `skip` as given to
+    `add_flags`; fields without a flag keep `defaults`' values or their own defaults). A nested
+    setting refused by its dataclass is named by the flag the command line gave it."""
+    prefixes = prefixes or {}
     hints = typing.get_type_hints(cls)
     values = vars(args)
     kwargs = {}
@@ -161,12 +170,20 @@ def from_flags(cls: type, args: argparse.Namespace, defaults: Any = None, skip: 
             continue
         sub = _nested(hints[f.name])
         if sub is not None and path not in skip:
-            kwargs[f.name] = from_flags(sub, args, getattr(defaults, f.name, None), skip, path + ".")
+            kwargs[f.name] = from_flags(sub, args, getattr(defaults, f.name, None), prefixes, skip, path + ".",
+                                        _nested_prefix(prefixes, path, _prefix))
         elif path not in skip and _dest(path) in values:
             kwargs[f.name] = values[_dest(path)]
         elif defaults is not None:
             kwargs[f.name] = getattr(defaults, f.name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except OmniInputError as e:
+        if not _prefix:
+            raise
+        # The dataclass names its own flags (--steps); the command line knows them as --clip-steps.
+        names = "|".join(re.escape(f.name.replace("_", "-")) for f in dataclasses.fields(cls))
+        raise OmniInputError(re.sub(rf"(?<![\w-])--({names})(?![\w-])", rf"--{_prefix}\1", str(e))) from None
 
 
 def to_dict(settings: Any) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Each mode (and a text-only baseline that never sees the images) is trained by th
 instruct stage on the same interleaved ShapeWorld data, with the same seed, step budget and
 optimizer, then scored on the same held-out questions, single- and multi-image. Joint, late and
 cross-attention read the same vision tower, frozen: one CLIP ViT trained first by the demo's stage
-clip (as LLaVA and Flamingo start from a pretrained encoder; with `clip_steps=0` a random ViT);
+clip (as LLaVA and Flamingo start from a pretrained encoder; with `clip=False` a random ViT);
 early fusion has none.
 
     out/data/                 train.json, test.json, clip.json, images/, tokenizer/
@@ -95,6 +95,19 @@ class FusionBench:
     def trains_clip(self) -> bool:
         """Whether the bench trains a CLIP tower first: asked to, and a mode that reads one."""
         return self.clip and any(mode in ENCODER_MODES for mode in self.modes)
+
+
+# The command line's view of the bench (omnilm.settings): the recipe's instruct settings unprefixed
+# (--steps, --lr), its stage clip's as --clip-*; what each mode decides for itself, and the stages
+# the bench does not run, get no flag.
+BENCH_FLAGS = dict(
+    prefixes={"recipe": "", "recipe.instruct": "", "recipe.clip": "clip-"},
+    skip=("recipe.align", "recipe.stages", "recipe.questions", "recipe.clip_objects", "recipe.vision_feature_layer",
+          *(f"recipe.{stage}.{name}" for stage in ("clip", "instruct")
+            for name in ("tasks", "whiten_projector", "train_vision", "vision_lr")),
+          *(f"recipe.clip.{name}" for name in ("projector_lr", "gate_lr", "group_by_length")),
+          "recipe.instruct.patch_lr"),
+)
 
 
 def _strip_images(records: list[dict]) -> list[dict]:

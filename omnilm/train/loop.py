@@ -26,7 +26,7 @@ from omnilm.interpret.routing import plot_load
 from omnilm.settings import to_dict
 from omnilm.train.args import TrainArgs
 from omnilm.train.checkpoint import checkpoint_config, latest_checkpoint, load_trainer_state, save_checkpoint
-from omnilm.train.optim import build_optimizer, lr_factor, set_lr
+from omnilm.train.optim import build_optimizer, describe_split, lr_factor, set_lr
 from omnilm.train.stages import build_stage
 
 # --- deterministic batches ----------------------------------------------------------------------
@@ -80,7 +80,7 @@ def resolve_device(name: str) -> torch.device:
 
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 autocast speeds training up here: CUDA with bf16, or a CPU with bf16 matrix units
-    (AVX512-BF16 or AMX; there a bf16 matmul runs ~3x faster than fp32, elsewhere it is slower)."""
+    (AVX512-BF16 or AMX, where a bf16 matmul beats fp32; elsewhere it is the slower)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
@@ -113,6 +113,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
     stage = build_stage(args, resume_from)
     model = stage.model.to(device)  # in train mode, frozen parts in eval: the stage decides
     optimizer = build_optimizer(model, args.lr, args.weight_decay, stage.group_lrs, kind=args.optimizer)
+    if args.progress:
+        print(f"stage {args.stage}: {describe_split(optimizer)}", flush=True)
     start = 0
     if resume_from is not None:
         start = load_trainer_state(resume_from, optimizer)
