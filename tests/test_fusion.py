@@ -294,8 +294,8 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
                    "--clip-images is 16", "at least")
     one_line_error(lambda: replace(bench_recipe().clip, steps=0), "--steps is 0")
     one_line_error(lambda: replace(bench_recipe().instruct, gate_lr=0.0), "--gate-lr is 0.0")
-    one_line_error(lambda: FusionBench(out=tmp_path / "bad", cross_attention_every=3), "--cross-attention-every is 3",
-                   "1 to 2")
+    one_line_error(lambda: FusionBench(out=tmp_path / "bad", cross_attention_every=3), "--cross-attention-every",
+                   "cross_attention_every=3 must be between 1 and n_layers=2")
     assert not FusionBench(out=tmp_path / "bad", clip=False, recipe=replace(bench_recipe(), clip_images=0)).trains_clip
     assert not FusionBench(out=tmp_path / "bad", modes=("text_only", "early")).trains_clip  # no mode reads a tower
     assert not (tmp_path / "bad").exists()

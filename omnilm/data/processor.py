@@ -116,11 +116,7 @@ class Processor:
         check_image_token(config, tokenizer, folder or "the tokenizer")
         image_processor = None
         if config.vision is not None:
-            file = Path(folder) / "preprocessor_config.json" if folder is not None else None
-            if file is not None and file.is_file():
-                image_processor = ImageProcessor.from_hf_dict(read_json(file))
-            else:
-                image_processor = ImageProcessor.from_vision_config(config.vision)
+            image_processor = _read_image_processor(folder) or ImageProcessor.from_vision_config(config.vision)
         llava = processor_config_to_hf(config) if config.vision is not None and not hf_incompatibility(config) else None
         return cls(tokenizer, image_processor, config.image_seq_len, llava)
 
@@ -128,9 +124,7 @@ class Processor:
     def from_pretrained(cls, folder: str | Path, image_seq_len: int) -> Processor:
         """Load the tokenizer files and preprocessor_config.json (text-only without one) from
         `folder`. Tokens per image belong to the model (its vision tower's patches): pass them in."""
-        config = Path(folder) / "preprocessor_config.json"
-        image_processor = ImageProcessor.from_hf_dict(read_json(config)) if config.is_file() else None
-        return cls(Tokenizer.from_file(folder), image_processor, image_seq_len)
+        return cls(Tokenizer.from_file(folder), _read_image_processor(folder), image_seq_len)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the tokenizer files, (unless text-only) a transformers-loadable preprocessor_config.json,
@@ -142,6 +136,12 @@ class Processor:
             write_json(folder / "preprocessor_config.json", self.image_processor.to_hf_dict())
         if self.llava_config is not None:
             write_json(folder / "processor_config.json", self.llava_config)
+
+
+def _read_image_processor(folder: str | Path | None) -> ImageProcessor | None:
+    """The image preprocessing `folder`'s preprocessor_config.json describes; None without one."""
+    file = Path(folder) / "preprocessor_config.json" if folder is not None else None
+    return ImageProcessor.from_hf_dict(read_json(file)) if file is not None and file.is_file() else None
 
 
 def check_image_token(config, tokenizer: Tokenizer, where: str | Path) -> None:

@@ -81,10 +81,12 @@ class FusionBench:
         unknown = [m for m in self.modes if m not in MODES]
         if unknown:
             raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
-        layers = OmniConfig.from_preset(self.recipe.preset, **architecture(self.recipe)).text.n_layers
-        if not 1 <= self.cross_attention_every <= layers:
-            raise OmniInputError(f"--cross-attention-every is {self.cross_attention_every}: give 1 to "
-                                 f"{layers} (the decoder's layers)")
+        if "cross_attention" in self.modes:  # the config checks it; here, before any data is written
+            try:
+                OmniConfig.from_preset(self.recipe.preset, **architecture(self.recipe), fusion="cross_attention",
+                                       cross_attention_every=self.cross_attention_every)
+            except ValueError as e:
+                raise OmniInputError(f"--cross-attention-every: {e}") from None
         if self.trains_clip and self.recipe.clip_images < self.recipe.clip.batch_size:
             raise OmniInputError(f"--clip-images is {self.recipe.clip_images}: stage clip draws batches of "
                                  f"{self.recipe.clip.batch_size}, so give at least that many (or --no-clip)")
