@@ -34,12 +34,12 @@ from omnilm.infer import stream
 from omnilm.interpret.routing import format_routes, moe_layer_ids, plot_load, route_prompt
 from omnilm.model import OmniModel
 from omnilm.model.hf import read_config
+from omnilm.model.layers import resolve_device
 from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.recipe import Recipe
 from omnilm.settings import add_flags, from_flags
 from omnilm.train import TrainArgs, train
-from omnilm.train.loop import resolve_device
 
 DTYPES = ("float32", "bfloat16", "float16")
 

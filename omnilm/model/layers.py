@@ -321,3 +321,10 @@ def eval_mode(model: nn.Module):
     finally:
         for m, training in modes:
             m.training = training
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is CUDA when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

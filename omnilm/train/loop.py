@@ -23,6 +23,7 @@ import torch
 from omnilm.data.collate import to_device
 from omnilm.errors import OmniInputError
 from omnilm.interpret.routing import plot_load
+from omnilm.model.layers import resolve_device
 from omnilm.settings import to_dict
 from omnilm.train.args import TrainArgs
 from omnilm.train.checkpoint import checkpoint_config, latest_checkpoint, load_trainer_state, save_checkpoint
@@ -69,13 +70,6 @@ class BatchStream:
 
 
 # --- the loop ----------------------------------------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" is CUDA when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def bf16_is_fast(device: torch.device) -> bool:
