@@ -21,16 +21,19 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from omnilm.config import PRESETS
 from omnilm.data import Processor
 from omnilm.data.collate import to_device
+from omnilm.data.image import load_image
 from omnilm.data.llava_json import read_records
 from omnilm.data.shapeworld import ShapeWorldSpec
 from omnilm.errors import OmniInputError
 from omnilm.eval.clip import evaluate_clip_checkpoint, format_clip_results
 from omnilm.eval.vqa import evaluate_vqa, format_vqa_results, write_predictions
-from omnilm.infer import stream
+from omnilm.infer import Sampling, stream
 from omnilm.interpret.routing import format_routes, moe_layer_ids, plot_load, route_prompt
 from omnilm.model import OmniModel
 from omnilm.model.hf import read_config
@@ -38,24 +41,41 @@ from omnilm.model.layers import resolve_device
 from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.recipe import Recipe
-from omnilm.settings import add_flags, from_flags
+from omnilm.settings import add_flags, check_output_file, check_output_folder, check_range, from_flags, setting
 from omnilm.train import TrainArgs, train
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class EvalArgs:
+    """`omnilm eval`: exact-match accuracy of a checkpoint on LLaVA-format questions."""
+
+    checkpoint: Path = setting(help="model folder (omnilm or Hugging Face LLaVA) with its tokenizer", positional=True)
+    data: Path = setting(help="LLaVA-format JSON; every assistant turn of a non-caption record is a question")
+    image_folder: Path = setting(help="folder the records' image paths are relative to")
+    predictions: Path | None = setting(None, "write one JSON line per question here")
+    batch_size: int = setting(64, "questions per generation batch")
+    max_new_tokens: int = setting(16, "longest answer generated")
+    device: str = setting("auto", "auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
+
+    def __post_init__(self) -> None:
+        check_range(self, ("batch_size", "max_new_tokens"), low=1)
+        resolve_device(self.device)
+        if self.predictions is not None:
+            check_output_file(self.predictions, "--predictions")
 
 
 def _load(path: str, device: str = "cpu", dtype: str | None = None) -> OmniModel:
     return OmniModel.from_pretrained(path, device=resolve_device(device), dtype=dtype).eval()
 
 
-def _answer(model, processor, messages: list[dict], args) -> str:
+def _answer(model, processor, messages: list[dict], sampling: Sampling) -> str:
     """Stream the model's reply to `messages` to stdout; return it."""
     batch = to_device(processor(messages), next(model.parameters()).device)
     pieces = []
     for piece in stream(model, processor.tokenizer, batch["input_ids"], batch["pixel_values"],
-                        batch["attention_mask"], max_new_tokens=args.max_new_tokens,
-                        do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                        top_k=args.top_k, top_p=args.top_p):
+                        batch["attention_mask"], **sampling.generate_kwargs()):
         if not pieces:
             piece = piece.lstrip()  # the first token carries the space after "ASSISTANT:"
         print(piece, end="", flush=True)
@@ -92,13 +112,14 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    model = _load(args.checkpoint, args.device)
-    summary, predictions = evaluate_vqa(model, Processor.for_model(model, args.checkpoint), read_records(args.data), args.image_folder,
-                                        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    run = from_flags(EvalArgs, args)
+    model = _load(run.checkpoint, run.device)
+    summary, predictions = evaluate_vqa(model, Processor.for_model(model, run.checkpoint), read_records(run.data),
+                                        run.image_folder, batch_size=run.batch_size, max_new_tokens=run.max_new_tokens)
     print(format_vqa_results(summary))
-    if args.predictions:
-        write_predictions(predictions, args.predictions)
-        print(f"predictions: {args.predictions}")
+    if run.predictions:
+        write_predictions(predictions, run.predictions)
+        print(f"predictions: {run.predictions}")
 
 
 def cmd_eval_clip(args) -> None:
@@ -106,47 +127,68 @@ def cmd_eval_clip(args) -> None:
 
 
 def cmd_chat(args) -> None:
+    sampling = from_flags(Sampling, args)
+    if args.question is not None and not args.question.strip():
+        raise OmniInputError("the question is empty: ask something, or leave it out for a chat")
+    for image in args.image:  # before the model loads: a bad image costs nothing
+        load_image(image)
     model = _load(args.checkpoint, args.device, args.dtype)
     processor = Processor.for_model(model, args.checkpoint)
-    if args.question:
-        _answer(model, processor, [_user(args.question, args.image)], args)
+    if args.question is not None:
+        _answer(model, processor, [_user(args.question, args.image)], sampling)
         return
-    _repl(model, processor, args)
+    _repl(model, processor, sampling, args.image)
 
 
-def _repl(model, processor, args) -> None:
-    print("omnilm chat: type a message; /image PATH adds an image to your next message, /reset starts over, "
-          "/quit (or Ctrl-D) leaves.")
+REPL_HELP = """/image PATH   add an image to your next message
+/reset        start over (the --image files stay for the first message)
+/help         this list
+/quit         leave (or Ctrl-D); a message that starts with / begins with //"""
+
+
+def _repl(model, processor, sampling: Sampling, images: list[str]) -> None:
+    print("omnilm chat: type a message; /help lists the commands.")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     messages: list[dict] = []
-    pending = list(args.image)
+    pending = list(images)
     while True:
         try:
             line = input("you> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return
+        command, _, rest = line.partition(" ")
         if not line:
             continue
-        if line in ("/quit", "/exit"):
+        if command in ("/quit", "/exit"):
             return
-        if line == "/reset":
-            messages, pending = [], []
+        if command == "/help":
+            print(REPL_HELP)
+            continue
+        if command == "/reset":
+            messages, pending = [], list(images)
             print("(conversation cleared)")
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            if not Path(path).is_file():
-                print(f"(no such file: {path})")
-            else:
-                pending.append(path)
-                print(f"(image {path} will go with your next message)")
+        if command == "/image":
+            try:
+                load_image(rest.strip())
+            except OmniInputError as e:
+                print(f"(error: {e}; the image was not added)")
+                continue
+            pending.append(rest.strip())
+            print(f"(image {rest.strip()} will go with your next message)")
             continue
-        turn = _user(line, pending)
+        if line.startswith("/") and not line.startswith("//"):
+            print(f"(unknown command {command}: /help lists the commands; start a message with // to send a /)")
+            continue
+        turn = _user(line.removeprefix("/"), pending)
         print("assistant> ", end="", flush=True)
         try:
-            reply = _answer(model, processor, messages + [turn], args)
+            reply = _answer(model, processor, messages + [turn], sampling)
         except OmniInputError as e:
-            print(f"\n(error: {e})")
+            print(f"\n(error: {e}; the message and its images were dropped)")
+            pending = []
             continue
         messages += [turn, {"role": "assistant", "content": reply}]
         pending = []
@@ -154,6 +196,8 @@ def _repl(model, processor, args) -> None:
 
 def cmd_info(args) -> None:
     if args.preset:
+        if args.preset not in PRESETS:
+            raise OmniInputError(f"unknown --preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
         model = OmniModel.from_preset(args.preset, device="meta")
     elif args.checkpoint:
         config, kind, _ = read_config(args.checkpoint)
@@ -181,6 +225,7 @@ def cmd_inspect_routing(args) -> None:
 
 
 def cmd_convert(args) -> None:
+    check_output_folder(args.dst, "DST")
     model = _load(args.src, "cpu", args.dtype)
     processor = Processor.for_model(model, args.src) if (Path(args.src) / "tokenizer.json").is_file() else None
     model.save_pretrained(args.dst, max_shard_size=args.max_shard_size)
@@ -200,9 +245,15 @@ def cmd_demo(args) -> None:
 # --- parser -----------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line as every other omnilm error (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omnilm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="omnilm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train and evaluate the tiny model on ShapeWorld (about 9 minutes on 2 cores)",
@@ -229,13 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Exact-match accuracy per task family (a record's `task`, or each turn's "
                                    "`turn_tasks`), and, for records with `n_objects` (ShapeWorld's), per number "
                                    "of objects in the scene.")
-    p.add_argument("checkpoint", help="model folder (omnilm or Hugging Face LLaVA)")
-    p.add_argument("--data", required=True, help="LLaVA-format JSON; every assistant turn of a non-caption record is a question")
-    p.add_argument("--image-folder", required=True)
-    p.add_argument("--predictions", default=None, help="write one JSON line per question here")
-    p.add_argument("--batch-size", type=int, default=64, help="questions per generation batch (default 64)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated (default 16)")
-    p.add_argument("--device", default="auto")
+    add_flags(p, EvalArgs)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("eval-clip", help="zero-shot retrieval and attribute accuracy of a CLIP checkpoint")
@@ -250,10 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], help="image file for the (first) message; repeatable")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default float32)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with this much probability")
+    add_flags(p, Sampling)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("info", help="print a model's architecture and parameter count (reads no weights)")

@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import re
 import types
 import typing
@@ -34,9 +36,10 @@ SUPPRESS = argparse.SUPPRESS  # as a help text: a flag that works but is not lis
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = None,
-            choices: tuple | None = None, metavar: str | None = None) -> Any:
-    """A dataclass field with the help text of its flag (and optionally its choices)."""
-    metadata = {"help": help, "choices": choices, "metavar": metavar}
+            choices: tuple | None = None, metavar: str | None = None, positional: bool = False) -> Any:
+    """A dataclass field with the help text of its flag (and optionally its choices; `positional`:
+    an argument without a flag name, `omnilm eval CHECKPOINT`)."""
+    metadata = {"help": help, "choices": choices, "metavar": metavar, "positional": positional}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -124,6 +127,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, defaults: Any = None,
         meta = flag.field.metadata
         kw: dict[str, Any] = {"dest": _dest(flag.path), "help": meta["help"]}
         name = flag.option
+        if meta.get("positional"):
+            parser.add_argument(_dest(flag.path), type=base, help=meta["help"], metavar=flag.field.name.upper())
+            continue
         if flag.default is dataclasses.MISSING:
             kw["required"] = True
         else:
@@ -197,3 +203,59 @@ def to_dict(settings: Any) -> dict[str, Any]:
             return {k: plain(v) for k, v in value.items()}
         return value
     return plain(dataclasses.asdict(settings))
+
+
+# --- checks a settings dataclass runs in __post_init__ (messages name the flag) ---------------------
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_range(settings: Any, names: tuple[str, ...], low: float | None = None, high: float | None = None,
+                above: float | None = None, what: str = "") -> None:
+    """Each of `names` (None allowed) is a finite number in [low, high], and > `above` if given."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise OmniInputError(f"{flag_name(name)} is {value!r}; give a finite number")
+        if (low is not None and value < low) or (high is not None and value > high) or \
+                (above is not None and not value > above):
+            if high is None:
+                bounds = f"> {above}" if above is not None else f"at least {low}"
+            else:
+                bounds = f"in ({above}, {high}]" if above is not None else f"between {low} and {high}"
+            raise OmniInputError(f"{flag_name(name)} is {value}; it must be {bounds}{what}")
+
+
+SEED_MAX = 2**32 - 1  # seeds are mixed with the epoch into torch's 64-bit generator seeds
+
+
+def check_seed(settings: Any, name: str = "seed") -> None:
+    check_range(settings, (name,), 0, SEED_MAX)
+
+
+def check_output_folder(path: str | Path, flag: str) -> None:
+    """`path` can be a folder we write into: not a file, and under a folder we may write in."""
+    _check_writable(Path(path), flag, folder=True)
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """`path` can be a file we write: not a folder, in an existing folder we may write in."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OmniInputError(f"{flag} {path}: the folder {path.parent} does not exist; create it or choose another")
+    _check_writable(path, flag, folder=False)
+
+
+def _check_writable(path: Path, flag: str, folder: bool) -> None:
+    if path.exists() and path.is_dir() != folder:
+        what = "a file" if folder else "a folder"
+        raise OmniInputError(f"{flag} {path} is {what}; give {'a folder' if folder else 'a file'} path")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise OmniInputError(f"{flag} {path}: {existing} is a file, so nothing can be written under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OmniInputError(f"{flag} {path}: {existing} is not writable by this user; choose another path")

@@ -291,11 +291,11 @@ def test_the_fusion_bench_end_to_end_in_miniature(tmp_path, capsys):
     one_line_error(lambda: Recipe(llm_layers=0), "--llm-layers is 0")
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", modes=("joint", "fused")), "unknown fused", "choose from")
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", recipe=replace(bench_recipe(), clip_images=16)),
-                   "--clip-images is 16", "at least")
+                   "stage clip draws batches of 64 from 16 records", "--clip-images")
     one_line_error(lambda: replace(bench_recipe().clip, steps=0), "--steps is 0")
     one_line_error(lambda: replace(bench_recipe().instruct, gate_lr=0.0), "--gate-lr is 0.0")
     one_line_error(lambda: FusionBench(out=tmp_path / "bad", cross_attention_every=3), "--cross-attention-every",
                    "cross_attention_every=3 must be between 1 and n_layers=2")
-    assert not FusionBench(out=tmp_path / "bad", clip=False, recipe=replace(bench_recipe(), clip_images=0)).trains_clip
+    assert not FusionBench(out=tmp_path / "bad", clip=False, recipe=replace(bench_recipe(), stages=("instruct",), clip_images=0)).trains_clip
     assert not FusionBench(out=tmp_path / "bad", modes=("text_only", "early")).trains_clip  # no mode reads a tower
     assert not (tmp_path / "bad").exists()

@@ -74,14 +74,14 @@ def test_flags_parse_back_into_the_dataclass():
 
 
 def test_nested_settings_take_their_stage_prefix():
-    args = parse_args(["demo", "--instruct-steps", "9", "--clip-lr", "0.5", "--align-batch-size", "4", "--n-train", "8",
+    args = parse_args(["demo", "--instruct-steps", "9", "--clip-lr", "0.5", "--align-batch-size", "4", "--n-train", "80",
                        "--no-progress"])
     recipe = from_flags(Recipe, args)
     default = Recipe()
     assert recipe.instruct == dataclasses.replace(default.instruct, steps=9)
     assert recipe.clip == dataclasses.replace(default.clip, lr=0.5)
     assert recipe.align == dataclasses.replace(default.align, batch_size=4)
-    assert (recipe.n_train, recipe.progress, recipe.jitter) == (8, False, JITTER)
+    assert (recipe.n_train, recipe.progress, recipe.jitter) == (80, False, JITTER)
     assert from_flags(Recipe, parse_args(["demo"])) == default  # no flags: the demo's own recipe
 
 

@@ -7,6 +7,7 @@ nothing else, and a saved folder loads in transformers' `AutoTokenizer` to the s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -114,7 +115,7 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         # The tokenizer.json post-processor is bypassed: whether it prepends BOS or not,
         # `add_bos` alone decides, so BOS is never doubled or silently dropped.
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        ids = self._backend.encode(_valid_text(text), add_special_tokens=False).ids
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
@@ -122,7 +123,7 @@ class Tokenizer:
     def encode_with_offsets(self, text: str, add_bos: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
         """`encode(text, add_bos)` and, per id, the `(start, end)` character span of `text` it
         came from; BOS gets `(0, 0)`. A byte-level token such as " blue" spans its leading space."""
-        encoding = self._backend.encode(text, add_special_tokens=False)
+        encoding = self._backend.encode(_valid_text(text), add_special_tokens=False)
         ids, offsets = list(encoding.ids), [tuple(span) for span in encoding.offsets]
         if add_bos and self.bos_id is not None:
             ids, offsets = [self.bos_id, *ids], [(0, 0), *offsets]
@@ -189,3 +190,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, system_prompt: 
     backend.train_from_iterator(texts, trainer)
     backend.post_processor = _bos_template("<s>", 1)
     return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", system_prompt=system_prompt)
+
+
+# Lone surrogates: how Python carries bytes that are not UTF-8 (command-line arguments, a
+# terminal's input), which the tokenizer cannot encode.
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(text) -> str:
+    """`text` as the tokenizer can encode it: each byte that is not UTF-8 becomes U+FFFD, one for
+    one, so character offsets still match."""
+    if not isinstance(text, str):
+        raise OmniInputError(f"text to encode is a {type(text).__name__}, not a string: pass str")
+    return _SURROGATES.sub("\ufffd", text)

@@ -1,5 +1,5 @@
 """Inference: KV-cached prefill/decode, sampling, batched generation and text streaming."""
 
-from omnilm.infer.generate import decode_one_token, generate, iter_tokens, prefill, sample, stream
+from omnilm.infer.generate import Sampling, decode_one_token, generate, iter_tokens, prefill, sample, stream
 
-__all__ = ["decode_one_token", "generate", "iter_tokens", "prefill", "sample", "stream"]
+__all__ = ["Sampling", "decode_one_token", "generate", "iter_tokens", "prefill", "sample", "stream"]

@@ -10,15 +10,38 @@ they arrive. Shape letters: B batch, T prompt length, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from omnilm.errors import OmniInputError
+from omnilm.settings import check_range, setting
 from omnilm.model.layers import KVCache, eval_mode
 
 # --- the model, one call at a time ------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Sampling:
+    """How a reply is decoded, as a command line asks for it: `generate(model, ids, **vars(sampling))`
+    takes these as they are, with temperature 0 meaning greedy."""
+
+    max_new_tokens: int = setting(64, "most tokens to generate")
+    temperature: float = setting(0.0, "0: greedy; above 0: sample at this temperature")
+    top_k: int | None = setting(None, "sample among the k most likely tokens")
+    top_p: float | None = setting(None, "sample from the smallest set of tokens with this much probability")
+
+    def __post_init__(self) -> None:
+        check_range(self, ("max_new_tokens",), low=1)
+        check_range(self, ("temperature",), low=0)
+        check_range(self, ("top_k",), low=1)
+        check_range(self, ("top_p",), 0, 1, above=0)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        return dict(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                    temperature=self.temperature or 1.0, top_k=self.top_k, top_p=self.top_p)
 
 
 def prefill(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,

@@ -324,7 +324,22 @@ def eval_mode(model: nn.Module):
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" is CUDA when there is one, else the CPU."""
+    """The device `name` names ("auto": CUDA when there is one, else the CPU), refused in one line
+    when it is not a device or not on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise OmniInputError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OmniInputError(f"--device {name}: this machine has no CUDA device; use cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OmniInputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                                 "use cuda:0 or another index below that")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise OmniInputError(f"--device {name}: MPS is not available here; use cpu (or auto)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise OmniInputError(f"--device {name}: omnilm runs on cpu, cuda or mps")
+    return device

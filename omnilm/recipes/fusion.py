@@ -36,7 +36,7 @@ from omnilm.eval.vqa import evaluate_vqa, questions, write_predictions
 from omnilm.infer import generate
 from omnilm.io import write_json, write_text
 from omnilm.recipes.recipe import Recipe, architecture, stage_args, train_clip_tower, write_data
-from omnilm.settings import setting
+from omnilm.settings import check_output_folder, check_range, setting
 from omnilm.train import train
 
 MODES = ("text_only", "joint", "early", "late", "cross_attention")
@@ -51,7 +51,7 @@ def bench_recipe() -> Recipe:
     its learning rate a step; records of similar length batched together, as multi-image chats are
     up to three times as long as single-image ones."""
     recipe = Recipe()
-    return replace(recipe, instruct=replace(recipe.instruct, steps=700, warmup=35, gate_lr=0.02, group_by_length=True,
+    return replace(recipe, stages=("clip", "instruct"), instruct=replace(recipe.instruct, steps=700, warmup=35, gate_lr=0.02, group_by_length=True,
                                             tasks=None, whiten_projector=False))
 
 
@@ -79,6 +79,8 @@ class FusionBench:
         self.out = Path(self.out)
         self.modes = tuple(self.modes)
         unknown = [m for m in self.modes if m not in MODES]
+        if not self.modes:
+            raise OmniInputError(f"--modes is empty; give some of {', '.join(MODES)}")
         if unknown:
             raise OmniInputError(f"--modes: unknown {', '.join(unknown)}; choose from {', '.join(MODES)}")
         if "cross_attention" in self.modes:  # the config checks it; here, before any data is written
@@ -87,9 +89,10 @@ class FusionBench:
                                        cross_attention_every=self.cross_attention_every)
             except ValueError as e:
                 raise OmniInputError(f"--cross-attention-every: {e}") from None
-        if self.trains_clip and self.recipe.clip_images < self.recipe.clip.batch_size:
-            raise OmniInputError(f"--clip-images is {self.recipe.clip_images}: stage clip draws batches of "
-                                 f"{self.recipe.clip.batch_size}, so give at least that many (or --no-clip)")
+        check_range(self, ("multi_image",), 0, 1)
+        check_output_folder(self.out, "--out")
+        if self.docs is not None:
+            check_output_folder(self.docs, "--docs")
         # The recipe's data for this bench: stage clip's scenes only where a tower is trained.
         self.recipe = replace(self.recipe, stages=("clip", "instruct") if self.trains_clip else ("instruct",))
 

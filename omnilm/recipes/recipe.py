@@ -19,14 +19,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from omnilm.config import OmniConfig
+from omnilm.config import PRESETS, OmniConfig
 from omnilm.data.llava_json import read_records
-from omnilm.data.shapeworld import JITTER, write_shapeworld
+from omnilm.data.shapeworld import JITTER, QUESTION_MIXES, write_shapeworld
 from omnilm.errors import OmniInputError
 from omnilm.eval.clip import evaluate_clip_checkpoint
 from omnilm.eval.vqa import evaluate_vqa, write_predictions
 from omnilm.io import write_json
-from omnilm.settings import setting, to_dict
+from omnilm.settings import check_output_folder, check_range, check_seed, setting, to_dict
 from omnilm.train import Hyperparams, TrainArgs, train
 from omnilm.train.stages import chat_tokenizer
 
@@ -71,12 +71,29 @@ class Recipe:
     progress: bool = setting(True, "progress bars (--no-progress: none)")
 
     def __post_init__(self) -> None:
+        # Checked here, before any data is written or any stage trains.
+        self.stages = tuple(self.stages)
         if "instruct" not in self.stages or not set(self.stages) <= {"clip", "align", "instruct"}:
             raise OmniInputError(f"--stages {','.join(self.stages)}: give instruct, with clip and/or align before it")
+        if self.preset not in PRESETS:
+            raise OmniInputError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.llm_layers is not None and self.llm_layers < 1:
             raise OmniInputError(f"--llm-layers is {self.llm_layers}: give the decoder at least one layer")
         if self.clip_objects is not None and not 0 <= self.clip_objects <= 4:
             raise OmniInputError(f"--clip-objects is {self.clip_objects}: give 1 to 4 (or 0: the training scenes)")
+        if self.questions not in QUESTION_MIXES:
+            raise OmniInputError(f"--questions {self.questions!r}: choose one of {', '.join(QUESTION_MIXES)}")
+        check_seed(self)
+        check_range(self, ("n_test",), low=1)
+        check_range(self, ("jitter",), 0, 1)
+        # Each training image gives one caption (clip, align) and one question record (instruct).
+        sizes = {"clip": self.clip_images if self.clip_objects else self.n_train, "align": self.n_train,
+                 "instruct": self.n_train}
+        for stage in self.stages:
+            batch = getattr(self, stage).batch_size
+            if sizes[stage] < batch:
+                raise OmniInputError(f"stage {stage} draws batches of {batch} from {sizes[stage]} records: give "
+                                     f"more images (--n-train, --clip-images) or a smaller --{stage}-batch-size")
 
     def scaled(self, factor: float) -> Recipe:
         """The same recipe with every stage's steps multiplied by `factor` (benchmarks' --scale)."""
@@ -128,6 +145,7 @@ def run_recipe(out: str | Path, recipe: Recipe | None = None) -> dict[str, Any]:
     """Run the recipe; returns timings, the CLIP and VQA evaluations and the final model."""
     recipe = recipe or Recipe()
     out = Path(out)
+    check_output_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -6,20 +6,18 @@ it starts and where it writes). `omnilm train`'s flags are generated from these 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnilm.config import FUSIONS
+from omnilm.config import FUSIONS, PRESETS
 from omnilm.errors import OmniInputError
-from omnilm.settings import SUPPRESS, setting
+from omnilm.model.layers import resolve_device
+from omnilm.settings import SUPPRESS, check_output_folder, check_range, check_seed, flag_name, setting
 from omnilm.train.optim import OPTIMIZERS
 
 STAGES = ("clip", "align", "instruct")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 @dataclass(kw_only=True)
@@ -63,19 +61,15 @@ class Hyperparams:
     def __post_init__(self) -> None:
         if self.tasks is not None:
             self.tasks = tuple(self.tasks)
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise OmniInputError(f"{_flag(name)} is {getattr(self, name)}; it must be at least 1")
-        for name in ("lr", "clip_grad", "projector_lr", "vision_lr", "patch_lr", "gate_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise OmniInputError(f"{_flag(name)} is {value}; it must be > 0")
+            if not self.tasks or not all(isinstance(t, str) and t for t in self.tasks):
+                raise OmniInputError(f"--tasks {self.tasks!r}: give one or more task names, comma-separated")
+        check_range(self, ("steps", "batch_size", "grad_accum"), low=1)
+        check_range(self, ("lr", "clip_grad", "projector_lr", "vision_lr", "patch_lr", "gate_lr"), above=0)
+        check_range(self, ("warmup",), low=0)
+        check_range(self, ("weight_decay",), low=0)
+        check_range(self, ("min_lr_ratio",), 0, 1)
         if self.optimizer not in OPTIMIZERS:
             raise OmniInputError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.warmup < 0:
-            raise OmniInputError(f"--warmup is {self.warmup}; it must be 0 or more")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise OmniInputError(f"--min-lr-ratio {self.min_lr_ratio} must be between 0 and 1")
 
     def scaled(self, factor: float) -> Hyperparams:
         """These settings with `factor` times the steps, and the warm-up the same share of them."""
@@ -127,25 +121,34 @@ class TrainArgs(Hyperparams):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))
-        if self.log_every < 1:
-            raise OmniInputError(f"--log-every is {self.log_every}; it must be at least 1")
+        check_range(self, ("log_every",), low=1)
+        check_range(self, ("save_every",), low=0)
+        check_range(self, ("stop_after",), low=1)
+        check_seed(self)
+        if self.preset is not None and self.preset not in PRESETS:
+            raise OmniInputError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if not isinstance(self.config, dict):
+            raise OmniInputError(f"--config {json.dumps(self.config)} is not a JSON object; give e.g. "
+                                 "'{\"text\": {\"n_layers\": 2}}'")
+        resolve_device(self.device)
+        check_output_folder(self.out, "--out")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
         ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector", "gate_lr",
                             "group_by_length", "fusion", "attend"),
                    "align": ("train_vision", "vision_lr", "patch_lr"), "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]
         if given:
-            flags = ", ".join(_flag(name) for name in given)
+            flags = ", ".join(flag_name(name) for name in given)
             raise OmniInputError(f"stage {self.stage} does not use {flags}; drop it (see omnilm train --help)")
         if self.init is not None and self.whiten_projector:
             raise OmniInputError("--whiten-projector initialises a fresh projector: drop it, or start without --init")
-        shaping = [_flag(name) for name in ("fusion", "attend", "config") if getattr(self, name)]
+        shaping = [flag_name(name) for name in ("fusion", "attend", "config") if getattr(self, name)]
         if self.init is not None and shaping:
             raise OmniInputError(f"{'/'.join(shaping)} shape a fresh model; a model from --init keeps its own: "
                                  "drop it")
         for name in ("vision_lr", "patch_lr"):
             if self.stage == "instruct" and getattr(self, name) is not None and not self.train_vision:
-                raise OmniInputError(f"{_flag(name)} needs --train-vision (the vision encoder is frozen otherwise)")
+                raise OmniInputError(f"{flag_name(name)} needs --train-vision (the vision encoder is frozen otherwise)")
 
     @property
     def model_overrides(self) -> dict[str, Any]:
