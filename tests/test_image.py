@@ -140,3 +140,85 @@ def test_decompression_bomb_is_refused(monkeypatch):
     one_line_error(lambda: load_image(data), "1200 pixels", "MAX_IMAGE_PIXELS")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
     one_line_error(lambda: load_image(data), "1200 pixels", "MAX_IMAGE_PIXELS")
+
+
+def _grey_levels(image, **kw) -> list[list[int]]:
+    # An image 4 pixels wide through a processor that neither resamples nor normalises it: its 8-bit grey.
+    plain = ImageProcessor(size=4, crop_size=4, image_mean=(0, 0, 0), image_std=(1, 1, 1), **kw)
+    pixels = plain([image])[0].numpy() * 255
+    assert np.allclose(pixels[0], pixels[1]) and np.allclose(pixels[0], pixels[2])  # grey
+    return np.rint(pixels[0]).astype(int).tolist()
+
+
+def test_high_bit_depth_and_float_images_map_by_their_range(tmp_path):
+    # A 16-bit PNG opens as I;16 and maps by its full scale (v / 257), where a plain convert clips to white.
+    v16 = np.array([[0, 257, 1000, 30000, 65535]] * 4, np.uint16)[:, 1:]
+    Image.fromarray(v16).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode == "I;16"
+    assert _grey_levels(tmp_path / "grey16.png")[0] == [1, 4, 117, 255]
+    # A float TIFF in 0..1 maps to 0..255, where a plain convert makes it black.
+    Image.fromarray(np.array([[0, 0.25, 0.5, 1]] * 4, np.float32)).save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    assert _grey_levels(tmp_path / "float.tif")[0] == [0, 64, 128, 255]
+    # Float beyond 0..1 but within 0..255: taken as 8-bit values; beyond that: the image's min..max.
+    assert _grey_levels(Image.fromarray(np.array([[0, 2, 100.4, 255]] * 4, np.float32)))[0] == [0, 2, 100, 255]
+    assert _grey_levels(Image.fromarray(np.array([[-1, 0, 1, 3]] * 4, np.float32)))[0] == [0, 64, 128, 255]
+    # 32-bit integers: 8-bit values, else 16-bit values, else min..max; a constant out-of-range image is black.
+    assert _grey_levels(Image.fromarray(np.array([[0, 7, 200, 255]] * 4, np.int32)))[0] == [0, 7, 200, 255]
+    assert _grey_levels(Image.fromarray(np.array([[0, 257, 1000, 65535]] * 4, np.int32)))[0] == [0, 1, 4, 255]
+    assert _grey_levels(Image.fromarray(np.array([[-100, 0, 100, 410]] * 4, np.int32)))[0] == [0, 50, 100, 255]
+    assert _grey_levels(Image.fromarray(np.full((4, 4), 70000, np.int32)))[0] == [0, 0, 0, 0]
+    # A 16-bit PNG's transparent value (raw, before mapping) is composited onto white.
+    Image.fromarray(v16).save(tmp_path / "t16.png", transparency=1000)
+    assert _grey_levels(tmp_path / "t16.png")[0] == [1, 255, 117, 255]
+    one_line_error(lambda: load_image(Image.fromarray(np.array([[0, np.nan]], np.float32))), "NaN", "replace them")
+
+
+def _declared_png(width: int, height: int) -> bytes:
+    # A PNG whose header declares width x height grey pixels, with pixel data for none of them.
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_size_limits_refuse_before_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from omnilm.data.image import MAX_ASPECT_RATIO, MAX_IMAGE_SIDE
+
+    def no_decoding(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    for (width, height), parts in {
+        (200_000, 1): ("200000x1", f"{MAX_ASPECT_RATIO}:1", "crop it"),
+        (1, 60_000): ("1x60000", f"{MAX_ASPECT_RATIO}:1"),
+        (MAX_IMAGE_SIDE + 1, MAX_IMAGE_SIDE + 1): (f"{MAX_IMAGE_SIDE} px", "downscale it"),
+        (20_000, 20_000): ("400000000 pixels", "MAX_IMAGE_PIXELS"),
+    }.items():
+        path = tmp_path / f"{width}x{height}.png"
+        path.write_bytes(_declared_png(width, height))
+        one_line_error(lambda: load_image(path), path.name, *parts)
+    # Resizing a 150:1 image's short side to 1024 px would make it 153600 x 1024: refused, for that size
+    # only (at 336 px it passes the header checks and reaches decoding, whose failure reads as a broken file).
+    path = tmp_path / "long.png"
+    path.write_bytes(_declared_png(7500, 50))
+    one_line_error(lambda: ImageProcessor(size=1024, crop_size=1024)([path]), "long.png", "153600x1024", "resizing")
+    one_line_error(lambda: ImageProcessor(size=336, crop_size=336)([path]), "long.png", "pixels were decoded")
+
+
+def test_preprocessor_config_errors_name_the_file(tmp_path):
+    from omnilm.data import Processor, train_tokenizer
+
+    train_tokenizer(["a red circle"] * 4, vocab_size=300).save(tmp_path)
+    file = tmp_path / "preprocessor_config.json"
+    for config, parts in [([1, 2], ("holds a list",)), ({"crop_size": 0}, ("crop_size=0",)),
+                          ({"image_mean": ["0.5", "0.5", "0.5"]}, ("image_mean", "3 numbers")),
+                          ({"image_std": [0.2, 0, 0.2]}, ("image_std", "at least 1e-6"))]:
+        file.write_text(json.dumps(config))
+        one_line_error(lambda: Processor.from_pretrained(tmp_path, 9), str(file), *parts)
