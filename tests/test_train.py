@@ -300,3 +300,62 @@ def test_vision_flags_refused_for_a_model_without_a_vision_encoder(shapeworld, t
     early = SMALL | {"fusion": "early"}
     one_line_error(lambda: train(args(shapeworld, tmp_path, train_vision=True, config=early)),
                    "--train-vision", "early fusion")
+
+
+def test_a_non_finite_loss_stops_before_its_step_and_keeps_the_last_checkpoint(shapeworld, tmp_path, monkeypatch):
+    """A nan at step 3 stops the run with one line naming the step, before the step is applied: no
+    checkpoint of it, `latest` still at step 2, nothing non-finite saved, and --resume goes on from there."""
+    from safetensors.torch import load_file
+
+    import omnilm.train.loop as loop
+    from omnilm.io import umask
+
+    build_stage, calls = loop.build_stage, []
+
+    def nan_at_step_3(*a, **k):
+        stage = build_stage(*a, **k)
+        loss = stage.loss
+
+        def poisoned(model, batch):
+            value, logged = loss(model, batch)
+            calls.append(1)
+            return (value * float("nan") if len(calls) == 3 else value), logged
+        stage.loss = poisoned
+        return stage
+
+    monkeypatch.setattr(loop, "build_stage", nan_at_step_3)
+    one_line_error(lambda: train(args(shapeworld, tmp_path, save_every=2)), "stopped at step 3", "loss is nan",
+                   "lower --lr", "--resume", "checkpoints/step-000002")
+    monkeypatch.undo()
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-000002\n"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000002"]
+    saved = [t for f in checkpoints.rglob("*.safetensors") for t in load_file(f).values() if t.is_floating_point()]
+    assert saved and all(torch.isfinite(t).all() for t in saved)
+    mode = 0o666 & ~umask()  # what a plain open() gives: the run's files are readable as the user's others are
+    assert {oct(f.stat().st_mode & 0o777) for f in tmp_path.rglob("*") if f.is_file()} == {oct(mode)}
+    rest = train(args(shapeworld, tmp_path, save_every=2, resume=True))["losses"]
+    assert len(rest) == 4 and all(math.isfinite(x) for x in rest)
+
+
+def test_a_non_finite_learning_rate_stops_before_the_first_step(shapeworld, tmp_path):
+    run = args(shapeworld, tmp_path)
+    run.lr = float("inf")  # past TrainArgs' own check, as a caller of train() could
+    one_line_error(lambda: train(run), "stopped at step 1", "lr of parameter group model is inf", "then rerun")
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002])
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path, mask):
+    import os
+
+    from omnilm.io import umask, write_text
+
+    old = os.umask(mask)
+    try:
+        write_text(tmp_path / "atomic", "x")
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    assert umask() == old
+    assert (tmp_path / "atomic").stat().st_mode == (tmp_path / "plain").stat().st_mode == 0o100000 | (0o666 & ~mask)

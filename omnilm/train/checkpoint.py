@@ -8,7 +8,11 @@ Layout (no pickle anywhere; tensors in safetensors, the rest in JSON):
     OUT/checkpoints/latest                           the name of the newest complete checkpoint
 
 A checkpoint is written into `step-N.tmp/` and renamed when complete, and `latest` moves only
-after that, so a crash mid-save leaves the previous checkpoint in charge.
+after that, so a crash mid-save leaves the previous checkpoint in charge. A checkpoints/ folder
+without `latest` holds no finished checkpoint (the run died during its first save): a plain rerun
+starts afresh. The final `OUT/model/` is a copy of the last checkpoint's model folder, renamed into
+place when complete, so a run killed while writing it is finished by `--resume`. What a killed save
+leaves behind (`step-N.tmp/`, `model.tmp/`, `.NAME.*.tmp` files) is removed when a run starts.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from omnilm.errors import OmniInputError
-from omnilm.io import write_text
+from omnilm.io import atomic_write, write_text
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -57,27 +61,94 @@ def save_checkpoint(out: Path, step: int, model, processor, optimizer: torch.opt
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    save_file(tensors, tmp / "optimizer.safetensors")
+    # Through atomic_write for its file mode: safetensors creates its files 0600, as mkstemp does.
+    atomic_write(tmp / "optimizer.safetensors", lambda file: save_file(tensors, file))
     state = {"step": step, "param_groups": groups, "python_rng": _jsonable(random.getstate()),
              "run_config": run_config}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
+    _remove(final)
     os.rename(tmp, final)
     write_text(root / "latest", final.name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
-        shutil.rmtree(old)
+        _remove(old)
     return final
+
+
+def _remove(folder: Path) -> None:
+    # Renamed first, so that a kill mid-delete leaves a `.tmp` folder the next start removes, not half a checkpoint.
+    if folder.exists():
+        doomed = folder.with_name(folder.name + ".old.tmp")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.rename(folder, doomed)
+        shutil.rmtree(doomed)
+
+
+def clean_interrupted_saves(out: Path) -> None:
+    """Remove what a run killed mid-save left in `out`: unfinished checkpoint folders, the unfinished
+    copy of the final model, temporary files of atomic writes."""
+    out = Path(out)
+    # In OUT itself only the names of the files a run writes there: OUT may be a folder of the user's.
+    for tmp in [*(out / "checkpoints").glob(".*.tmp"), *(out / "model").glob(".*.tmp"),
+                *out.glob(".metrics.jsonl.*.tmp"), *out.glob(".loss.png.*.tmp")]:
+        tmp.unlink(missing_ok=True)
+    for tmp in [*(out / "checkpoints").glob("step-*.tmp"), out / MODEL_TMP]:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def has_checkpoint(out: Path) -> bool:
+    """Whether `out` holds a finished checkpoint (one that `latest` names). Step folders without
+    `latest` are a first save that never finished: they are removed, so that the run starts afresh."""
+    root = Path(out) / "checkpoints"
+    if (root / "latest").exists():
+        return True
+    for unfinished in root.glob("step-*"):
+        shutil.rmtree(unfinished) if unfinished.is_dir() else unfinished.unlink()
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    return False
 
 
 def latest_checkpoint(out: Path) -> Path:
     root = Path(out) / "checkpoints"
     pointer = root / "latest"
+    if not pointer.is_file() and root.is_dir():
+        raise OmniInputError(f"nothing to resume in {out}: checkpoints/ holds no finished checkpoint (the run stopped "
+                             "during its first save); rerun without --resume, which starts it afresh")
     if not pointer.is_file():
         raise OmniInputError(f"nothing to resume in {out}: no checkpoints/latest; start without --resume")
     path = root / pointer.read_text().strip()
     if not path.is_dir():
         raise OmniInputError(f"{pointer} names {path.name}, which is missing; delete {pointer} or restore the folder")
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    """How many optimizer steps checkpoint `path` holds."""
+    return int(json.loads((Path(path) / "trainer_state.json").read_text())["step"])
+
+
+MODEL_TMP = "model.tmp"  # OUT/model while it is being written
+
+
+def publish_model(out: Path, checkpoint: Path) -> Path:
+    """Copy `checkpoint`'s model folder (the model with its processor's files) to OUT/model: into
+    OUT/model.tmp, renamed when complete, so that OUT/model is only ever absent or whole."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    tmp, final = out / MODEL_TMP, out / "model"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint / "model", tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return final
+
+
+def is_published(out: Path, checkpoint: Path) -> bool:
+    """Whether OUT/model holds every file of `checkpoint`'s model folder, at the same size (an older
+    omnilm wrote OUT/model in place, and a kill left it partly written)."""
+    src, dst = Path(checkpoint) / "model", Path(out) / "model"
+    return dst.is_dir() and all((dst / f.relative_to(src)).is_file() and
+                                (dst / f.relative_to(src)).stat().st_size == f.stat().st_size
+                                for f in src.rglob("*") if f.is_file())
 
 
 def checkpoint_config(path: Path) -> dict[str, Any]:

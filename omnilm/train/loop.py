@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,13 @@ import torch
 from omnilm.data.collate import to_device
 from omnilm.errors import OmniInputError
 from omnilm.interpret.routing import plot_load
+from omnilm.io import atomic_write, write_text
 from omnilm.model.layers import resolve_device
 from omnilm.settings import to_dict
 from omnilm.train.args import TrainArgs
-from omnilm.train.checkpoint import checkpoint_config, latest_checkpoint, load_trainer_state, save_checkpoint
+from omnilm.train.checkpoint import (checkpoint_config, checkpoint_step, clean_interrupted_saves, has_checkpoint,
+                                     is_published, latest_checkpoint, load_trainer_state, publish_model,
+                                     save_checkpoint)
 from omnilm.train.optim import build_optimizer, describe_split, lr_factor, set_lr
 from omnilm.train.stages import build_stage
 
@@ -86,7 +90,11 @@ def bf16_is_fast(device: torch.device) -> bool:
 
 def train(args: TrainArgs) -> dict[str, Any]:
     """Run a stage; returns a summary (final loss, steps, time). Writes under `args.out`:
-    metrics.jsonl, loss.png, checkpoints/ and model/ (the final model, save_pretrained format)."""
+    metrics.jsonl, loss.png, checkpoints/ and model/ (the final model, save_pretrained format).
+
+    A run killed at any moment continues with `resume` (or, killed before its first checkpoint was
+    finished, with a plain rerun) to the same losses and weights; see `omnilm.train.checkpoint`.
+    A non-finite loss, gradient norm or learning rate stops the run before that step is applied."""
     from tqdm import tqdm
 
     out = args.out
@@ -96,12 +104,19 @@ def train(args: TrainArgs) -> dict[str, Any]:
     torch.manual_seed(args.seed)
 
     run_config = to_dict(args)
+    clean_interrupted_saves(out)
+    end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     if args.resume:
         resume_from = latest_checkpoint(out)
         _check_same_run(checkpoint_config(resume_from), run_config, resume_from)
+        if checkpoint_step(resume_from) >= end:
+            if end == args.steps and not is_published(out, resume_from):  # killed while writing model/
+                return _finish(args, out, resume_from, device)
+            raise OmniInputError(f"{resume_from} is already at step {checkpoint_step(resume_from)}, and this run ends "
+                                 f"at {end}: nothing to do")
     else:
         resume_from = None
-        if (out / "checkpoints").exists():
+        if has_checkpoint(out):
             raise OmniInputError(f"{out} already holds checkpoints of an earlier run: pass --resume to continue it, "
                                  "or use a new --out (or delete its checkpoints/)")
     stage = build_stage(args, resume_from)
@@ -112,9 +127,6 @@ def train(args: TrainArgs) -> dict[str, Any]:
     start = 0
     if resume_from is not None:
         start = load_trainer_state(resume_from, optimizer)
-    end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
-    if start >= end:
-        raise OmniInputError(f"{resume_from} is already at step {start}, and this run ends at {end}: nothing to do")
     lengths = stage.dataset.token_lengths() if args.group_by_length else None
     stream = BatchStream(len(stage.dataset), args.batch_size, args.seed, lengths)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -123,11 +135,12 @@ def train(args: TrainArgs) -> dict[str, Any]:
     kept = []
     if resume_from is not None and metrics_path.exists():  # drop rows logged after the checkpoint
         kept = [line for line in metrics_path.read_text().splitlines() if _logged_step(line) <= start]
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    write_text(metrics_path, "".join(line + "\n" for line in kept))  # atomic: a kill here loses no rows
     with metrics_path.open("a") as metrics_file:
         bar = tqdm(total=args.steps, initial=start, desc=f"{args.stage}", unit="step", disable=not args.progress,
                    dynamic_ncols=True)
         losses: list[float] = []
+        last_saved = resume_from
         t_start = time.perf_counter()
         for step in range(start, end):
             t0 = time.perf_counter()
@@ -147,6 +160,11 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 tokens += int(batch["attention_mask"].sum())
                 _accumulate(extra, logged, share)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
+            # Checked before the step is applied, so that no non-finite weight is ever trained on or saved.
+            problem = _non_finite(step_loss, grad_norm, optimizer)
+            if problem:
+                bar.close()
+                raise OmniInputError(_stopped_message(step + 1, problem, last_saved))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
@@ -162,17 +180,50 @@ def train(args: TrainArgs) -> dict[str, Any]:
             bar.update(1)
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
                 metrics_file.flush()  # the checkpoint's steps are on disk before it is
-                save_checkpoint(out, step + 1, model, stage.processor, optimizer, run_config)
+                last_saved = save_checkpoint(out, step + 1, model, stage.processor, optimizer, run_config)
         bar.close()
 
-    save_checkpoint(out, end, model, stage.processor, optimizer, run_config)
-    if end == args.steps:
-        model.save_pretrained(out / "model")
-        stage.processor.save_pretrained(out / "model")
+    final = save_checkpoint(out, end, model, stage.processor, optimizer, run_config)
     plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"stage {args.stage}")
     plot_routing(out / "metrics.jsonl", out / "routing.png", title=f"stage {args.stage}")
+    if end == args.steps:  # last, so that a whole model/ means a finished run
+        publish_model(out, final)
     return {"stage": args.stage, "steps": end, "losses": losses, "final_loss": losses[-1] if losses else None,
             "seconds": time.perf_counter() - t_start, "model": model, "processor": stage.processor}
+
+
+def _finish(args: TrainArgs, out: Path, final: Path, device: torch.device) -> dict[str, Any]:
+    """The end of a run killed after its last checkpoint: plots and model/ from that checkpoint."""
+    t_start = time.perf_counter()
+    stage = build_stage(args, final)
+    plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"stage {args.stage}")
+    plot_routing(out / "metrics.jsonl", out / "routing.png", title=f"stage {args.stage}")
+    publish_model(out, final)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"stage": args.stage, "steps": args.steps, "losses": [], "final_loss": rows[-1]["loss"] if rows else None,
+            "seconds": time.perf_counter() - t_start, "model": stage.model.to(device), "processor": stage.processor}
+
+
+def _non_finite(loss: float, grad_norm: float, optimizer: torch.optim.Optimizer) -> str | None:
+    """What about to be applied is not a finite number (inf, nan), in words; None if all is."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return f"the loss is {loss} (gradient norm {grad_norm})"
+    for group in optimizer.param_groups:
+        for key in ("lr", "weight_decay"):
+            if not math.isfinite(group.get(key, 0.0)):
+                return f"the {key} of parameter group {group.get('name', '?')} is {group[key]}"
+    return None
+
+
+def _stopped_message(step: int, problem: str, last_saved: Path | None) -> str:
+    # --resume refuses a changed --lr (it would not be the same run), so a lower rate means a new --out.
+    if last_saved is None:
+        after = "then rerun (no checkpoint was saved before it)"
+    else:
+        after = (f"then start a new --out, or, if the cause is gone, --resume (from checkpoints/{last_saved.name}, "
+                 "left as it was)")
+    return (f"training stopped at step {step}: {problem}, so nothing of this step was applied or saved; "
+            f"lower --lr (or raise --warmup) or check the data, {after}")
 
 
 def _accumulate(total: dict[str, Any], logged: dict[str, Any], share: float) -> None:
@@ -241,5 +292,5 @@ def plot_loss(metrics: Path, png: Path, title: str = "") -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
