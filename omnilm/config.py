@@ -15,11 +15,95 @@ from pathlib import Path
 from typing import Any
 
 FUSIONS = ("joint", "early", "late", "cross_attention")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# The activations omnilm.model.layers.ACTIVATIONS implements (this module imports no model code).
+ACTIVATION_NAMES = ("gelu", "quick_gelu", "silu")
 # The label that carries no loss: prompt, image and padding tokens (PyTorch cross_entropy's default).
 IGNORE_INDEX = -100
 # The image normalisation OpenAI's CLIP was trained with (and every LLaVA-1.5 checkpoint uses).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Upper bounds far beyond any real model, so that a typo (an extra digit, a byte count) fails here
+# rather than as an allocation, an overflow or a hang while the model is built.
+MAX_WIDTH = 2**20  # dim, mlp_dim, head_dim, expert_dim, embed_dim
+MAX_VOCAB = 2**24  # vocab_size, token ids
+MAX_COUNT = 2**14  # layers, heads, experts, latents
+MAX_POSITIONS = 2**30  # max_seq_len (no table of that size is built)
+MAX_IMAGE = 2**16  # image_size, patch_size in pixels
+
+
+class ConfigError(ValueError):
+    """A config field of the wrong type or out of range: `field` is its dotted name ("text.dim"),
+    `value` what it held, `need` what it must be, so that a reader of another format (a
+    transformers config.json) can name its own key instead."""
+
+    def __init__(self, field: str, value: Any, need: str):
+        self.field, self.value, self.need = field, value, need
+        super().__init__(self.with_field(field))
+
+    def with_field(self, field: str) -> str:
+        """The message, naming the field `field` (as another file format spells it)."""
+        return f"{field}={_short(self.value)} {self.need}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is no size
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int past float's range
+        return False
+
+
+def _check_int(field: str, v: Any, lo: int | None = 1, hi: int = MAX_WIDTH, optional: bool = False) -> None:
+    """An int in [lo, hi] (lo None: any int up to hi, its lower bound checked elsewhere), or None if optional."""
+    if optional and v is None:
+        return
+    if not _is_int(v) or (lo is not None and v < lo) or v > hi:
+        what = f"an integer from {lo} to {hi}" if lo is not None else f"an integer (at most {hi})"
+        raise ConfigError(field, v, f"must be {what}" + (", or null" if optional else ""))
+
+
+def _check_number(field: str, v: Any, positive: bool = False, optional: bool = False) -> float | None:
+    """A finite number (> 0 if positive), returned as a float; None if optional."""
+    if optional and v is None:
+        return None
+    if not _is_number(v) or (positive and not v > 0):
+        need = "a finite number > 0" if positive else "a finite number"
+        raise ConfigError(field, v, f"must be {need}" + (", or null" if optional else ""))
+    return float(v)
+
+
+def _check_bool(field: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(field, v, "must be true or false")
+
+
+def _check_choice(field: str, v: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(v, str) or v not in choices:
+        raise ConfigError(field, v, f"must be one of {', '.join(repr(c) for c in choices)}")
+
+
+def _check_id(field: str, v: Any, vocab_size: int) -> None:
+    # A token id indexes the embedding (generation feeds eos and pad back in), so it must lie inside it.
+    if v is not None and (not _is_int(v) or not 0 <= v < vocab_size):
+        raise ConfigError(field, v, f"must be a token id from 0 to {vocab_size - 1} (the vocabulary), or null")
+
+
+def _check_heads(prefix: str, dim: int, n_heads: int) -> None:
+    # Attention splits the width into n_heads equal heads (dim // n_heads each, as transformers' CLIP).
+    if dim % n_heads:
+        raise ConfigError(f"{prefix}dim", dim, f"is not a multiple of n_heads={n_heads}: attention splits the width "
+                                               "into equal heads; change dim or n_heads")
 
 
 @dataclass
@@ -39,10 +123,32 @@ class VisionConfig:
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
 
+    def __post_init__(self) -> None:
+        w = "vision."
+        _check_int(w + "image_size", self.image_size, hi=MAX_IMAGE)
+        _check_int(w + "patch_size", self.patch_size, hi=MAX_IMAGE)
+        if self.image_size < self.patch_size:
+            raise ConfigError(w + "image_size", self.image_size, f"is smaller than patch_size={self.patch_size}: "
+                                                                 "an image must hold at least one patch")
+        if self.n_channels != 3 or not _is_int(self.n_channels):
+            raise ConfigError(w + "n_channels", self.n_channels, "must be 3: omnilm's image processor makes RGB images")
+        for name, hi in (("dim", MAX_WIDTH), ("n_layers", MAX_COUNT), ("n_heads", MAX_COUNT), ("mlp_dim", MAX_WIDTH)):
+            _check_int(w + name, getattr(self, name), hi=hi)
+        _check_heads(w, self.dim, self.n_heads)
+        self.norm_eps = _check_number(w + "norm_eps", self.norm_eps, positive=True)
+        _check_choice(w + "act", self.act, ACTIVATION_NAMES)
+        for name in ("image_mean", "image_std"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(map(_is_number, v)):
+                raise ConfigError(w + name, v, "must be 3 finite numbers, one per RGB channel")
+            if name == "image_std" and not all(x > 0 for x in v):
+                raise ConfigError(w + name, v, "must be > 0 in every channel: pixels are divided by it")
+            setattr(self, name, tuple(float(x) for x in v))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
         _check_fields(cls, d, "vision config")
-        return cls(**{k: tuple(v) if k in ("image_mean", "image_std") else v for k, v in d.items()})
+        return cls(**d)
 
     @property
     def n_patches(self) -> int:
@@ -92,18 +198,88 @@ class TextConfig:
     router_aux_loss_coef: float = 0.01  # load balancing (Switch Transformer)
     router_z_loss_coef: float = 0.001  # router z-loss (ST-MoE)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TextConfig:
+        _check_fields(cls, d, "text config")
+        return cls(**d)
+
     def __post_init__(self) -> None:
-        if self.head_dim is None:
-            self.head_dim = self.dim // self.n_heads
-        if self.expert_dim is None:
-            self.expert_dim = self.mlp_dim
-        if self.n_experts:
-            self._check_moe()
+        self._check_types()
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; "
                 "grouped-query attention needs each key/value head to serve a whole group of query heads"
             )
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError("text.dim", self.dim, f"is not a multiple of n_heads={self.n_heads}: set head_dim "
+                                                        "explicitly, or change dim or n_heads")
+            self.head_dim = self.dim // self.n_heads
+        if self.expert_dim is None:
+            self.expert_dim = self.mlp_dim
+        for name in ("bos_token_id", "pad_token_id"):
+            _check_id(f"text.{name}", getattr(self, name), self.vocab_size)
+        eos = self.eos_token_id
+        for i, token in enumerate(eos if isinstance(eos, list) else [eos]):
+            _check_id("text.eos_token_id" + (f"[{i}]" if isinstance(eos, list) else ""), token, self.vocab_size)
+        self._check_rope()
+        if self.n_experts:
+            self._check_moe()
+
+    def _check_types(self) -> None:
+        # Types and ranges first: every later check and the model's constructors do arithmetic on them.
+        for name, hi in (("vocab_size", MAX_VOCAB), ("dim", MAX_WIDTH), ("n_layers", MAX_COUNT), ("n_heads", MAX_COUNT),
+                         ("n_kv_heads", MAX_COUNT), ("mlp_dim", MAX_WIDTH), ("max_seq_len", MAX_POSITIONS)):
+            _check_int(f"text.{name}", getattr(self, name), hi=hi)
+        _check_int("text.head_dim", self.head_dim, optional=True)
+        _check_int("text.expert_dim", self.expert_dim, optional=True)
+        self.norm_eps = _check_number("text.norm_eps", self.norm_eps, positive=True)
+        self.rope_theta = _check_number("text.rope_theta", self.rope_theta, positive=True)
+        if self.rope_theta <= 1:
+            raise ConfigError("text.rope_theta", self.rope_theta, "must be > 1: it is the base of RoPE's wavelengths "
+                                                                  "(LLaMA's is 10000)")
+        for name in ("attention_bias", "mlp_bias", "tie_embeddings"):
+            _check_bool(f"text.{name}", getattr(self, name))
+        _check_int("text.n_experts", self.n_experts, lo=0, hi=MAX_COUNT)
+        _check_int("text.n_shared_experts", self.n_shared_experts, lo=0, hi=MAX_COUNT)
+        for name in ("n_experts_per_token", "moe_every"):  # their ranges: _check_moe
+            _check_int(f"text.{name}", getattr(self, name), lo=None, hi=MAX_COUNT)
+        self.capacity_factor = _check_number("text.capacity_factor", self.capacity_factor, optional=True)
+        for name in ("router_jitter", "router_aux_loss_coef", "router_z_loss_coef"):
+            setattr(self, name, _check_number(f"text.{name}", getattr(self, name)))
+
+    def _check_rope(self) -> None:
+        s = self.rope_scaling
+        if s is None:
+            return
+        example = "{'rope_type': 'linear', 'factor': 2.0}"
+        if not isinstance(s, dict):
+            raise ConfigError("text.rope_scaling", s, f"must be null or an object such as {example}")
+        kind = s.get("rope_type", s.get("type", "default"))
+        if not isinstance(kind, str) or kind not in ROPE_TYPES:
+            raise ConfigError("text.rope_scaling", s, f"has rope_type {kind!r}; omnilm supports {', '.join(ROPE_TYPES)}")
+
+        def need(key: str, what: str) -> ConfigError:
+            return ConfigError("text.rope_scaling", s, f"needs {key} to be {what} for rope_type {kind!r}")
+
+        if kind in ("linear", "dynamic", "llama3") or s.get("factor") is not None:
+            if not _is_number(s.get("factor")) or not s["factor"] > 0:
+                raise need("factor", "a finite number > 0")
+        original = s.get("original_max_position_embeddings")
+        if original is not None and (not _is_int(original) or not 1 <= original <= MAX_POSITIONS):
+            raise need("original_max_position_embeddings", "a positive integer (or absent)")
+        if kind == "dynamic" and self.head_dim <= 2:
+            raise need("head_dim", "> 2")  # the base grows by a power dim / (dim - 2)
+        if kind == "llama3":
+            low, high = s.get("low_freq_factor"), s.get("high_freq_factor")
+            if not (_is_number(low) and _is_number(high) and 0 < low < high):
+                raise need("low_freq_factor and high_freq_factor", "finite numbers with 0 < low < high")
+        if kind == "yarn":
+            for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+                if s.get(key) is not None and not (_is_number(s[key]) and s[key] > 0):
+                    raise need(key, "a finite number > 0 (or absent)")
+            if not isinstance(s.get("truncate", True), bool):
+                raise need("truncate", "true or false")
 
     def _check_moe(self) -> None:
         if self.router not in ("topk", "switch"):
@@ -118,8 +294,9 @@ class TextConfig:
             raise ValueError(f"moe_every={self.moe_every} must be between 1 and n_layers={self.n_layers}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be > 0 (or None: never drop tokens)")
-        if self.router_jitter < 0 or self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
-            raise ValueError("router_jitter, router_aux_loss_coef and router_z_loss_coef must be >= 0")
+        for name in ("router_jitter", "router_aux_loss_coef", "router_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"text.{name}", getattr(self, name), "must be >= 0")
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether decoder layer `i` holds a mixture of experts instead of the dense MLP."""
@@ -157,9 +334,24 @@ class OmniConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
+            self.text = TextConfig.from_dict(self.text)
         if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
+            self.vision = VisionConfig.from_dict(self.vision)
+        if not isinstance(self.text, TextConfig):
+            raise ConfigError("text", self.text, "must be an object of text (decoder) settings")
+        if self.vision is not None and not isinstance(self.vision, VisionConfig):
+            raise ConfigError("vision", self.vision, "must be an object of vision settings, or null (text-only)")
+        # joint and early fusion overwrite the image id's embedding, so it may lie past the vocabulary.
+        _check_int("image_token_id", self.image_token_id, lo=0, hi=MAX_VOCAB)
+        _check_int("vision_feature_layer", self.vision_feature_layer, lo=None, hi=MAX_COUNT)
+        _check_choice("projector_act", self.projector_act, ACTIVATION_NAMES)
+        _check_bool("projector_bias", self.projector_bias)
+        for name in ("n_latents", "resampler_layers", "cross_attention_every"):  # their ranges: _check_fusion
+            _check_int(name, getattr(self, name), lo=None, hi=MAX_COUNT)
+        # Checked here, not in TextConfig, which also describes a lone MoE layer (no attention).
+        if self.text.head_dim % 2:
+            raise ConfigError("text.head_dim", self.text.head_dim, "must be even: rotary embeddings turn pairs of "
+                                                                   "channels")
         self._check_fusion()
         if self.vision_feature_select not in ("default", "full"):
             raise ValueError(
@@ -210,14 +402,14 @@ class OmniConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OmniConfig:
+        _check_top_level(d)
         d = dict(d)
         d.pop("format", None)
         _check_fields(cls, d, "omnilm config")
         if d.get("vision") is not None:
-            d["vision"] = VisionConfig.from_dict(d["vision"])
+            d["vision"] = VisionConfig.from_dict(_check_object(d["vision"], "vision"))
         if "text" in d:
-            _check_fields(TextConfig, d["text"], "text config")
-            d["text"] = TextConfig(**d["text"])
+            d["text"] = TextConfig.from_dict(_check_object(d["text"], "text"))
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -242,6 +434,18 @@ class OmniConfig:
             else:
                 d[key] = value
         return cls.from_dict(d)
+
+
+def _check_top_level(d: Any) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ValueError(f"the config is {_short(d)}, not an object of settings; save the model again")
+    return d
+
+
+def _check_object(d: Any, what: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigError(what, d, "must be an object (a dict of settings)")
+    return d
 
 
 def _check_fields(cls: type, d: dict[str, Any], what: str) -> None:
@@ -312,6 +516,19 @@ class ClipTextConfig:
     eos_token_id: int = 49407  # the text is pooled at its first end-of-text token
     pad_token_id: int | None = 1
 
+    def __post_init__(self) -> None:
+        for name, hi in (("vocab_size", MAX_VOCAB), ("dim", MAX_WIDTH), ("n_layers", MAX_COUNT), ("n_heads", MAX_COUNT),
+                         ("mlp_dim", MAX_WIDTH), ("max_len", MAX_WIDTH)):  # max_len rows of positions
+            _check_int(f"text.{name}", getattr(self, name), hi=hi)
+        _check_heads("text.", self.dim, self.n_heads)
+        self.norm_eps = _check_number("text.norm_eps", self.norm_eps, positive=True)
+        _check_choice("text.act", self.act, ACTIVATION_NAMES)
+        for name in ("bos_token_id", "pad_token_id"):
+            _check_id(f"text.{name}", getattr(self, name), self.vocab_size)
+        if self.eos_token_id is None:  # CLIP pools the text at its end-of-text token
+            raise ConfigError("text.eos_token_id", None, "must be the end-of-text id the text is pooled at, not null")
+        _check_id("text.eos_token_id", self.eos_token_id, self.vocab_size)
+
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
@@ -332,22 +549,27 @@ class ClipConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
+            self.vision = VisionConfig.from_dict(self.vision)
         if isinstance(self.text, dict):
+            _check_fields(ClipTextConfig, self.text, "clip text config")
             self.text = ClipTextConfig(**self.text)
+        if not isinstance(self.vision, VisionConfig):
+            raise ConfigError("vision", self.vision, "must be an object of vision settings")
+        if not isinstance(self.text, ClipTextConfig):
+            raise ConfigError("text", self.text, "must be an object of CLIP text settings")
+        _check_int("embed_dim", self.embed_dim)
+        self.logit_scale_init = _check_number("logit_scale_init", self.logit_scale_init)
+        self.position_init_std = _check_number("position_init_std", self.position_init_std)
+        if self.position_init_std < 0:
+            raise ConfigError("position_init_std", self.position_init_std, "must be >= 0 (a standard deviation)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClipConfig:
-        d = dict(d)
+        d = dict(_check_top_level(d))
         _check_fields(cls, d, "clip config")
-        if isinstance(d.get("vision"), dict):
-            d["vision"] = VisionConfig.from_dict(d["vision"])
-        if isinstance(d.get("text"), dict):
-            _check_fields(ClipTextConfig, d["text"], "clip text config")
-            d["text"] = ClipTextConfig(**d["text"])
         return cls(**d)
 
     @classmethod

@@ -496,3 +496,40 @@ def test_unsupported_llava_configs():
     one_line_error(lambda: hfio.parse_size("5 parsecs"), "max_shard_size")
     assert hfio.parse_size("500MB") == 500 * 10**6 and hfio.parse_size("2GiB") == 2 * 2**30
 
+
+
+def test_config_json_errors_name_the_key():
+    # A field is reported under the key config.json spells, inside its section.
+    one_line_error(lambda: hf_config.config_from_hf({"model_type": "llava", "text_config": {"hidden_size": "64"}}),
+                   "text_config.hidden_size='64'", "must be an integer")
+    one_line_error(lambda: hf_config.config_from_hf({"model_type": "llama", "num_key_value_heads": 0}),
+                   "config.json: num_key_value_heads=0")
+    one_line_error(lambda: hf_config.config_from_hf({"model_type": "llava", "vision_config": {"image_size": 8}}),
+                   "vision_config.image_size=8", "patch_size=32")
+    one_line_error(lambda: hf_config.config_from_hf([1]), "the config is [1]")
+
+
+def test_tokenizer_ids_must_fit_the_embedding():
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from omnilm.data import Processor, Tokenizer
+
+    # A LLaMA tokenizer gains <image> as its last id, one past a text-only model's embedding: it fits,
+    # since the processor refuses that id without images; any other id past the embedding does not.
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["a red circle"] * 4, trainers.BpeTrainer(
+        vocab_size=270, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = Tokenizer(backend, pad_token="<pad>")
+    n = tokenizer.vocab_size
+    assert tokenizer.image_token_id == n - 1
+    text = dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, mlp_dim=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    for vision, image_token_id in ((None, 32000), (dict(image_size=32, patch_size=16, dim=32, n_layers=1, n_heads=4,
+                                                         mlp_dim=64), n - 1)):
+        fits = OmniConfig(text=dict(text, vocab_size=n - 1), vision=vision, image_token_id=image_token_id)
+        Processor.for_model(fits, tokenizer=tokenizer)
+        small = OmniConfig(text=dict(text, vocab_size=n - 2), vision=vision, image_token_id=image_token_id)
+        one_line_error(lambda: Processor.for_model(small, tokenizer=tokenizer), f"the tokenizer has {n} tokens",
+                       f"embeds {n - 2}")

@@ -148,3 +148,44 @@ def test_the_math_kernel_gives_the_flash_kernels_outputs_and_gradients(monkeypat
     assert not torch.equal(ours[0], flash[0])  # two kernels ran: they round differently
     for a, b in zip(ours, flash):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls, fields, words", [
+    ("TextConfig", dict(dim=0), "text.dim=0 must be an integer"),
+    ("TextConfig", dict(n_heads="8"), "text.n_heads='8'"),
+    ("TextConfig", dict(vocab_size=True), "text.vocab_size=True"),
+    ("TextConfig", dict(norm_eps=float("nan")), "text.norm_eps=nan must be a finite number > 0"),
+    ("TextConfig", dict(rope_theta=1.0), "text.rope_theta=1.0 must be > 1"),
+    ("TextConfig", dict(pad_token_id=32000), "text.pad_token_id=32000 must be a token id from 0 to 31999"),
+    ("TextConfig", dict(eos_token_id=[2, -1]), "text.eos_token_id[1]=-1"),
+    ("TextConfig", dict(dim=100), "text.dim=100 is not a multiple of n_heads=32"),
+    ("TextConfig", dict(rope_scaling="linear"), "text.rope_scaling='linear' must be null or an object"),
+    ("TextConfig", dict(rope_scaling={"rope_type": "linear"}), "needs factor"),
+    ("TextConfig", dict(attention_bias="no"), "text.attention_bias='no' must be true or false"),
+    ("TextConfig", dict(n_experts="8"), "text.n_experts='8'"),
+    ("VisionConfig", dict(image_std=(1, 0, 1)), "vision.image_std=(1, 0, 1) must be > 0"),
+    ("VisionConfig", dict(image_mean="abc"), "vision.image_mean='abc' must be 3 finite numbers"),
+    ("VisionConfig", dict(patch_size=400), "at least one patch"),
+    ("VisionConfig", dict(dim=100), "vision.dim=100 is not a multiple of n_heads=16"),
+    ("VisionConfig", dict(act="relu"), "vision.act='relu' must be one of"),
+    ("ClipTextConfig", dict(eos_token_id=None), "text.eos_token_id=None"),
+    ("ClipConfig", dict(embed_dim=-1), "embed_dim=-1"),
+    ("OmniConfig", dict(image_token_id=-1), "image_token_id=-1"),
+    ("OmniConfig", dict(text=[1]), "text=[1] must be an object"),
+    ("OmniConfig", dict(projector_bias="yes"), "projector_bias='yes'"),
+    ("OmniConfig", dict(text=dict(head_dim=7)), "text.head_dim=7 must be even"),
+])
+def test_config_values_are_checked_before_any_tensor(cls, fields, words):
+    # Each wrong value fails at the config, naming its field as omnilm.json spells it and what it must be.
+    from omnilm import config
+
+    with pytest.raises(config.ConfigError) as info:
+        getattr(config, cls)(**fields)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_config_names_agree_with_the_model_code():
+    from omnilm.config import ACTIVATION_NAMES
+    from omnilm.model.layers import ACTIVATIONS
+
+    assert set(ACTIVATION_NAMES) == set(ACTIVATIONS)

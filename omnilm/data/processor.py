@@ -113,7 +113,7 @@ class Processor:
                 where = f"{folder} has no tokenizer.json" if folder is not None else "no tokenizer was given"
                 raise OmniInputError(f"{where}: pass the checkpoint folder saved with its tokenizer, or tokenizer=")
             tokenizer = Tokenizer.from_file(folder)
-        check_image_token(config, tokenizer, folder or "the tokenizer")
+        check_tokenizer_fits(config, tokenizer, folder or "the tokenizer")
         image_processor = None
         if config.vision is not None:
             image_processor = _read_image_processor(folder) or ImageProcessor.from_vision_config(config.vision)
@@ -144,13 +144,33 @@ def _read_image_processor(folder: str | Path | None) -> ImageProcessor | None:
     return ImageProcessor.from_hf_dict(read_json(file)) if file is not None and file.is_file() else None
 
 
-def check_image_token(config, tokenizer: Tokenizer, where: str | Path) -> None:
-    """The tokenizer's <image> must be the id the model (`config`, an OmniConfig) fills with image features."""
-    if config.vision is not None and tokenizer.image_token_id != config.image_token_id:
+def check_tokenizer_fits(config, tokenizer: Tokenizer, where: str | Path) -> None:
+    """Every id `tokenizer` makes must index the model's embedding (`config`, an OmniConfig), and its
+    <image> must be the id the model fills with image features; `where` names the tokenizer."""
+    n, vocab = tokenizer.vocab_size, config.text.vocab_size
+    image = tokenizer.image_token_id
+    # An id past the embedding would fail at the first forward; only <image> may lie there, since
+    # the model overwrites its embedding (and a text-only model refuses it).
+    if n > vocab and not (n == vocab + 1 and image == vocab):
         raise OmniInputError(
-            f"{where}: the tokenizer's <image> is id {tokenizer.image_token_id} but the model's image_token_id is "
+            f"{where}: the tokenizer has {n} tokens but the model embeds {vocab}: ids {vocab} and up would index past "
+            "the embedding; use the tokenizer the model was trained with"
+        )
+    for name in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{name}_id")
+        if token_id is not None and not 0 <= token_id < vocab:
+            raise OmniInputError(
+                f"{where}: the tokenizer's {name}_token {getattr(tokenizer, f'{name}_token')!r} is id {token_id}, "
+                f"outside the model's {vocab}-row embedding; fix tokenizer_config.json or use the model's tokenizer"
+            )
+    if config.vision is not None and image != config.image_token_id:
+        raise OmniInputError(
+            f"{where}: the tokenizer's <image> is id {image} but the model's image_token_id is "
             f"{config.image_token_id}; set config image_token_id to the tokenizer's id"
         )
+
+
+check_image_token = check_tokenizer_fits  # the name omnilm.train.stages still imports
 
 
 def expand_image_tokens(ids: list[int], image_token_id: int, image_seq_len: int, *aligned: list) -> list[list]:

@@ -18,8 +18,9 @@ checkpoint in that layout. (A LLaVA that 5.x builds from scratch is saved with
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from omnilm.config import ClipConfig, OmniConfig, VisionConfig
 from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, read_json, write_json
-from omnilm.model.hf_config import (clip_config_to_hf, clip_text_config_from_hf, config_from_hf, config_to_hf,
+from omnilm.model.hf_config import (build_config, clip_config_from_hf, clip_config_to_hf, config_from_hf, config_to_hf,
                                     hf_incompatibility, vision_config_from_hf)
 from omnilm.model.vision import VisionTransformer
 
@@ -83,6 +84,8 @@ EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
 # (kept only when both CLIP towers are read, kind "clip_model").
 IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|position_ids)$")
 CLIP_TEXT_KEYS = re.compile(r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
+# The dtypes whose weights are checked for NaN and inf: those torch.isfinite runs on (not float8).
+FINITE_CHECKED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # omnilm key -> the key we write (first match wins).
 KEYS_TO_HF: dict[str, list[tuple[str, str]]] = {
@@ -140,34 +143,55 @@ def _folder(path: str | Path) -> Path:
 
 
 
+def _json_object(file: Path) -> dict:
+    """A JSON file that must hold an object (a dict): anything else is a one-line error naming it."""
+    d = read_json(file)
+    if not isinstance(d, dict):
+        kind = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(type(d), "null")
+        raise OmniInputError(f"{file} holds {kind}, not an object of settings; fix it, or download or save the model again")
+    return d
+
+
 def read_config(path: str | Path) -> tuple[OmniConfig | VisionConfig, str, str]:
     """(config, kind, source) of a model folder. kind is "llava", "llama" or "clip" (a
-    VisionConfig); source is the file the config came from."""
+    VisionConfig); source is the file the config came from. Every problem with the config file
+    is a one-line OmniInputError naming the file and the field."""
     folder = _folder(path)
     if (folder / "omnilm.json").is_file():
-        try:
-            cfg = OmniConfig.load(folder / "omnilm.json")
-        except (ValueError, TypeError) as e:
-            raise OmniInputError(f"{folder / 'omnilm.json'}: {e}") from None
+        file = folder / "omnilm.json"
+        d = _json_object(file)
+        cfg = build_config(lambda: OmniConfig.from_dict(d), str(file))
         return cfg, ("llava" if cfg.vision is not None else "llama"), "omnilm.json"
-    if not (folder / "config.json").is_file():
+    file = folder / "config.json"
+    if not file.is_file():
         raise OmniInputError(f"{folder} has no config.json (nor omnilm.json): pass a folder saved by omnilm or transformers")
-    d = read_json(folder / "config.json")
+    d = _json_object(file)
     if d.get("model_type") in ("clip", "clip_vision_model"):
-        vision = d.get("vision_config", d) if d["model_type"] == "clip" else d
-        cfg: OmniConfig | VisionConfig = vision_config_from_hf(vision or {})
+        clip = d["model_type"] == "clip"
+        vision = d.get("vision_config") if clip else d
+        cfg: OmniConfig | VisionConfig = vision_config_from_hf(vision if vision is not None else {}, where=str(file),
+                                                               section="vision_config." if clip else "")
         kind = "clip"
     else:
-        cfg = config_from_hf(d)
+        cfg = config_from_hf(d, str(file))
         kind = "llava" if cfg.vision is not None else "llama"
-    # The image normalisation lives in the image processor's file, when there is one.
+    # The image normalisation lives in the image processor's file, when there is one. Values that
+    # are not 3 finite numbers (std > 0) are left out here: the image processor reads the same file
+    # and reports them (omnilm.data.image).
     vision_cfg = cfg if isinstance(cfg, VisionConfig) else cfg.vision
     pre = folder / "preprocessor_config.json"
     if vision_cfg is not None and pre.is_file():
         p = read_json(pre)
         for key in ("image_mean", "image_std"):
-            if isinstance(p.get(key), list) and len(p[key]) == vision_cfg.n_channels:
-                setattr(vision_cfg, key, tuple(float(x) for x in p[key]))
+            if isinstance(p, dict) and p.get(key) is not None:
+                try:
+                    vision_cfg = dataclasses.replace(vision_cfg, **{key: p[key]})
+                except ValueError:
+                    continue
+        if isinstance(cfg, VisionConfig):
+            cfg = vision_cfg
+        else:
+            cfg.vision = vision_cfg
     return cfg, kind, "config.json"
 
 
@@ -177,7 +201,12 @@ def _weight_files(folder: Path) -> list[Path]:
         return [folder / "model.safetensors"]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(read_json(index).get("weight_map", {}).values()))
+        weight_map = _json_object(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")
+                                                       for n in weight_map.values()):
+            raise OmniInputError(f"{index}: weight_map must map each key to a shard file name in {folder}; "
+                                 "download or save the model again")
+        names = sorted(set(weight_map.values()))
         for name in names:
             if not (folder / name).is_file():
                 raise OmniInputError(f"{index.name} lists {name}, which is not in {folder}: the download is incomplete")
@@ -223,6 +252,8 @@ def read_weights(folder: Path, kind: str, dtype: torch.dtype | str | None,
             raise OmniInputError(
                 f"cannot read {file} ({e}): the file is truncated or corrupt; download or save it again"
             ) from None
+        except OSError as e:  # unreadable (permissions, a folder of that name), not corrupt
+            raise OmniInputError(f"cannot read {file}: {e.strerror or e}; check that it is a readable file") from None
     _stack_experts(state, origin, folder)
     return state, origin
 
@@ -241,6 +272,10 @@ def _stack_experts(state: dict[str, torch.Tensor], origin: dict[str, str], folde
                 raise OmniInputError(f"{folder}: {prefix} has {n} experts but no {w} weight for expert(s) "
                                      f"{_few([str(m) for m in missing])}; the checkpoint is incomplete")
         for w, names in parts.items():
+            dtypes = {str(state[name].dtype).removeprefix("torch.") for name in names.values()}
+            if len(dtypes) > 1:  # torch.cat would promote them silently
+                raise OmniInputError(f"{folder}: the {w} weights of {origin[names[0]].replace('.0.', '.*.')} differ "
+                                     f"in dtype ({', '.join(sorted(dtypes))}); every expert must be the same dtype")
             shapes = {tuple(state[name].shape) for name in names.values()}
             if len(shapes) > 1:
                 raise OmniInputError(f"{folder}: the {w} weights of {origin[names[0]].replace('.0.', '.*.')} differ "
@@ -295,11 +330,25 @@ def assign_weights(module: nn.Module, state: dict[str, torch.Tensor], origin: di
             f"({_few(unexpected)}); is {source} the right one?"
         )
     for k, want in expected.items():
-        if state[k].shape != want.shape:
+        got = state[k]
+        if got.is_floating_point() != want.is_floating_point():
+            kind = "floating-point" if want.is_floating_point() else "integer"
+            name = origin.get(k, k) if origin.get(k, k) == k else f"{origin[k]} ({k})"
             raise OmniInputError(
-                f"{source} does not match the weights: {k} ({origin[k]}) is {tuple(state[k].shape)} in the checkpoint, "
+                f"{folder}: {name} is {str(got.dtype).removeprefix('torch.')} in the checkpoint, where the model has a "
+                f"{kind} weight; save the checkpoint again with {kind} weights"
+            )
+        if got.shape != want.shape:
+            raise OmniInputError(
+                f"{source} does not match the weights: {k} ({origin[k]}) is {tuple(got.shape)} in the checkpoint, "
                 f"the config implies {tuple(want.shape)}"
             )
+    # Loading them still lets one inspect a diverged checkpoint, but every output would be NaN: say so.
+    broken = [origin.get(k, k) for k, t in state.items()
+              if t.dtype in FINITE_CHECKED and not bool(torch.isfinite(t).all())]
+    if broken:
+        warnings.warn(f"{folder}: {len(broken)} weight(s) hold NaN or inf ({_few(broken)}); the model loads, but its "
+                      "outputs will not be numbers: was the checkpoint saved after training diverged?", stacklevel=3)
     module.load_state_dict(state, strict=False, assign=True)  # only `skip` is left out; the caller fills it
 
 
@@ -307,7 +356,10 @@ def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | str | None:
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise OmniInputError(f"dtype {dtype!r} is not a torch dtype; use e.g. float32, bfloat16, float16 or 'auto'")
-        return getattr(torch, dtype)
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype) and not dtype.is_floating_point:  # weights cast to ints would be garbage
+        raise OmniInputError(f"dtype {str(dtype).removeprefix('torch.')} is not a floating-point type; "
+                             "use e.g. float32, bfloat16, float16 or 'auto'")
     return dtype
 
 
@@ -484,13 +536,11 @@ def load_clip(cls: type, path: str | Path, device: str | torch.device | None = N
     `dtype` as in `load_pretrained`."""
     vision, kind, source = read_config(path)  # also checks the folder; image mean/std included
     folder = Path(path)
-    d = read_json(folder / "config.json") if kind == "clip" else {}
+    d = _json_object(folder / "config.json") if kind == "clip" else {}
     if d.get("model_type") != "clip":
         raise OmniInputError(f"{folder} is not a CLIPModel folder (config.json model_type 'clip', with both towers); "
                              "for a vision tower alone use omnilm.model.hf.load_vision_encoder")
-    cfg = ClipConfig(vision=vision, text=clip_text_config_from_hf(d.get("text_config") or {}),
-                     embed_dim=d.get("projection_dim", 512),
-                     logit_scale_init=d.get("logit_scale_init_value", math.log(1 / 0.07)))
+    cfg = clip_config_from_hf(d, vision, str(folder / "config.json"))
     with torch.device("meta"):
         model = cls(cfg)
     state, origin = read_weights(folder, "clip_model", dtype, torch.device(device or "cpu"))

@@ -9,11 +9,12 @@ transformers' defaults.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 
-from omnilm.config import ClipConfig, ClipTextConfig, OmniConfig, TextConfig, VisionConfig
+from omnilm.config import ROPE_TYPES, ClipConfig, ClipTextConfig, ConfigError, OmniConfig, TextConfig, VisionConfig
 from omnilm.errors import OmniInputError
 from omnilm.model.layers import ACTIVATIONS
 
@@ -40,7 +41,48 @@ LLAVA_VISION_DEFAULTS = {**CLIP_VISION_DEFAULTS, **dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
     image_size=336, patch_size=14,
 )}
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# omnilm field -> the config.json key it is read from, where the names differ, so that an error
+# names the key the user sees in the file.
+TEXT_KEYS = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+                 n_kv_heads="num_key_value_heads", mlp_dim="intermediate_size", norm_eps="rms_norm_eps",
+                 max_seq_len="max_position_embeddings", tie_embeddings="tie_word_embeddings",
+                 n_experts="num_local_experts", n_experts_per_token="num_experts_per_tok",
+                 router_jitter="router_jitter_noise")
+VISION_KEYS = dict(n_channels="num_channels", dim="hidden_size", n_layers="num_hidden_layers",
+                   n_heads="num_attention_heads", mlp_dim="intermediate_size", norm_eps="layer_norm_eps", act="hidden_act")
+LLAVA_KEYS = dict(image_token_id="image_token_index", vision_feature_select="vision_feature_select_strategy",
+                  projector_act="projector_hidden_act", projector_bias="multimodal_projector_bias")
+CLIP_TEXT_KEYS = {**VISION_KEYS, "max_len": "max_position_embeddings"}
+CLIP_KEYS = dict(embed_dim="projection_dim", logit_scale_init="logit_scale_init_value")
+
+
+def build_config(make: Callable[[], Any], where: str, section: str = "", keys: dict[str, str] | None = None,
+                 nested: dict[str, tuple[str, dict[str, str]]] | None = None) -> Any:
+    """`make()`, a config's own ValueError turned into a one-line OmniInputError that names the file
+    (`where`) and, for one bad field, its config.json key (`section` + the name `keys` maps it to;
+    a field of a nested config, "text.dim", takes the section and keys `nested["text"]` gives)."""
+    try:
+        return make()
+    except OmniInputError:
+        raise
+    except ConfigError as e:
+        head, _, name = e.field.rpartition(".")
+        if nested and head in nested:
+            section, keys = nested[head]
+        elif keys is None:  # an omnilm file: its dotted field names are the file's own
+            raise OmniInputError(f"{where}: {e}") from None
+        base = name.split("[")[0]  # eos_token_id[1]: one id of a list
+        raise OmniInputError(f"{where}: {e.with_field(section + keys.get(base, base) + name[len(base):])}") from None
+    except ValueError as e:  # a check across fields (heads vs key/value heads, fusion vs vocabulary)
+        raise OmniInputError(f"{where}: {e}") from None
+
+
+def _object(d: Any, where: str, name: str) -> dict[str, Any]:
+    # Every conversion below reads its dict with .get: anything else must fail here, by name.
+    if not isinstance(d, dict):
+        text = repr(d) if len(repr(d)) <= 60 else repr(d)[:57] + "..."
+        raise OmniInputError(f"{where}: {name} is {text}, not an object of settings; fix it or save the model again")
+    return d
 
 
 def _getter(d: dict[str, Any], defaults: dict[str, Any]) -> Callable[[str], Any]:
@@ -52,107 +94,137 @@ def _getter(d: dict[str, Any], defaults: dict[str, Any]) -> Callable[[str], Any]
     return get
 
 
-def _rope_from_hf(d: dict[str, Any], default_theta: float) -> tuple[float, dict | None]:
+def _rope_from_hf(d: dict[str, Any], default_theta: float, where: str = "config.json",
+                  section: str = "") -> tuple[Any, dict | None]:
     """(rope_theta, rope_scaling) from 4.x `rope_theta` + `rope_scaling` or 5.x `rope_parameters`."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if d.get(key) is not None:
+            _object(d[key], where, section + key)
     # transformers 5 also lets `rope_scaling` win over `rope_parameters` when both are there.
     params = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", None) or d.get("rope_theta") or default_theta
+    theta = params.pop("rope_theta", None)
+    theta = theta if theta is not None else d.get("rope_theta")
+    theta = theta if theta is not None else default_theta
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
-    if kind not in ROPE_TYPES:
-        raise OmniInputError(f"config.json asks for rope scaling {kind!r}; omnilm supports {', '.join(ROPE_TYPES)}")
-    return float(theta), (None if kind == "default" else {"rope_type": kind, **params})
+    if not isinstance(kind, str) or kind not in ROPE_TYPES:
+        raise OmniInputError(f"{where}: {section}rope_scaling asks for rope scaling {kind!r}; omnilm supports "
+                             f"{', '.join(ROPE_TYPES)}")
+    return theta, (None if kind == "default" else {"rope_type": kind, **params})
 
 
-def text_config_from_hf(d: dict[str, Any]) -> TextConfig:
-    """A transformers LlamaConfig or MixtralConfig dict -> TextConfig."""
+def text_config_from_hf(d: dict[str, Any], where: str = "config.json", section: str = "") -> TextConfig:
+    """A transformers LlamaConfig or MixtralConfig dict -> TextConfig; errors name `where` and `section`
+    (the key path in config.json: "text_config." inside a LLaVA)."""
+    d = _object(d, where, section.rstrip(".") or "the config")
     mixtral = d.get("model_type") == "mixtral"
     get = _getter(d, MIXTRAL_DEFAULTS if mixtral else LLAMA_DEFAULTS)
     if get("hidden_act") != "silu":
-        raise OmniInputError(f"text hidden_act {get('hidden_act')!r} is not LLaMA's silu; omnilm cannot load it")
-    window = d.get("sliding_window")
-    if window is not None and window < get("max_position_embeddings"):
-        raise OmniInputError(f"config.json asks for sliding-window attention ({window} tokens), which omnilm does not "
-                             "implement; set sliding_window to null to attend to the whole context")
-    theta, scaling = _rope_from_hf(d, get("rope_theta"))
+        raise OmniInputError(f"{where}: {section}hidden_act {get('hidden_act')!r} is not LLaMA's silu; "
+                             "omnilm cannot load it")
+    theta, scaling = _rope_from_hf(d, get("rope_theta"), where, section)
     moe = {}
     if mixtral:  # every layer is a top-k MoE whose experts are intermediate_size wide
         # transformers' Mixtral has no z-loss: a loaded Mixtral trains as it would there.
         moe = dict(n_experts=get("num_local_experts"), n_experts_per_token=get("num_experts_per_tok"),
                    router_aux_loss_coef=get("router_aux_loss_coef"), router_jitter=get("router_jitter_noise"),
                    router_z_loss_coef=0.0)
-    try:
-        return TextConfig(**moe,
-            vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
-            n_heads=get("num_attention_heads"), n_kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
-            head_dim=d.get("head_dim"), mlp_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps"),
-            rope_theta=theta, rope_scaling=scaling, max_seq_len=get("max_position_embeddings"),
-            attention_bias=get("attention_bias"), mlp_bias=get("mlp_bias"), tie_embeddings=get("tie_word_embeddings"),
-            bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
-            pad_token_id=get("pad_token_id"),
-        )
-    except ValueError as e:  # TextConfig's own checks (heads vs key/value heads)
-        raise OmniInputError(f"config.json: {e}") from None
+        if moe["n_experts"] == 0:  # omnilm would read 0 as a dense decoder, which a Mixtral never is
+            raise OmniInputError(f"{where}: {section}num_local_experts=0 must be at least 1: every layer of a Mixtral "
+                                 "is a mixture of experts")
+    n_kv_heads = get("num_key_value_heads")  # null or absent: as many as the query heads
+    text = build_config(lambda: TextConfig(**moe,
+        vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
+        n_heads=get("num_attention_heads"), n_kv_heads=n_kv_heads if n_kv_heads is not None else get("num_attention_heads"),
+        head_dim=d.get("head_dim"), mlp_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps"),
+        rope_theta=theta, rope_scaling=scaling, max_seq_len=get("max_position_embeddings"),
+        attention_bias=get("attention_bias"), mlp_bias=get("mlp_bias"), tie_embeddings=get("tie_word_embeddings"),
+        bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
+        pad_token_id=get("pad_token_id"),
+    ), where, section, TEXT_KEYS)
+    window = d.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise OmniInputError(f"{where}: {section}sliding_window={window!r} must be a positive integer or null")
+    if window is not None and window < text.max_seq_len:
+        raise OmniInputError(f"{where} asks for sliding-window attention ({window} tokens), which omnilm does not "
+                             "implement; set sliding_window to null to attend to the whole context")
+    return text
 
 
-def _square(value: Any, name: str) -> int:
+def _square(value: Any, name: str, where: str, section: str) -> Any:
     if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-            raise OmniInputError(f"vision {name} {list(value)} is not square; omnilm's CLIP takes square images")
+        if not value or any(v != value[0] for v in value):
+            raise OmniInputError(f"{where}: {section}{name}={list(value)} is not square; omnilm's CLIP takes square "
+                                 "images: give one size")
         value = value[0]
-    return int(value)
+    return value  # its type and range: VisionConfig's checks
 
 
-def vision_config_from_hf(d: dict[str, Any], defaults: dict[str, Any] = CLIP_VISION_DEFAULTS) -> VisionConfig:
-    """A transformers CLIPVisionConfig dict -> VisionConfig."""
+def vision_config_from_hf(d: dict[str, Any], defaults: dict[str, Any] = CLIP_VISION_DEFAULTS,
+                          where: str = "config.json", section: str = "") -> VisionConfig:
+    """A transformers CLIPVisionConfig dict -> VisionConfig; errors name `where` and `section`."""
+    d = _object(d, where, section.rstrip(".") or "the config")
     get = _getter(d, defaults)
     act = get("hidden_act")
-    if act not in ACTIVATIONS:
-        raise OmniInputError(f"vision hidden_act {act!r} is not supported; use one of {', '.join(sorted(ACTIVATIONS))}")
-    return VisionConfig(
-        image_size=_square(get("image_size"), "image_size"), patch_size=_square(get("patch_size"), "patch_size"),
-        n_channels=get("num_channels"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
-        n_heads=get("num_attention_heads"), mlp_dim=get("intermediate_size"), norm_eps=get("layer_norm_eps"), act=act,
-    )
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise OmniInputError(f"{where}: {section}hidden_act {act!r} is not supported; "
+                             f"use one of {', '.join(sorted(ACTIVATIONS))}")
+    image_size = _square(get("image_size"), "image_size", where, section)
+    patch_size = _square(get("patch_size"), "patch_size", where, section)
+    return build_config(lambda: VisionConfig(
+        image_size=image_size, patch_size=patch_size, n_channels=get("num_channels"), dim=get("hidden_size"),
+        n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"), mlp_dim=get("intermediate_size"),
+        norm_eps=get("layer_norm_eps"), act=act,
+    ), where, section, VISION_KEYS)
 
 
-def config_from_hf(d: dict[str, Any]) -> OmniConfig:
-    """A transformers config.json dict (model_type "llava" or "llama") -> OmniConfig."""
+def config_from_hf(d: dict[str, Any], where: str = "config.json") -> OmniConfig:
+    """A transformers config.json dict (model_type "llava", "llama" or "mixtral") -> OmniConfig;
+    every error is a one-line OmniInputError naming `where` (the file) and the key."""
+    d = _object(d, where, "the config")
     model_type = d.get("model_type")
     if model_type in TEXT_MODEL_TYPES:
-        return OmniConfig(text=text_config_from_hf(d), vision=None)
+        text_cfg = text_config_from_hf(d, where)
+        return build_config(lambda: OmniConfig(text=text_cfg, vision=None), where, nested={"text": ("", TEXT_KEYS)})
     if model_type != "llava":
-        raise OmniInputError(f"config.json has model_type {model_type!r}; omnilm loads llava, llama and mixtral "
+        raise OmniInputError(f"{where} has model_type {model_type!r}; omnilm loads llava, llama and mixtral "
                              "(and clip / clip_vision_model with load_vision_encoder)")
-    text = dict(d.get("text_config") or {})
+    text = d.get("text_config")
+    text = dict(_object(text if text is not None else {}, where, "text_config"))
     text.setdefault("model_type", "llama")
     if text["model_type"] not in TEXT_MODEL_TYPES:
-        raise OmniInputError(f"this LLaVA's language model is {text['model_type']!r}; omnilm's decoder is "
+        raise OmniInputError(f"{where}: this LLaVA's language model is {text['model_type']!r}; omnilm's decoder is "
                              "LLaMA or Mixtral")
     # LlavaConfig ties the embeddings when either level asks for it.
-    text["tie_word_embeddings"] = bool(d.get("tie_word_embeddings") or text.get("tie_word_embeddings"))
+    outer = d.get("tie_word_embeddings")
+    if outer is not None and not isinstance(outer, bool):
+        raise OmniInputError(f"{where}: tie_word_embeddings={outer!r} must be true or false")
+    if outer:
+        text["tie_word_embeddings"] = True
     layer = d.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
-        raise OmniInputError(f"vision_feature_layer={layer} concatenates several CLIP layers; omnilm takes one (an int)")
+    if isinstance(layer, list):
+        raise OmniInputError(f"{where}: vision_feature_layer={layer} concatenates several CLIP layers; omnilm takes "
+                             "one (an int)")
     act = d.get("projector_hidden_act", "gelu")
-    if act not in ACTIVATIONS:
-        raise OmniInputError(f"projector_hidden_act {act!r} is not supported; use one of {', '.join(sorted(ACTIVATIONS))}")
-    text_cfg = text_config_from_hf(text)
+    if not isinstance(act, str) or act not in ACTIVATIONS:
+        raise OmniInputError(f"{where}: projector_hidden_act {act!r} is not supported; "
+                             f"use one of {', '.join(sorted(ACTIVATIONS))}")
+    text_cfg = text_config_from_hf(text, where, "text_config.")
     # As LlavaConfig: no vision_config at all is CLIP ViT-L/14-336; a partial one fills CLIP's defaults.
     vision = d.get("vision_config")
-    vision_cfg = vision_config_from_hf(vision) if vision else vision_config_from_hf({}, LLAVA_VISION_DEFAULTS)
-    try:
-        return OmniConfig(
-            text=text_cfg,
-            vision=vision_cfg,
-            image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
-            vision_feature_layer=layer,
-            vision_feature_select=d.get("vision_feature_select_strategy", "default"),
-            projector_act=act,
-            projector_bias=d.get("multimodal_projector_bias", True),
-        )
-    except ValueError as e:  # OmniConfig's own checks
-        raise OmniInputError(f"config.json: {e}") from None
+    vision_cfg = (vision_config_from_hf(vision, where=where, section="vision_config.") if vision is not None
+                  else vision_config_from_hf({}, LLAVA_VISION_DEFAULTS, where))
+    image_key = "image_token_index" if "image_token_index" in d or "image_token_id" not in d else "image_token_id"
+    return build_config(lambda: OmniConfig(
+        text=text_cfg,
+        vision=vision_cfg,
+        image_token_id=d.get(image_key, 32000),
+        vision_feature_layer=layer,
+        vision_feature_select=d.get("vision_feature_select_strategy", "default"),
+        projector_act=act,
+        projector_bias=d.get("multimodal_projector_bias", True),
+    ), where, "", {**LLAVA_KEYS, "image_token_id": image_key},
+        nested={"text": ("text_config.", TEXT_KEYS), "vision": ("vision_config.", VISION_KEYS)})
 
 
 def hf_incompatibility(cfg: OmniConfig) -> str | None:
@@ -329,22 +401,34 @@ def clip_config_to_hf(cfg: ClipConfig, dtype: torch.dtype = torch.float32) -> di
     }
 
 
-def clip_text_config_from_hf(d: dict[str, Any]) -> ClipTextConfig:
-    """A transformers CLIPTextConfig dict -> ClipTextConfig."""
+def clip_text_config_from_hf(d: dict[str, Any], where: str = "config.json",
+                             section: str = "text_config.") -> ClipTextConfig:
+    """A transformers CLIPTextConfig dict -> ClipTextConfig; errors name `where` and `section`."""
+    d = _object(d, where, section.rstrip(".") or "the config")
+
     def get(key: str) -> Any:  # transformers writes null for "the default"; ids keep their null
         if key.endswith("_token_id"):
             return d.get(key, CLIP_TEXT_DEFAULTS[key])
         return d[key] if d.get(key) is not None else CLIP_TEXT_DEFAULTS[key]
 
     eos = get("eos_token_id")
-    if not isinstance(eos, int):
-        raise OmniInputError(f"text eos_token_id={eos!r}: CLIP pools the text at one end-of-text id; set an int")
-    if get("hidden_act") not in ACTIVATIONS:
-        raise OmniInputError(f"text hidden_act {get('hidden_act')!r} is not supported; "
-                             f"use one of {', '.join(sorted(ACTIVATIONS))}")
-    return ClipTextConfig(
+    if not isinstance(eos, int) or isinstance(eos, bool):
+        raise OmniInputError(f"{where}: {section}eos_token_id={eos!r}: CLIP pools the text at one end-of-text id; "
+                             "set an int")
+    return build_config(lambda: ClipTextConfig(
         vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=get("num_hidden_layers"),
         n_heads=get("num_attention_heads"), mlp_dim=get("intermediate_size"), max_len=get("max_position_embeddings"),
         norm_eps=get("layer_norm_eps"), act=get("hidden_act"), bos_token_id=get("bos_token_id"),
         eos_token_id=eos, pad_token_id=get("pad_token_id"),
-    )
+    ), where, section, CLIP_TEXT_KEYS)
+
+
+def clip_config_from_hf(d: dict[str, Any], vision: VisionConfig, where: str = "config.json") -> ClipConfig:
+    """A transformers CLIPConfig dict, its vision tower already read (`vision`), -> ClipConfig."""
+    d = _object(d, where, "the config")
+    text = d.get("text_config")
+    text = clip_text_config_from_hf(text if text is not None else {}, where)
+    embed_dim, scale = d.get("projection_dim"), d.get("logit_scale_init_value")  # null: transformers' default
+    return build_config(lambda: ClipConfig(vision=vision, text=text, embed_dim=512 if embed_dim is None else embed_dim,
+                                           logit_scale_init=math.log(1 / 0.07) if scale is None else scale),
+                        where, "", CLIP_KEYS)
