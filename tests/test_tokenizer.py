@@ -145,3 +145,25 @@ def test_system_prompt_travels_with_the_tokenizer(tmp_path):
     assert none.system_prompt == ""
     assert none.decode(Processor(none, None, 0)(chat)["input_ids"][0].tolist()) == \
         "USER: What colour is the circle? ASSISTANT:"
+
+
+@pytest.mark.parametrize("name, content, phrase", [
+    ("tokenizer_config.json", [1, 2], "holds a JSON list"), ("tokenizer_config.json", "text", "holds a JSON str"),
+    ("special_tokens_map.json", 3, "holds a JSON int"), ("special_tokens_map.json", {"eos_token": 5}, "eos_token is 5"),
+    ("special_tokens_map.json", {"bos_token": {"special": True}}, None),  # no content: as no token
+    ("special_tokens_map.json", {"eos_token": ["</s>"]}, "eos_token is ['</s>']"),
+    ("tokenizer_config.json", {"model_max_length": "long"}, "model_max_length is 'long'"),
+    ("tokenizer_config.json", {"system_prompt": 7}, "system_prompt is 7"),
+    ("special_tokens_map.json", {"eos_token": "<nope>"}, "not in the tokenizer's vocabulary"),
+])
+def test_broken_tokenizer_side_files_are_named(tmp_path, name, content, phrase):
+    import json
+
+    from conftest import one_line_error
+
+    train_tokenizer(["a red circle"] * 4, vocab_size=300).save(tmp_path)
+    (tmp_path / name).write_text(json.dumps(content))
+    if phrase is None:
+        assert Tokenizer.from_file(tmp_path).bos_token is None
+    else:
+        one_line_error(lambda: Tokenizer.from_file(tmp_path), phrase)

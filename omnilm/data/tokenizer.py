@@ -78,14 +78,24 @@ class Tokenizer:
         config: dict = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the map wins, as in transformers
             if (file.parent / name).is_file():
-                config.update(read_json(file.parent / name))
+                found = read_json(file.parent / name)
+                if not isinstance(found, dict):
+                    raise OmniInputError(f"{file.parent / name} holds a JSON {type(found).__name__}, not an object; "
+                                         "fix or delete it")
+                config.update(found)
         tokens = {}
         for key in _SPECIAL_KEYS:
             if key in config:
                 value = config[key]  # a string, an AddedToken dict, or null for "none"
-                tokens[key] = value["content"] if isinstance(value, dict) else value
+                tokens[key] = value.get("content") if isinstance(value, dict) else value
+                if tokens[key] is not None and not isinstance(tokens[key], str):
+                    raise OmniInputError(f"{file.parent}: {key} is {value!r}; give the token's text (a string), "
+                                         "an AddedToken object with its \"content\", or null")
             else:
                 tokens[key] = _CONVENTIONAL[key] if backend.token_to_id(_CONVENTIONAL[key]) is not None else None
+        for key, kind in (("model_max_length", int), ("system_prompt", str)):
+            if config.get(key) is not None and (not isinstance(config[key], kind) or isinstance(config[key], bool)):
+                raise OmniInputError(f"{file.parent}: {key} is {config[key]!r}; give a {kind.__name__} or null")
         return cls(backend, model_max_length=config.get("model_max_length"), system_prompt=config.get("system_prompt"),
                    **tokens)
 
