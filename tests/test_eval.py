@@ -35,3 +35,22 @@ def test_records_without_object_counts_get_no_split():
     summary = summarize(predictions)
     assert "objects" not in summary and summary["tasks"]["colour"] == {"n": 2, "accuracy": 0.5}
     assert "objects in the scene" not in format_vqa_results(summary)
+
+
+def test_questions_check_their_records():
+    # questions() runs the validator training uses: a bad record or nothing to ask is a one-line error.
+    from conftest import one_line_error
+
+    records = [r for ex in (sw.make_example(i, 0, "test") for i in range(3)) for r in ex.records]
+    bad = [*records[:2], {"id": "q", "conversations": [{"from": "human", "value": "<Image>\nWhat?"},
+                                                       {"from": "gpt", "value": "red"}], "image": "a.png"}]
+    one_line_error(lambda: questions(bad), "record 2 (id 'q'): conversations[0].value holds '<Image>'")
+    captions = [r for r in records if r["task"] == "caption"]
+    one_line_error(lambda: questions(captions), "no records other than those with task in ['caption']")
+    one_line_error(lambda: questions([]), "holds no records")
+
+
+def test_skipped_records_are_shown_under_the_table():
+    summary = summarize([{"task": "colour", "correct": True}])
+    summary["skipped"] = {"records": 2, "of": 3, "kinds": {"bad image": 2}, "report": "data.json: skipped 2 of 3"}
+    assert format_vqa_results(summary).endswith("| **overall** | 1 | **100.0%** |\n\ndata.json: skipped 2 of 3")

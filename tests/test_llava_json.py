@@ -169,18 +169,21 @@ def test_collate_pads_right_and_keeps_image_order(tmp_path, processor):
 
 
 BAD = {
-    "missing_file": (_record("missing_file", "nope.png", "<image>\nWhat?", "red"), "not a file"),
-    "marker_no_image": (_record("marker_no_image", None, "<image>\nWhat?", "red"), "1 <image> markers but 0 images"),
-    "image_no_marker": (_record("image_no_marker", "red.png", "What?", "red"), "0 <image> markers but 1 images"),
-    "no_conversations": ({"id": "no_conversations", "image": "red.png"}, "no 'conversations' list"),
+    "missing_file": (_record("missing_file", "nope.png", "<image>\nWhat?", "red"), "image \"nope.png\" is not a file"),
+    "marker_no_image": (_record("marker_no_image", None, "<image>\nWhat?", "red"),
+                        "conversations has 1 <image> markers but the record has 0 images"),
+    "image_no_marker": (_record("image_no_marker", "red.png", "What?", "red"),
+                        "conversations has 0 <image> markers but the record has 1 images"),
+    "no_conversations": ({"id": "no_conversations", "image": "red.png"}, "conversations is missing"),
     "wrong_roles": (
         {"id": "wrong_roles", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "x"}]},
-        "where a human turn belongs",
+        "conversations[0].from is 'gpt' where a human turn belongs",
     ),
-    "empty_turn": (_record("empty_turn", None, "What?", "  "), "empty turn 1"),
-    "marker_in_answer": (_record("marker_in_answer", "red.png", "What?", "<image>\nred"), "put images in human turns"),
-    "no_answer": ({"id": "no_answer", "conversations": [{"from": "human", "value": "x"}]}, "without a gpt answer"),
-    "bad_turn": ({"id": "bad_turn", "conversations": [{"from": "human", "value": 3}]}, "not {\"from\""),
+    "empty_turn": (_record("empty_turn", None, "What?", "  "), "conversations[1].value is empty"),
+    "marker_in_answer": (_record("marker_in_answer", "red.png", "What?", "<image>\nred"), "conversations[1].value holds an <image> marker in a 'gpt' turn"),
+    "no_answer": ({"id": "no_answer", "conversations": [{"from": "human", "value": "x"}]}, "conversations ends without a gpt answer"),
+    "bad_turn": ({"id": "bad_turn", "conversations": [{"from": "human", "value": 3}]},
+                 "conversations[0].value is 3, not a string"),
 }
 
 
@@ -191,12 +194,12 @@ def test_bad_record_is_one_line_naming_it(tmp_path, processor, case):
     with pytest.raises(OmniInputError) as info:
         LlavaDataset(path, tmp_path, processor)
     message = str(info.value)
-    assert f"record 1 (id '{case}')" in message and expected in message and "skip_bad=True" in message
+    assert f"record 1 (id '{case}'): {expected}" in message and "--skip-bad (skip_bad=True)" in message
     assert str(path) in message and "\n" not in message
 
 
 def test_record_that_is_not_a_dict(tmp_path, processor):
-    with pytest.raises(OmniInputError, match=r"record 1 \(id 1\) is a str, not an object"):
+    with pytest.raises(OmniInputError, match=r"record 1: the record is \"oops\", not an object"):
         LlavaDataset(_write(tmp_path, [TEXT_ONLY, "oops"]), tmp_path, processor)
 
 
@@ -206,7 +209,8 @@ def test_skip_bad_keeps_good_records_and_counts(tmp_path, processor):
     with pytest.warns(UserWarning, match=rf"skipped {len(bad) + 1} of {len(bad) + 3} records"):
         dataset = LlavaDataset(path, tmp_path, processor, skip_bad=True)
     assert dataset.ids == ["text", "two"] and len(dataset) == 2
-    assert [rid for rid, _ in dataset.skipped] == [*BAD, str(len(bad) + 1)]
+    assert [bad.id for bad in dataset.skipped] == [*BAD, None]
+    assert [bad.index for bad in dataset.skipped] == list(range(1, len(BAD) + 2))
     assert dataset[1]["pixel_values"].shape[0] == 2
 
 
@@ -230,7 +234,7 @@ def test_tasks_filter_and_extra_fields(tmp_path, processor):
     dataset = LlavaDataset(_write(tmp_path, records), tmp_path, processor, tasks={"colour", "text"})
     assert dataset.ids == ["text", "multi"]
     assert dataset.records[1]["turn_tasks"] == ["colour", "count", "exist"]
-    with pytest.raises(OmniInputError, match="no usable records with task in"):
+    with pytest.raises(OmniInputError, match=r"has no records with task in \['nothing'\]"):
         LlavaDataset(_write(tmp_path, records), tmp_path, processor, tasks={"nothing"})
 
 
@@ -238,7 +242,8 @@ def test_max_length(tmp_path, processor):
     path = _write(tmp_path, [TEXT_ONLY, TWO_IMAGES])
     n = len(LlavaDataset(path, tmp_path, processor)[1]["input_ids"])
     assert len(LlavaDataset(path, tmp_path, processor, max_length=n)) == 2
-    with pytest.raises(OmniInputError, match=rf"record 1 \(id 'two'\) is {n} tokens \(2 images of {SEQ} tokens"):
+    with pytest.raises(OmniInputError, match=rf"record 1 \(id 'two'\): conversations is {n} tokens \(2 images of {SEQ} "
+                                             rf"tokens each\), over max_length={n - 1}"):
         LlavaDataset(path, tmp_path, processor, max_length=n - 1)
     with pytest.warns(UserWarning, match="skipped 1 of 2"):
         assert LlavaDataset(path, tmp_path, processor, max_length=n - 1, skip_bad=True).ids == ["text"]
@@ -255,3 +260,49 @@ def test_cache_images_reads_each_file_once(tmp_path, processor):
     assert torch.equal(cached[1]["pixel_values"], first) and torch.equal(cached[0]["pixel_values"], first)
     with pytest.raises(OmniInputError, match=r"record id 'multi': cannot read image .*red.png"):
         uncached[0]
+
+
+def test_check_decodes_each_image_once_before_training(tmp_path, processor):
+    # With the cache on, building the dataset decodes every image once, into the cache: training
+    # decodes nothing more. Without it, a broken image is found at build time all the same.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    records = [MULTI_TURN, {**MULTI_TURN, "id": "again"}, TWO_IMAGES]
+    cached = LlavaDataset(_write(folder, records), folder, processor, cache_images=True)
+    assert set(cached._cache) == {folder / "red.png", folder / "blue.png", folder / "green.png"}
+    (folder / "green.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(OmniInputError, match=r"record 2 \(id 'two'\): image\[1\] cannot read image .*green.png"):
+        LlavaDataset(folder / "data.json", folder, processor)
+
+
+def test_cheap_checks_come_before_any_decoding(tmp_path, processor):
+    # A structural error late in the file is reported before a single image is decoded.
+    from omnilm.data.llava_json import check_records
+
+    decoded = []
+    records = [MULTI_TURN, TWO_IMAGES, {"id": "late", "conversations": "oops"}]
+    _write(tmp_path, records)
+    with pytest.raises(OmniInputError, match=r"record 2 \(id 'late'\): conversations is \"oops\""):
+        check_records(records, tmp_path, load=decoded.append)
+    assert decoded == []
+    checked = check_records(records, tmp_path, load=decoded.append, skip_bad=True)
+    assert checked.kept == [0, 1] and sorted(decoded) == sorted({tmp_path / n for n in COLOURS})  # once each
+    assert checked.report() == ("records: skipped 1 of 3 records (1 bad conversations); first: record 2 (id 'late'): "
+                                "conversations is \"oops\": give a non-empty list of {\"from\": \"human\"|\"gpt\", "
+                                "\"value\": \"...\"} turns")
+
+
+def test_records_of_other_tasks_are_not_read(tmp_path, processor):
+    # A stage reads the records of its tasks only: a broken record of another task does not stop it.
+    broken = {"id": "other", "task": "count", "conversations": None}
+    dataset = LlavaDataset(_write(tmp_path, [TEXT_ONLY, broken]), tmp_path, processor, tasks={"text"})
+    assert dataset.ids == ["text"] and not dataset.skipped
+    with pytest.raises(OmniInputError, match=r"record 1 \(id 'other'\): conversations is null"):
+        LlavaDataset(tmp_path / "data.json", tmp_path, processor, skip_tasks=("text",))
+
+
+def test_text_only_processor_refuses_images(tmp_path, processor):
+    text_only = Processor(processor.tokenizer, None, SEQ)
+    path = _write(tmp_path, [TEXT_ONLY, TWO_IMAGES])
+    with pytest.raises(OmniInputError, match=r"record 1 \(id 'two'\): image lists 2 images but the model is text-only"):
+        LlavaDataset(path, tmp_path, text_only)

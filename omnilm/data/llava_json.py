@@ -1,4 +1,5 @@
-"""LLaVA-format JSON plus an image folder -> training samples whose labels supervise answers only.
+"""LLaVA-format JSON plus an image folder: the one validator every command that reads it runs,
+and training samples whose labels supervise answers only.
 
 A record, as haotian-liu/LLaVA's instruction data and our ShapeWorld generator write it:
 
@@ -7,8 +8,15 @@ A record, as haotian-liu/LLaVA's instruction data and our ShapeWorld generator w
                        {"from": "gpt", "value": "Red."}, ...],
      ...}                                              # other fields (task, ...) are kept
 
-Every record is checked when the dataset is built (roles, markers against images, that image
-files exist), so a bad file fails before training starts, naming the record.
+`check_records` runs over the whole file before any work, for training (`LlavaDataset`) and
+evaluation (`omnilm.eval.vqa`) alike. A file is a non-empty JSON list; a record is an object
+with an id (a string or an integer; duplicates are allowed, as derived LLaVA mixes have them,
+and messages name a record by its index too), `conversations` going [system,] human, gpt,
+human, gpt, ... and ending on an answer, every value a non-empty string, as many `<image>`
+markers (spelt exactly, in human turns) as images, and images that are relative paths inside
+the image folder to files that decode. The first bad record raises a one-line
+`OmniInputError` naming the file, the record's index and id, and the field; with `skip_bad`
+every bad record is left out and counted instead.
 
 Labels (visual instruction tuning, Liu et al. 2023): the prompt is rendered with the Vicuna
 template and tokenized once; a token is supervised when it is part of what the model must
@@ -22,31 +30,378 @@ Shape letters: T tokens, N images.
 from __future__ import annotations
 
 import json
+import os
+import posixpath
+import re
 import warnings
+from collections import Counter
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
 
+from omnilm.config import IGNORE_INDEX
 from omnilm.data.chat import render_turns
+from omnilm.data.image import load_image
 from omnilm.data.processor import Processor, expand_image_tokens
 from omnilm.data.tokenizer import IMAGE_TOKEN
 from omnilm.errors import OmniInputError
-from omnilm.config import IGNORE_INDEX
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _FORMAT = '{"from": "human"|"gpt", "value": "..."}'
+# Spellings a person means as the image marker but the tokenizer reads as plain text.
+_MARKER_LIKE = re.compile(r"<\s*image\s*>", re.IGNORECASE)
+_SKIP_HINT = "or pass --skip-bad (skip_bad=True) to skip bad records"
+
+
+# --- the validator -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong with a record: `kind` is what skipped records are counted by, `field` where
+    in the record it is ("conversations[2].from"), `text` what is wrong and what to do."""
+
+    kind: str
+    field: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.text}"
+
+
+class BadRecord(NamedTuple):
+    index: int  # position in the file
+    id: Any  # the record's id, None where it has none
+    problem: Problem
+
+
+@dataclass
+class CheckedRecords:
+    """`check_records`' answer: the usable records (indices into the list, in order) with their
+    image paths in marker order, and the records left out."""
+
+    source: str
+    kept: list[int] = field(default_factory=list)
+    images: list[list[Path]] = field(default_factory=list)
+    skipped: list[BadRecord] = field(default_factory=list)
+    considered: int = 0
+
+    def report(self) -> str | None:
+        """One line: how many records were skipped, how many of each kind, and the first; None if none."""
+        return f"{self.source}: skipped {self._tally()}" if self.skipped else None
+
+    def _tally(self) -> str:
+        kinds = Counter(bad.problem.kind for bad in self.skipped)
+        first = self.skipped[0]
+        return (f"{len(self.skipped)} of {self.considered} records ("
+                + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+                + f"); first: {_where(first.index, first.id)}: {first.problem}")
+
+    def counts(self) -> dict[str, Any]:
+        """The skip report as numbers (and its line), for summaries written to JSON."""
+        return {"records": len(self.skipped), "of": self.considered,
+                "kinds": dict(Counter(bad.problem.kind for bad in self.skipped)), "report": self.report()}
+
+
+def check_records(
+    records: list,
+    image_folder: str | Path | None,
+    *,
+    processor: Processor | None = None,
+    tasks: Collection[str | None] | None = None,
+    skip_tasks: Collection[str] = (),
+    skip_bad: bool = False,
+    check: Callable[[dict, list[Path]], Problem | None] | None = None,
+    load: Callable[[Path], Any] | None = None,
+    source: str | Path | None = None,
+) -> CheckedRecords:
+    """Check LLaVA records (as `read_records` returns them) before any work is done with them.
+
+    Records are considered when their `task` is in `tasks` (if given) and not in `skip_tasks`.
+    `image_folder` None checks no image files. With `processor`, text holding its tokenizer's
+    special tokens, and images for a text-only processor, are bad too. `check(record, paths)`
+    adds the caller's own test (token lengths). Each image file is loaded once, by `load(path)`,
+    which may keep what it made; by default the processor's image preprocessing (what training
+    and generation will run on it), or without one `load_image`. Cheap checks run over every record first, so a typo late in a
+    large file is reported before any image is decoded. Without `skip_bad` the first bad record
+    raises `OmniInputError`; with it, bad records are left out and listed in `skipped`. No
+    considered record, or none usable, raises too. Warns about nothing: callers report.
+    """
+    source = str(source if source is not None else getattr(records, "path", "records"))
+    if not isinstance(records, list):
+        raise OmniInputError(f"{source} is a {_type(records)}, but LLaVA data is a list of records: "
+                             "pass read_records(path)")
+    if not records:
+        raise OmniInputError(f"{source} holds no records (an empty list); give at least one record")
+    folder = Path(image_folder) if image_folder is not None else None
+    reserved: tuple[str, ...] = ()  # special tokens the tokenizer would match inside text
+    if processor is not None:
+        tok = processor.tokenizer
+        reserved = tuple(t for t in (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) if t)
+    images_allowed = processor is None or processor.image_processor is not None
+    if load is None:  # what training or generation will run on each image, so that it cannot fail later
+        preprocess = processor.image_processor if processor is not None else None
+        load = (lambda path: preprocess([path])) if preprocess is not None else load_image
+    out = CheckedRecords(source)
+
+    def reject(index: int, problem: Problem) -> None:
+        rid = _id_of(records[index])
+        if not skip_bad:
+            raise OmniInputError(f"{source}: {_where(index, rid)}: {problem}; {_SKIP_HINT}")
+        out.skipped.append(BadRecord(index, rid, problem))
+
+    candidates = []  # (index, image paths), in file order
+    for index, record in enumerate(records):
+        if not _selected(record, tasks, skip_tasks):
+            continue
+        out.considered += 1
+        problem, paths = check_record(record, folder, reserved, images_allowed)
+        if problem is not None:
+            reject(index, problem)
+        else:
+            candidates.append((index, paths))
+    if check is not None:
+        survivors = []
+        for index, paths in candidates:
+            problem = check(records[index], paths)
+            if problem is not None:
+                reject(index, problem)
+            else:
+                survivors.append((index, paths))
+        candidates = survivors
+    if folder is not None:
+        broken: dict[Path, str | None] = {}  # each file is decoded once, however many records share it
+        for index, paths in candidates:
+            problem = None
+            for k, path in enumerate(paths):
+                if path not in broken:
+                    try:
+                        load(path)
+                        broken[path] = None
+                    except OmniInputError as e:
+                        broken[path] = str(e)
+                if broken[path] is not None:
+                    image = records[index]["image"]
+                    problem = Problem("bad image", "image" if isinstance(image, str) else f"image[{k}]", broken[path])
+                    break
+            if problem is not None:
+                reject(index, problem)
+            else:
+                out.kept.append(index)
+                out.images.append(paths)
+    else:
+        out.kept = [index for index, _ in candidates]
+        out.images = [paths for _, paths in candidates]
+
+    out.skipped.sort(key=lambda bad: bad.index)  # in file order, whichever pass found them
+    if not out.considered:
+        which = (f"with task in {sorted(tasks, key=str)}" if tasks is not None
+                 else f"other than those with task in {sorted(skip_tasks)}")
+        raise OmniInputError(f"{source} has no records {which} (of {len(records)} records); check the file, "
+                             "and the tasks this command reads")
+    if not out.kept:
+        raise OmniInputError(f"{source}: no usable records, every one is bad: {out._tally()}; fix the file")
+    return out
+
+
+def check_record(record, image_folder: Path | None = None, reserved: tuple[str, ...] = (),
+                 images_allowed: bool = True) -> tuple[Problem | None, list[Path]]:
+    """What is wrong with one record (None if nothing), and its image paths in marker order.
+    Image files are checked to exist under `image_folder` (when given), not decoded: that is
+    `check_records`' last pass."""
+    if not isinstance(record, dict):
+        return Problem("not a record", "the record", f"is {_short(record)}, not an object "
+                                                     '{"id": ..., "conversations": [...]}'), []
+    rid = record.get("id")
+    if rid is None or rid == "" or isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        what = "is missing" if rid is None else f"is {_short(rid)}"
+        return Problem("bad id", "id", f"{what}: give every record an id, a string or an integer"), []
+    for name, ok, want in (("task", lambda v: isinstance(v, str), "a string"),
+                           ("n_objects", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                            "a count (an integer >= 0)")):
+        if record.get(name) is not None and not ok(record[name]):
+            return Problem("bad field", name, f"is {_short(record[name])}: make it {want}, or leave it out"), []
+
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        what = "is missing" if "conversations" not in record else f"is {_short(turns)}"
+        return Problem("bad conversations", "conversations", f"{what}: give a non-empty list of {_FORMAT} turns"), []
+    offset = 1 if isinstance(turns[0], dict) and turns[0].get("from") == "system" else 0
+    n_markers = 0
+    for j, turn in enumerate(turns):
+        where = f"conversations[{j}]"
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            return Problem("bad turn", where, f"is {_short(turn)}, not {_FORMAT}"), []
+        name, value = turn["from"], turn["value"]
+        if not isinstance(name, str) or name not in _ROLES:
+            return Problem("bad role", f"{where}.from", f"is {_short(name)}: use human or gpt (or user, assistant; "
+                                                        "system for a first turn)"), []
+        role = _ROLES[name]
+        expected = "system" if j < offset else ("user", "assistant")[(j - offset) % 2]
+        if role != expected:
+            if role == "system":
+                return Problem("bad role", f"{where}.from", "is 'system' after the first turn: a system turn "
+                                                            "goes first, once"), []
+            wanted = "human" if expected == "user" else "gpt"
+            return Problem("bad role", f"{where}.from", f"is {name!r} where a {wanted} turn belongs: turns go "
+                                                        "[system,] human, gpt, human, gpt, ..."), []
+        if not isinstance(value, str):
+            return Problem("bad turn", f"{where}.value", f"is {_short(value)}, not a string: every value is text"), []
+        problem = _text_problem(value, reserved)
+        if problem is not None:
+            return Problem("bad text", f"{where}.value", problem), []
+        odd = next((m for m in _MARKER_LIKE.findall(value) if m != IMAGE_TOKEN), None)
+        if odd is not None:
+            return Problem("bad marker", f"{where}.value", f"holds {odd!r}, which is not the image marker: "
+                                                           f"write it exactly {IMAGE_TOKEN}"), []
+        markers = value.count(IMAGE_TOKEN)
+        if markers and role != "user":
+            return Problem("bad marker", f"{where}.value", f"holds an {IMAGE_TOKEN} marker in a {name!r} turn: "
+                                                           "put images in human turns"), []
+        n_markers += markers
+    n_answers = (len(turns) - offset) // 2
+    if not n_answers or (len(turns) - offset) % 2:
+        return Problem("no answer", "conversations", "ends without a gpt answer to its last human turn: "
+                                                     "every human turn needs an answer"), []
+    turn_tasks = record.get("turn_tasks")
+    if turn_tasks is not None and (not isinstance(turn_tasks, list) or len(turn_tasks) != n_answers
+                                   or not all(isinstance(t, str) for t in turn_tasks)):
+        return Problem("bad field", "turn_tasks", f"is {_short(turn_tasks)}: give one task name (a string) per "
+                                                  f"gpt turn, {n_answers} here, or leave it out"), []
+
+    image = record.get("image")
+    names = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(names, list):
+        return Problem("bad image field", "image", f"is {_short(image)}: give a path or a list of paths"), []
+    for k, name in enumerate(names):
+        where = "image" if isinstance(image, str) else f"image[{k}]"
+        if not isinstance(name, str) or not name.strip() or "\0" in name or _text_problem(name, ()):
+            return Problem("bad image field", where, f"is {_short(name)}: give a path (a string) relative to "
+                                                     "the image folder"), []
+        normal = posixpath.normpath(name)
+        if os.path.isabs(name) or normal == ".." or normal.startswith("../"):
+            # A dataset names files of its own folder: it cannot make a run read files elsewhere.
+            return Problem("image outside folder", where, f"is {_short(name)}, outside the image folder "
+                                                          f"{image_folder or ''}: paths outside it are refused; give "
+                                                          "a path relative to the folder (move or link the file "
+                                                          "under it)"), []
+    if n_markers != len(names):
+        return Problem("bad marker", "conversations", f"has {n_markers} {IMAGE_TOKEN} markers but the record has "
+                                                      f"{len(names)} images: put one '{IMAGE_TOKEN}\\n' in the human "
+                                                      "turns per image, in the order of 'image'"), []
+    if names and not images_allowed:
+        return Problem("bad image field", "image", f"lists {len(names)} images but the model is text-only: "
+                                                   "leave out the images and their markers"), []
+    if image_folder is None:
+        return None, [Path(name) for name in names]
+    paths = [Path(image_folder) / name for name in names]
+    for k, (name, path) in enumerate(zip(names, paths)):
+        if not path.is_file():
+            what = "a folder" if path.is_dir() else "not a file"
+            return Problem("missing image", "image" if isinstance(image, str) else f"image[{k}]",
+                           f"{_short(name)} is {what} under {image_folder}: check the path and the image folder"), []
+    return None, paths
+
+
+class Records(list):
+    """The records of a LLaVA JSON file: a list that remembers the file, so messages can name it."""
+
+    path: Path
+
+
+def read_records(path: str | Path) -> Records:
+    """The records of a LLaVA-format JSON file (a non-empty list), or a one-line error saying what
+    is wrong. Records themselves are checked by `check_records`."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise OmniInputError(f"cannot read {path}: {e.strerror}; check the path") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is harmless
+    except UnicodeDecodeError as e:
+        raise OmniInputError(f"{path} is not UTF-8 text (byte {e.start} is 0x{data[e.start]:02x}); LLaVA data is "
+                             "a UTF-8 JSON file: re-save it as UTF-8") from None
+    if not text.strip():
+        raise OmniInputError(f"{path} is empty; LLaVA data is a JSON list of records")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        hint = ("; one JSON value per line (JSON Lines) is not LLaVA data: put the records in one list"
+                if e.msg == "Extra data" else "; fix the file")
+        raise OmniInputError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}){hint}") from None
+    except RecursionError:
+        raise OmniInputError(f"{path} nests JSON too deeply to read; LLaVA data is a flat list of records") from None
+    if not isinstance(records, list):
+        raise OmniInputError(
+            f"{path} holds a JSON {_type(records)}, but LLaVA data is a list of records "
+            '[{"id": ..., "image": ..., "conversations": [...]}, ...]'
+        )
+    if not records:
+        raise OmniInputError(f"{path} holds no records (an empty list); give at least one record")
+    out = Records(records)
+    out.path = path
+    return out
+
+
+def _selected(record, tasks, skip_tasks) -> bool:
+    # Whether a command reads this record; one it cannot place (not an object, a task that is
+    # not a string) is read, so that it is reported rather than passed over.
+    if not isinstance(record, dict):
+        return True
+    task = record.get("task")
+    if task is not None and not isinstance(task, str):
+        return True
+    return (tasks is None or task in tasks) and task not in skip_tasks
+
+
+def _text_problem(text: str, reserved: tuple[str, ...]) -> str | None:
+    if not text.strip():
+        return "is empty: give the turn some text"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "holds an unpaired UTF-16 surrogate (a broken \\uD8xx escape): fix the text"
+    token = next((t for t in reserved if t in text), None)
+    if token is not None:
+        return f"holds {token!r}, a special token of the tokenizer, which would be read as that token: remove it"
+    return None
+
+
+def _id_of(record) -> Any:
+    return record.get("id") if isinstance(record, dict) else None
+
+
+def _where(index: int, rid) -> str:
+    if rid is None or isinstance(rid, (dict, list)):
+        return f"record {index}"
+    shown = repr(rid)
+    return f"record {index} (id {shown if len(shown) <= 60 else shown[:57] + '...'})"
+
+
+def _type(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+# --- training samples ----------------------------------------------------------------------------
 
 
 class LlavaDataset(Dataset):
-    """Records of a LLaVA JSON file, filtered by `task` when `tasks` is given.
+    """Records of a LLaVA JSON file, those with `task` in `tasks` (when given) and not in `skip_tasks`.
 
-    `records[i]` is the i-th kept record as it stands in the file (extra fields included).
-    With `skip_bad`, bad records are left out and listed in `skipped` as `(id, reason)`;
-    without it the first one raises `OmniInputError`. `max_length` bounds the tokenized
-    length, image tokens included. `cache_images` keeps preprocessed images in memory. Token ids
-    and labels are always kept once computed (a few hundred bytes a record, and a training run
-    reads every record once an epoch).
+    Every record is checked by `check_records` when the dataset is built, its images decoded:
+    a bad one raises `OmniInputError`, or with `skip_bad` is left out, listed in `skipped`
+    (`BadRecord`s) and counted in one warning. `records[i]` is the i-th kept record as it stands
+    in the file (extra fields included). `max_length` bounds the tokenized length, image tokens
+    included; `check(record, image_paths) -> Problem | None` adds a test of the caller's.
+    `cache_images` keeps preprocessed images in memory, filled as the check decodes them. Token
+    ids and labels are always kept once computed (a few hundred bytes a record, and a training
+    run reads every record once an epoch).
     """
 
     def __init__(
@@ -54,10 +409,12 @@ class LlavaDataset(Dataset):
         json_path: str | Path,
         image_folder: str | Path | None,
         processor: Processor,
-        tasks: set[str] | None = None,
+        tasks: set[str | None] | None = None,
         skip_bad: bool = False,
         max_length: int | None = None,
         cache_images: bool = False,
+        skip_tasks: Collection[str] = (),
+        check: Callable[[dict, list[Path]], Problem | None] | None = None,
     ):
         self.json_path = Path(json_path)
         # Image paths are relative to image_folder, or to the JSON's own folder without one.
@@ -67,55 +424,42 @@ class LlavaDataset(Dataset):
         self.cache_images = cache_images
         self.records: list[dict] = []
         self.ids: list = []
-        self.skipped: list[tuple[str, str]] = []
         self._images: list[list[Path]] = []  # per record, in marker order
         self._cache: dict[Path, torch.Tensor] = {}  # path -> (3, H, W)
         self._encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kept index -> (input_ids, labels)
 
-        raw = read_records(self.json_path)
-        considered = 0
-        for index, record in enumerate(raw):
-            if tasks is not None and isinstance(record, dict) and record.get("task") not in tasks:
-                continue
-            considered += 1
-            rid = record.get("id", index) if isinstance(record, dict) else index
-            problem, images = self._check(record)
-            encoded = None
-            if problem is None and max_length is not None:
-                encoded = self._encode(record["conversations"])
-                n_tokens = len(encoded[0])
-                if n_tokens > max_length:
-                    problem = (
-                        f"is {n_tokens} tokens ({len(images)} images of {processor.image_seq_len} tokens each), "
-                        f"over max_length={max_length}: shorten it or raise max_length"
-                    )
-            if problem is not None:
-                if not skip_bad:
-                    raise OmniInputError(
-                        f"{self.json_path}: record {index} (id {rid!r}) {problem}; "
-                        "fix it, or pass skip_bad=True to skip bad records"
-                    )
-                self.skipped.append((str(rid), problem))
-                continue
-            if encoded is not None:
-                self._encoded[len(self.records)] = encoded
-            self.records.append(record)
-            self.ids.append(rid)
-            self._images.append(images)
+        encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(record) -> its tokens, from the length check
 
-        if self.skipped:
-            rid, problem = self.skipped[0]
-            warnings.warn(
-                f"{self.json_path}: skipped {len(self.skipped)} of {considered} records "
-                f"(first: id {rid!r} {problem}); see dataset.skipped",
-                stacklevel=2,
-            )
-        if not self.records:
-            which = f" with task in {sorted(tasks)}" if tasks is not None else ""
-            raise OmniInputError(
-                f"{self.json_path}: no usable records{which} ({considered} considered, {len(self.skipped)} skipped); "
-                "check the file and the tasks filter"
-            )
+        def fits(record: dict, paths: list[Path]) -> Problem | None:
+            problem = check(record, paths) if check is not None else None
+            if problem is None and max_length is not None:
+                encoded[id(record)] = self._encode(record["conversations"])
+                n_tokens = len(encoded[id(record)][0])
+                if n_tokens > max_length:
+                    images = f" ({len(paths)} images of {processor.image_seq_len} tokens each)" if paths else ""
+                    return Problem("too long", "conversations", (
+                        f"is {n_tokens} tokens{images}, over max_length={max_length} (in training, the model's "
+                        "max_seq_len): shorten the record"))
+            return problem
+
+        def load(path: Path) -> None:
+            # With the cache on, the check's decoding is the only one: training reads the cache.
+            self._cache[path] = processor.image_processor([path])[0]
+
+        raw = read_records(self.json_path)
+        checked = check_records(raw, self.image_folder, processor=processor, tasks=tasks, skip_tasks=skip_tasks,
+                                skip_bad=skip_bad, check=fits, load=load if cache_images else None,
+                                source=self.json_path)
+        for index, paths in zip(checked.kept, checked.images):
+            record = raw[index]
+            if id(record) in encoded:
+                self._encoded[len(self.records)] = encoded[id(record)]
+            self.records.append(record)
+            self.ids.append(record["id"])
+            self._images.append(paths)
+        self.skipped: list[BadRecord] = checked.skipped
+        if checked.skipped:
+            warnings.warn(checked.report(), stacklevel=2)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -176,84 +520,15 @@ class LlavaDataset(Dataset):
                 if path not in self._cache:
                     self._cache[path] = self.processor.image_processor([path])[0]
             return torch.stack([self._cache[path] for path in paths])
-        except OmniInputError as e:  # a broken image file: say which record it belongs to
+        except OmniInputError as e:  # a file changed since the check: say which record it belongs to
             raise OmniInputError(f"{self.json_path}: record id {self.ids[i]!r}: {e}") from None
-
-    def _check(self, record) -> tuple[str | None, list[Path]]:
-        # (what is wrong with the record or None, its image paths). Files are stat-ed, not
-        # decoded: decoding every image of a large dataset up front would take long.
-        if not isinstance(record, dict):
-            return f"is a {type(record).__name__}, not an object with 'conversations'", []
-        turns = record.get("conversations")
-        if not isinstance(turns, list) or not turns:
-            return f"has no 'conversations' list: give a list of {_FORMAT} turns", []
-        n_markers = 0
-        offset = 1 if isinstance(turns[0], dict) and _ROLES.get(turns[0].get("from")) == "system" else 0
-        for j, turn in enumerate(turns):
-            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in _ROLES:
-                return f"has turn {j} = {_short(turn)}, not {_FORMAT}", []
-            role = _ROLES[turn["from"]]
-            expected = "system" if j < offset else ("user", "assistant")[(j - offset) % 2]
-            if role != expected:
-                return (
-                    f"has turn {j} from {turn['from']!r} where a {'human' if expected == 'user' else 'gpt'} turn "
-                    "belongs: turns go [system,] human, gpt, human, gpt, ..."
-                ), []
-            if not turn["value"].strip():
-                return f"has an empty turn {j} (from {turn['from']!r})", []
-            markers = turn["value"].count(IMAGE_TOKEN)
-            if markers and role != "user":
-                return f"has an {IMAGE_TOKEN} marker in turn {j} (from {turn['from']!r}): put images in human turns", []
-            n_markers += markers
-        if len(turns) - offset < 2 or (len(turns) - offset) % 2:
-            return "ends without a gpt answer to its last human turn: every human turn needs an answer", []
-
-        image = record.get("image")
-        if image is None:
-            names = []
-        elif isinstance(image, str) and image:
-            names = [image]
-        elif isinstance(image, list) and all(isinstance(name, str) and name for name in image):
-            names = image
-        else:
-            return f"has 'image' = {_short(image)}: give a path or a list of paths", []
-        if n_markers != len(names):
-            return (
-                f"has {n_markers} {IMAGE_TOKEN} markers but {len(names)} images: "
-                f"put one '{IMAGE_TOKEN}\\n' in the human turns per image, in the order of 'image'"
-            ), []
-        if names and self.processor.image_processor is None:
-            return f"has {len(names)} images but the processor is text-only", []
-        paths = [self.image_folder / name for name in names]
-        for name, path in zip(names, paths):
-            if not path.is_file():
-                return f"has image {name!r}, which is not a file under {self.image_folder}", []
-        return None, paths
-
-
-def read_records(path: str | Path) -> list:
-    """The records of a LLaVA-format JSON file (a list), or a one-line error saying what is wrong."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise OmniInputError(f"cannot read {path}: {e.strerror}; check the path") from None
-    except UnicodeDecodeError:
-        raise OmniInputError(f"{path} is not UTF-8 text; LLaVA data is a UTF-8 JSON file") from None
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        where = f"{e.msg} at line {e.lineno} column {e.colno}"
-        raise OmniInputError(f"{path} is not valid JSON ({where}); fix the file") from None
-    if not isinstance(records, list):
-        raise OmniInputError(
-            f"{path} holds a JSON {type(records).__name__}, but LLaVA data is a list of records "
-            '[{"id": ..., "image": ..., "conversations": [...]}, ...]'
-        )
-    return records
 
 
 def _short(value) -> str:
-    # A value quoted in a one-line message: on one line, and not too long.
-    text = " ".join(json.dumps(value, ensure_ascii=False, default=str).split())
+    # A value quoted in a one-line message: on one line, not too long, and printable as UTF-8.
+    try:
+        text = " ".join(json.dumps(value, ensure_ascii=False, default=str).split())
+    except RecursionError:  # nested as deep as the JSON reader allows
+        text = f"a deeply nested {type(value).__name__}"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text if len(text) <= 60 else text[:57] + "..."

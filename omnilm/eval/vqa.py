@@ -4,6 +4,10 @@ Every assistant turn of every record is one question: the model sees the convers
 that turn, with the reference answers of earlier turns (teacher forcing, as multi-turn VQA is
 usually scored), and answers greedily. A prediction is right when it equals the reference after
 `normalize_answer`. Questions are batched, left-padded, and decoded with the KV cache.
+
+Records are checked by `omnilm.data.llava_json.check_records`, the validator training uses, over
+the whole file and before anything is generated: structure, that every question fits the
+model's context with its answer, and that every image decodes.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Any
 
 import torch
 
+from omnilm.data.chat import render_chat
 from omnilm.data.collate import to_device
+from omnilm.data.llava_json import Problem, check_records
 from omnilm.data.tokenizer import IMAGE_TOKEN
 from omnilm.infer import generate
 
@@ -23,14 +29,18 @@ from omnilm.infer import generate
 def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -> list[dict]:
     """One entry per assistant turn: its chat prefix, reference answer, task and the images its
     prefix has shown (a chat may bring images in later turns). The question is the turn's text
-    with image markers shown as "<image>" only where they stand inside a sentence."""
+    with image markers shown as "<image>" only where they stand inside a sentence. Records are
+    checked first (image files are not read): a bad one, or none to ask, raises OmniInputError."""
+    checked = check_records(records, None, skip_tasks=skip_tasks)
+    return _questions([records[i] for i in checked.kept])
+
+
+def _questions(records: list[dict]) -> list[dict]:
     out = []
     for rec in records:
-        if rec.get("task") in skip_tasks:
-            continue
         turns = rec["conversations"]  # a leading system turn stays part of every question's chat
         answers = [i for i, t in enumerate(turns) if t["from"] in ("gpt", "assistant")]
-        turn_tasks = rec.get("turn_tasks") or [rec.get("task", "all")] * len(answers)
+        turn_tasks = rec.get("turn_tasks") or [rec.get("task") or "all"] * len(answers)
         images = rec.get("image")
         images = [] if images is None else [images] if isinstance(images, str) else list(images)
         for n, i in enumerate(answers):
@@ -57,12 +67,20 @@ def normalize_answer(text: str) -> str:
 
 @torch.inference_mode()
 def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path, batch_size: int = 64,
-                 max_new_tokens: int = 8, progress: bool = True) -> tuple[dict[str, Any], list[dict]]:
-    """Accuracy per task family and overall, and one prediction per question."""
+                 max_new_tokens: int = 8, progress: bool = True,
+                 skip_bad: bool = False) -> tuple[dict[str, Any], list[dict]]:
+    """Accuracy per task family and overall, and one prediction per question.
+
+    Every non-caption record is checked before anything is generated, its images decoded: the
+    first bad one raises OmniInputError naming the file (for `read_records` output), the record
+    and the field. With `skip_bad` bad records are left out instead and counted in the
+    summary's "skipped" (which `format_vqa_results` prints)."""
     from tqdm import tqdm
 
     folder = Path(image_folder)
-    items = questions(records)
+    checked = check_records(records, folder, processor=processor, skip_tasks=("caption",), skip_bad=skip_bad,
+                            check=_prompt_fits(model, processor, max_new_tokens))
+    items = _questions([records[i] for i in checked.kept])
     device = next(model.parameters()).device
     eos = processor.tokenizer.eos_id
     predictions = []
@@ -79,7 +97,33 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
                                 "correct": normalize_answer(prediction) == normalize_answer(q["answer"])})
             if q["n_objects"] is not None:
                 predictions[-1]["n_objects"] = q["n_objects"]
-    return summarize(predictions), predictions
+    summary = summarize(predictions)
+    if checked.skipped:
+        summary["skipped"] = checked.counts()
+    return summary, predictions
+
+
+def _prompt_fits(model, processor, max_new_tokens: int):
+    # A record's longest prompt is its last question's; generation would refuse it mid-run, naming no record.
+    text_cfg = model.config.text
+    if (text_cfg.rope_scaling or {}).get("rope_type") == "dynamic":  # dynamic NTK runs past max_seq_len
+        return None
+    tokenizer, limit = processor.tokenizer, text_cfg.max_seq_len
+
+    def fits(record: dict, paths: list) -> Problem | None:
+        turns = record["conversations"]
+        last = max(i for i, t in enumerate(turns) if t["from"] in ("gpt", "assistant"))
+        prompt, _ = render_chat(turns[:last], add_generation_prompt=True, system=tokenizer.system_prompt)
+        ids = tokenizer.encode(prompt)
+        n = len(ids) + ids.count(tokenizer.image_token_id) * (processor.image_seq_len - 1)
+        if n + max_new_tokens <= limit:
+            return None
+        images = f" ({len(paths)} images of {processor.image_seq_len} tokens each)" if paths else ""
+        return Problem("too long", "conversations", (
+            f"asks its last question in a prompt of {n} tokens{images}; with max_new_tokens={max_new_tokens} "
+            f"that passes the model's max_seq_len={limit}: shorten the record or lower max_new_tokens"))
+
+    return fits
 
 
 def summarize(predictions: list[dict]) -> dict[str, Any]:
@@ -111,6 +155,8 @@ def format_vqa_results(summary: dict[str, Any]) -> str:
     for task, r in summary["tasks"].items():
         lines.append(f"| {task} | {r['n']} | {100 * r['accuracy']:.1f}% |")
     lines.append(f"| **overall** | {summary['n']} | **{100 * summary['accuracy']:.1f}%** |")
+    if summary.get("skipped"):
+        lines += ["", summary["skipped"]["report"]]
     if summary.get("objects"):
         counts = sorted({k for by_k in summary["objects"].values() for k in by_k})
         lines += ["", "Accuracy by objects in the scene (questions in brackets):", "",

@@ -19,7 +19,7 @@ from torch import nn
 from omnilm.config import IGNORE_INDEX, ClipConfig, OmniConfig
 from omnilm.data import ImageProcessor, LlavaDataset, Processor, Tokenizer, collate, render_turns, train_tokenizer
 from omnilm.data.captions import check_caption_tokenizer, text_ids_for, tokenize_captions
-from omnilm.data.llava_json import read_records
+from omnilm.data.llava_json import Problem, check_records, read_records
 from omnilm.data.processor import check_image_token
 from omnilm.errors import OmniInputError
 from omnilm.interpret.routing import summarize_routing
@@ -87,13 +87,10 @@ def corpus(json_path: Path, system_prompt: str | None = None) -> list[str]:
     """The text the model will read: every record rendered with the chat template (system prompt
     and role tags included, so they compress to a few tokens), for training a tokenizer on it."""
     records = read_records(Path(json_path))
-    texts = []
-    for r in records:
-        try:
-            texts.append("".join(segment for segment, _ in render_turns(r["conversations"], False, system_prompt)))
-        except (OmniInputError, KeyError, TypeError):  # bad records are the dataset's to report
-            continue
-    return texts
+    # Bad records are left out here and reported by the dataset, which knows about --skip-bad.
+    usable = check_records(records, None, skip_bad=True).kept
+    return ["".join(segment for segment, _ in render_turns(records[i]["conversations"], False, system_prompt))
+            for i in usable]
 
 
 def _tasks(args) -> set[str] | None:
@@ -122,13 +119,13 @@ def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: i
     return feats.mean(1) if pool else feats.flatten(0, 1)
 
 
-def _dataset(args, processor: Processor, max_length: int | None = None) -> LlavaDataset:
+def _dataset(args, processor: Processor, max_length: int | None = None, check=None) -> LlavaDataset:
+    """The stage's records, every one checked (images decoded) before training starts."""
     tasks = _tasks(args)
-    if tasks is None:  # instruct: every record but the captions
-        tasks = {r.get("task") for r in read_records(args.data) if isinstance(r, dict)} - {"caption"}
+    skip_tasks = ("caption",) if tasks is None else ()  # instruct: every record but the captions
     # Preprocessed images stay in memory for small datasets (ShapeWorld); a large one decodes as it goes.
-    return LlavaDataset(args.data, args.image_folder, processor, tasks=tasks, skip_bad=args.skip_bad,
-                        max_length=max_length, cache_images=args.cache_images)
+    return LlavaDataset(args.data, args.image_folder, processor, tasks=tasks, skip_tasks=skip_tasks,
+                        skip_bad=args.skip_bad, max_length=max_length, cache_images=args.cache_images, check=check)
 
 
 # --- clip ----------------------------------------------------------------------------------------
@@ -144,11 +141,31 @@ class CaptionPairs:
         return len(self.dataset)
 
     def caption(self, i: int) -> str:
-        record = self.dataset.records[i]
-        return next(t["value"] for t in record["conversations"] if t["from"] in ("gpt", "assistant")).strip()
+        return _caption(self.dataset.records[i])
 
     def __getitem__(self, i: int) -> dict:
         return {"pixel_values": self.dataset.pixel_values(i), "caption": self.caption(i)}
+
+    @staticmethod
+    def check(tokenizer: Tokenizer, max_len: int):
+        """The test a caption record must pass besides `check_records`' (one image, a caption that
+        fits the text tower), as `LlavaDataset(check=...)` takes it: skipped with --skip-bad too."""
+
+        def check(record: dict, paths: list[Path]) -> Problem | None:
+            if len(paths) != 1:
+                return Problem("bad image field", "image", f"lists {len(paths)} images, but stage clip pairs one "
+                                                           "image with one caption: give a caption record one image")
+            try:
+                tokenize_captions(tokenizer, [_caption(record)], max_len)
+            except OmniInputError as e:
+                return Problem("too long", "conversations", f"holds a caption the text tower cannot read: {e}")
+            return None
+
+        return check
+
+
+def _caption(record: dict) -> str:
+    return next(t["value"] for t in record["conversations"] if t["from"] in ("gpt", "assistant")).strip()
 
 
 def build_clip_stage(args, resume_from: Path | None):
@@ -164,13 +181,9 @@ def build_clip_stage(args, resume_from: Path | None):
     check_caption_tokenizer(model.config.text, tokenizer, args.tokenizer or start or "the trained tokenizer")
     model.train()
     processor = Processor(tokenizer, ImageProcessor.from_vision_config(model.config.vision), 0)
-    pairs = CaptionPairs(_dataset(args, processor))
     max_len = model.config.text.max_len
-    for i in range(len(pairs)):  # a caption too long for the text tower fails now, not mid-run
-        try:
-            tokenize_captions(tokenizer, [pairs.caption(i)], max_len)
-        except OmniInputError as e:
-            raise OmniInputError(f"{args.data}: record id {pairs.dataset.ids[i]!r}: {e}") from None
+    # A caption too long for the text tower fails now, not mid-run.
+    pairs = CaptionPairs(_dataset(args, processor, check=CaptionPairs.check(tokenizer, max_len)))
 
     def collate_pairs(batch: list[dict]) -> dict:
         input_ids, attention_mask = tokenize_captions(tokenizer, [b["caption"] for b in batch], max_len)
