@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 
 from omnilm.config import PRESETS
@@ -32,8 +32,9 @@ from omnilm.data.llava_json import read_records
 from omnilm.data.shapeworld import ShapeWorldSpec
 from omnilm.errors import OmniInputError
 from omnilm.eval.clip import evaluate_clip_checkpoint, format_clip_results
-from omnilm.eval.vqa import evaluate_vqa, format_vqa_results, write_predictions
-from omnilm.infer import Sampling, stream
+from omnilm.eval.vqa import EvalArgs, evaluate_vqa, format_vqa_results, write_predictions
+from omnilm.infer import Sampling
+from omnilm.infer.chat import answer, chat_repl, user_message
 from omnilm.interpret.routing import format_routes, moe_layer_ids, plot_load, route_prompt
 from omnilm.model import OmniModel
 from omnilm.model.hf import read_config
@@ -41,52 +42,14 @@ from omnilm.model.layers import resolve_device
 from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.recipe import Recipe
-from omnilm.settings import add_flags, check_output_file, check_output_folder, check_range, from_flags, setting
+from omnilm.settings import add_flags, check_output_folder, from_flags
 from omnilm.train import TrainArgs, train
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-@dataclass(kw_only=True)
-class EvalArgs:
-    """`omnilm eval`: exact-match accuracy of a checkpoint on LLaVA-format questions."""
-
-    checkpoint: Path = setting(help="model folder (omnilm or Hugging Face LLaVA) with its tokenizer", positional=True)
-    data: Path = setting(help="LLaVA-format JSON; every assistant turn of a non-caption record is a question")
-    image_folder: Path = setting(help="folder the records' image paths are relative to")
-    predictions: Path | None = setting(None, "write one JSON line per question here")
-    batch_size: int = setting(64, "questions per generation batch")
-    max_new_tokens: int = setting(16, "longest answer generated")
-    device: str = setting("auto", "auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
-
-    def __post_init__(self) -> None:
-        check_range(self, ("batch_size", "max_new_tokens"), low=1)
-        resolve_device(self.device)
-        if self.predictions is not None:
-            check_output_file(self.predictions, "--predictions")
-
-
 def _load(path: str, device: str = "cpu", dtype: str | None = None) -> OmniModel:
     return OmniModel.from_pretrained(path, device=resolve_device(device), dtype=dtype).eval()
-
-
-def _answer(model, processor, messages: list[dict], sampling: Sampling) -> str:
-    """Stream the model's reply to `messages` to stdout; return it."""
-    batch = to_device(processor(messages), next(model.parameters()).device)
-    pieces = []
-    for piece in stream(model, processor.tokenizer, batch["input_ids"], batch["pixel_values"],
-                        batch["attention_mask"], **sampling.generate_kwargs()):
-        if not pieces:
-            piece = piece.lstrip()  # the first token carries the space after "ASSISTANT:"
-        print(piece, end="", flush=True)
-        pieces.append(piece)
-    print()
-    return "".join(pieces).strip()
-
-
-def _user(text: str, images: list[str]) -> dict:
-    return {"role": "user", "content": [*({"type": "image", "image": p} for p in images),
-                                        {"type": "text", "text": text}]}
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -115,7 +78,8 @@ def cmd_eval(args) -> None:
     run = from_flags(EvalArgs, args)
     model = _load(run.checkpoint, run.device)
     summary, predictions = evaluate_vqa(model, Processor.for_model(model, run.checkpoint), read_records(run.data),
-                                        run.image_folder, batch_size=run.batch_size, max_new_tokens=run.max_new_tokens)
+                                        run.image_folder, batch_size=run.batch_size, max_new_tokens=run.max_new_tokens,
+                                        skip_bad=run.skip_bad)
     print(format_vqa_results(summary))
     if run.predictions:
         write_predictions(predictions, run.predictions)
@@ -135,63 +99,9 @@ def cmd_chat(args) -> None:
     model = _load(args.checkpoint, args.device, args.dtype)
     processor = Processor.for_model(model, args.checkpoint)
     if args.question is not None:
-        _answer(model, processor, [_user(args.question, args.image)], sampling)
+        answer(model, processor, [user_message(args.question, args.image)], sampling)
         return
-    _repl(model, processor, sampling, args.image)
-
-
-REPL_HELP = """/image PATH   add an image to your next message
-/reset        start over (the --image files stay for the first message)
-/help         this list
-/quit         leave (or Ctrl-D); a message that starts with / begins with //"""
-
-
-def _repl(model, processor, sampling: Sampling, images: list[str]) -> None:
-    print("omnilm chat: type a message; /help lists the commands.")
-    if hasattr(sys.stdin, "reconfigure"):
-        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
-    messages: list[dict] = []
-    pending = list(images)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        command, _, rest = line.partition(" ")
-        if not line:
-            continue
-        if command in ("/quit", "/exit"):
-            return
-        if command == "/help":
-            print(REPL_HELP)
-            continue
-        if command == "/reset":
-            messages, pending = [], list(images)
-            print("(conversation cleared)")
-            continue
-        if command == "/image":
-            try:
-                load_image(rest.strip())
-            except OmniInputError as e:
-                print(f"(error: {e}; the image was not added)")
-                continue
-            pending.append(rest.strip())
-            print(f"(image {rest.strip()} will go with your next message)")
-            continue
-        if line.startswith("/") and not line.startswith("//"):
-            print(f"(unknown command {command}: /help lists the commands; start a message with // to send a /)")
-            continue
-        turn = _user(line.removeprefix("/"), pending)
-        print("assistant> ", end="", flush=True)
-        try:
-            reply = _answer(model, processor, messages + [turn], sampling)
-        except OmniInputError as e:
-            print(f"\n(error: {e}; the message and its images were dropped)")
-            pending = []
-            continue
-        messages += [turn, {"role": "assistant", "content": reply}]
-        pending = []
+    chat_repl(model, processor, sampling, args.image)
 
 
 def cmd_info(args) -> None:
@@ -215,7 +125,7 @@ def cmd_inspect_routing(args) -> None:
         raise OmniInputError(f"{args.checkpoint} has a dense decoder (no experts): routing needs an MoE model "
                              "(e.g. one trained with --preset tiny-moe)")
     processor = Processor.for_model(model, args.checkpoint)
-    batch = to_device(processor([_user(args.prompt, args.image)]), next(model.parameters()).device)
+    batch = to_device(processor([user_message(args.prompt, args.image)]), next(model.parameters()).device)
     rows, load = route_prompt(model, processor.tokenizer, batch)
     layers = moe_layer_ids(model)
     print(format_routes(rows, layers))
@@ -347,7 +257,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> None:
+    warnings.formatwarning = _one_line_warning  # skipped records and the like, as `warning: ...`
     args = parse_args(argv)
     try:
         args.func(args)

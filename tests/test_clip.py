@@ -302,7 +302,8 @@ def test_collapsed_model_scores_zero_recall(tmp_path):
     records = []
     for name in ("red", "blue"):
         Image.new("RGB", (64, 64), COLOURS[name]).save(tmp_path / f"{name}.png")
-        records.append({"image": f"{name}.png", "task": "caption",
-                        "conversations": [{"from": "gpt", "value": f"a {name} image."}]})
+        records.append({"id": name, "image": f"{name}.png", "task": "caption",
+                        "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                                          {"from": "gpt", "value": f"a {name} image."}]})
     results = evaluate_clip(model, tokenizer, processor, records, tmp_path)
     assert results["recall@1"] == 0.0 and results["recall@5"] == 1.0 and results["n_single"] == 0

@@ -312,10 +312,10 @@ def test_repl_failed_image_does_not_poison_later_messages(world, capsys, monkeyp
 
 def test_repl_reset_keeps_the_command_line_images(world, capsys, monkeypatch):
     seen = []
-    import omnilm.cli as cli
+    import omnilm.infer.chat as chat
 
-    real = cli._answer
-    monkeypatch.setattr(cli, "_answer", lambda m, p, messages, s: seen.append(messages) or real(m, p, messages, s))
+    real = chat.answer
+    monkeypatch.setattr(chat, "answer", lambda m, p, messages, s: seen.append(messages) or real(m, p, messages, s))
     repl(world, capsys, monkeypatch, ["one", "/reset", "two"], images=["red.png"])
     images = [[part for part in msgs[-1]["content"] if part["type"] == "image"] for msgs in seen]
     assert [len(i) for i in images] == [1, 1]  # the --image went with the first message, and again after /reset

@@ -126,8 +126,8 @@ def check_records(
     special tokens, and images for a text-only processor, are bad too. `check(record, paths)`
     adds the caller's own test (token lengths). Each image file is loaded once, by `load(path)`,
     which may keep what it made; by default the processor's image preprocessing (what training
-    and generation will run on it), or without one `load_image`. Cheap checks run over every record first, so a typo late in a
-    large file is reported before any image is decoded. Without `skip_bad` the first bad record
+    and generation will run on it), or without one `load_image`. Cheap checks run over every
+    record first, so a typo late in a large file is reported before any image is decoded. Without `skip_bad` the first bad record
     raises `OmniInputError`; with it, bad records are left out and listed in `skipped`. No
     considered record, or none usable, raises too. Warns about nothing: callers report.
     """

@@ -141,7 +141,7 @@ class Processor:
 def _read_image_processor(folder: str | Path | None) -> ImageProcessor | None:
     """The image preprocessing `folder`'s preprocessor_config.json describes; None without one."""
     file = Path(folder) / "preprocessor_config.json" if folder is not None else None
-    return ImageProcessor.from_hf_dict(read_json(file)) if file is not None and file.is_file() else None
+    return ImageProcessor.from_hf_dict(read_json(file), source=file) if file is not None and file.is_file() else None
 
 
 def check_tokenizer_fits(config, tokenizer: Tokenizer, where: str | Path) -> None:
@@ -169,8 +169,6 @@ def check_tokenizer_fits(config, tokenizer: Tokenizer, where: str | Path) -> Non
             f"{config.image_token_id}; set config image_token_id to the tokenizer's id"
         )
 
-
-check_image_token = check_tokenizer_fits  # the name omnilm.train.stages still imports
 
 
 def expand_image_tokens(ids: list[int], image_token_id: int, image_seq_len: int, *aligned: list) -> list[list]:

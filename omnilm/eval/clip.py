@@ -21,7 +21,7 @@ import torch
 from omnilm.data import ImageProcessor, Tokenizer
 from omnilm.data import shapeworld as sw
 from omnilm.data.captions import check_caption_tokenizer, tokenize_captions
-from omnilm.data.llava_json import read_records
+from omnilm.data.llava_json import check_records, read_records
 from omnilm.errors import OmniInputError
 from omnilm.model.clip import ClipModel
 from omnilm.model.layers import eval_mode
@@ -81,7 +81,10 @@ def evaluate_clip(model, tokenizer, image_processor, records: list[dict], image_
     captions), `<attribute>_acc` per attribute and `all_acc`.
     """
     check_caption_tokenizer(model.config.text, tokenizer, "evaluate_clip")
-    pairs = caption_pairs(records)
+    # The caption records pass the one LLaVA-data check first (each image decoded as it will be read).
+    checked = check_records(records, image_folder, tasks={"caption"},
+                            load=(lambda path: image_processor([path])) if image_processor is not None else None)
+    pairs = caption_pairs([records[i] for i in checked.kept])
     if not pairs:
         raise OmniInputError("no caption records (task 'caption' with one image and a gpt turn) to evaluate")
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,28 @@ from omnilm.data.collate import to_device
 from omnilm.data.llava_json import Problem, check_records
 from omnilm.data.tokenizer import IMAGE_TOKEN
 from omnilm.infer import generate
+from omnilm.model.layers import resolve_device
+from omnilm.settings import check_output_file, check_range, setting
+
+
+@dataclass(kw_only=True)
+class EvalArgs:
+    """`omnilm eval`: exact-match accuracy of a checkpoint on LLaVA-format questions."""
+
+    checkpoint: Path = setting(help="model folder (omnilm or Hugging Face LLaVA) with its tokenizer", positional=True)
+    data: Path = setting(help="LLaVA-format JSON; every assistant turn of a non-caption record is a question")
+    image_folder: Path = setting(help="folder the records' image paths are relative to")
+    predictions: Path | None = setting(None, "write one JSON line per question here")
+    batch_size: int = setting(64, "questions per generation batch")
+    max_new_tokens: int = setting(16, "longest answer generated")
+    device: str = setting("auto", "auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
+    skip_bad: bool = setting(False, "leave out (and count) malformed records instead of stopping at the first")
+
+    def __post_init__(self) -> None:
+        check_range(self, ("batch_size", "max_new_tokens"), low=1)
+        resolve_device(self.device)
+        if self.predictions is not None:
+            check_output_file(self.predictions, "--predictions")
 
 
 def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -> list[dict]:

@@ -20,7 +20,7 @@ from omnilm.config import IGNORE_INDEX, ClipConfig, OmniConfig
 from omnilm.data import ImageProcessor, LlavaDataset, Processor, Tokenizer, collate, render_turns, train_tokenizer
 from omnilm.data.captions import check_caption_tokenizer, text_ids_for, tokenize_captions
 from omnilm.data.llava_json import Problem, check_records, read_records
-from omnilm.data.processor import check_image_token
+from omnilm.data.processor import check_tokenizer_fits
 from omnilm.errors import OmniInputError
 from omnilm.interpret.routing import summarize_routing
 from omnilm.model import OmniModel
@@ -209,10 +209,7 @@ def build_llava_stage(args, resume_from: Path | None):
     if start is not None:
         model = OmniModel.from_pretrained(start)
         tokenizer = resolve_tokenizer(args, start)
-        if tokenizer.vocab_size > model.config.text.vocab_size:
-            raise OmniInputError(f"the tokenizer has {tokenizer.vocab_size} tokens but {start} embeds "
-                                 f"{model.config.text.vocab_size}: use the tokenizer the model was trained with")
-        check_image_token(model.config, tokenizer, args.tokenizer or start)
+        check_tokenizer_fits(model.config, tokenizer, args.tokenizer or start)
     else:
         if args.preset is None:
             raise OmniInputError(f"stage {args.stage} needs --preset NAME or --init CHECKPOINT")

@@ -1,0 +1,83 @@
+"""Chatting with a model in a terminal: one streamed answer, or a multi-turn REPL (`omnilm chat`)."""
+
+from __future__ import annotations
+
+import sys
+
+from omnilm.data.collate import to_device
+from omnilm.data.image import load_image
+from omnilm.errors import OmniInputError
+from omnilm.infer.generate import Sampling, stream
+
+
+def answer(model, processor, messages: list[dict], sampling: Sampling) -> str:
+    """Stream the model's reply to `messages` to stdout; return it."""
+    batch = to_device(processor(messages), next(model.parameters()).device)
+    pieces = []
+    for piece in stream(model, processor.tokenizer, batch["input_ids"], batch["pixel_values"],
+                        batch["attention_mask"], **sampling.generate_kwargs()):
+        if not pieces:
+            piece = piece.lstrip()  # the first token carries the space after "ASSISTANT:"
+        print(piece, end="", flush=True)
+        pieces.append(piece)
+    print()
+    return "".join(pieces).strip()
+
+
+def user_message(text: str, images: list[str]) -> dict:
+    return {"role": "user", "content": [*({"type": "image", "image": p} for p in images),
+                                        {"type": "text", "text": text}]}
+
+
+REPL_HELP = """/image PATH   add an image to your next message
+/reset        start over (the --image files stay for the first message)
+/help         this list
+/quit         leave (or Ctrl-D); a message that starts with / begins with //"""
+
+
+def chat_repl(model, processor, sampling: Sampling, images: list[str]) -> None:
+    print("omnilm chat: type a message; /help lists the commands.")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
+    messages: list[dict] = []
+    pending = list(images)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        command, _, rest = line.partition(" ")
+        if not line:
+            continue
+        if command in ("/quit", "/exit"):
+            return
+        if command == "/help":
+            print(REPL_HELP)
+            continue
+        if command == "/reset":
+            messages, pending = [], list(images)
+            print("(conversation cleared)")
+            continue
+        if command == "/image":
+            try:
+                load_image(rest.strip())
+            except OmniInputError as e:
+                print(f"(error: {e}; the image was not added)")
+                continue
+            pending.append(rest.strip())
+            print(f"(image {rest.strip()} will go with your next message)")
+            continue
+        if line.startswith("/") and not line.startswith("//"):
+            print(f"(unknown command {command}: /help lists the commands; start a message with // to send a /)")
+            continue
+        turn = user_message(line.removeprefix("/"), pending)
+        print("assistant> ", end="", flush=True)
+        try:
+            reply = answer(model, processor, messages + [turn], sampling)
+        except OmniInputError as e:
+            print(f"\n(error: {e}; the message and its images were dropped)")
+            pending = []
+            continue
+        messages += [turn, {"role": "assistant", "content": reply}]
+        pending = []
