@@ -29,6 +29,28 @@ def one_line_error(fn, *parts: str, match: str | None = None) -> str:
     return msg
 
 
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run `omnilm ARGV` in this process: (exit code, stdout, stderr)."""
+    from omnilm.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cli_error(code: int, err: str, *parts: str) -> str:
+    """The command exited 2 with one `error: ...` line holding every part; returns the line."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    return lines[0]
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter O(1)-scale random values, so parity compares meaningful numbers
     (transformers' N(0, 0.02) init leaves activations and logits close to zero)."""

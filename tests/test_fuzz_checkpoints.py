@@ -16,12 +16,11 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import one_line_error, run_cli
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from omnilm import OmniModel
-from omnilm.cli import main
 from omnilm.config import ClipConfig, ClipTextConfig, OmniConfig, VisionConfig
 from omnilm.data import Processor, train_tokenizer
 from omnilm.model.clip import ClipModel
@@ -480,16 +479,6 @@ CASES = generated_cases() + crafted_cases()
 def test_the_table_is_large_and_its_ids_unique():
     assert len(CASES) >= 90
     assert len({case.id for case in CASES}) == len(CASES)
-
-
-def run_cli(argv: list, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

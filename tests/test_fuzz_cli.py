@@ -6,11 +6,11 @@ import builtins
 import math
 
 import pytest
-from conftest import one_line_error
+from conftest import cli_error, one_line_error, run_cli
 from PIL import Image
 
 from omnilm import OmniModel
-from omnilm.cli import main, parse_args
+from omnilm.cli import parse_args
 from omnilm.data import Processor, train_tokenizer
 from omnilm.data.shapeworld import write_shapeworld
 from omnilm.infer import Sampling
@@ -37,24 +37,6 @@ def world(tmp_path_factory):
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (root / "a_file").write_text("x")
     return root
-
-
-def run_cli(argv, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *parts):
-    assert code == 2, (code, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for part in parts:
-        assert part in lines[0], (part, lines[0])
 
 
 # --- every numeric flag x values it must refuse ------------------------------------------------
@@ -97,7 +79,7 @@ def test_train_refuses_a_bad_flag_before_any_work(world, capsys, monkeypatch, fl
     base = [a for a in TRAIN_BASE if a != flag] if flag == "--stage" else TRAIN_BASE
     argv = base + [flag, value] if flag != "--stage" else ["train", "--stage", value, *base[3:]]
     code, _, err = run_cli(argv, capsys)
-    assert_one_line_error(code, err, phrase)
+    cli_error(code, err, phrase)
     assert not (world / "never-written").exists()
 
 
@@ -111,19 +93,19 @@ def test_flags_a_stage_would_ignore_are_refused(world, capsys, monkeypatch, stag
     monkeypatch.chdir(world)
     argv = ["train", "--stage", stage, *TRAIN_BASE[3:], flag] + ([value] if value is not None else [])
     code, _, err = run_cli(argv, capsys)
-    assert_one_line_error(code, err, flag)
+    cli_error(code, err, flag)
 
 
 def test_train_out_and_init_conflicts(world, capsys, monkeypatch):
     monkeypatch.chdir(world)
     code, _, err = run_cli([*TRAIN_BASE[:-2], "--out", "a_file"], capsys)
-    assert_one_line_error(code, err, "--out a_file is a file")
+    cli_error(code, err, "--out a_file is a file")
     code, _, err = run_cli([*TRAIN_BASE[:-2], "--out", "a_file/below"], capsys)
-    assert_one_line_error(code, err, "a_file is a file")
+    cli_error(code, err, "a_file is a file")
     code, _, err = run_cli([*TRAIN_BASE, "--init", "model", "--fusion", "late"], capsys)
-    assert_one_line_error(code, err, "--fusion shape a fresh model")
+    cli_error(code, err, "--fusion shape a fresh model")
     code, _, err = run_cli([*TRAIN_BASE, "--init", "model", "--whiten-projector"], capsys)
-    assert_one_line_error(code, err, "--whiten-projector")
+    cli_error(code, err, "--whiten-projector")
 
 
 # --- demo, data, bench: their settings refuse before any data is written -------------------------
@@ -146,7 +128,7 @@ def test_demo_refuses_bad_settings_before_any_data(world, capsys, monkeypatch, a
     monkeypatch.chdir(world)
     out = [] if "--out" in argv else ["--out", "demo-never"]
     code, _, err = run_cli(["demo", *out, *argv], capsys)
-    assert_one_line_error(code, err, phrase)
+    cli_error(code, err, phrase)
     assert not (world / "demo-never").exists()
 
 
@@ -163,7 +145,7 @@ DATA_CASES = [
 @pytest.mark.parametrize("argv, phrase", DATA_CASES)
 def test_shapeworld_refuses_bad_settings(world, capsys, argv, phrase):
     code, _, err = run_cli(["data", "shapeworld", "--out", world / "sw-never", "--n", "2", *argv], capsys)
-    assert_one_line_error(code, err, phrase)
+    cli_error(code, err, phrase)
     assert not (world / "sw-never" / "train.json").exists()
 
 
@@ -182,7 +164,7 @@ def test_bench_refuses_bad_settings_before_any_data(world, capsys, monkeypatch, 
     monkeypatch.chdir(world)
     out = [] if "--out" in argv else ["--out", "bench-never"]
     code, _, err = run_cli(["bench", "fusion", *out, *argv], capsys)
-    assert_one_line_error(code, err, phrase)
+    cli_error(code, err, phrase)
     assert not (world / "bench-never").exists()
 
 
@@ -200,7 +182,7 @@ EVAL_CASES = [
 def test_eval_refuses_bad_settings_before_loading_anything(world, capsys, monkeypatch, argv, phrase):
     monkeypatch.chdir(world)
     code, _, err = run_cli(["eval", "model", "--data", "data/test.json", "--image-folder", "data", *argv], capsys)
-    assert_one_line_error(code, err, phrase)
+    cli_error(code, err, phrase)
 
 
 @pytest.mark.parametrize("checkpoint, phrase", [
@@ -213,7 +195,7 @@ def test_every_command_names_a_bad_checkpoint_folder(world, capsys, monkeypatch,
             "chat": ["chat", checkpoint, "hello"], "info": ["info", checkpoint],
             "convert": ["convert", checkpoint, "converted"]}[command]
     code, _, err = run_cli(argv, capsys)
-    assert_one_line_error(code, err, phrase)
+    cli_error(code, err, phrase)
 
 
 CHAT_CASES = [
@@ -229,7 +211,7 @@ CHAT_CASES = [
 def test_chat_refuses_bad_settings(world, capsys, monkeypatch, argv, phrase):
     monkeypatch.chdir(world)
     code, _, err = run_cli(["chat", "model", *argv, "What colour is the circle?"], capsys)
-    assert_one_line_error(code, err, phrase)
+    cli_error(code, err, phrase)
 
 
 @pytest.mark.parametrize("question", [
@@ -240,7 +222,7 @@ def test_chat_answers_any_text(world, capsys, monkeypatch, question):
     monkeypatch.chdir(world)
     code, out, err = run_cli(["chat", "model", "--max-new-tokens", "3", question], capsys)
     if "<image>" in question:  # a marker the user typed needs an image: refused, named
-        assert_one_line_error(code, err, "<image> markers")
+        cli_error(code, err, "<image> markers")
     else:
         assert code == 0 and err == "", err
         assert out.endswith("\n")
@@ -249,7 +231,7 @@ def test_chat_answers_any_text(world, capsys, monkeypatch, question):
 def test_chat_refuses_an_empty_question(world, capsys, monkeypatch):
     monkeypatch.chdir(world)
     code, _, err = run_cli(["chat", "model", "   "], capsys)
-    assert_one_line_error(code, err, "the question is empty")
+    cli_error(code, err, "the question is empty")
 
 
 @pytest.mark.parametrize("argv, phrase", [
@@ -261,7 +243,7 @@ def test_chat_refuses_an_empty_question(world, capsys, monkeypatch):
 def test_other_commands_refuse_in_one_line(world, capsys, monkeypatch, argv, phrase):
     monkeypatch.chdir(world)
     code, _, err = run_cli(argv, capsys)
-    assert_one_line_error(code, err, phrase)
+    cli_error(code, err, phrase)
 
 
 # --- the chat REPL ----------------------------------------------------------------------------------
