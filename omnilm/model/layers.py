@@ -17,9 +17,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from omnilm.config import TextConfig
 from omnilm.errors import OmniInputError
 
-# torch >= 2.5 lets SDPA broadcast key/value heads itself (no copy); older torch gets repeat.
-_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
-
 # Longest key length at which, on CPU and under autograd, SDPA runs its math kernel instead of
 # its flash kernel, whose CPU backward is slower on short sequences (`python benchmarks/attention.py`;
 # the timings: docs/results.md, "Attention kernels on CPU").
@@ -212,13 +209,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd)
-        kwargs = {}
-        if self.n_kv_heads != self.n_heads:
-            if _SDPA_HAS_GQA:
-                kwargs["enable_gqa"] = True
-            else:
-                k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-                v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # SDPA broadcasts each key/value head over its group of query heads itself (no copy).
+        kwargs = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
         # SDPA's is_causal aligns the triangle top-left, which is right only when queries and keys
         # are the same positions; a cached step (fewer queries than keys) needs the mask (or, for
         # one query, none: it may see every cached key).
