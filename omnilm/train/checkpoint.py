@@ -96,16 +96,18 @@ def clean_interrupted_saves(out: Path) -> None:
 
 
 def has_checkpoint(out: Path) -> bool:
-    """Whether `out` holds a finished checkpoint (one that `latest` names). Step folders without
-    `latest` are a first save that never finished: they are removed, so that the run starts afresh."""
+    """Whether `out` holds a finished checkpoint: one that `latest` names."""
+    return (Path(out) / "checkpoints" / "latest").exists()
+
+
+def discard_unfinished_checkpoints(out: Path) -> None:
+    """Step folders without `latest` are a first save that never finished: remove them (and an
+    emptied checkpoints/), so that a plain rerun starts afresh."""
     root = Path(out) / "checkpoints"
-    if (root / "latest").exists():
-        return True
     for unfinished in root.glob("step-*"):
         shutil.rmtree(unfinished) if unfinished.is_dir() else unfinished.unlink()
     if root.is_dir() and not any(root.iterdir()):
         root.rmdir()
-    return False
 
 
 def latest_checkpoint(out: Path) -> Path:

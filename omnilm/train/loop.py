@@ -28,7 +28,8 @@ from omnilm.io import atomic_write, write_text
 from omnilm.model.layers import resolve_device
 from omnilm.settings import to_dict
 from omnilm.train.args import TrainArgs
-from omnilm.train.checkpoint import (checkpoint_config, checkpoint_step, clean_interrupted_saves, has_checkpoint,
+from omnilm.train.checkpoint import (checkpoint_config, checkpoint_step, clean_interrupted_saves,
+                                     discard_unfinished_checkpoints, has_checkpoint,
                                      is_published, latest_checkpoint, load_trainer_state, publish_model,
                                      save_checkpoint)
 from omnilm.train.optim import build_optimizer, describe_split, lr_factor, set_lr
@@ -119,6 +120,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if has_checkpoint(out):
             raise OmniInputError(f"{out} already holds checkpoints of an earlier run: pass --resume to continue it, "
                                  "or use a new --out (or delete its checkpoints/)")
+        discard_unfinished_checkpoints(out)
     stage = build_stage(args, resume_from)
     model = stage.model.to(device)  # in train mode, frozen parts in eval: the stage decides
     optimizer = build_optimizer(model, args.lr, args.weight_decay, stage.group_lrs, kind=args.optimizer)
