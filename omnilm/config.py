@@ -51,11 +51,13 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)  # JSON true is no size
+def is_int(v: Any) -> bool:
+    """An int, and not a bool (JSON's true is no size)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_finite_number(v: Any) -> bool:
+    """An int or float (not a bool) that is finite, an int too large for a float included as not."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
     try:
@@ -68,7 +70,7 @@ def _check_int(field: str, v: Any, lo: int | None = 1, hi: int = MAX_WIDTH, opti
     """An int in [lo, hi] (lo None: any int up to hi, its lower bound checked elsewhere), or None if optional."""
     if optional and v is None:
         return
-    if not _is_int(v) or (lo is not None and v < lo) or v > hi:
+    if not is_int(v) or (lo is not None and v < lo) or v > hi:
         what = f"an integer from {lo} to {hi}" if lo is not None else f"an integer (at most {hi})"
         raise ConfigError(field, v, f"must be {what}" + (", or null" if optional else ""))
 
@@ -77,7 +79,7 @@ def _check_number(field: str, v: Any, positive: bool = False, optional: bool = F
     """A finite number (> 0 if positive), returned as a float; None if optional."""
     if optional and v is None:
         return None
-    if not _is_number(v) or (positive and not v > 0):
+    if not is_finite_number(v) or (positive and not v > 0):
         need = "a finite number > 0" if positive else "a finite number"
         raise ConfigError(field, v, f"must be {need}" + (", or null" if optional else ""))
     return float(v)
@@ -95,7 +97,7 @@ def _check_choice(field: str, v: Any, choices: tuple[str, ...]) -> None:
 
 def _check_id(field: str, v: Any, vocab_size: int) -> None:
     # A token id indexes the embedding (generation feeds eos and pad back in), so it must lie inside it.
-    if v is not None and (not _is_int(v) or not 0 <= v < vocab_size):
+    if v is not None and (not is_int(v) or not 0 <= v < vocab_size):
         raise ConfigError(field, v, f"must be a token id from 0 to {vocab_size - 1} (the vocabulary), or null")
 
 
@@ -130,7 +132,7 @@ class VisionConfig:
         if self.image_size < self.patch_size:
             raise ConfigError(w + "image_size", self.image_size, f"is smaller than patch_size={self.patch_size}: "
                                                                  "an image must hold at least one patch")
-        if self.n_channels != 3 or not _is_int(self.n_channels):
+        if self.n_channels != 3 or not is_int(self.n_channels):
             raise ConfigError(w + "n_channels", self.n_channels, "must be 3: omnilm's image processor makes RGB images")
         for name, hi in (("dim", MAX_WIDTH), ("n_layers", MAX_COUNT), ("n_heads", MAX_COUNT), ("mlp_dim", MAX_WIDTH)):
             _check_int(w + name, getattr(self, name), hi=hi)
@@ -139,7 +141,7 @@ class VisionConfig:
         _check_choice(w + "act", self.act, ACTIVATION_NAMES)
         for name in ("image_mean", "image_std"):
             v = getattr(self, name)
-            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(map(_is_number, v)):
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(map(is_finite_number, v)):
                 raise ConfigError(w + name, v, "must be 3 finite numbers, one per RGB channel")
             if name == "image_std" and not all(x > 0 for x in v):
                 raise ConfigError(w + name, v, "must be > 0 in every channel: pixels are divided by it")
@@ -263,20 +265,20 @@ class TextConfig:
             return ConfigError("text.rope_scaling", s, f"needs {key} to be {what} for rope_type {kind!r}")
 
         if kind in ("linear", "dynamic", "llama3") or s.get("factor") is not None:
-            if not _is_number(s.get("factor")) or not s["factor"] > 0:
+            if not is_finite_number(s.get("factor")) or not s["factor"] > 0:
                 raise need("factor", "a finite number > 0")
         original = s.get("original_max_position_embeddings")
-        if original is not None and (not _is_int(original) or not 1 <= original <= MAX_POSITIONS):
+        if original is not None and (not is_int(original) or not 1 <= original <= MAX_POSITIONS):
             raise need("original_max_position_embeddings", "a positive integer (or absent)")
         if kind == "dynamic" and self.head_dim <= 2:
             raise need("head_dim", "> 2")  # the base grows by a power dim / (dim - 2)
         if kind == "llama3":
             low, high = s.get("low_freq_factor"), s.get("high_freq_factor")
-            if not (_is_number(low) and _is_number(high) and 0 < low < high):
+            if not (is_finite_number(low) and is_finite_number(high) and 0 < low < high):
                 raise need("low_freq_factor and high_freq_factor", "finite numbers with 0 < low < high")
         if kind == "yarn":
             for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
-                if s.get(key) is not None and not (_is_number(s[key]) and s[key] > 0):
+                if s.get(key) is not None and not (is_finite_number(s[key]) and s[key] > 0):
                     raise need(key, "a finite number > 0 (or absent)")
             if not isinstance(s.get("truncate", True), bool):
                 raise need("truncate", "true or false")

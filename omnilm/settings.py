@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
 import types
@@ -30,6 +29,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from omnilm.config import is_finite_number, is_int
 from omnilm.errors import OmniInputError
 
 SUPPRESS = argparse.SUPPRESS  # as a help text: a flag that works but is not listed
@@ -219,15 +219,16 @@ def check_range(settings: Any, names: tuple[str, ...], low: float | None = None,
         value = getattr(settings, name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise OmniInputError(f"{flag_name(name)} is {value!r}; give a finite number")
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        if not (is_int(value) or is_finite_number(value)):  # an int of any size compares exactly
+            raise OmniInputError(f"{flag_name(name)} is {shown}; give a finite number")
         if (low is not None and value < low) or (high is not None and value > high) or \
                 (above is not None and not value > above):
             if high is None:
                 bounds = f"> {above}" if above is not None else f"at least {low}"
             else:
                 bounds = f"in ({above}, {high}]" if above is not None else f"between {low} and {high}"
-            raise OmniInputError(f"{flag_name(name)} is {value}; it must be {bounds}{what}")
+            raise OmniInputError(f"{flag_name(name)} is {shown}; it must be {bounds}{what}")
 
 
 SEED_MAX = 2**32 - 1  # seeds are mixed with the epoch into torch's 64-bit generator seeds

@@ -64,7 +64,7 @@ def bad_number_cases(flag: str, is_int: bool) -> list[tuple[str, str, str]]:
 
 TRAIN_CASES = [case for flag in TRAIN_NUMERIC for case in bad_number_cases(flag, flag in INT_FLAGS)]
 TRAIN_CASES += [(flag, low, phrase) for flag, (low, phrase) in TRAIN_NUMERIC.items()]
-TRAIN_CASES += [("--seed", str(2**70), "between 0 and"), ("--vision-lr", "0", "> 0"),
+TRAIN_CASES += [("--seed", str(2**70), "between 0 and"), ("--seed", "9" * 400, "it must be between 0 and"), ("--vision-lr", "0", "> 0"),
                 ("--optimizer", "sgd", "invalid choice"), ("--stage", "pretrain", "invalid choice"),
                 ("--fusion", "middle", "invalid choice"), ("--attend", "none", "invalid choice"),
                 ("--preset", "tiyn", "unknown --preset 'tiyn'"), ("--device", "gpu", "not a device"),

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from omnilm.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from omnilm.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, is_int
 from omnilm.errors import OmniInputError
 from omnilm.model.hf_config import preprocessor_config
 
@@ -237,7 +237,7 @@ class ImageProcessor:
                 raise bad(flag, "must be true or false")
             if d.get(flag) is False and flag != "do_pad":
                 raise OmniInputError(f"{where} sets {flag}=false, which omnilm does not support; set it true")
-        if "resample" in d and (not _is_int(d["resample"]) or d["resample"] != 3):
+        if "resample" in d and (not is_int(d["resample"]) or d["resample"] != 3):
             raise bad("resample", "is not bicubic (3), the only resampling omnilm supports")
         factor = d.get("rescale_factor", 1 / 255)
         if not _is_number(factor) or abs(factor - 1 / 255) > 1e-12:
@@ -258,7 +258,7 @@ class ImageProcessor:
                 raise bad("crop_size", "is not square; omnilm needs a square crop")
             crop = crop["height"]
         for field, value in (("size", size), ("crop_size", crop)):
-            if not _is_int(value) or not 1 <= value <= MAX_IMAGE_SIDE:
+            if not is_int(value) or not 1 <= value <= MAX_IMAGE_SIDE:
                 raise bad(field, f"must be a whole number of pixels from 1 to {MAX_IMAGE_SIDE}")
         stats = {}
         for field, default in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
@@ -281,10 +281,6 @@ class ImageProcessor:
             # In a CLIPImageProcessor `do_pad` means padding to a batch shape, not LLaVA's square pad.
             pad_to_square=bool(d.get("do_pad")) and kind.startswith("Llava"),
         )
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x) -> bool:
