@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,29 @@ def tiny_hf_model(kind: str, seed: int = 0, **config_overrides):
                 "clip": (tf.CLIPVisionModel, vision_cfg)}[kind]
     torch.manual_seed(seed)
     return randomize_(cls(cfg), seed).eval()
+
+
+def tiny_checkpoint(folder: Path, fusion: str = "joint", seed: int = 0, max_seq_len: int = 256, **overrides) -> Path:
+    """A small random LLaVA-style checkpoint with its tokenizer, as `omnilm serve` and `chat` load
+    one: 32 px images in 16 px patches (4 tokens each), weights at O(1) scale so greedy answers vary."""
+    from omnilm import OmniConfig, OmniModel
+    from omnilm.data import Processor, train_tokenizer
+
+    tokenizer = train_tokenizer(["What colour is the circle? a red circle and a blue square, three green triangles"] * 4,
+                                vocab_size=300)
+    text = dict(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                pad_token_id=tokenizer.pad_id, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
+                max_seq_len=max_seq_len) | overrides.pop("text", {})
+    vision = dict(image_size=32, patch_size=16, dim=32, n_layers=2, n_heads=4, mlp_dim=64)
+    config = OmniConfig(text=text, vision=vision, image_token_id=tokenizer.image_token_id, fusion=fusion, **overrides)
+    torch.manual_seed(seed)
+    model = randomize_(OmniModel.from_config(config), seed).eval()
+    model.save_pretrained(folder)
+    Processor.for_model(model, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory) -> Path:
+    """One tiny joint-fusion checkpoint folder shared by the serving tests."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve") / "model")

@@ -1,4 +1,4 @@
-from omnilm.model.layers import KVCache
+from omnilm.model.layers import KVCache, RaggedKVCache
 from omnilm.model.omni import ModelOutput, OmniModel
 
-__all__ = ["KVCache", "ModelOutput", "OmniModel"]
+__all__ = ["KVCache", "RaggedKVCache", "ModelOutput", "OmniModel"]

@@ -76,6 +76,23 @@ class Media:
         m-th image of every row), so that a query can ask for "the second image"."""
         return self.features + order.weight[:self.features.shape[1], None].to(self.features)
 
+    @classmethod
+    def stack(cls, rows: list[Media | None]) -> Media | None:
+        """One batch from each row's own images (a serving batch: each row a request prefilled
+        alone, None for a row without images); None when no row has any."""
+        known = [m for m in rows if m is not None and not m.empty]
+        if not known:
+            return None
+        M = max(m.features.shape[1] for m in known)
+        like = known[0]
+        features = like.features.new_zeros(len(rows), M, *like.features.shape[2:])
+        positions = torch.full((len(rows), M), _NO_IMAGE, dtype=torch.long, device=like.positions.device)
+        for b, m in enumerate(rows):
+            if m is not None and not m.empty:
+                n = m.features.shape[1]
+                features[b, :n], positions[b, :n] = m.features[0], m.positions[0]
+        return cls(features, positions)
+
     def extend(self, later: Media) -> Media:
         """These images followed by `later` ones (a prompt prefilled in chunks)."""
         positions = torch.cat([self.positions, later.positions], 1)
@@ -94,9 +111,11 @@ def _check_count(n_images: int) -> None:
 
 
 def media_mask(positions: torch.Tensor, query_positions: torch.Tensor, attend: str) -> torch.Tensor:
-    """(B, T, M) True where the token at sequence index query_positions[t] may read image m of its
-    row: every image whose marker is at or before it ("all"), or only the latest one ("previous")."""
-    seen = positions[:, None, :] <= query_positions[None, :, None]  # a prefix of each row's images
+    """(B, T, M) True where the token at sequence index query_positions[t] (or [b, t]: rows at
+    positions of their own) may read image m of its row: every image whose marker is at or before
+    it ("all"), or only the latest one ("previous")."""
+    queries = query_positions if query_positions.ndim == 2 else query_positions[None]
+    seen = positions[:, None, :] <= queries[:, :, None]  # a prefix of each row's images
     if attend == "all":
         return seen
     latest = seen.sum(-1, keepdim=True) - 1  # -1: no image yet
@@ -227,8 +246,11 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp = SwiGLU(t.dim, t.mlp_dim)
         self.mlp_gate = nn.Parameter(torch.empty(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + torch.tanh(self.attn_gate).to(x.dtype) * _attend_media(self.attn, self.norm(x), media, allowed)
+    def forward(self, x: torch.Tensor, media: torch.Tensor | None, allowed: torch.Tensor | None) -> torch.Tensor:
+        """`media` None: no image anywhere in the batch, so the attention adds exactly 0 (as it does for
+        a row without images in a batch with some): only the gated feed-forward applies."""
+        if media is not None:
+            x = x + torch.tanh(self.attn_gate).to(x.dtype) * _attend_media(self.attn, self.norm(x), media, allowed)
         return x + torch.tanh(self.mlp_gate).to(x.dtype) * self.mlp(self.norm_mlp(x))
 
 
@@ -249,16 +271,17 @@ class CrossAttentionFusion(nn.Module):
         return self.resampler(feats)
 
     def before_layer(self, media: Media | None, query_positions: torch.Tensor):
-        """The hook `LlamaDecoder` calls before each layer: a gated block where one stands."""
-        if media is None or media.empty:
-            return None
-        latents = media.ordered(self.order)
-        allowed = media_mask(media.positions, query_positions, self.attend)
+        """The hook `LlamaDecoder` calls before each layer: a gated block where one stands. The blocks
+        run with or without images, so a row's result never depends on what else is in its batch."""
+        latents = allowed = None
+        if media is not None and not media.empty:
+            latents = media.ordered(self.order)
+            allowed = media_mask(media.positions, query_positions, self.attend)
 
         def hook(i: int, x: torch.Tensor) -> torch.Tensor:
             if i % self.every:
                 return x
-            return self.blocks[i // self.every](x, latents.to(x.dtype), allowed)
+            return self.blocks[i // self.every](x, None if latents is None else latents.to(x.dtype), allowed)
 
         return hook
 

@@ -178,6 +178,55 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.seen += n
 
+    def positions(self, T: int) -> torch.Tensor:
+        """Sequence indices (T,) of the next T tokens, the same in every row."""
+        return torch.arange(self.seen, self.seen + T, device=self.k.device)
+
+
+class RaggedKVCache:
+    """The cache of a serving engine's running batch: rows that each hold a sequence of their own
+    length, decoded together. Row b writes its T new tokens at [lengths[b], lengths[b] + T) and
+    attends to its own positions only; positions are per row, with no padding anywhere.
+
+    `k`, `v` (L, B, Hkv, max_len, hd) are usually views of a larger store that the engine owns;
+    `media` the rows' images for late and cross-attention fusion (one `Media` for the batch).
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], media=None):
+        self.k, self.v, self.media = k, v, media
+        self.max_len = k.shape[3]
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=k.device)
+        self._longest = max(lengths)  # kept on the host: no device sync per layer
+
+    @property
+    def seen(self) -> int:
+        """The shortest row's length: 0 only when some row starts empty."""
+        return int(self.lengths.min())
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Each row's sequence indices (B, T) for its next T tokens."""
+        return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
+
+    def mask(self, T: int) -> torch.Tensor:
+        """(B, 1, T, S): the query at row b's position p sees that row's keys 0..p, nothing beyond."""
+        keys = torch.arange(self._longest + T, device=self.lengths.device)
+        return (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, _, T, _ = k.shape
+        end = self._longest + T
+        if end > self.max_len:
+            raise OmniInputError(f"KV cache holds {self.max_len} positions but {end} are needed: allocate a longer cache")
+        rows = torch.arange(B, device=k.device)[:, None]
+        cols = self.positions(T)
+        self.k[layer][rows, :, cols] = k.transpose(1, 2)  # (B, T, Hkv, hd) into each row's own columns
+        self.v[layer][rows, :, cols] = v.transpose(1, 2)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.lengths += n
+        self._longest += n
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads (Ainslie et al. 2023) through SDPA.

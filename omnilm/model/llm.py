@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from omnilm.config import TextConfig
-from omnilm.model.layers import Attention, KVCache, RMSNorm, SwiGLU, decoder_mask, rope_cos_sin
+from omnilm.model.layers import Attention, KVCache, RaggedKVCache, RMSNorm, SwiGLU, decoder_mask, rope_cos_sin
 from omnilm.model.moe import MoE, Routing
 
 
@@ -47,12 +47,13 @@ class LlamaDecoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | RaggedKVCache | None = None,
                 routing: list[Routing] | None = None,
                 before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D) for input embeddings x (B, T, D).
 
-        `attention_mask` (B, S) covers the cached positions and the new ones (1 = real token).
+        `attention_mask` (B, S) covers the cached positions and the new ones (1 = real token); a
+        `RaggedKVCache` (a serving batch) brings its own positions and mask instead.
         Without `position_ids`, positions count real tokens only, so a left-padded prompt gets
         the same positions as the unpadded one. Each MoE layer appends its `Routing` to `routing`
         when a list is given (padding tokens go to no expert and count in no statistic).
@@ -60,15 +61,18 @@ class LlamaDecoder(nn.Module):
         cross-attention fusion inserts its gated blocks, leaving the decoder's own weights as they are.
         """
         B, T, _ = x.shape
-        start = cache.seen if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
-            else:
-                position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
+        if isinstance(cache, RaggedKVCache):  # rows of their own lengths: the cache knows positions and mask
+            position_ids, mask, tokens = cache.positions(T), cache.mask(T), None
+        else:
+            start = cache.seen if cache is not None else 0
+            if position_ids is None:
+                if attention_mask is not None:
+                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+                else:
+                    position_ids = torch.arange(start, start + T, device=x.device).expand(B, T)
+            mask = decoder_mask(attention_mask, T, start, x.device)
+            tokens = attention_mask[:, start:start + T] if attention_mask is not None else None
         rope = rope_cos_sin(self.config, position_ids)
-        mask = decoder_mask(attention_mask, T, start, x.device)
-        tokens = attention_mask[:, start:start + T] if attention_mask is not None else None
         for i, layer in enumerate(self.layers):
             if before_layer is not None:
                 x = before_layer(i, x)

@@ -193,7 +193,9 @@ class OmniModel(nn.Module):
         x = self.embed(input_ids, pixel_values)
         routing: list[Routing] | None = [] if labels is not None or output_routing else None
         start = cache.seen if cache is not None else 0
-        query_positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        T = input_ids.shape[1]
+        # (T,), or (B, T) for a RaggedKVCache, whose rows stand at positions of their own.
+        query_positions = cache.positions(T) if cache is not None else torch.arange(T, device=input_ids.device)
         media = self._media(input_ids, pixel_values, cache, start)
         before_layer = None
         if self.config.fusion == "cross_attention":

@@ -1,0 +1,458 @@
+"""An inference engine with continuous batching: many requests decoded together, each joining and
+leaving the running batch between decoding steps (iteration-level scheduling, Orca, Yu et al. 2022).
+
+    add_request --> waiting (a FIFO queue, at most max_queue)
+                       |  a free row: prefill the prompt into a scratch row, `prefill_chunk`
+                       v  tokens per step, images encoded once; the first token is sampled
+                    running rows [0, n) of the KV store --> one token per row per `step()`
+                       |  stop id, stop string, max_tokens or abort
+                       v
+                    finished: the row is freed at once (the last row moves into it)
+
+Every row keeps its own length: a decoding step feeds one token per row through a
+`RaggedKVCache`, so rows at different positions decode together with no padding, and each
+request's tokens are those it would get alone (its own sampling settings and random generator,
+inside one batch). Prefill runs one newcomer at a time, in chunks that never split an image,
+interleaved with the decoding steps: a long prompt delays the running streams by one chunk per
+step, not by its whole length.
+
+`Engine` is synchronous and single-threaded: `step()` does one iteration and returns what each
+request gained. `add_request` and `abort` may be called from any thread. `AsyncEngine` runs the
+steps in a background thread for an asyncio server; leaving its `generate` loop early aborts the
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from omnilm.errors import OmniInputError
+from omnilm.infer.generate import sample
+from omnilm.model.fusion import Media
+from omnilm.model.layers import RaggedKVCache
+from omnilm.settings import check_range
+
+
+class QueueFull(OmniInputError):
+    """The waiting queue holds `max_queue` requests already: try again shortly."""
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    """How one request is decoded. Temperature 0 is greedy; a `seed` makes sampling reproducible."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # the text ends before the first one that appears
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's eos
+
+    def __post_init__(self) -> None:
+        check_range(self, ("max_tokens",), low=1)
+        check_range(self, ("temperature",), low=0)
+        check_range(self, ("top_k",), low=1)
+        check_range(self, ("top_p",), 0, 1, above=0)
+        check_range(self, ("seed",), 0, 2**63 - 1)
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise OmniInputError(f"stop={self.stop!r} must be a list of non-empty strings")
+        if not isinstance(self.stop_token_ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_token_ids):
+            raise OmniInputError(f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids (integers >= 0)")
+
+
+@dataclass
+class Output:
+    """What one step brought one request."""
+
+    request_id: str
+    text: str  # the new text since the previous Output ("" while it is held back, see `_Request.emit`)
+    token_ids: list[int]  # the new ids
+    finish_reason: str | None  # None while running; "stop", "length", "abort", or "error" (see `error`)
+    prompt_tokens: int
+    completion_tokens: int  # all generated so far
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int  # decoding, or prefilling
+    waiting: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    aborted_total: int
+
+
+class _Request:
+    """One request's state, from the queue to its last token."""
+
+    def __init__(self, request_id: str, prompt: list[int], pixel_values: torch.Tensor | None,
+                 params: SamplingParams, stop_ids: set[int], device: torch.device):
+        self.id, self.prompt, self.pixel_values, self.params = request_id, prompt, pixel_values, params
+        self.stop_ids = stop_ids | set(params.stop_token_ids)
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device).manual_seed(
+                params.seed if params.seed is not None else secrets.randbits(63))
+        self.prefilled = 0  # prompt tokens in the cache so far
+        self.images_used = 0
+        self.media: Media | None = None  # late and cross-attention fusion: this request's images
+        self.output_ids: list[int] = []
+        self.text_ids: list[int] = []  # output_ids without a final stop id
+        self.sent = ""  # the text handed out so far
+
+    @property
+    def length(self) -> int:
+        """Tokens in the cache: the prompt and every output token but the newest (not fed yet)."""
+        return len(self.prompt) + len(self.output_ids) - 1
+
+    def emit(self, tokenizer, new_ids: list[int], finish: str | None) -> Output:
+        """The Output for `new_ids`: the text they add, cut at a stop string (which then finishes
+        the request). While running, text that could still become a stop string, or ends in an
+        incomplete character (U+FFFD: its bytes are split over tokens not all seen), is held back."""
+        text = tokenizer.decode(self.text_ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s, max(0, len(self.sent) - len(s) + 1)) for s in self.params.stop) if i >= 0),
+                  default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        end = len(text)
+        if finish is None:
+            end = min([end, *(_partial_stop(text, s) for s in self.params.stop)])
+            while end > len(self.sent) and text[end - 1] == "\ufffd":
+                end -= 1
+        piece = text[len(self.sent):end] if end > len(self.sent) else ""
+        self.sent += piece
+        return Output(self.id, piece, new_ids, finish, len(self.prompt), len(self.output_ids))
+
+
+def _partial_stop(text: str, stop: str) -> int:
+    """Where the longest suffix of `text` that begins `stop` starts (len(text) when none does)."""
+    for n in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:n]):
+            return len(text) - n
+    return len(text)
+
+
+class Engine:
+    """Continuous batching over one model: see the module docstring.
+
+    max_batch: rows of the KV store, the most requests decoding at once.
+    max_queue: the most requests waiting for a row; beyond it `add_request` raises QueueFull.
+    max_len: the context of each row (prompt + max_tokens); default the model's max_seq_len.
+    prefill_chunk: prompt tokens prefilled per step, the bound on how long one step of the
+        running streams waits for newcomers (a chunk grows to the end of an image it would split).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
+                 max_len: int | None = None, prefill_chunk: int = 512):
+        text = model.config.text
+        if max_len is not None and not 1 <= max_len <= text.max_seq_len:
+            raise OmniInputError(f"max_len={max_len} must be between 1 and the model's max_seq_len={text.max_seq_len}")
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or value < 1:
+                raise OmniInputError(f"{name}={value!r} must be an integer >= 1")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_len = max_len or text.max_seq_len
+        weight = model.lm_head.weight
+        self.device = weight.device
+        shape = (text.n_layers, max_batch, text.n_kv_heads, self.max_len, text.head_dim)
+        self.k = torch.zeros(shape, dtype=weight.dtype, device=self.device)
+        self.v = torch.zeros_like(self.k)
+        # The newcomer being prefilled writes here, then moves into the first free row of k, v.
+        self.scratch_k = torch.zeros(shape[:1] + (1,) + shape[2:], dtype=weight.dtype, device=self.device)
+        self.scratch_v = torch.zeros_like(self.scratch_k)
+        self.eos = set(_as_list(text.eos_token_id))
+        self.image_span = model.config.image_seq_len  # tokens per image in the prompt
+
+        self.running: list[_Request] = []  # running[i] owns row i
+        self.prefilling: _Request | None = None
+        self.waiting: deque[_Request] = deque()
+        self._media: Media | None = None  # the running rows' images, rebuilt when the rows change
+        self._rows_changed = True
+        self._lock = threading.Lock()  # guards the inbox: add_request and abort come from other threads
+        self._inbox: list[_Request] = []
+        self._aborts: set[str] = set()
+        self._totals = dict(prompt=0, generation=0, aborted=0)
+
+    # --- the door ------------------------------------------------------------------------------
+
+    def add_request(self, input_ids: list[int], pixel_values: torch.Tensor | None, params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (token ids with image tokens expanded, as the processor makes them) and its
+        images (N, 3, H, W) in marker order; returns the request id."""
+        if not isinstance(params, SamplingParams):
+            raise OmniInputError(f"params must be SamplingParams, not {type(params).__name__}")
+        if not input_ids:
+            raise OmniInputError("the prompt is empty: send at least one token")
+        total = len(input_ids) + params.max_tokens
+        if total > self.max_len:
+            raise OmniInputError(f"the prompt is {len(input_ids)} tokens and max_tokens is {params.max_tokens}: "
+                                 f"{total} > the context of {self.max_len}; shorten the prompt or lower max_tokens")
+        self._check_images(input_ids, pixel_values)
+        request = _Request(request_id or uuid.uuid4().hex, list(input_ids), pixel_values, params, self.eos, self.device)
+        with self._lock:
+            if len(self.waiting) + len(self._inbox) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are waiting already; retry in a moment")
+            self._inbox.append(request)
+        return request.id
+
+    def _check_images(self, input_ids: list[int], pixel_values: torch.Tensor | None) -> None:
+        config = self.model.config
+        n_tokens = sum(1 for i in input_ids if i == config.image_token_id) if config.vision is not None else 0
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_tokens != n_images * self.image_span:
+            raise OmniInputError(f"the prompt holds {n_tokens} image tokens but {n_images} images of {self.image_span} "
+                                 "tokens came with it: build the prompt with the model's processor")
+        if pixel_values is not None:
+            v = config.vision
+            want = (v.n_channels, v.image_size, v.image_size)
+            if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+                raise OmniInputError(f"pixel_values are {tuple(pixel_values.shape)} but the model takes (N, "
+                                     f"{', '.join(map(str, want))}): preprocess the images with the model's processor")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is (the next step frees its row); unknown ids are ignored."""
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.running or self.prefilling or self.waiting or self._inbox or self._aborts)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            waiting = len(self.waiting) + len(self._inbox)
+        return EngineStats(len(self.running) + (self.prefilling is not None), waiting, self._totals["prompt"],
+                           self._totals["generation"], self._totals["aborted"])
+
+    # --- one iteration -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[Output]:
+        """Take in new requests and aborts, decode one token for every running row, then prefill
+        up to `prefill_chunk` prompt tokens of newcomers. Returns each request's news."""
+        outputs = self._take_inbox()
+        if self.running:
+            outputs += self._decode()
+        outputs += self._prefill()
+        return outputs
+
+    def _take_inbox(self) -> list[Output]:
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+            aborts, self._aborts = self._aborts, set()
+        if not aborts:
+            return []
+        outputs = []
+        gone = [r for r in self.running if r.id in aborts]
+        if self.prefilling is not None and self.prefilling.id in aborts:
+            gone.append(self.prefilling)
+            self.prefilling = None
+        gone += [r for r in self.waiting if r.id in aborts]
+        self.waiting = deque(r for r in self.waiting if r.id not in aborts)
+        self._free([r for r in self.running if r.id in aborts])
+        for r in gone:
+            self._totals["aborted"] += 1
+            outputs.append(Output(r.id, "", [], "abort", len(r.prompt), len(r.output_ids)))
+        return outputs
+
+    def _decode(self) -> list[Output]:
+        """One token for every running row, each at its own position."""
+        if self._rows_changed:
+            self._media = Media.stack([r.media for r in self.running]) if self.model.fusion is not None else None
+            self._rows_changed = False
+        n = len(self.running)
+        cache = RaggedKVCache(self.k[:, :n], self.v[:, :n], [r.length for r in self.running], self._media)
+        tokens = torch.tensor([[r.output_ids[-1]] for r in self.running], device=self.device)
+        logits = self.model(tokens, None, None, cache=cache, logits_to_keep=1).logits[:, -1]  # (n, V)
+        outputs = [self._accept(r, logits[b:b + 1]) for b, r in enumerate(self.running)]
+        self._free([r for r, out in zip(self.running, outputs) if out.finish_reason is not None])
+        return outputs
+
+    def _accept(self, r: _Request, logits: torch.Tensor) -> Output:
+        """Sample `r`'s next token from its logits (1, V) and decide whether it is done."""
+        p = r.params
+        token = int(sample(logits, p.temperature > 0, p.temperature or 1.0, p.top_k, p.top_p, r.generator)[0])
+        r.output_ids.append(token)
+        self._totals["generation"] += 1
+        finish = None
+        if token in r.stop_ids:
+            finish = "stop"
+        else:
+            r.text_ids.append(token)
+            if len(r.output_ids) == p.max_tokens:
+                finish = "length"
+        return r.emit(self.tokenizer, [token], finish)
+
+    def _free(self, done: list[_Request]) -> None:
+        """Release the rows of `done`: the last running rows move into the holes, so rows stay [0, n)."""
+        if not done:
+            return
+        keep = [r for r in self.running if r not in done]
+        for row, r in enumerate(keep):
+            old = self.running.index(r)
+            if old != row:  # move this request's keys and values down into the free row
+                self.k[:, row, :, :r.length] = self.k[:, old, :, :r.length]
+                self.v[:, row, :, :r.length] = self.v[:, old, :, :r.length]
+        self.running = keep
+        self._rows_changed = True
+
+    def _prefill(self) -> list[Output]:
+        """Prefill newcomers' prompts, `prefill_chunk` tokens in all, while rows are free; a
+        newcomer whose prompt is complete samples its first token and joins the running rows."""
+        outputs, budget = [], self.prefill_chunk
+        while budget > 0:
+            if self.prefilling is None:
+                if not self.waiting or len(self.running) == self.max_batch:
+                    break
+                self.prefilling = self.waiting.popleft()
+            r = self.prefilling
+            try:
+                logits, used = self._prefill_chunk(r, budget)
+            except OmniInputError as e:  # this request's own input: it fails alone
+                self.prefilling = None
+                outputs.append(Output(r.id, "", [], "error", len(r.prompt), 0, error=str(e)))
+                continue
+            budget -= used
+            if r.prefilled < len(r.prompt):
+                continue
+            self.prefilling = None
+            self._totals["prompt"] += len(r.prompt)
+            row = len(self.running)
+            self.k[:, row, :, :len(r.prompt)] = self.scratch_k[:, 0, :, :len(r.prompt)]
+            self.v[:, row, :, :len(r.prompt)] = self.scratch_v[:, 0, :, :len(r.prompt)]
+            out = self._accept(r, logits)
+            outputs.append(out)
+            if out.finish_reason is None:
+                self.running.append(r)
+                self._rows_changed = True
+        return outputs
+
+    def _prefill_chunk(self, r: _Request, budget: int) -> tuple[torch.Tensor, int]:
+        """Run the next chunk of `r`'s prompt (at most `budget` tokens, unless that would split an
+        image) through the model into the scratch row; returns the last logits (1, V) and its length."""
+        start = r.prefilled
+        end = _chunk_end(r.prompt, start, budget, self.model.config.image_token_id, self.image_span)
+        chunk = r.prompt[start:end]
+        n_images = sum(1 for i in chunk if i == self.model.config.image_token_id) // self.image_span
+        pixels = None
+        if n_images:
+            pixels = r.pixel_values[r.images_used:r.images_used + n_images].to(self.device)
+        cache = RaggedKVCache(self.scratch_k, self.scratch_v, [start], r.media)
+        ids = torch.tensor([chunk], device=self.device)
+        logits = self.model(ids, pixels, None, cache=cache, logits_to_keep=1).logits[:, -1]
+        r.prefilled, r.images_used, r.media = end, r.images_used + n_images, cache.media
+        return logits, end - start
+
+
+def _chunk_end(prompt: list[int], start: int, budget: int, image_id: int, span: int) -> int:
+    """Where a chunk from `start` of at most `budget` tokens ends: moved to the end of an image
+    (`span` image tokens) that it would otherwise cut, so each image is encoded exactly once."""
+    end = min(start + budget, len(prompt))
+    if end == len(prompt) or span == 1:
+        return end
+    run = 0  # image tokens before `end` since the last image boundary
+    for i in range(end - 1, -1, -1):
+        if prompt[i] != image_id:
+            break
+        run += 1
+    # Image tokens come in whole images of `span`; a run of them may hold several back to back.
+    first_of_run = end - run
+    before = sum(1 for i in prompt[:first_of_run] if i == image_id) % span  # tokens of an image begun earlier
+    inside = (before + run) % span
+    return end if inside == 0 else min(end + span - inside, len(prompt))
+
+
+def _as_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+# --- asyncio -------------------------------------------------------------------------------------
+
+
+class AsyncEngine:
+    """Runs an `Engine`'s steps in a background thread and hands each request's Outputs to the
+    asyncio task that awaits them (`generate`). The model never runs on the event loop."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="omnilm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            if not self.engine.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug, not a request's input: fail everyone rather than hang them
+                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item: Output) -> None:
+        target = self._queues.get(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _fail_all(self, message: str) -> None:
+        for request_id in list(self._queues):
+            self.engine.abort(request_id)
+            self._deliver(request_id, Output(request_id, "", [], "error", 0, 0, error=message))
+        try:
+            self.engine.step()  # frees the aborted rows
+        except Exception:
+            pass
+
+    async def generate(self, input_ids: list[int], pixel_values: torch.Tensor | None,
+                       params: SamplingParams) -> AsyncIterator[Output]:
+        """Each step's Output for this request until it finishes. The request is queued on the first
+        iteration (its errors raise there); leaving the loop early aborts it."""
+        request_id = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        finished = False
+        try:
+            self.engine.add_request(input_ids, pixel_values, params, request_id)
+            self._wake.set()
+            while not finished:
+                out = await queue.get()
+                finished = out.finish_reason is not None
+                yield out
+        finally:
+            del self._queues[request_id]
+            if not finished:  # the consumer left (a client gone, a cancelled task): free the row
+                self.engine.abort(request_id)
+                self._wake.set()
+
+
+__all__ = ["AsyncEngine", "Engine", "EngineStats", "Output", "QueueFull", "SamplingParams"]
