@@ -27,6 +27,7 @@ import re
 import types
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from omnilm.config import is_finite_number, is_int
@@ -213,22 +214,23 @@ def flag_name(name: str) -> str:
 
 
 def check_range(settings: Any, names: tuple[str, ...], low: float | None = None, high: float | None = None,
-                above: float | None = None, what: str = "") -> None:
-    """Each of `names` (None allowed) is a finite number in [low, high], and > `above` if given."""
+                above: float | None = None, what: str = "", named: Callable[[str], str] = flag_name) -> None:
+    """Each of `names` (None allowed) is a finite number in [low, high], and > `above` if given.
+    Errors call a field by its flag (`named`: for fields that come from elsewhere, `str`)."""
     for name in names:
         value = getattr(settings, name)
         if value is None:
             continue
         shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
         if not (is_int(value) or is_finite_number(value)):  # an int of any size compares exactly
-            raise OmniInputError(f"{flag_name(name)} is {shown}; give a finite number")
+            raise OmniInputError(f"{named(name)} is {shown}; give a finite number")
         if (low is not None and value < low) or (high is not None and value > high) or \
                 (above is not None and not value > above):
             if high is None:
                 bounds = f"> {above}" if above is not None else f"at least {low}"
             else:
                 bounds = f"in ({above}, {high}]" if above is not None else f"between {low} and {high}"
-            raise OmniInputError(f"{flag_name(name)} is {shown}; it must be {bounds}{what}")
+            raise OmniInputError(f"{named(name)} is {shown}; it must be {bounds}{what}")
 
 
 SEED_MAX = 2**32 - 1  # seeds are mixed with the epoch into torch's 64-bit generator seeds

@@ -196,19 +196,23 @@ class RaggedKVCache:
         self.k, self.v, self.media = k, v, media
         self.max_len = k.shape[3]
         self.lengths = torch.tensor(lengths, dtype=torch.long, device=k.device)
-        self._longest = max(lengths)  # kept on the host: no device sync per layer
+        self._shortest, self._longest = min(lengths), max(lengths)  # on the host: no device sync per layer
 
     @property
     def seen(self) -> int:
         """The shortest row's length: 0 only when some row starts empty."""
-        return int(self.lengths.min())
+        return self._shortest
 
     def positions(self, T: int) -> torch.Tensor:
         """Each row's sequence indices (B, T) for its next T tokens."""
         return self.lengths[:, None] + torch.arange(T, device=self.lengths.device)
 
-    def mask(self, T: int) -> torch.Tensor:
-        """(B, 1, T, S): the query at row b's position p sees that row's keys 0..p, nothing beyond."""
+    def mask(self, T: int) -> torch.Tensor | None:
+        """(B, 1, T, S): the query at row b's position p sees that row's keys 0..p, nothing beyond.
+        None where `decoder_mask` gives None too (rows of one length, starting empty or adding one
+        token), so that a batch of one computes exactly what `generate` does."""
+        if self._shortest == self._longest and (self._longest == 0 or T == 1):
+            return None
         keys = torch.arange(self._longest + T, device=self.lengths.device)
         return (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]
 
@@ -225,6 +229,7 @@ class RaggedKVCache:
 
     def advance(self, n: int) -> None:
         self.lengths += n
+        self._shortest += n
         self._longest += n
 
 

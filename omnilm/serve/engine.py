@@ -59,11 +59,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's eos
 
     def __post_init__(self) -> None:
-        check_range(self, ("max_tokens",), low=1)
-        check_range(self, ("temperature",), low=0)
-        check_range(self, ("top_k",), low=1)
-        check_range(self, ("top_p",), 0, 1, above=0)
-        check_range(self, ("seed",), 0, 2**63 - 1)
+        check_range(self, ("max_tokens",), low=1, named=str)
+        check_range(self, ("temperature",), low=0, named=str)
+        check_range(self, ("top_k",), low=1, named=str)
+        check_range(self, ("top_p",), 0, 1, above=0, named=str)
+        check_range(self, ("seed",), 0, 2**63 - 1, named=str)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise OmniInputError(f"stop={self.stop!r} must be a list of non-empty strings")
         if not isinstance(self.stop_token_ids, list) or not all(

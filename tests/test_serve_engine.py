@@ -1,0 +1,212 @@
+"""The continuous-batching engine against one-at-a-time `generate`: the same tokens for prompts
+served together (every fusion mode, MoE, chunked prefill), the same draws for seeded sampling
+inside a mixed batch, stop strings and ids, aborts that free their row, and the doors' errors."""
+
+import asyncio
+
+import pytest
+import torch
+from conftest import one_line_error, tiny_checkpoint
+from PIL import Image
+
+from omnilm import OmniModel
+from omnilm.data import Processor
+from omnilm.infer import generate
+from omnilm.model.layers import RaggedKVCache
+from omnilm.serve.engine import AsyncEngine, Engine, QueueFull, SamplingParams, _chunk_end
+
+COLOURS = ["red", "blue", "green", "white", "black"]
+
+
+def load(folder):
+    model = OmniModel.from_pretrained(folder).eval()
+    return model, Processor.for_model(model, folder)
+
+
+@pytest.fixture(scope="module")
+def joint(tmp_path_factory):
+    return load(tiny_checkpoint(tmp_path_factory.mktemp("joint") / "m"))
+
+
+def prompts(n: int = 20) -> list[list[dict]]:
+    """Text-only and image prompts (one or two images) of different lengths."""
+    out = []
+    for i in range(n):
+        content = [{"type": "text", "text": "What colour is the circle? " * (1 + i % 4)}]
+        if i % 3:
+            image = Image.new("RGB", (40 + i, 40), COLOURS[i % 5])
+            content = [{"type": "image", "image": image}] * (1 + i % 2) + content
+        out.append([{"role": "user", "content": content}])
+    return out
+
+
+def alone(model, processor, messages, max_new_tokens: int, seed: int | None = None, **kw) -> list[int]:
+    batch = processor(messages)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    new = generate(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                   max_new_tokens=max_new_tokens, generator=generator, **kw)[0].tolist()
+    stops = {model.config.text.eos_token_id}
+    return next((new[:i + 1] for i, t in enumerate(new) if t in stops), new)
+
+
+def serve(engine: Engine, processor, requests: list[tuple[list[dict], SamplingParams]]) -> list[list[int]]:
+    """Queue every request at once and step until all are done; each one's ids."""
+    ids = {}
+    for i, (messages, params) in enumerate(requests):
+        batch = processor(messages)
+        ids[engine.add_request(batch["input_ids"][0].tolist(), batch["pixel_values"], params)] = i
+    got = [[] for _ in requests]
+    while engine.has_work():
+        for out in engine.step():
+            got[ids[out.request_id]] += out.token_ids
+            assert len(engine.running) <= engine.max_batch
+    return got
+
+
+# --- the same tokens as one at a time --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fusion, chunk", [("joint", 512), ("joint", 7), ("early", 512), ("late", 5),
+                                           ("cross_attention", 512), ("cross_attention", 9), ("moe", 512)])
+def test_twenty_prompts_eight_at_a_time_equal_generate(tmp_path, fusion, chunk):
+    extra = dict(text=dict(n_experts=4, n_experts_per_token=2)) if fusion == "moe" else {}
+    model, processor = load(tiny_checkpoint(tmp_path / "m", fusion="joint" if fusion == "moe" else fusion, **extra))
+    chats = prompts()
+    expected = [alone(model, processor, c, 12) for c in chats]
+    engine = Engine(model, processor.tokenizer, max_batch=8, prefill_chunk=chunk)
+    got = serve(engine, processor, [(c, SamplingParams(max_tokens=12)) for c in chats])
+    assert got == expected
+    assert len({tuple(g) for g in got}) > 5  # the prompts really get different answers
+
+
+def test_seeded_sampling_in_a_mixed_batch_equals_each_alone(joint):
+    model, processor = joint
+    chats = prompts(12)
+    settings = [dict(), dict(temperature=0.8, seed=1), dict(temperature=1.3, top_k=5, seed=2),
+                dict(temperature=1.0, top_p=0.7, seed=3), dict(temperature=0.6, top_k=20, top_p=0.9, seed=4)]
+    requests, expected = [], []
+    for i, chat in enumerate(chats):
+        s = settings[i % len(settings)]
+        requests.append((chat, SamplingParams(max_tokens=10, **s)))
+        kw = dict(do_sample=True, temperature=s["temperature"], top_k=s.get("top_k"), top_p=s.get("top_p")) if s else {}
+        expected.append(alone(model, processor, chat, 10, seed=s.get("seed"), **kw))
+    got = serve(Engine(model, processor.tokenizer, max_batch=4), processor, requests)
+    assert got == expected
+
+
+def test_ragged_rows_see_only_their_own_positions():
+    k = torch.zeros(1, 2, 1, 8, 1)
+    cache = RaggedKVCache(k, k.clone(), [3, 1])
+    assert cache.positions(2).tolist() == [[3, 4], [1, 2]]
+    mask = cache.mask(1)[:, 0, 0]  # (B, S): row 1 may not read row 0's longer past
+    assert mask.tolist() == [[True] * 4, [True, True, False, False]]
+    assert RaggedKVCache(k, k.clone(), [2, 2]).mask(1) is None  # equal lengths: no mask, as generate
+
+
+def test_chunks_never_split_an_image():
+    img = 9
+    prompt = [1, 2, img, img, img, img, 3, img, img, img, img, 4]  # two images of 4 tokens
+    assert _chunk_end(prompt, 0, 4, img, 4) == 6  # would cut the first image: to its end
+    assert _chunk_end(prompt, 0, 2, img, 4) == 2
+    assert _chunk_end(prompt, 6, 3, img, 4) == 11
+    assert _chunk_end(prompt, 0, 100, img, 4) == len(prompt)
+    back_to_back = [1, img, img, img, img, img, img, img, img, 2]
+    assert _chunk_end(back_to_back, 0, 6, img, 4) == 9 and _chunk_end(back_to_back, 0, 5, img, 4) == 5
+
+
+# --- finishing --------------------------------------------------------------------------------------
+
+
+def run_one(engine, processor, chat, params):
+    batch = processor(chat)
+    rid = engine.add_request(batch["input_ids"][0].tolist(), batch["pixel_values"], params)
+    outs = []
+    while engine.has_work():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return outs
+
+
+def test_stop_strings_cut_the_text_and_hold_back_partial_matches(joint):
+    model, processor = joint
+    engine = Engine(model, processor.tokenizer, max_batch=2)
+    chat = prompts(2)[1]
+    full = "".join(o.text for o in run_one(engine, processor, chat, SamplingParams(max_tokens=30)))
+    assert len(full) > 6
+    stop = full[4:7]
+    outs = run_one(engine, processor, chat, SamplingParams(max_tokens=30, stop=[stop, "never here"]))
+    text = "".join(o.text for o in outs)
+    assert text == full[:full.find(stop)] and outs[-1].finish_reason == "stop"
+    assert [o.finish_reason for o in outs[:-1]] == [None] * (len(outs) - 1)
+    ids = [t for o in outs for t in o.token_ids]
+    # A stop id ends the request on that token; max_tokens ends it with "length".
+    stopped = run_one(engine, processor, chat, SamplingParams(max_tokens=30, stop_token_ids=[ids[2]]))
+    assert [t for o in stopped for t in o.token_ids] == ids[:3] and stopped[-1].finish_reason == "stop"
+    short = run_one(engine, processor, chat, SamplingParams(max_tokens=2))
+    assert len(short) == 2 and short[-1].finish_reason == "length" and short[-1].completion_tokens == 2
+
+
+def test_abort_frees_the_row_at_the_next_step_and_a_waiting_one_takes_it(joint):
+    model, processor = joint
+    engine = Engine(model, processor.tokenizer, max_batch=1)
+    chats = prompts(2)
+    first = engine.add_request(processor(chats[0])["input_ids"][0].tolist(), None, SamplingParams(max_tokens=50))
+    engine.step()
+    second = engine.add_request(processor(chats[0])["input_ids"][0].tolist(), None, SamplingParams(max_tokens=3))
+    engine.step()
+    assert engine.stats().running == 1 and engine.stats().waiting == 1  # the one row is taken
+    engine.abort(first)
+    outs = engine.step()
+    assert any(o.request_id == first and o.finish_reason == "abort" for o in outs)
+    assert [r.id for r in engine.running] == [second]  # prefilled in the same step
+    stats = engine.stats()
+    assert stats.aborted_total == 1 and stats.waiting == 0
+
+
+def test_async_generate_leaving_early_aborts(joint):
+    model, processor = joint
+    engine = Engine(model, processor.tokenizer, max_batch=2)
+    runner = AsyncEngine(engine)
+    runner.start()
+    ids = processor(prompts(1)[0])["input_ids"][0].tolist()
+
+    async def main():
+        pieces = []
+        async for out in runner.generate(ids, None, SamplingParams(max_tokens=60)):
+            pieces.append(out)
+            if len(pieces) == 3:
+                break
+        for _ in range(100):  # the engine thread frees the row within a step or two
+            if engine.stats().running == 0:
+                break
+            await asyncio.sleep(0.01)
+        done = [o async for o in runner.generate(ids, None, SamplingParams(max_tokens=4))]
+        return pieces, done
+
+    try:
+        pieces, done = asyncio.run(main())
+    finally:
+        runner.stop()
+    assert len(pieces) == 3 and engine.stats().running == 0 and engine.stats().aborted_total == 1
+    assert done[-1].finish_reason == "length" and sum(len(o.token_ids) for o in done) == 4
+
+
+# --- the doors --------------------------------------------------------------------------------------
+
+
+def test_bad_requests_are_refused_in_one_line(joint):
+    model, processor = joint
+    engine = Engine(model, processor.tokenizer, max_batch=1, max_queue=2)
+    batch = processor(prompts(2)[1])
+    ids, pixels = batch["input_ids"][0].tolist(), batch["pixel_values"]
+    one_line_error(lambda: engine.add_request(ids, pixels, SamplingParams(max_tokens=200)), "context of 256",
+                   "lower max_tokens")
+    one_line_error(lambda: engine.add_request(ids, None, SamplingParams()), "8 image tokens but 0 images")
+    one_line_error(lambda: engine.add_request(ids, pixels[:, :, :8], SamplingParams()), "preprocess the images")
+    one_line_error(lambda: engine.add_request([], None, SamplingParams()), "prompt is empty")
+    one_line_error(lambda: SamplingParams(temperature=-1), "temperature")
+    one_line_error(lambda: SamplingParams(top_p=0), "top_p")
+    one_line_error(lambda: SamplingParams(stop=[""]), "non-empty strings")
+    engine.add_request(ids, pixels, SamplingParams())
+    engine.add_request(ids, pixels, SamplingParams())
+    with pytest.raises(QueueFull, match="2 requests are waiting"):
+        engine.add_request(ids, pixels, SamplingParams())
