@@ -26,8 +26,8 @@ import os
 import re
 import types
 import typing
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omnilm.config import is_finite_number, is_int
