@@ -188,6 +188,18 @@ def test_images_go_to_their_markers_in_order_across_a_batch(fusion):
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
+def test_a_text_only_prompt_gets_the_same_logits_alone_and_beside_an_image_prompt(fusion):
+    """A row's result never depends on its batch (a serving engine mixes requests freely): the
+    cross-attention blocks' feed-forward runs whether or not any row has an image."""
+    model = small(fusion, attend="all")
+    ids, mask = batch(model, [ROWS[1], [1, 6, 12, 13, 14, 15]])
+    with torch.no_grad():
+        mixed = model(ids, pixels(1), mask).logits[1]
+        alone = model(ids[1:], None, mask[1:]).logits[0]
+    torch.testing.assert_close(alone, mixed, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
 def test_a_wrong_number_of_images_is_a_clear_error(fusion):
     model = small(fusion)
     ids, mask = batch(model, ROWS)
