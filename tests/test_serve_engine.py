@@ -94,6 +94,18 @@ def test_seeded_sampling_in_a_mixed_batch_equals_each_alone(joint):
     assert got == expected
 
 
+def test_each_image_is_encoded_once_with_chunked_prefill(joint, monkeypatch):
+    model, processor = joint
+    encoded = []
+    original = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda px: encoded.append(px.shape[0]) or original(px))
+    chats = prompts(6)
+    serve(Engine(model, processor.tokenizer, max_batch=3, prefill_chunk=3), processor,
+          [(c, SamplingParams(max_tokens=3)) for c in chats])
+    n_images = sum(1 for c in chats for part in c[0]["content"] if part["type"] == "image")
+    assert sum(encoded) == n_images and n_images == 6
+
+
 def test_ragged_rows_see_only_their_own_positions():
     k = torch.zeros(1, 2, 1, 8, 1)
     cache = RaggedKVCache(k, k.clone(), [3, 1])
