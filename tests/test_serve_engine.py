@@ -157,6 +157,18 @@ def test_stop_strings_cut_the_text_and_hold_back_partial_matches(joint):
     assert len(short) == 2 and short[-1].finish_reason == "length" and short[-1].completion_tokens == 2
 
 
+def test_ignore_eos_runs_to_max_tokens(joint, monkeypatch):
+    model, processor = joint
+    chat = prompts(2)[1]
+    ids = [t for o in run_one(Engine(model, processor.tokenizer), processor, chat, SamplingParams(max_tokens=20))
+           for t in o.token_ids]
+    monkeypatch.setattr(model.config.text, "eos_token_id", ids[3])  # a model whose 4th answer token is its eos
+    engine = Engine(model, processor.tokenizer)
+    assert sum(len(o.token_ids) for o in run_one(engine, processor, chat, SamplingParams(max_tokens=20))) == 4
+    past = run_one(engine, processor, chat, SamplingParams(max_tokens=20, ignore_eos=True))
+    assert [t for o in past for t in o.token_ids] == ids and past[-1].finish_reason == "length"
+
+
 def test_abort_frees_the_row_at_the_next_step_and_a_waiting_one_takes_it(joint):
     model, processor = joint
     engine = Engine(model, processor.tokenizer, max_batch=1)

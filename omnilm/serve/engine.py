@@ -57,6 +57,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # the text ends before the first one that appears
     stop_token_ids: list[int] = field(default_factory=list)  # besides the model's eos
+    ignore_eos: bool = False  # run to max_tokens past the model's eos (for benchmarks, as vLLM's)
 
     def __post_init__(self) -> None:
         check_range(self, ("max_tokens",), low=1, named=str)
@@ -66,6 +67,8 @@ class SamplingParams:
         check_range(self, ("seed",), 0, 2**63 - 1, named=str)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise OmniInputError(f"stop={self.stop!r} must be a list of non-empty strings")
+        if not isinstance(self.ignore_eos, bool):
+            raise OmniInputError(f"ignore_eos={self.ignore_eos!r} must be true or false")
         if not isinstance(self.stop_token_ids, list) or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_token_ids):
             raise OmniInputError(f"stop_token_ids={self.stop_token_ids!r} must be a list of token ids (integers >= 0)")
@@ -99,7 +102,7 @@ class _Request:
     def __init__(self, request_id: str, prompt: list[int], pixel_values: torch.Tensor | None,
                  params: SamplingParams, stop_ids: set[int], device: torch.device):
         self.id, self.prompt, self.pixel_values, self.params = request_id, prompt, pixel_values, params
-        self.stop_ids = stop_ids | set(params.stop_token_ids)
+        self.stop_ids = (set() if params.ignore_eos else stop_ids) | set(params.stop_token_ids)
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device).manual_seed(
