@@ -576,6 +576,7 @@ def main() -> None:
         args.concurrency, args.waves, args.min_requests, args.max_tokens = [1, 4], 1, 2, 8
         args.clients_tokens, args.ttft_repeats, args.long_tokens, args.warmup_tokens = 2, 2, 300, 2
 
+    started = time.perf_counter()
     images = ["data:image/png;base64," + base64.b64encode(draw(shapes)).decode() for _, shapes in PROMPTS]
     prompts = [(question, draw(shapes)) for question, shapes in PROMPTS]
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
@@ -600,7 +601,8 @@ def main() -> None:
     print(f"\n{source}: {info['parameters'] / 1e6:.1f}M parameters, prompts of {min(info['prompt_tokens'])}-"
           f"{max(info['prompt_tokens'])} tokens, {args.max_tokens} output tokens"
           f"{' (ignore_eos)' if args.ignore_eos else ' (until EOS)'}, greedy; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {args.threads} threads, omnilm --max-batch {args.max_batch}")
+          f"transformers {transformers.__version__}, {args.threads} threads, omnilm --max-batch {args.max_batch}; "
+          f"the run took {time.perf_counter() - started:.0f} s")
     table(levels)
     found = ratios(levels)
     for name, value in found.items():
