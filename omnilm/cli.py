@@ -10,9 +10,11 @@
     omnilm inspect routing CKPT --image a.png "prompt"   # which experts each token of an MoE model went to
     omnilm bench fusion                           # the four fusion modes and a text-only baseline, compared
     omnilm convert SRC DST --dtype bfloat16       # re-save a checkpoint (dtype, shard size)
+    omnilm serve CKPT [--port 8000] [--api-key KEY]   # OpenAI-compatible API, a chat page at /
 
-The flags of `train`, `demo` and `bench fusion` are generated from their settings dataclasses
-(omnilm.train.args, omnilm.recipes): `--help` lists every one.
+The flags of `train`, `demo`, `bench fusion` and `serve` are generated from their settings
+dataclasses (omnilm.train.args, omnilm.recipes, omnilm.serve.settings): `--help` lists every one.
+`serve` needs the serve extra: pip install 'omnilm[serve]'.
 """
 
 from __future__ import annotations
@@ -42,8 +44,17 @@ from omnilm.model.layers import resolve_device
 from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.recipe import Recipe
+from omnilm.serve.settings import SERVE_FLAGS, ServeSettings
 from omnilm.settings import add_flags, check_output_folder, from_flags
 from omnilm.train import TrainArgs, train
+
+SERVE_EXTRA_MISSING: str | None = None  # the module the serve extra would bring, when it is not installed
+try:
+    from omnilm.serve.api import serve
+except ModuleNotFoundError as e:
+    if (e.name or "").startswith("omnilm"):
+        raise
+    serve, SERVE_EXTRA_MISSING = None, e.name
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -152,6 +163,15 @@ def cmd_demo(args) -> None:
     run_demo(args.out, from_flags(Recipe, args))
 
 
+def cmd_serve(args) -> None:
+    settings = from_flags(ServeSettings, args, **SERVE_FLAGS)
+    if serve is None:
+        raise OmniInputError(f"omnilm serve needs the serve extra ({SERVE_EXTRA_MISSING} is not installed): "
+                             "pip install 'omnilm[serve]'")
+    resolve_device(args.device)  # refused now rather than once the server listens
+    serve(settings, lambda: _load(settings.checkpoint, args.device, args.dtype))
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 
@@ -242,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("serve", help="serve a model over OpenAI's chat completions API, with a chat page at /",
+                       description="OpenAI's /v1/chat/completions (streamed or not), /v1/models, /health, /metrics "
+                                   "and a chat page at /, for many clients at once (continuous batching). Listens "
+                                   "on 127.0.0.1 unless --host says otherwise; images come as data: URLs unless "
+                                   "--allowed-local-media-path or --allow-remote-media allow more. Needs the serve "
+                                   "extra: pip install 'omnilm[serve]'.")
+    add_flags(p, ServeSettings, **SERVE_FLAGS)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default float32)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
