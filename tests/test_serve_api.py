@@ -85,7 +85,7 @@ class Live:
     service: Any  # the app's state.service
 
     def stats(self):
-        return self.service.backend.engine.stats()
+        return self.service.backend.engine.engine.stats()
 
 
 def settings(checkpoint, media: dict | None = None, **fields) -> ServeSettings:
@@ -211,6 +211,7 @@ def test_sampling_fields_are_honoured(main, client):
     seeded = dict(max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=7, user="u", frequency_penalty=0)
     assert ask(**seeded)["choices"] == ask(**seeded)["choices"]
     assert ask(model=None)["model"] == MODEL
+    assert ask(max_tokens=30, ignore_eos=True)["usage"]["completion_tokens"] == 30
 
 
 def test_a_local_image_under_the_allowed_folder_is_read(main, client, media_dir):
@@ -287,6 +288,7 @@ b"\xff\xfe\x00\x00", b"\x00", '{"a": 1}'.encode("utf-16"), b"[" * 5000,
         "stream": ["yes", 1, 0, [], {}],
         "stream_options": [5, "x", [], {"include_usage": "yes"}, True],
         "logprobs": ["x", 1, []],
+        "ignore_eos": ["yes", 1, {}],
     }
     for name, values in wrong.items():
         for value in values:

@@ -28,8 +28,9 @@ OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and a one-
 A client that disconnects, streamed or not, has its request aborted on the engine.
 
 Departures from OpenAI: one choice per request (n > 1 is refused), no logprobs, no tools (tools and
-response_format are ignored, as every unknown field). As OpenAI, temperature defaults to 1;
-max_tokens defaults to what the context leaves after the prompt.
+response_format are ignored, as every unknown field); vLLM's extensions top_k and ignore_eos (for
+benchmarks: decoding runs to max_tokens). As OpenAI, temperature defaults to 1; max_tokens
+defaults to what the context leaves after the prompt.
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class ChatRequest(_Open):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
+    ignore_eos: bool | None = False  # vLLM's extension: decode to max_tokens past the end of the answer
 
 
 def _parse(body: bytes) -> ChatRequest:
@@ -339,11 +341,10 @@ class _Metrics:
 
 @dataclass
 class _Backend:
-    """What answers requests once the model is loaded: the engine, the thread that steps it, and
-    the processor that builds its prompts."""
+    """What answers requests once the model is loaded: the engine (stepped in its thread; the
+    Engine itself is `engine.engine`) and the processor that builds its prompts."""
 
-    engine: Engine
-    stepper: AsyncEngine
+    engine: AsyncEngine
     processor: Processor
 
 
@@ -356,7 +357,7 @@ class _Service:
         self.backend: _Backend | None = None
         self.load_error: Exception | None = None
         self.created = int(time.time())
-        self.metrics = _Metrics(lambda: self.backend.engine.stats() if self.backend else None)
+        self.metrics = _Metrics(lambda: self.backend.engine.engine.stats() if self.backend else None)
         self.page = PAGE.read_text(encoding="utf-8") if PAGE.is_file() else None
 
     # --- loading ---------------------------------------------------------------------------------
@@ -369,7 +370,7 @@ class _Service:
         finally:
             loading.cancel()
             if self.backend is not None:
-                await asyncio.to_thread(self.backend.stepper.stop)
+                await asyncio.to_thread(self.backend.engine.stop)
 
     async def _load(self) -> None:
         try:
@@ -386,11 +387,10 @@ class _Service:
         s = self.settings
         model = self.load_model()
         processor = Processor.for_model(model, s.checkpoint)
-        engine = Engine(model, processor.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
-                        max_len=s.max_model_len)
-        stepper = AsyncEngine(engine)
-        stepper.start()
-        return _Backend(engine, stepper, processor)
+        engine = AsyncEngine(Engine(model, processor.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
+                                    max_len=s.max_model_len))
+        engine.start()
+        return _Backend(engine, processor)
 
     def _ready(self) -> _Backend:
         if self.backend is None:
@@ -410,7 +410,7 @@ class _Service:
     def _card(self) -> dict:
         card = {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "omnilm"}
         if self.backend is not None:
-            card["max_model_len"] = self.backend.engine.max_len
+            card["max_model_len"] = self.backend.engine.engine.max_len
         return card
 
     async def models(self) -> Response:
@@ -455,14 +455,15 @@ class _Service:
             raise ApiError(400, f"the messages hold {n_images} images, over the server's limit of "
                                 f"{self.settings.media.max_images} (--max-images): send fewer", param="messages")
         input_ids, pixel_values = await asyncio.to_thread(self._prompt, backend.processor, chat.messages)
-        room = max(1, backend.engine.max_len - len(input_ids))  # the default max_tokens
+        room = max(1, backend.engine.engine.max_len - len(input_ids))  # the default max_tokens
         params = SamplingParams(max_tokens=chat.max_completion_tokens or chat.max_tokens or room,
                                 temperature=1.0 if chat.temperature is None else chat.temperature,
-                                top_k=chat.top_k, top_p=chat.top_p, seed=chat.seed, stop=chat.stop)
+                                top_k=chat.top_k, top_p=chat.top_p, seed=chat.seed, stop=chat.stop,
+                                ignore_eos=bool(chat.ignore_eos))
         reply = _Reply(self.settings.model_name, bool(chat.stream_options and chat.stream_options.include_usage))
         async with contextlib.AsyncExitStack() as cleanup:
             outputs = await cleanup.enter_async_context(
-                contextlib.aclosing(backend.stepper.generate(input_ids, pixel_values, params)))
+                contextlib.aclosing(backend.engine.generate(input_ids, pixel_values, params)))
             first = await _unless_gone(request, anext(outputs))  # the engine's refusals raise here
             self.metrics.ttft.observe(time.perf_counter() - arrived)
             if (failure := _failure(first)) is not None:  # failed at once: an error status, not a stream
