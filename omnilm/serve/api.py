@@ -53,9 +53,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 import uvicorn
-from PIL import Image
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
