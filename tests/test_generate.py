@@ -197,6 +197,12 @@ def test_top_k_top_p_keep_the_same_tokens_as_hf_warpers(temperature):
         assert torch.equal(top_p_filter(top_k_filter(logits / temperature, 10), p).isfinite(), both.isfinite())
 
 
+def test_a_vanishing_temperature_samples_the_argmax():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for temperature in (1e-300, 1e-45, 1e-8):
+        assert torch.equal(sample(logits, True, temperature, top_k=10, top_p=0.9), logits.argmax(-1))
+
+
 def test_sample_draws_from_the_filtered_distribution():
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, -1.0, -3.0]]).expand(40000, -1)
     draws = sample(logits, do_sample=True, temperature=0.8, top_k=4, top_p=0.9,

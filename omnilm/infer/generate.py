@@ -94,7 +94,11 @@ def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1
     """
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # bf16 softmax over a large vocabulary loses the tail
+    # fp32: a bf16 softmax over a large vocabulary loses the tail. The largest logit is taken out
+    # first and the temperature kept a normal fp32 number, so that a tiny temperature cannot make
+    # inf or NaN: it samples the argmax, as greedy does.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:

@@ -206,9 +206,12 @@ def _usage(out: Output) -> dict:
 
 
 def _failure(out: Output) -> ApiError | None:
-    """The error of an Output that ended otherwise than "stop" or "length" (the engine failed)."""
+    """The error of an Output that ended otherwise than "stop" or "length": a 400 when the request's
+    own input failed in the engine, a 500 when the engine did."""
     if out.finish_reason in (None, "stop", "length"):
         return None
+    if isinstance(out.error, OmniInputError):
+        return _input_error(out.error)
     return ApiError(500, f"the generation ended with {out.finish_reason}: {out.error or 'no reason given'}")
 
 

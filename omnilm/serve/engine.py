@@ -84,7 +84,9 @@ class Output:
     finish_reason: str | None  # None while running; "stop", "length", "abort", or "error" (see `error`)
     prompt_tokens: int
     completion_tokens: int  # all generated so far
-    error: str | None = None
+    # With "error": an OmniInputError when the request's own input failed (a client's error), any
+    # other exception when the engine did.
+    error: Exception | None = None
 
 
 @dataclass
@@ -326,7 +328,7 @@ class Engine:
                 logits, used = self._prefill_chunk(r, budget)
             except OmniInputError as e:  # this request's own input: it fails alone
                 self.prefilling = None
-                outputs.append(Output(r.id, "", [], "error", len(r.prompt), 0, error=str(e)))
+                outputs.append(Output(r.id, "", [], "error", len(r.prompt), 0, error=e))
                 continue
             budget -= used
             if r.prefilled < len(r.prompt):
@@ -417,7 +419,8 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
             except Exception as e:  # a bug, not a request's input: fail everyone rather than hang them
-                self._fail_all(f"the engine failed: {type(e).__name__}: {e}")
+                self._fail_all(e)
+                continue
             for out in outputs:
                 self._deliver(out.request_id, out)
 
@@ -427,10 +430,10 @@ class AsyncEngine:
             loop, queue = target
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._queues):
             self.engine.abort(request_id)
-            self._deliver(request_id, Output(request_id, "", [], "error", 0, 0, error=message))
+            self._deliver(request_id, Output(request_id, "", [], "error", 0, 0, error=error))
         try:
             self.engine.step()  # frees the aborted rows
         except Exception:
