@@ -14,10 +14,12 @@ Three servers: `main` (local images from a folder, small limits), `keyed` (an AP
 allowed) and `slow` (one row, a queue of one, 10 ms per forward pass, for timing-dependent tests).
 """
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import json
+import os
 import re
 import socket
 import threading
@@ -528,6 +530,56 @@ def test_a_client_that_leaves_has_its_request_aborted(slow, stream):
     assert time.monotonic() - left < 1
     assert slow.stats().aborted_total == aborted + 1, "the request finished by itself before the client left"
     assert slow.stats().generation_tokens_total - running_since < 100
+
+
+def test_sixty_four_streaming_clients_at_once_all_get_their_answer(main, client):
+    """64 streams against 8 rows and a queue of 64: no errors, and every client (different prompt
+    lengths, with and without images) gets exactly the answer it gets alone."""
+    prompts = [with_images(*[RED] * (1 + i % 2), max_tokens=12, temperature=0, stream=True) if i % 2 else
+               chat(messages=[{"role": "user", "content": QUESTION + " Tell me." * i}], max_tokens=12,
+                    temperature=0, stream=True) for i in range(8)]
+    alone = []
+    for body in prompts:  # one at a time: what each prompt gets when it has the server to itself
+        response = client.post(main.url + "/v1/chat/completions", json=body | {"stream": False})
+        alone.append(response.json()["choices"][0]["message"]["content"])
+    bodies = [prompts[i % 8] for i in range(64)]
+
+    async def stream(http: httpx.AsyncClient, body: dict) -> str:
+        async with http.stream("POST", main.url + "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            events = [line.removeprefix("data: ") async for line in response.aiter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        return "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+
+    async def everyone() -> list[str]:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as http:
+            return await asyncio.gather(*(stream(http, body) for body in bodies))
+
+    texts = asyncio.run(everyone())
+    assert texts == [alone[i % 8] for i in range(64)] and len(set(alone)) > 4
+    assert main.stats().running == 0 and main.stats().waiting == 0
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (the server runs in it), from /proc."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc (Linux)")
+def test_a_hundred_clients_leaving_mid_stream_leave_memory_as_it_was(slow):
+    def cycle():
+        with raw_request(slow, chat(**LONG, stream=True), chunks=3):
+            pass
+        wait_for(lambda: slow.stats().running == 0, timeout=2, what="the abort")
+
+    for _ in range(10):  # warm up: allocator pools, the page cache of the first requests
+        cycle()
+    aborted, before = slow.stats().aborted_total, rss_bytes()
+    for _ in range(100):
+        cycle()
+    after = rss_bytes()
+    assert slow.stats().aborted_total == aborted + 100  # every one left mid-stream and was aborted
+    assert abs(after - before) <= 0.05 * before, f"resident memory went from {before >> 20} to {after >> 20} MiB"
 
 
 def test_a_full_queue_answers_429_with_retry_after(slow, client):
