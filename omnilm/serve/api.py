@@ -391,7 +391,7 @@ class _Service:
         model = self.load_model()
         processor = Processor.for_model(model, s.checkpoint)
         engine = AsyncEngine(Engine(model, processor.tokenizer, max_batch=s.max_batch, max_queue=s.max_queue,
-                                    max_len=s.max_model_len))
+                                    max_len=s.max_model_len, prefill_chunk=s.prefill_chunk))
         engine.start()
         return _Backend(engine, processor)
 

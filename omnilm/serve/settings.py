@@ -15,6 +15,7 @@ from pathlib import Path
 from omnilm.errors import OmniInputError
 from omnilm.settings import check_range, setting
 
+
 @dataclass(kw_only=True)
 class MediaSettings:
     """Where the images of a request's `image_url` parts may come from, and how large they may be
@@ -54,12 +55,14 @@ class ServeSettings:
     max_batch: int = setting(8, "most requests decoding at once")
     max_queue: int = setting(64, "most requests waiting for a slot; beyond it requests get 429")
     max_model_len: int | None = setting(None, "context per request, prompt plus max_tokens (default: the model's)")
+    prefill_chunk: int = setting(512, "most prompt tokens prefilled per step: how long a newcomer may hold up "
+                                      "the running streams")
     max_body_bytes: int = setting(50_000_000, "largest request body")
     media: MediaSettings = dataclasses.field(default_factory=MediaSettings)
 
     def __post_init__(self) -> None:
         check_range(self, ("port",), 0, 65535)
-        check_range(self, ("max_batch", "max_queue", "max_model_len", "max_body_bytes"), low=1)
+        check_range(self, ("max_batch", "max_queue", "max_model_len", "prefill_chunk", "max_body_bytes"), low=1)
         if self.api_key is not None and not self.api_key.strip():
             raise OmniInputError("--api-key is empty; give a key, or leave the flag out to serve without one")
 
