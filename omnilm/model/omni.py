@@ -23,7 +23,7 @@ from omnilm.errors import OmniInputError
 from omnilm.model import hf
 from omnilm.model.connector import build_projector
 from omnilm.model.fusion import Media, build_fusion
-from omnilm.model.layers import KVCache, build_initialised
+from omnilm.model.layers import KVCache, RaggedKVCache, build_initialised
 from omnilm.model.llm import LlamaDecoder
 from omnilm.model.moe import Routing
 from omnilm.model.vision import VisionTransformer
@@ -174,15 +174,18 @@ class OmniModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0, output_routing: bool = False) -> ModelOutput:
+                position_ids: torch.Tensor | None = None, cache: KVCache | RaggedKVCache | None = None,
+                logits_to_keep: int = 0, logits_at: torch.Tensor | None = None,
+                output_routing: bool = False) -> ModelOutput:
         """Logits (B, T, V) for `input_ids` (B, T), and the next-token loss when `labels` are given.
 
         `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the
         batch. With a `cache`, `input_ids` are the new tokens and `attention_mask` covers the
         cached ones too. `logits_to_keep=n` computes logits for the last n positions only
-        (prefill needs one row, not a (B, T, V) tensor). An MoE model reports each layer's routing
-        in `.routing` when there are labels (its losses join the loss) or `output_routing` is set.
+        (prefill needs one row, not a (B, T, V) tensor); `logits_at` (B,) computes one position per
+        row, (B, 1, V): the last real token of each prompt in a right-padded batch. An MoE model
+        reports each layer's routing in `.routing` when there are labels (its losses join the loss)
+        or `output_routing` is set.
         """
         if pixel_values is None and (cache is None or cache.seen == 0):
             n_markers = int((input_ids == self.config.image_token_id).sum()) if self.config.vision is not None else 0
@@ -204,10 +207,14 @@ class OmniModel(nn.Module):
                      before_layer=before_layer)
         if self.config.fusion == "late":
             h = self.fusion(h, media, query_positions)
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]
+        elif logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
         if labels is None:
             return ModelOutput(logits=logits, routing=routing or [])
-        if logits_to_keep:
+        if logits_to_keep or logits_at is not None:
             raise ValueError("labels need every position's logits: leave logits_to_keep at 0")
         # Token t predicts token t+1; -100 marks tokens without a target.
         lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),

@@ -2,8 +2,8 @@
 leaving the running batch between decoding steps (iteration-level scheduling, Orca, Yu et al. 2022).
 
     add_request --> waiting (a FIFO queue, at most max_queue)
-                       |  a free row: prefill the prompt into a scratch row, `prefill_chunk`
-                       v  tokens per step, images encoded once; the first token is sampled
+                       |  free rows: prefill up to `prefill_chunk` prompt tokens per step, images
+                       v  encoded once; each newcomer samples its first token
                     running rows [0, n) of the KV store --> one token per row per `step()`
                        |  stop id, stop string, max_tokens or abort
                        v
@@ -12,9 +12,10 @@ leaving the running batch between decoding steps (iteration-level scheduling, Or
 Every row keeps its own length: a decoding step feeds one token per row through a
 `RaggedKVCache`, so rows at different positions decode together with no padding, and each
 request's tokens are those it would get alone (its own sampling settings and random generator,
-inside one batch). Prefill runs one newcomer at a time, in chunks that never split an image,
-interleaved with the decoding steps: a long prompt delays the running streams by one chunk per
-step, not by its whole length.
+inside one batch). Prefill is interleaved with the decoding steps, `prefill_chunk` tokens per
+step: newcomers whose whole prompts fit go together in one right-padded forward pass (straight
+into their rows); a longer prompt goes alone into a scratch row, in chunks that never split an
+image, so that it delays the running streams by one chunk per step, not by its whole length.
 
 `Engine` is synchronous and single-threaded: `step()` does one iteration and returns what each
 request gained. `add_request` and `abort` may be called from any thread. `AsyncEngine` runs the
@@ -179,6 +180,8 @@ class Engine:
         self.scratch_v = torch.zeros_like(self.scratch_k)
         self.eos = set(_as_list(text.eos_token_id))
         self.image_span = model.config.image_seq_len  # tokens per image in the prompt
+        # What pads a right-padded batch of prompts: any id but the image token's (never attended).
+        self.filler = 1 if model.config.image_token_id == 0 else 0
 
         self.running: list[_Request] = []  # running[i] owns row i
         self.prefilling: _Request | None = None
@@ -315,13 +318,21 @@ class Engine:
         self._rows_changed = True
 
     def _prefill(self) -> list[Output]:
-        """Prefill newcomers' prompts, `prefill_chunk` tokens in all, while rows are free; a
-        newcomer whose prompt is complete samples its first token and joins the running rows."""
+        """Prefill newcomers, `prefill_chunk` prompt tokens in all, while rows are free: the prompts
+        that fit whole together in one forward pass, a longer one chunk by chunk. A newcomer whose
+        prompt is complete samples its first token and joins the running rows."""
         outputs, budget = [], self.prefill_chunk
-        while budget > 0:
+        while budget > 0 and len(self.running) < self.max_batch:
             if self.prefilling is None:
-                if not self.waiting or len(self.running) == self.max_batch:
+                if not self.waiting:
                     break
+                if len(self.waiting[0].prompt) <= self.prefill_chunk:  # whole prompts, together
+                    if len(self.waiting[0].prompt) > budget:
+                        break  # next step
+                    group = self._take_group(budget)
+                    budget -= sum(len(r.prompt) for r in group)
+                    outputs += self._prefill_whole(group)
+                    continue
                 self.prefilling = self.waiting.popleft()
             r = self.prefilling
             try:
@@ -334,15 +345,53 @@ class Engine:
             if r.prefilled < len(r.prompt):
                 continue
             self.prefilling = None
-            self._totals["prompt"] += len(r.prompt)
             row = len(self.running)
             self.k[:, row, :, :len(r.prompt)] = self.scratch_k[:, 0, :, :len(r.prompt)]
             self.v[:, row, :, :len(r.prompt)] = self.scratch_v[:, 0, :, :len(r.prompt)]
-            out = self._accept(r, logits)
-            outputs.append(out)
-            if out.finish_reason is None:
-                self.running.append(r)
-                self._rows_changed = True
+            outputs += self._join([r], logits)
+        return outputs
+
+    def _take_group(self, budget: int) -> list[_Request]:
+        """The waiting requests, in order, whose whole prompts fit `budget` together and the free rows."""
+        group: list[_Request] = []
+        while (self.waiting and len(self.running) + len(group) < self.max_batch
+               and len(self.waiting[0].prompt) <= budget):
+            budget -= len(self.waiting[0].prompt)
+            group.append(self.waiting.popleft())
+        return group
+
+    def _prefill_whole(self, group: list[_Request]) -> list[Output]:
+        """Prefill whole prompts in one forward pass, right-padded, straight into the free rows after
+        the running ones (each row's real tokens never see the padding after them). If the batch is
+        refused, each prompt goes alone, so that only the one at fault fails."""
+        n, lengths = len(self.running), [len(r.prompt) for r in group]
+        ids = torch.full((len(group), max(lengths)), self.filler, dtype=torch.long)
+        for b, r in enumerate(group):
+            ids[b, :lengths[b]] = torch.tensor(r.prompt)
+        images = [r.pixel_values for r in group if r.pixel_values is not None]
+        pixels = torch.cat(images).to(self.device) if images else None
+        cache = RaggedKVCache(self.k[:, n:n + len(group)], self.v[:, n:n + len(group)], [0] * len(group))
+        last = torch.tensor(lengths, device=self.device) - 1
+        try:
+            logits = self.model(ids.to(self.device), pixels, None, cache=cache, logits_at=last).logits[:, -1]
+        except OmniInputError as e:
+            if len(group) > 1:
+                return [out for r in group for out in self._prefill_whole([r])]
+            return [Output(group[0].id, "", [], "error", lengths[0], 0, error=e)]
+        for b, r in enumerate(group):
+            r.prefilled, r.images_used = lengths[b], 0 if r.pixel_values is None else len(r.pixel_values)
+            if cache.media is not None:  # this row's images (late, cross-attention)
+                r.media = Media(cache.media.features[b:b + 1], cache.media.positions[b:b + 1])
+        return self._join(group, logits)
+
+    def _join(self, group: list[_Request], logits: torch.Tensor) -> list[Output]:
+        """Requests whose prompts are in the rows after the running ones, in order: each samples its
+        first token from its row of `logits` (len(group), V) and runs, unless that already ends it."""
+        self._totals["prompt"] += sum(len(r.prompt) for r in group)
+        outputs = [self._accept(r, logits[b:b + 1]) for b, r in enumerate(group)]
+        self.running += group
+        self._free([r for r, out in zip(group, outputs) if out.finish_reason is not None])
+        self._rows_changed = True
         return outputs
 
     def _prefill_chunk(self, r: _Request, budget: int) -> tuple[torch.Tensor, int]:
