@@ -52,6 +52,11 @@ def cli_error(code: int, err: str, *parts: str) -> str:
     return lines[0]
 
 
+def rss_bytes() -> int:
+    """This process's resident memory, from /proc (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter O(1)-scale random values, so parity compares meaningful numbers
     (transformers' N(0, 0.02) init leaves activations and logits close to zero)."""

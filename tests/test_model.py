@@ -3,13 +3,10 @@
 import pytest
 import torch
 
+from conftest import rss_bytes
+
 from omnilm import OmniConfig, OmniInputError, OmniModel
 from omnilm.config import IGNORE_INDEX
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def small_model(**overrides) -> OmniModel:
@@ -18,10 +15,10 @@ def small_model(**overrides) -> OmniModel:
 
 
 def test_meta_preset_allocates_nothing():
-    before = _rss_bytes()
+    before = rss_bytes()
     model = OmniModel.from_preset("llava-1.5-13b", device="meta")
     assert all(p.is_meta for p in model.parameters())
-    assert _rss_bytes() - before < 200 * 2**20  # 13B fp32 parameters would be 53 GB
+    assert rss_bytes() - before < 200 * 2**20  # 13B fp32 parameters would be 53 GB
 
 
 def test_preset_overrides_and_unknown_fields():
@@ -95,6 +92,18 @@ def test_markers_without_images_is_an_error():
     model = small_model()
     with pytest.raises(OmniInputError, match="no pixel_values"):
         model(_prompt_with_images(model, 1))
+
+
+def test_logits_at_gives_each_rows_own_position():
+    torch.manual_seed(0)
+    model = OmniModel.from_preset("tiny", text=dict(n_layers=1), vision=None).eval()
+    ids = torch.randint(4, 100, (3, 7))
+    at = torch.tensor([6, 2, 4])
+    with torch.no_grad():
+        full = model(ids).logits
+        picked = model(ids, logits_at=at).logits
+    assert picked.shape == (3, 1, full.shape[-1])
+    torch.testing.assert_close(picked[:, 0], full[torch.arange(3), at])
 
 
 def test_loss_ignores_masked_labels():

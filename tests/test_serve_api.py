@@ -19,7 +19,6 @@ import base64
 import contextlib
 import hashlib
 import json
-import os
 import re
 import socket
 import threading
@@ -32,7 +31,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import run_cli
+from conftest import rss_bytes, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve_media import data_url, png, png_header
 
@@ -558,11 +557,6 @@ def test_sixty_four_streaming_clients_at_once_all_get_their_answer(main, client)
     texts = asyncio.run(everyone())
     assert texts == [alone[i % 8] for i in range(64)] and len(set(alone)) > 4
     assert main.stats().running == 0 and main.stats().waiting == 0
-
-
-def rss_bytes() -> int:
-    """This process's resident memory (the server runs in it), from /proc."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc (Linux)")
