@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import rss_bytes
 
 from omnilm import OmniConfig, OmniInputError, OmniModel
