@@ -35,10 +35,10 @@ makes every prompt's prefill cost seconds (measured: 4.4 s per request at 224/14
 224/32), which is work no batching can share; at 49 tokens the decoding steps, which batching
 shares, are most of the time, as in a chat. Weights are N(0, 1/fan_in), norms 1, biases 0.
 
-transformers serve needs `transformers[serving]` (accelerate, for its device placement); omnilm's
-checkpoints carry no chat template, so this benchmark writes one that renders omnilm's Vicuna
-prompt (a `chat_template.jinja` in the random folder; for `--model` a temporary folder of links to
-the model's files plus the template) and checks that transformers' processor gives the same token
+transformers serve needs accelerate (in omnilm's [dev] extra) for its device placement, and a chat
+template: omnilm's `Processor.save_pretrained` writes one (chat_template.jinja, omnilm's Vicuna
+prompt); for a `--model` saved before it did, this benchmark serves a temporary folder of links to
+the model's files plus the template. It checks that transformers' processor gives the same token
 ids as omnilm's for every prompt. transformers 5.x serves LLaVA without continuous batching ("Only
 LLMs support continuous batching"): its requests run one at a time.
 """
@@ -105,24 +105,6 @@ def draw(shapes) -> bytes:
     return buffer.getvalue()
 
 
-def chat_template(system: str) -> str:
-    """Jinja that renders omnilm.data.chat's Vicuna v1 prompt (BOS first, as omnilm's encode adds it),
-    so that transformers' processor builds the prompt omnilm builds."""
-    return (
-        "{%- set system = " + json.dumps(system) + " -%}"
-        "{%- macro text(content) -%}{%- if content is string -%}{{ content }}{%- else -%}"
-        "{%- for part in content -%}{%- if part.type == 'text' -%}{{ part.text }}"
-        "{%- elif part.type in ('image', 'image_url') -%}{{ '<image>\\n' }}{%- endif -%}{%- endfor -%}"
-        "{%- endif -%}{%- endmacro -%}"
-        "{%- if messages and messages[0].role == 'system' -%}"
-        "{%- set system = text(messages[0].content) -%}{%- set messages = messages[1:] -%}{%- endif -%}"
-        "{{ bos_token }}{%- if system -%}{{ system + ' ' }}{%- endif -%}"
-        "{%- for m in messages -%}{%- if m.role == 'user' -%}{{ 'USER: ' + text(m.content) + ' ' }}"
-        "{%- else -%}{{ 'ASSISTANT: ' + text(m.content) + '</s>' }}{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt and (not messages or messages[-1].role == 'user') -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-    )
-
-
 def has_chat_template(folder: Path) -> bool:
     if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
         return True
@@ -131,11 +113,10 @@ def has_chat_template(folder: Path) -> bool:
 
 
 def write_chat_template(folder: Path) -> None:
-    from omnilm.data.chat import DEFAULT_SYSTEM
+    from omnilm.data.chat import hf_chat_template
     from omnilm.data.tokenizer import Tokenizer
 
-    system = Tokenizer.from_file(folder).system_prompt
-    (folder / "chat_template.jinja").write_text(chat_template(DEFAULT_SYSTEM if system is None else system))
+    (folder / "chat_template.jinja").write_text(hf_chat_template(Tokenizer.from_file(folder).system_prompt))
 
 
 def served_folder(model: Path, scratch: Path) -> Path:
@@ -186,8 +167,7 @@ def write_random_llava(out: Path, tokenizer_from: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     stamp.unlink(missing_ok=True)
     model.save_pretrained(out)
-    Processor.for_model(model, tokenizer=tokenizer).save_pretrained(out)
-    write_chat_template(out)
+    Processor.for_model(model, tokenizer=tokenizer).save_pretrained(out)  # with its chat template
     stamp.write_text(json.dumps(recipe, indent=1))
     print(f"wrote a random LLaVA of {model.num_parameters() / 1e6:.0f}M parameters to {out}")
     return out

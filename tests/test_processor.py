@@ -186,3 +186,29 @@ def test_save_and_load_round_trip(ours, tmp_path):
     out, out_again = ours("<image>\nhi", images=_images(1)), again("<image>\nhi", images=_images(1))
     assert all(torch.equal(out[k], out_again[k]) for k in out)
     assert again.decode(out["input_ids"][0]) == "\nhi"
+
+
+CHATS = [
+    [{"role": "user", "content": "how many shapes are there?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "what colour is the square?"}]},
+     {"role": "assistant", "content": "blue."}, {"role": "user", "content": [
+        {"type": "text", "text": "and these?"}, {"type": "image"}, {"type": "image"}]}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "no system message"}],
+]
+
+
+@pytest.mark.parametrize("chat", CHATS)
+def test_saved_chat_template_renders_our_prompts_in_transformers(folder, ours, chat):
+    """transformers' apply_chat_template (what `transformers serve` calls) on a saved folder gives
+    the text render_chat gives, after BOS, and the same ids."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == tokenizer.bos_token + render_chat(chat)[0]
+    assert text.endswith("ASSISTANT:") and tokenizer.apply_chat_template(chat, tokenize=False) != text
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    images = _images(sum(part == {"type": "image"} for m in chat for part in
+                         (m["content"] if isinstance(m["content"], list) else [])))
+    expected = ours(chat, images=images or None)["input_ids"][0].tolist()
+    assert [i for i in ids if i != ours.tokenizer.image_token_id] == \
+        [i for i in expected if i != ours.tokenizer.image_token_id]

@@ -10,6 +10,8 @@ Each image part becomes an `<image>` marker followed by a newline, where it stan
 
 from __future__ import annotations
 
+import json
+
 from omnilm.data.tokenizer import IMAGE_TOKEN
 from omnilm.errors import OmniInputError
 
@@ -118,6 +120,32 @@ def render_chat(
     parts = [part for message in messages for part in message["content"]]
     images = [p["image"] for p in parts if p["type"] == "image" and p["image"] is not None]
     return text, images
+
+
+def hf_chat_template(system: str | None = None) -> str:
+    """`render_chat` as a Jinja chat template, for transformers' `apply_chat_template` (and so for
+    `transformers serve`): the same text, after the BOS token that omnilm's `encode` adds. `system`
+    as in `render_chat` (None: Vicuna's; a leading system message replaces it)."""
+    default = DEFAULT_SYSTEM if system is None else system
+    return (
+        "{%- macro text(content) -%}"
+        "{%- if content is string -%}{{ content }}{%- else -%}{%- for part in content -%}"
+        "{%- if part.type == 'text' -%}{{ part.text }}"
+        "{%- elif part.type in ('image', 'image_url') -%}{{ '" + IMAGE_TOKEN + "\\n' }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}"
+        "{%- set system = " + json.dumps(default) + " -%}"
+        "{%- if messages and messages[0].role == 'system' -%}"
+        "{%- set system = text(messages[0].content) -%}{%- set messages = messages[1:] -%}"
+        "{%- endif -%}"
+        "{{ bos_token }}{%- if system -%}{{ system + ' ' }}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if message.role == 'user' -%}{{ 'USER: ' + text(message.content) + ' ' }}"
+        "{%- else -%}{{ 'ASSISTANT: ' + text(message.content) + '</s>' }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and (not messages or messages[-1].role == 'user') -%}{{ 'ASSISTANT:' }}"
+        "{%- endif -%}"
+    )
 
 
 def _text(message: dict) -> str:

@@ -62,7 +62,7 @@ def _load(src, shortest_edge: int | None = None) -> Image.Image:
             f"cannot fetch image {_name(src)}: omnilm never uses the network; download it and pass a path"
         )
     if isinstance(src, str) and src.startswith("data:"):
-        return _decode(io.BytesIO(_data_url_bytes(src)), f"<data URL {_name(src[:24])}...>", shortest_edge)
+        return _decode(io.BytesIO(data_url_bytes(src)), f"<data URL {_name(src[:24])}...>", shortest_edge)
     if isinstance(src, (str, os.PathLike)):
         try:
             f = open(src, "rb")
@@ -88,7 +88,8 @@ def _name(src) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def _data_url_bytes(url: str) -> bytes:
+def data_url_bytes(url: str) -> bytes:
+    """The payload of a `data:...;base64,` URL, decoded; one-line OmniInputError when it is not one."""
     header, comma, payload = url.partition(",")
     if not comma or not header.endswith(";base64"):
         raise OmniInputError(

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omnilm.data.chat import render_chat
+from omnilm.data.chat import hf_chat_template, render_chat
 from omnilm.data.collate import pad_rows
 from omnilm.data.image import ImageProcessor
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.errors import OmniInputError
-from omnilm.io import read_json, write_json
+from omnilm.io import read_json, write_json, write_text
 from omnilm.model.hf_config import hf_incompatibility, processor_config_to_hf
 
 _MISMATCH_HINT = "add a marker per image or remove images"
@@ -127,11 +127,14 @@ class Processor:
         return cls(Tokenizer.from_file(folder), _read_image_processor(folder), image_seq_len)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write the tokenizer files, (unless text-only) a transformers-loadable preprocessor_config.json,
-        and with `llava_config` the processor_config.json with which `AutoProcessor` builds a LlavaProcessor."""
+        """Write the tokenizer files, the chat template (chat_template.jinja: transformers'
+        `apply_chat_template`, and `transformers serve`, render the prompts `render_chat` does), (unless
+        text-only) a transformers-loadable preprocessor_config.json, and with `llava_config` the
+        processor_config.json with which `AutoProcessor` builds a LlavaProcessor."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(folder)
+        write_text(folder / "chat_template.jinja", hf_chat_template(self.tokenizer.system_prompt))
         if self.image_processor is not None:
             write_json(folder / "preprocessor_config.json", self.image_processor.to_hf_dict())
         if self.llava_config is not None:

@@ -45,7 +45,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import httpx
 from PIL import Image
 
-from omnilm.data.image import _data_url_bytes, load_image
+from omnilm.data.image import data_url_bytes, load_image
 from omnilm.errors import OmniInputError
 from omnilm.serve.settings import MediaSettings
 
@@ -110,7 +110,7 @@ def _data_bytes(url: str, settings: MediaSettings) -> bytes:
         raise MediaError(f"the data URL's media type is {shown(media_type) if media_type else 'missing'}, not "
                          "an image type: send data:image/png;base64,... (or another image/ type)")
     try:
-        data = _data_url_bytes(url)
+        data = data_url_bytes(url)
     except OmniInputError as e:
         raise MediaError(str(e)) from None
     _check_bytes(len(data), settings, "the data URL's image")
