@@ -89,6 +89,11 @@ class Output:
     # other exception when the engine did.
     error: Exception | None = None
 
+    def then(self, later: Output) -> Output:
+        """This Output and the `later` one of the same request, as one."""
+        return Output(self.request_id, self.text + later.text, self.token_ids + later.token_ids, later.finish_reason,
+                      later.prompt_tokens, later.completion_tokens, later.error)
+
 
 @dataclass
 class EngineStats:
@@ -470,19 +475,25 @@ class AsyncEngine:
             except Exception as e:  # a bug, not a request's input: fail everyone rather than hang them
                 self._fail_all(e)
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver(outputs)
 
-    def _deliver(self, request_id: str, item: Output) -> None:
-        target = self._queues.get(request_id)
-        if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+    def _deliver(self, outputs: list[Output]) -> None:
+        """Hand each Output to the queue of the task awaiting it: one call into each event loop per
+        step, however many of its requests the step served."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Output]]] = {}
+        for out in outputs:
+            if (target := self._queues.get(out.request_id)) is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody waits there any more
+                pass
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._queues):
             self.engine.abort(request_id)
-            self._deliver(request_id, Output(request_id, "", [], "error", 0, 0, error=error))
+            self._deliver([Output(request_id, "", [], "error", 0, 0, error=error)])
         try:
             self.engine.step()  # frees the aborted rows
         except Exception:
@@ -490,7 +501,8 @@ class AsyncEngine:
 
     async def generate(self, input_ids: list[int], pixel_values: torch.Tensor | None,
                        params: SamplingParams) -> AsyncIterator[Output]:
-        """Each step's Output for this request until it finishes. The request is queued on the first
+        """This request's Outputs until it finishes: one per step, or when the consumer is slower
+        than the steps, everything since it last looked, as one. The request is queued on the first
         iteration (its errors raise there); leaving the loop early aborts it."""
         request_id = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
@@ -501,6 +513,8 @@ class AsyncEngine:
             self._wake.set()
             while not finished:
                 out = await queue.get()
+                while out.finish_reason is None and not queue.empty():  # the consumer fell behind: catch up
+                    out = out.then(queue.get_nowait())
                 finished = out.finish_reason is not None
                 yield out
         finally:
@@ -508,6 +522,11 @@ class AsyncEngine:
             if not finished:  # the consumer left (a client gone, a cancelled task): free the row
                 self.engine.abort(request_id)
                 self._wake.set()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Output]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
 
 
 __all__ = ["AsyncEngine", "Engine", "EngineStats", "Output", "QueueFull", "SamplingParams"]
