@@ -214,6 +214,30 @@ def test_async_generate_leaving_early_aborts(joint):
     assert done[-1].finish_reason == "length" and sum(len(o.token_ids) for o in done) == 4
 
 
+def test_a_slow_consumer_gets_what_it_missed_as_one_output(joint):
+    model, processor = joint
+    engine = Engine(model, processor.tokenizer)
+    runner = AsyncEngine(engine)
+    runner.start()
+    ids = processor(prompts(1)[0])["input_ids"][0].tolist()
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+
+    async def consume(delay: float) -> list:
+        outs = []
+        async for out in runner.generate(ids, None, params):
+            outs.append(out)
+            await asyncio.sleep(delay)
+        return outs
+
+    try:
+        quick, slow = asyncio.run(consume(0)), asyncio.run(consume(0.05))
+    finally:
+        runner.stop()
+    assert len(slow) < len(quick) and "".join(o.text for o in slow) == "".join(o.text for o in quick)
+    assert [t for o in slow for t in o.token_ids] == [t for o in quick for t in o.token_ids]
+    assert slow[-1].finish_reason == "length" and slow[-1].completion_tokens == 40
+
+
 # --- the doors --------------------------------------------------------------------------------------
 
 
