@@ -10,6 +10,7 @@
     omnilm inspect routing CKPT --image a.png "prompt"   # which experts each token of an MoE model went to
     omnilm bench fusion                           # the four fusion modes and a text-only baseline, compared
     omnilm convert SRC DST --dtype bfloat16       # re-save a checkpoint (dtype, shard size)
+    omnilm merge-lora BASE ADAPTER OUT            # fold a LoRA adapter (peft's format) into the weights
     omnilm serve CKPT [--port 8000] [--api-key KEY]   # OpenAI-compatible API, a chat page at /
 
 The flags of `train`, `demo`, `bench fusion` and `serve` are generated from their settings
@@ -47,6 +48,7 @@ from omnilm.recipes.recipe import Recipe
 from omnilm.serve.settings import SERVE_FLAGS, ServeSettings
 from omnilm.settings import add_flags, check_output_folder, from_flags
 from omnilm.train import TrainArgs, train
+from omnilm.train.lora import LoraSettings, apply_lora, load_adapter, lora_layers, lora_trainable, merge_lora
 
 SERVE_EXTRA_MISSING: str | None = None  # the module the serve extra would bring, when it is not installed
 try:
@@ -128,6 +130,25 @@ def cmd_info(args) -> None:
     else:
         raise OmniInputError("give a checkpoint folder or --preset NAME")
     print(model.describe())
+    lora = from_flags(LoraSettings, args, skip=("lora_dropout",))
+    if lora.lora_r:
+        apply_lora(model, lora)
+        lora_trainable(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"lora:   rank {lora.lora_r} on {len(lora_layers(model))} linear layers: {trainable:,} LoRA "
+              f"parameters ({100 * trainable / model.num_parameters():.2f}% of the model)")
+
+
+def cmd_merge_lora(args) -> None:
+    check_output_folder(args.out, "OUT")
+    model = _load(args.base, "cpu")
+    settings = load_adapter(model, args.adapter)
+    n_layers = len(lora_layers(model))
+    merge_lora(model).save_pretrained(args.out)
+    if (Path(args.base) / "tokenizer.json").is_file():
+        Processor.for_model(model, args.base).save_pretrained(args.out)
+    print(f"wrote {args.out}: {args.base} with the rank-{settings.lora_r} adapter {args.adapter} merged into "
+          f"{n_layers} layers")
 
 
 def cmd_inspect_routing(args) -> None:
@@ -231,7 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a model's architecture and parameter count (reads no weights)")
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder")
     p.add_argument("--preset", help="a preset name instead of a folder (see omnilm.config.PRESETS)")
+    add_flags(p, LoraSettings, skip=("lora_dropout",))
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("merge-lora", help="fold a LoRA adapter (peft's format) into its base model's weights",
+                       description="Load BASE (an omnilm or Hugging Face LLaVA / LLaMA folder), put the adapter in "
+                                   "ADAPTER on it (adapter_config.json + adapter_model.safetensors, as peft and "
+                                   "omnilm train --lora-r write them), merge each update into its layer "
+                                   "(W + scale * B @ A) and save the result, with BASE's tokenizer, to OUT.")
+    p.add_argument("base", help="the model the adapter was trained on")
+    p.add_argument("adapter", help="the adapter folder")
+    p.add_argument("out", help="where to write the merged model")
+    p.set_defaults(func=cmd_merge_lora)
 
     p = sub.add_parser("inspect", help="look inside a model: which experts an MoE model routes each token to")
     what = p.add_subparsers(dest="what", required=True)

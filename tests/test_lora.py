@@ -4,7 +4,7 @@ changes nothing, and only the adapter (and the projector, trained in full) gets 
 
 import pytest
 import torch
-from conftest import one_line_error, tiny_hf_model
+from conftest import cli_error, one_line_error, run_cli, tiny_hf_model
 
 from omnilm import OmniModel
 from omnilm.train.lora import LoraSettings, apply_lora, load_adapter, lora_trainable, merge_lora, save_adapter
@@ -115,3 +115,28 @@ def test_bad_settings_and_folders_are_one_line_errors(base, tmp_path):
     one_line_error(lambda: LoraSettings(lora_r=-1), "--lora-r")
     one_line_error(lambda: LoraSettings(lora_targets="(unclosed"), "not a regular expression")
     one_line_error(lambda: load_adapter(model, tmp_path), "no adapter_config.json")
+
+
+def test_info_counts_the_lora_parameters_of_the_7b_preset(capsys):
+    """r (in + out) per targeted layer: LLaVA-1.5-7B's 32 layers, q k v o of 4096 x 4096, gate and up
+    4096 -> 11008, down back (what peft counts for the same targets)."""
+    code, out, err = run_cli(["info", "--preset", "llava-1.5-7b", "--lora-r", "128"], capsys)
+    r, d, f = 128, 4096, 11008
+    expected = 32 * (4 * r * (d + d) + 3 * r * (d + f))
+    assert code == 0 and f"224 linear layers: {expected:,} LoRA parameters" in out, out + err
+
+
+def test_merge_lora_writes_a_model_transformers_loads_with_the_adapters_logits(base, tmp_path, capsys):
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|up_proj)",
+                             init_lora_weights=False)
+    theirs = peft.get_peft_model(tf.LlavaForConditionalGeneration.from_pretrained(base), config).eval()
+    theirs.save_pretrained(tmp_path / "adapter")
+    code, out, err = run_cli(["merge-lora", base, tmp_path / "adapter", tmp_path / "merged"], capsys)
+    assert code == 0 and "merged into 4 layers" in out, err
+    merged = tf.LlavaForConditionalGeneration.from_pretrained(tmp_path / "merged").eval()
+    batch = inputs(2)
+    torch.testing.assert_close(theirs_logits(merged, batch), theirs_logits(theirs, batch), rtol=0, atol=1e-5)
+    capsys.readouterr()  # transformers' progress bars so far
+    code, _, err = run_cli(["merge-lora", base, tmp_path, tmp_path / "again"], capsys)
+    cli_error(code, err, "no adapter_config.json")

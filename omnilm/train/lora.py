@@ -123,6 +123,11 @@ def lora_trainable(model: nn.Module, full: tuple[str, ...] = ()) -> None:
                          or any(name == f or name.startswith(f + ".") for f in full))
 
 
+def lora_layers(model: nn.Module) -> list[str]:
+    """The paths of `model`'s LoRA layers."""
+    return [name for name, module in model.named_modules() if isinstance(module, LoraLinear)]
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base layer and put the plain `nn.Linear` back (in place)."""
     for name, module in list(model.named_modules()):
@@ -166,7 +171,7 @@ def save_adapter(model: nn.Module, folder: str | Path, settings: LoraSettings, f
     """Write `model`'s LoRA updates, and the modules under `full` (trained in full), as a peft
     adapter folder: adapter_config.json and adapter_model.safetensors, written atomically."""
     kind, folder = _kind(model), Path(folder)
-    wrapped = [name for name, m in model.named_modules() if isinstance(m, LoraLinear)]
+    wrapped = lora_layers(model)
     if not wrapped:
         raise OmniInputError("the model has no LoRA layers to save: apply_lora first")
     tensors = {}
