@@ -55,7 +55,7 @@ def test_our_adapter_loads_in_peft_with_the_same_logits(base, tmp_path, rslora):
     ours = OmniModel.from_pretrained(base).eval()
     settings = LoraSettings(lora_r=8, lora_alpha=16, lora_rslora=rslora)
     trained_adapter(ours, settings)
-    save_adapter(ours, tmp_path / "adapter", settings, full=("projector",), base_model=str(base))
+    save_adapter(ours, tmp_path / "adapter", full=("projector",), base_model=str(base))
     theirs = peft.PeftModel.from_pretrained(tf.LlavaForConditionalGeneration.from_pretrained(base).eval(),
                                             tmp_path / "adapter").eval()
     batch = inputs()

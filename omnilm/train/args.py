@@ -6,6 +6,7 @@ it starts and where it writes). `omnilm train`'s flags are generated from these 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from omnilm.config import FUSIONS, PRESETS
 from omnilm.errors import OmniInputError
 from omnilm.model.layers import resolve_device
 from omnilm.settings import SUPPRESS, check_output_folder, check_range, check_seed, flag_name, setting
+from omnilm.train.lora import LoraSettings
 from omnilm.train.optim import OPTIMIZERS
 
 STAGES = ("clip", "align", "instruct")
@@ -78,8 +80,9 @@ class Hyperparams:
 
 
 @dataclass(kw_only=True)
-class TrainArgs(Hyperparams):
-    """One stage of the recipe, on one dataset: `omnilm train`."""
+class TrainArgs(LoraSettings, Hyperparams):
+    """One stage of the recipe, on one dataset: `omnilm train`. With --lora-r, stage instruct trains
+    LoRA updates of the language model and the projector in full (omnilm.train.lora)."""
 
     stage: str = setting(help="clip: contrastive CLIP pretraining; align: stage 1, the projector only, on captions; "
                               "instruct: stage 2, projector + LLM on questions", choices=STAGES)
@@ -116,7 +119,8 @@ class TrainArgs(Hyperparams):
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise OmniInputError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
-        super().__post_init__()
+        Hyperparams.__post_init__(self)
+        LoraSettings.__post_init__(self)
         for name in ("data", "image_folder", "out", "init", "vision", "tokenizer"):
             value = getattr(self, name)
             if value is not None:
@@ -134,8 +138,8 @@ class TrainArgs(Hyperparams):
         check_output_folder(self.out, "--out")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
         ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector", "gate_lr",
-                            "group_by_length", "fusion", "attend"),
-                   "align": ("train_vision", "vision_lr", "patch_lr"), "instruct": ()}[self.stage]
+                            "group_by_length", "fusion", "attend", "lora_r"),
+                   "align": ("train_vision", "vision_lr", "patch_lr", "lora_r"), "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]
         if given:
             flags = ", ".join(flag_name(name) for name in given)
@@ -146,6 +150,13 @@ class TrainArgs(Hyperparams):
         if self.init is not None and shaping:
             raise OmniInputError(f"{'/'.join(shaping)} shape a fresh model; a model from --init keeps its own: "
                                  "drop it")
+        lora_only = [flag_name(f.name) for f in dataclasses.fields(LoraSettings)
+                     if f.name != "lora_r" and getattr(self, f.name) != f.default]
+        if not self.lora_r and lora_only:
+            raise OmniInputError(f"{', '.join(lora_only)} shape LoRA updates: add --lora-r R, or drop them")
+        if self.lora_r and self.train_vision:
+            raise OmniInputError("--lora-r trains LoRA updates of the language model with the vision encoder frozen: "
+                                 "drop --train-vision")
         for name in ("vision_lr", "patch_lr"):
             if self.stage == "instruct" and getattr(self, name) is not None and not self.train_vision:
                 raise OmniInputError(f"{flag_name(name)} needs --train-vision (the vision encoder is frozen otherwise)")

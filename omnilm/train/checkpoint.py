@@ -3,6 +3,7 @@
 Layout (no pickle anywhere; tensors in safetensors, the rest in JSON):
 
     OUT/checkpoints/step-000100/model/               the model's and its processor's save_pretrained folder
+    OUT/checkpoints/step-000100/adapter/             a LoRA run's adapter (peft's format); model/ is then the base
     OUT/checkpoints/step-000100/optimizer.safetensors optimizer moments, one tensor per (param, key)
     OUT/checkpoints/step-000100/trainer_state.json   step, param groups, RNG states, run config
     OUT/checkpoints/latest                           the name of the newest complete checkpoint
@@ -29,6 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, write_text
+from omnilm.model import OmniModel
+from omnilm.train.lora import load_adapter, lora_layers, merge_lora, save_adapter, trained_in_full, without_lora
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -55,7 +58,12 @@ def save_checkpoint(out: Path, step: int, model, processor, optimizer: torch.opt
     tmp = root / f"step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
+    if lora_layers(model):  # the base model as it was, and the adapter (with the projector) beside it
+        with without_lora(model):
+            model.save_pretrained(tmp / "model")
+        save_adapter(model, tmp / ADAPTER, full=trained_in_full(model))
+    else:
+        model.save_pretrained(tmp / "model")
     processor.save_pretrained(tmp / "model")
     tensors, groups = _flatten_optimizer(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -91,7 +99,7 @@ def clean_interrupted_saves(out: Path) -> None:
     for tmp in [*(out / "checkpoints").glob(".*.tmp"), *(out / "model").glob(".*.tmp"),
                 *out.glob(".metrics.jsonl.*.tmp"), *out.glob(".loss.png.*.tmp")]:
         tmp.unlink(missing_ok=True)
-    for tmp in [*(out / "checkpoints").glob("step-*.tmp"), out / MODEL_TMP]:
+    for tmp in [*(out / "checkpoints").glob("step-*.tmp"), out / MODEL_TMP, out / ADAPTER_TMP]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -130,15 +138,26 @@ def checkpoint_step(path: Path) -> int:
 
 
 MODEL_TMP = "model.tmp"  # OUT/model while it is being written
+ADAPTER = "adapter"  # a LoRA run's adapter, in a checkpoint and in OUT
+ADAPTER_TMP = "adapter.tmp"
 
 
 def publish_model(out: Path, checkpoint: Path) -> Path:
     """Copy `checkpoint`'s model folder (the model with its processor's files) to OUT/model: into
-    OUT/model.tmp, renamed when complete, so that OUT/model is only ever absent or whole."""
+    OUT/model.tmp, renamed when complete, so that OUT/model is only ever absent or whole. A LoRA
+    run's adapter goes to OUT/adapter first, and OUT/model gets it merged into the weights."""
     out, checkpoint = Path(out), Path(checkpoint)
     tmp, final = out / MODEL_TMP, out / "model"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint / "model", tmp)
+    if (checkpoint / ADAPTER).is_dir():
+        shutil.rmtree(out / ADAPTER_TMP, ignore_errors=True)
+        shutil.copytree(checkpoint / ADAPTER, out / ADAPTER_TMP)
+        shutil.rmtree(out / ADAPTER, ignore_errors=True)
+        os.rename(out / ADAPTER_TMP, out / ADAPTER)
+        model = OmniModel.from_pretrained(tmp)
+        load_adapter(model, out / ADAPTER)
+        merge_lora(model).save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     return final

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,14 +72,15 @@ class LoraSettings:
 class LoraLinear(nn.Module):
     """A frozen `nn.Linear` plus a trainable rank-r update (see the module docstring)."""
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, settings: LoraSettings):
         super().__init__()
+        self.settings = settings
         self.base_layer = base.requires_grad_(False)
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **like)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **like)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.scaling = scaling
+        self.lora_A = nn.Linear(base.in_features, settings.lora_r, bias=False, **like)
+        self.lora_B = nn.Linear(settings.lora_r, base.out_features, bias=False, **like)
+        self.dropout = nn.Dropout(settings.lora_dropout) if settings.lora_dropout else nn.Identity()
+        self.scaling = settings.scaling
         if not base.weight.is_meta:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as peft: A random, B zero
             nn.init.zeros_(self.lora_B.weight)
@@ -110,8 +112,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
     for name in names:
         parent, _, child = name.rpartition(".")
         holder = model.get_submodule(parent) if parent else model
-        setattr(holder, child, LoraLinear(getattr(holder, child), settings.lora_r, settings.scaling,
-                                          settings.lora_dropout))
+        setattr(holder, child, LoraLinear(getattr(holder, child), settings))
     return names
 
 
@@ -128,13 +129,30 @@ def lora_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, LoraLinear)]
 
 
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base layer and put the plain `nn.Linear` back (in place)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.merged())
+    for name in lora_layers(model):
+        _replace(model, name, model.get_submodule(name).merged())
     return model
+
+
+@contextmanager
+def without_lora(model: nn.Module):
+    """Inside the block, `model` holds its base layers where the LoRA layers were (the model as it
+    was before `apply_lora`: what `save_pretrained` writes); afterwards the LoRA layers are back."""
+    wrapped = {name: model.get_submodule(name) for name in lora_layers(model)}
+    for name, module in wrapped.items():
+        _replace(model, name, module.base_layer)
+    try:
+        yield model
+    finally:
+        for name, module in wrapped.items():
+            _replace(model, name, module)
 
 
 # --- the PEFT format ----------------------------------------------------------------------------
@@ -166,7 +184,14 @@ def from_hf_path(path: str, kind: str) -> str:
                          "load adapters made for LlavaForConditionalGeneration or LlamaForCausalLM")
 
 
-def save_adapter(model: nn.Module, folder: str | Path, settings: LoraSettings, full: tuple[str, ...] = (),
+def trained_in_full(model: nn.Module) -> tuple[str, ...]:
+    """The top-level modules with trainable parameters besides the LoRA updates (LLaVA's projector):
+    what an adapter carries in full, as peft's `modules_to_save`."""
+    return tuple(sorted({name.split(".")[0] for name, p in model.named_parameters()
+                         if p.requires_grad and ".lora_" not in name}))
+
+
+def save_adapter(model: nn.Module, folder: str | Path, full: tuple[str, ...] = (),
                  base_model: str | None = None) -> None:
     """Write `model`'s LoRA updates, and the modules under `full` (trained in full), as a peft
     adapter folder: adapter_config.json and adapter_model.safetensors, written atomically."""
@@ -174,6 +199,7 @@ def save_adapter(model: nn.Module, folder: str | Path, settings: LoraSettings, f
     wrapped = lora_layers(model)
     if not wrapped:
         raise OmniInputError("the model has no LoRA layers to save: apply_lora first")
+    settings = model.get_submodule(wrapped[0]).settings
     tensors = {}
     for name in wrapped:
         module, hf = model.get_submodule(name), _PEFT_PREFIX + to_hf_path(name, kind)

@@ -27,7 +27,9 @@ from omnilm.model import OmniModel
 from omnilm.model.clip import ClipModel
 from omnilm.model.connector import whiten_
 from omnilm.model.hf import load_vision_encoder
+from omnilm.model.hf_config import hf_incompatibility
 from omnilm.model.layers import eval_mode
+from omnilm.train.lora import apply_lora, load_adapter, lora_trainable
 
 # Which records each stage reads by default, by their `task` field. A record without one (real
 # LLaVA data) is read by every stage; None as the default means "every task but captions".
@@ -238,6 +240,8 @@ def build_llava_stage(args, resume_from: Path | None):
         trains = trains | {"vision"}
     for name, p in model.named_parameters():
         p.requires_grad_(name.split(".")[0] in trains)
+    if args.lora_r:
+        _add_lora(args, model, resume_from)
     model.train()
     if model.vision is not None and "vision" not in trains:
         model.vision.eval()  # frozen: no dropout today, but keep its mode honest
@@ -261,6 +265,20 @@ def build_llava_stage(args, resume_from: Path | None):
                                            ("vision", args.vision_lr)) if lr is not None} | _patch_lr(args)
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
                  loss=lm_loss, n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model), processor=processor)
+
+
+def _add_lora(args, model: OmniModel, resume_from: Path | None) -> None:
+    """LoRA updates on the language model (fresh, or a resumed run's own), trained with the projector
+    in full and nothing else (LLaVA-1.5's LoRA recipe)."""
+    if hf_incompatibility(model.config):
+        raise OmniInputError(f"--lora-r writes peft adapters for transformers' LLaVA and LLaMA; this model has no "
+                             f"transformers class ({hf_incompatibility(model.config)}): train without --lora-r")
+    adapter = resume_from / "adapter" if resume_from is not None else None
+    if adapter is not None and adapter.is_dir():
+        load_adapter(model, adapter)
+    else:
+        apply_lora(model, args)
+    lora_trainable(model, full=tuple(name for name in ("projector",) if getattr(model, name) is not None))
 
 
 def _gate_lr(args, model: nn.Module) -> dict[str, float]:
