@@ -16,6 +16,7 @@ from omnilm.config import FUSIONS, PRESETS
 from omnilm.errors import OmniInputError
 from omnilm.model.layers import resolve_device
 from omnilm.settings import SUPPRESS, check_output_folder, check_range, check_seed, flag_name, setting
+from omnilm.train.distributed import PARALLEL
 from omnilm.train.lora import LoraSettings
 from omnilm.train.optim import OPTIMIZERS
 
@@ -115,6 +116,9 @@ class TrainArgs(LoraSettings, Hyperparams):
     resume: bool = setting(False, "continue exactly from OUT/checkpoints/latest")
     stop_after: int | None = setting(None, SUPPRESS)  # stop (and checkpoint) early, as if interrupted: for tests
     progress: bool = setting(True, "progress bar (--no-progress: none)")
+    parallel: str = setting("none", "ddp: data parallel over the processes torchrun starts (torchrun "
+                                    "--nproc-per-node N -m omnilm train ...); --batch-size is then the global batch",
+                            choices=PARALLEL)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -129,6 +133,8 @@ class TrainArgs(LoraSettings, Hyperparams):
         check_range(self, ("save_every",), low=0)
         check_range(self, ("stop_after",), low=1)
         check_seed(self)
+        if self.parallel not in PARALLEL:
+            raise OmniInputError(f"unknown --parallel {self.parallel!r}; choose one of {', '.join(PARALLEL)}")
         if self.preset is not None and self.preset not in PRESETS:
             raise OmniInputError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if not isinstance(self.config, dict):

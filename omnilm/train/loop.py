@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from omnilm.train.checkpoint import (checkpoint_config, checkpoint_step, clean_i
                                      discard_unfinished_checkpoints, has_checkpoint,
                                      is_published, latest_checkpoint, load_trainer_state, publish_model,
                                      save_checkpoint)
+from omnilm.train.distributed import Ranks, all_sum, start, stop, wrap
 from omnilm.train.optim import build_optimizer, describe_split, lr_factor, set_lr
 from omnilm.train.stages import build_stage
 
@@ -95,17 +97,33 @@ def train(args: TrainArgs) -> dict[str, Any]:
 
     A run killed at any moment continues with `resume` (or, killed before its first checkpoint was
     finished, with a plain rerun) to the same losses and weights; see `omnilm.train.checkpoint`.
-    A non-finite loss, gradient norm or learning rate stops the run before that step is applied."""
+    A non-finite loss, gradient norm or learning rate stops the run before that step is applied.
+    Under torchrun with `parallel` set, every rank runs this; rank 0 alone writes (distributed.py)."""
+    device = resolve_device(args.device)
+    ranks = start(args.parallel, device)
+    done = False
+    try:
+        summary = _train(args, device, ranks)
+        done = True
+        return summary
+    finally:
+        stop(ranks, wait=done)
+
+
+def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any]:
     from tqdm import tqdm
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
+    if args.batch_size < ranks.world:
+        raise OmniInputError(f"--batch-size {args.batch_size} is the global batch, shared by {ranks.world} ranks: "
+                             f"give at least {ranks.world}")
     use_bf16 = args.bf16 if args.bf16 is not None else bf16_is_fast(device)
     torch.manual_seed(args.seed)
 
     run_config = to_dict(args)
-    clean_interrupted_saves(out)
+    if ranks.is_main:
+        clean_interrupted_saves(out)
     end = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
     if args.resume:
         resume_from = latest_checkpoint(out)
@@ -120,11 +138,14 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if has_checkpoint(out):
             raise OmniInputError(f"{out} already holds checkpoints of an earlier run: pass --resume to continue it, "
                                  "or use a new --out (or delete its checkpoints/)")
-        discard_unfinished_checkpoints(out)
+        if ranks.is_main:
+            discard_unfinished_checkpoints(out)
     stage = build_stage(args, resume_from)
     model = stage.model.to(device)  # in train mode, frozen parts in eval: the stage decides
     optimizer = build_optimizer(model, args.lr, args.weight_decay, stage.group_lrs, kind=args.optimizer)
-    if args.progress:
+    forward = wrap(model, args.parallel, ranks, device)  # what the steps call; `model` is what is saved
+    writes = ranks.is_main
+    if args.progress and writes:
         print(f"stage {args.stage}: {describe_split(optimizer)}", flush=True)
     start = 0
     if resume_from is not None:
@@ -137,30 +158,35 @@ def train(args: TrainArgs) -> dict[str, Any]:
     kept = []
     if resume_from is not None and metrics_path.exists():  # drop rows logged after the checkpoint
         kept = [line for line in metrics_path.read_text().splitlines() if _logged_step(line) <= start]
-    write_text(metrics_path, "".join(line + "\n" for line in kept))  # atomic: a kill here loses no rows
-    with metrics_path.open("a") as metrics_file:
-        bar = tqdm(total=args.steps, initial=start, desc=f"{args.stage}", unit="step", disable=not args.progress,
-                   dynamic_ncols=True)
+    if writes:
+        write_text(metrics_path, "".join(line + "\n" for line in kept))  # atomic: a kill here loses no rows
+    with (metrics_path.open("a") if writes else open(os.devnull, "w")) as metrics_file:
+        bar = tqdm(total=args.steps, initial=start, desc=f"{args.stage}", unit="step",
+                   disable=not (args.progress and writes), dynamic_ncols=True)
         losses: list[float] = []
         last_saved = resume_from
         t_start = time.perf_counter()
         for step in range(start, end):
             t0 = time.perf_counter()
             set_lr(optimizer, lr_factor(step, args.steps, min(args.warmup, args.steps), args.min_lr_ratio))
-            batches = [to_device(stage.collate([stage.dataset[i] for i in stream.indices(step * args.grad_accum + m)]),
-                                 device) for m in range(args.grad_accum)]
-            # Each micro-batch counts by its number of targets, so accumulating k batches of b
-            # equals one batch of k*b (a mean of per-batch means would not).
+            batches = [to_device(stage.collate([stage.dataset[i] for i in
+                                                ranks.share(stream.indices(step * args.grad_accum + m))]), device)
+                       for m in range(args.grad_accum)]
+            # Each micro-batch counts by its number of targets, over every rank's share of the global
+            # batch: accumulating k batches of b on n ranks equals one batch of k*b*n on one process
+            # (a mean of per-batch, or per-rank, means would not).
             weights = [stage.n_targets(b) for b in batches]
+            total = all_sum(sum(weights), ranks, device)
             step_loss, tokens, extra = 0.0, 0, {}
             for batch, weight in zip(batches, weights):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, logged = stage.loss(model, batch)
-                share = weight / sum(weights)
-                (loss * share).backward()
+                    loss, logged = stage.loss(forward, batch)
+                share = weight / total
+                (loss * share * ranks.world).backward()  # DDP averages the ranks' gradients: a sum is wanted
                 step_loss += loss.item() * share
                 tokens += int(batch["attention_mask"].sum())
                 _accumulate(extra, logged, share)
+            step_loss, tokens = all_sum(step_loss, ranks, device), int(all_sum(tokens, ranks, device))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
             # Checked before the step is applied, so that no non-finite weight is ever trained on or saved.
             problem = _non_finite(step_loss, grad_norm, optimizer)
@@ -180,16 +206,17 @@ def train(args: TrainArgs) -> dict[str, Any]:
                 metrics_file.flush()  # so `tail -f metrics.jsonl` follows the run
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
             bar.update(1)
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end and writes:
                 metrics_file.flush()  # the checkpoint's steps are on disk before it is
                 last_saved = save_checkpoint(out, step + 1, model, stage.processor, optimizer, run_config)
         bar.close()
 
-    final = save_checkpoint(out, end, model, stage.processor, optimizer, run_config)
-    plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"stage {args.stage}")
-    plot_routing(out / "metrics.jsonl", out / "routing.png", title=f"stage {args.stage}")
-    if end == args.steps:  # last, so that a whole model/ means a finished run
-        publish_model(out, final)
+    if writes:
+        final = save_checkpoint(out, end, model, stage.processor, optimizer, run_config)
+        plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"stage {args.stage}")
+        plot_routing(out / "metrics.jsonl", out / "routing.png", title=f"stage {args.stage}")
+        if end == args.steps:  # last, so that a whole model/ means a finished run
+            publish_model(out, final)
     return {"stage": args.stage, "steps": end, "losses": losses, "final_loss": losses[-1] if losses else None,
             "seconds": time.perf_counter() - t_start, "model": model, "processor": stage.processor}
 
