@@ -172,9 +172,9 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
             batches = [to_device(stage.collate([stage.dataset[i] for i in
                                                 ranks.share(stream.indices(step * args.grad_accum + m))]), device)
                        for m in range(args.grad_accum)]
-            # Each micro-batch counts by its number of targets, over every rank's share of the global
-            # batch: accumulating k batches of b on n ranks equals one batch of k*b*n on one process
-            # (a mean of per-batch, or per-rank, means would not).
+            # Each micro-batch counts by its number of targets, counted over every rank's share: k
+            # micro-batches of b records, shared by n ranks, equal one batch of k*b on one process (a
+            # mean of per-batch, or per-rank, means would not).
             weights = [stage.n_targets(b) for b in batches]
             total = all_sum(sum(weights), ranks, device)
             step_loss, tokens, extra = 0.0, 0, {}
