@@ -110,7 +110,8 @@ def sample(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1
 # --- the generation loop ----------------------------------------------------------------------
 
 
-def _as_list(ids: int | list[int] | tuple[int, ...] | None) -> list[int]:
+def as_id_list(ids: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """One id, several, or None (none), as a list: how configs give eos_token_id."""
     if ids is None:
         return []
     return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
@@ -163,7 +164,7 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
     """
     _check_args(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
     text_cfg = model.config.text
-    stops = _as_list(text_cfg.eos_token_id if stop_token_ids is None else stop_token_ids)
+    stops = as_id_list(text_cfg.eos_token_id if stop_token_ids is None else stop_token_ids)
     if pad_token_id is None:  # as transformers: the config's pad, else the first stop token
         pad_token_id = text_cfg.pad_token_id if text_cfg.pad_token_id is not None else (stops[0] if stops else 0)
     if max_new_tokens == 0:

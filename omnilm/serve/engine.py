@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from omnilm.errors import OmniInputError
-from omnilm.infer.generate import sample
+from omnilm.infer.generate import as_id_list, sample
 from omnilm.model.fusion import Media
 from omnilm.model.layers import RaggedKVCache
 from omnilm.settings import check_range
@@ -183,7 +183,7 @@ class Engine:
         # The newcomer being prefilled writes here, then moves into the first free row of k, v.
         self.scratch_k = torch.zeros(shape[:1] + (1,) + shape[2:], dtype=weight.dtype, device=self.device)
         self.scratch_v = torch.zeros_like(self.scratch_k)
-        self.eos = set(_as_list(text.eos_token_id))
+        self.eos = set(as_id_list(text.eos_token_id))
         self.image_span = model.config.image_seq_len  # tokens per image in the prompt
         # What pads a right-padded batch of prompts: any id but the image token's (never attended).
         self.filler = 1 if model.config.image_token_id == 0 else 0
@@ -432,12 +432,6 @@ def _chunk_end(prompt: list[int], start: int, budget: int, image_id: int, span: 
     before = sum(1 for i in prompt[:first_of_run] if i == image_id) % span  # tokens of an image begun earlier
     inside = (before + run) % span
     return end if inside == 0 else min(end + span - inside, len(prompt))
-
-
-def _as_list(ids) -> list[int]:
-    if ids is None:
-        return []
-    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
 
 
 # --- asyncio -------------------------------------------------------------------------------------
