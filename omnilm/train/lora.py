@@ -32,12 +32,13 @@ from omnilm.settings import check_range, setting
 # The language model's linear layers: attention and the dense MLP (the LoRA paper's and LLaVA's choice).
 DEFAULT_TARGETS = r"llm\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 
-# omnilm module path -> transformers' (5.x, in memory) module path, by model kind; first match wins.
+# omnilm module path prefix -> transformers' (5.x, in memory), by model kind; the first that matches
+# a whole path component wins, in either direction.
 _TO_HF = {
-    "llava": [(r"llm\.", "model.language_model."), (r"projector\.fc1\b", "model.multi_modal_projector.linear_1"),
-              (r"projector\.fc2\b", "model.multi_modal_projector.linear_2"), (r"projector\b", "model.multi_modal_projector"),
-              (r"lm_head\b", "lm_head")],
-    "llama": [(r"llm\.", "model."), (r"lm_head\b", "lm_head")],
+    "llava": [("llm", "model.language_model"), ("projector.fc1", "model.multi_modal_projector.linear_1"),
+              ("projector.fc2", "model.multi_modal_projector.linear_2"), ("projector", "model.multi_modal_projector"),
+              ("lm_head", "lm_head")],
+    "llama": [("llm", "model"), ("lm_head", "lm_head")],
 }
 _PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -162,26 +163,31 @@ def _kind(model: nn.Module) -> str:
     return "llava" if model.config.vision is not None else "llama"
 
 
+def _swap_prefix(path: str, pairs: list[tuple[str, str]]) -> str | None:
+    """`path` with the first prefix of `pairs` it starts with (as whole components) swapped for its
+    partner; None when none does."""
+    for old, new in pairs:
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    return None
+
+
 def to_hf_path(path: str, kind: str) -> str:
     """The transformers module path of omnilm module `path` (LLaVA's or LLaMA's, as loaded in memory)."""
-    for pattern, repl in _TO_HF[kind]:
-        new = re.sub("^" + pattern, repl, path, count=1)
-        if new != path:
-            return new
-    raise OmniInputError(f"{path} has no counterpart in transformers' {kind} model that a PEFT adapter can name: "
-                         "put LoRA on the language model (the default --lora-targets)")
+    hf = _swap_prefix(path, _TO_HF[kind])
+    if hf is None:
+        raise OmniInputError(f"{path} has no counterpart in transformers' {kind} model that a PEFT adapter can name: "
+                             "put LoRA on the language model (the default --lora-targets)")
+    return hf
 
 
 def from_hf_path(path: str, kind: str) -> str:
     """The omnilm module path of transformers module `path` (the inverse of `to_hf_path`)."""
-    for pattern, repl in _TO_HF[kind]:
-        hf = repl.replace(".", r"\.")
-        omni = pattern.replace(r"\.", ".").replace(r"\b", "")
-        new = re.sub("^" + hf + (r"\b" if not repl.endswith(".") else ""), omni, path, count=1)
-        if new != path:
-            return new
-    raise OmniInputError(f"the adapter names {path}, which omnilm's {kind} model does not have: "
-                         "load adapters made for LlavaForConditionalGeneration or LlamaForCausalLM")
+    omni = _swap_prefix(path, [(hf, omni) for omni, hf in _TO_HF[kind]])
+    if omni is None:
+        raise OmniInputError(f"the adapter names {path}, which omnilm's {kind} model does not have: "
+                             "load adapters made for LlavaForConditionalGeneration or LlamaForCausalLM")
+    return omni
 
 
 def trained_in_full(model: nn.Module) -> tuple[str, ...]:
