@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from omnilm.errors import OmniInputError
+from omnilm.model.moe import MoE
 
 PARALLEL = ("none", "ddp")
 
@@ -90,6 +91,6 @@ def wrap(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device) ->
     if parallel == "none" or ranks.world == 1:
         return model
     # An MoE layer may route no token to an expert in a batch: its parameters then get no gradient.
-    moe = bool(getattr(getattr(model, "config", None), "text", None) and model.config.text.n_experts)
+    moe = any(isinstance(m, MoE) for m in model.modules())
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=moe)
