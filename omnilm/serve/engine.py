@@ -268,18 +268,15 @@ class Engine:
             aborts, self._aborts = self._aborts, set()
         if not aborts:
             return []
-        outputs = []
-        gone = [r for r in self.running if r.id in aborts]
+        running = [r for r in self.running if r.id in aborts]
+        self._free(running)
+        gone = running + [r for r in self.waiting if r.id in aborts]
+        self.waiting = deque(r for r in self.waiting if r.id not in aborts)
         if self.prefilling is not None and self.prefilling.id in aborts:
             gone.append(self.prefilling)
             self.prefilling = None
-        gone += [r for r in self.waiting if r.id in aborts]
-        self.waiting = deque(r for r in self.waiting if r.id not in aborts)
-        self._free([r for r in self.running if r.id in aborts])
-        for r in gone:
-            self._totals["aborted"] += 1
-            outputs.append(Output(r.id, "", [], "abort", len(r.prompt), len(r.output_ids)))
-        return outputs
+        self._totals["aborted"] += len(gone)
+        return [Output(r.id, "", [], "abort", len(r.prompt), len(r.output_ids)) for r in gone]
 
     def _decode(self) -> list[Output]:
         """One token for every running row, each at its own position."""
