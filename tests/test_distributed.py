@@ -6,15 +6,19 @@ the whole batch's routing, which each rank sees in part (exact across ranks is i
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import transformers as tf
 from conftest import cli_error, run_cli
 from safetensors.torch import load_file
 
+from omnilm import OmniModel
 from omnilm.data import train_tokenizer
 from omnilm.data.shapeworld import write_shapeworld
 from omnilm.train.stages import corpus
@@ -34,16 +38,16 @@ def data(tmp_path_factory):
     return root
 
 
-def run(data, out, config: str, nproc: int = 1, batch: int = 8, accum: int = 2) -> list[float]:
+def run(data, out, config: str, parallel: str = "none", batch: int = 8, accum: int = 2, *extra) -> list[float]:
     flags = ["train", "--stage", "instruct", "--data", data / "train.json", "--image-folder", data, "--tokenizer",
              data / "tokenizer", "--config", config, "--out", out, "--steps", "10", "--batch-size", batch,
-             "--grad-accum", accum, "--lr", "1e-3", "--warmup", "2", "--no-progress", "--no-bf16"]
+             "--grad-accum", accum, "--lr", "1e-3", "--warmup", "2", "--no-progress", "--no-bf16", *extra]
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if nproc == 1:
+    if parallel == "none":
         command = [sys.executable, "-m", "omnilm", *flags]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                   "-m", "omnilm", *flags, "--parallel", "ddp"]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                   "-m", "omnilm", *flags, "--parallel", parallel]
     # A session of its own, so that on a timeout torchrun's workers go with it: no process is left behind.
     process = subprocess.Popen([str(c) for c in command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
@@ -54,6 +58,10 @@ def run(data, out, config: str, nproc: int = 1, batch: int = 8, accum: int = 2) 
         process.communicate()
         raise
     assert process.returncode == 0, stderr[-3000:]
+    return losses(out)
+
+
+def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -61,19 +69,83 @@ def weights(out) -> dict[str, torch.Tensor]:
     return load_file(out / "model" / "model.safetensors")
 
 
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory):
+    """One process on the same global batches, computed once per model: as 2 micro-batches of 8
+    (losses), and as 4 micro-batches of 4, the shapes of each rank's (weights: float rounding then
+    differs only in the order of the gradient sums)."""
+    root, runs = tmp_path_factory.mktemp("one"), {}
+
+    def get(config: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+        if config not in runs:
+            n = len(runs)
+            losses = run(data, root / f"{n}-losses", config)
+            run(data, root / f"{n}-weights", config, "none", 4, 4)
+            runs[config] = losses, weights(root / f"{n}-weights")
+        return runs[config]
+    return get
+
+
+@pytest.fixture(scope="module")
+def two_ranks(data, tmp_path_factory):
+    """The OUT folder of a 2-rank run of 10 steps, by (model, parallel), run once."""
+    root, runs = tmp_path_factory.mktemp("two"), {}
+
+    def get(config: str, parallel: str) -> Path:
+        if (config, parallel) not in runs:
+            runs[config, parallel] = out = root / str(len(runs))
+            run(data, out, config, parallel)
+        return runs[config, parallel]
+    return get
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 @pytest.mark.parametrize("config", [SMALL, MOE], ids=["dense", "moe"])
-def test_two_ranks_train_as_one_process_on_the_same_global_batch(data, tmp_path, config):
-    """Global batch 16 a step: 2 ranks x 2 micro-batches of 4, against one process taking the same
-    16 records as 2 micro-batches of 8 (losses) and as 4 micro-batches of 4 (the same shapes as
-    each rank's, so that float rounding differs only in the order of the gradient sums: weights)."""
-    two = run(data, tmp_path / "two", config, nproc=2)
-    one = run(data, tmp_path / "one", config)
+def test_two_ranks_train_as_one_process_on_the_same_global_batch(two_ranks, one_process, config, parallel):
+    """Global batch 16 a step: 2 ranks x 2 micro-batches of 4."""
+    out = two_ranks(config, parallel)
+    two, (one, mine) = losses(out), one_process(config)
     assert len(one) == len(two) == 10
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)
-    run(data, tmp_path / "same_shapes", config, batch=4, accum=4)
-    mine, theirs = weights(tmp_path / "same_shapes"), weights(tmp_path / "two")
+    theirs = weights(out)
     assert mine.keys() == theirs.keys()
     assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) <= 1e-6
+
+
+def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one_process(data, tmp_path, two_ranks):
+    """2 ranks write a checkpoint at step 5 through torch.distributed.checkpoint (each its shards);
+    resumed on 2 ranks, and on 1 process (which reads both ranks' shards), the next 5 losses are the
+    uninterrupted run's."""
+    whole = losses(two_ranks(SMALL, "fsdp"))
+    run(data, tmp_path / "two", SMALL, "fsdp", 8, 2, "--save-every", "5", "--stop-after", "5")
+    assert (tmp_path / "two" / "checkpoints" / "step-000005" / "sharded").is_dir()
+    assert len(list((tmp_path / "two" / "checkpoints" / "step-000005" / "sharded").glob("*.safetensors"))) == 2
+    shutil.copytree(tmp_path / "two", tmp_path / "saved")
+    resumed = {"two": run(data, tmp_path / "two", SMALL, "fsdp", 8, 2, "--resume")}
+    shutil.rmtree(tmp_path / "two")
+    (tmp_path / "saved").rename(tmp_path / "two")  # the same --out: a resumed run must be the same run
+    resumed["one"] = run(data, tmp_path / "two", SMALL, "none", 8, 2, "--resume")
+    for where, after in resumed.items():
+        assert len(after) == 10 and after[:5] == whole[:5]
+        assert max(abs(a - b) for a, b in zip(after[5:], whole[5:])) <= 1e-6, (where, after, whole)
+
+
+def test_a_sharded_run_exports_a_model_transformers_loads(two_ranks):
+    """The final model of a 2-rank FSDP run, gathered whole by rank 0: transformers' LLaVA class
+    loads it with nothing missing and computes omnilm's logits."""
+    folder = two_ranks(SMALL, "fsdp") / "model"
+    ours = OmniModel.from_pretrained(folder)
+    theirs, info = tf.LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    cfg, g = ours.config, torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.text.vocab_size, (1, cfg.image_seq_len + 12), generator=g)
+    ids[ids == cfg.image_token_id] = 3
+    ids[0, 4:4 + cfg.image_seq_len] = cfg.image_token_id
+    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    with torch.no_grad():
+        mine = ours(ids, pixels).logits
+        hf = theirs.eval()(input_ids=ids, pixel_values=pixels).logits
+    assert (mine - hf).abs().max().item() <= 1e-5
 
 
 def test_parallel_needs_torchrun_and_torchrun_needs_parallel(data, tmp_path, monkeypatch, capsys):

@@ -116,9 +116,10 @@ class TrainArgs(LoraSettings, Hyperparams):
     resume: bool = setting(False, "continue exactly from OUT/checkpoints/latest")
     stop_after: int | None = setting(None, SUPPRESS)  # stop (and checkpoint) early, as if interrupted: for tests
     progress: bool = setting(True, "progress bar (--no-progress: none)")
-    parallel: str = setting("none", "ddp: data parallel over the processes torchrun starts (torchrun "
-                                    "--nproc-per-node N -m omnilm train ...); --batch-size is then the global batch",
-                            choices=PARALLEL)
+    parallel: str = setting("none", "over the processes torchrun starts (torchrun --nproc-per-node N -m omnilm "
+                                    "train ...): ddp (each holds the model, gradients averaged) or fsdp (parameters, "
+                                    "gradients and optimizer state sharded per layer); --batch-size is then the "
+                                    "global batch", choices=PARALLEL)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -163,6 +164,9 @@ class TrainArgs(LoraSettings, Hyperparams):
         if self.lora_r and self.train_vision:
             raise OmniInputError("--lora-r trains LoRA updates of the language model with the vision encoder frozen: "
                                  "drop --train-vision")
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            raise OmniInputError("--optimizer muon orthogonalises whole weight matrices, and --parallel fsdp leaves each "
+                                 "rank a slice of them: use --optimizer adamw with fsdp, or --parallel ddp")
         for name in ("vision_lr", "patch_lr"):
             if self.stage == "instruct" and getattr(self, name) is not None and not self.train_vision:
                 raise OmniInputError(f"{flag_name(name)} needs --train-vision (the vision encoder is frozen otherwise)")

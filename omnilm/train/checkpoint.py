@@ -8,6 +8,19 @@ Layout (no pickle anywhere; tensors in safetensors, the rest in JSON):
     OUT/checkpoints/step-000100/trainer_state.json   step, param groups, RNG states, run config
     OUT/checkpoints/latest                           the name of the newest complete checkpoint
 
+A sharded run (--parallel fsdp) has no rank holding the whole model: every rank writes its shards
+of the weights and of the optimizer moments through torch.distributed.checkpoint, as safetensors
+files with their place in the whole tensors in each file's header (HuggingFaceStorageWriter; no
+pickle), and rank 0 the JSON state:
+
+    OUT/checkpoints/step-000100/sharded/             shard-0000R-model-00001-of-00001.safetensors, one per rank
+    OUT/checkpoints/step-000100/rng.safetensors      the RNG state
+    OUT/checkpoints/step-000100/trainer_state.json
+
+Such a checkpoint loads into any number of processes (each reads the slices it holds: resharding),
+one included. The final one also holds model/ (and adapter/), gathered whole, so OUT/model is a
+plain model folder as after a one-process run.
+
 A checkpoint is written into `step-N.tmp/` and renamed when complete, and `latest` moves only
 after that, so a crash mid-save leaves the previous checkpoint in charge. A checkpoints/ folder
 without `latest` holds no finished checkpoint (the run died during its first save): a plain rerun
@@ -26,11 +39,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, write_text
 from omnilm.model import OmniModel
+from omnilm.train.distributed import Ranks, full_tensor
 from omnilm.train.lora import load_adapter, lora_layers, merge_lora, save_adapter, trained_in_full, without_lora
 
 
@@ -53,33 +71,122 @@ def save_checkpoint(out: Path, step: int, model, processor, optimizer: torch.opt
                     run_config: dict[str, Any], keep: int = 2) -> Path:
     """Write the state after `step` optimizer steps (the model with its processor's files, so that
     the checkpoint is a model folder too); keep the newest `keep` checkpoints."""
-    root = Path(out) / "checkpoints"
-    final = root / f"step-{step:06d}"
-    tmp = root / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if lora_layers(model):  # the base model as it was, and the adapter (with the projector) beside it
-        with without_lora(model):
-            model.save_pretrained(tmp / "model")
-        save_adapter(model, tmp / ADAPTER, full=trained_in_full(model))
-    else:
-        model.save_pretrained(tmp / "model")
-    processor.save_pretrained(tmp / "model")
+    root, tmp = _begin(out, step)
+    _write_model(tmp, model, processor)
     tensors, groups = _flatten_optimizer(optimizer)
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     # Through atomic_write for its file mode: safetensors creates its files 0600, as mkstemp does.
     atomic_write(tmp / "optimizer.safetensors", lambda file: save_file(tensors, file))
+    _write_state(tmp, step, groups, run_config)
+    return _commit(root, tmp, step, keep)
+
+
+def _begin(out: Path, step: int) -> tuple[Path, Path]:
+    root = Path(out) / "checkpoints"
+    tmp = root / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return root, tmp
+
+
+def _write_model(folder: Path, model: nn.Module, processor) -> None:
+    if lora_layers(model):  # the base model as it was, and the adapter (with the projector) beside it
+        with without_lora(model):
+            model.save_pretrained(folder / "model")
+        save_adapter(model, folder / ADAPTER, full=trained_in_full(model))
+    else:
+        model.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+
+
+def _write_state(folder: Path, step: int, groups: list[dict], run_config: dict[str, Any]) -> None:
     state = {"step": step, "param_groups": groups, "python_rng": _jsonable(random.getstate()),
              "run_config": run_config}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
+    (folder / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
+
+
+def _commit(root: Path, tmp: Path, step: int, keep: int) -> Path:
+    final = root / f"step-{step:06d}"
     _remove(final)
     os.rename(tmp, final)
     write_text(root / "latest", final.name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
         _remove(old)
     return final
+
+
+SHARDED = "sharded"  # a sharded run's weights and optimizer moments, through torch.distributed.checkpoint
+
+
+def save_sharded_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                            run_config: dict[str, Any], ranks: Ranks, export: tuple[nn.Module, Any] | None = None,
+                            keep: int = 2) -> Path:
+    """Every rank calls this: each writes its shards, rank 0 the rest. With `export` (a skeleton of the
+    model on the meta device, and the processor) the weights are also gathered, one tensor at a time,
+    into the skeleton on rank 0 and written as model/ (and adapter/) as a one-process run would."""
+    root = Path(out) / "checkpoints"
+    tmp = root / f"step-{step:06d}.tmp"
+    if ranks.is_main:
+        _begin(out, step)
+    _barrier(ranks)
+    tensors, groups = _sharded_state(model, optimizer)
+    dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True))
+    if export is not None:
+        skeleton, processor = export
+        whole = {}
+        for name, t in model.state_dict().items():
+            t = full_tensor(t)  # a collective: every rank, in the same order
+            if ranks.is_main:
+                whole[name] = t.detach().cpu()
+        if ranks.is_main:
+            skeleton.load_state_dict(whole, assign=True)
+            _write_model(tmp, skeleton, processor)
+    final = None
+    if ranks.is_main:
+        rng = {"rng.torch": torch.get_rng_state(), **({"rng.cuda": torch.cuda.get_rng_state()}
+                                                      if torch.cuda.is_available() else {})}
+        atomic_write(tmp / "rng.safetensors", lambda file: save_file(rng, file))
+        _write_state(tmp, step, groups, run_config)
+        final = _commit(root, tmp, step, keep)
+    _barrier(ranks)  # the checkpoint is complete for every rank before any goes on
+    return final if final is not None else root / f"step-{step:06d}"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (Path(path) / SHARDED).is_dir()
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The model's and the optimizer's tensors under flat names (model.FQN, optim.FQN.KEY), as this
+    rank holds them (DTensor shards, or whole tensors), and the optimizer's parameter groups."""
+    optim = get_optimizer_state_dict(model, optimizer)  # creates the moments of a fresh optimizer
+    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    tensors |= {f"optim.{fqn}.{key}": t for fqn, entry in optim["state"].items() for key, t in entry.items()}
+    return tensors, optim["param_groups"]
+
+
+def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore weights, optimizer moments and RNG state from the sharded checkpoint `path` into
+    `model` (sharded over any number of ranks, or whole on one process); return its step."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    tensors, groups = _sharded_state(model, optimizer)
+    _check_groups(path, state["param_groups"], groups)
+    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDED)))  # in place
+    optim = {"state": {}, "param_groups": state["param_groups"]}
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            fqn, key = name[len("optim."):].rsplit(".", 1)
+            optim["state"].setdefault(fqn, {})[key] = t
+    set_optimizer_state_dict(model, optimizer, optim)
+    _restore_rng(load_file(path / "rng.safetensors"), state)
+    return int(state["step"])
+
+
+def _barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        dist.barrier()
 
 
 def _remove(folder: Path) -> None:
@@ -180,20 +287,28 @@ def checkpoint_config(path: Path) -> dict[str, Any]:
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> int:
     """Restore optimizer moments and RNG state from checkpoint `path`; return its step."""
     state = json.loads((path / "trainer_state.json").read_text())
-    saved, now = _group_sizes(state["param_groups"]), _group_sizes(optimizer.param_groups)
+    _check_groups(path, state["param_groups"], optimizer.param_groups)
+    tensors = load_file(path / "optimizer.safetensors")
+    rng = {name: tensors.pop(name) for name in ("rng.torch", "rng.cuda") if name in tensors}
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+    _restore_rng(rng, state)
+    return int(state["step"])
+
+
+def _check_groups(path: Path, saved_groups: list[dict], groups: list[dict]) -> None:
+    saved, now = _group_sizes(saved_groups), _group_sizes(groups)
     if saved != now:
         raise OmniInputError(
             f"{path} holds optimizer state for parameter groups of {saved} parameters, but this run's optimizer "
             f"has groups of {now}: the checkpoint splits the model between AdamW and Muon otherwise (an earlier "
             "omnilm wrote it); finish the run with that version, or start a new --out")
-    tensors = load_file(path / "optimizer.safetensors")
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    cuda_rng = tensors.pop("rng.cuda", None)
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_rng)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["param_groups"]))
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     random.setstate(_tuples(state["python_rng"]))
-    return int(state["step"])
 
 
 def _group_sizes(param_groups: list[dict]) -> list[int]:

@@ -1,29 +1,40 @@
 """Training on several processes with PyTorch's own distributed stack, launched by torchrun.
 
-    torchrun --nproc-per-node N -m omnilm train ... --parallel ddp
+    torchrun --nproc-per-node N -m omnilm train ... --parallel ddp|fsdp
 
 Each process (rank) is started by torchrun with RANK, WORLD_SIZE, LOCAL_RANK and the rendezvous
-in its environment; `start` joins the process group (NCCL on CUDA, gloo on CPU). With DDP every
-rank holds the whole model, reads its share of each global batch, and the gradients are averaged
-across ranks after each backward pass. The loss is normalised by the global number of supervised
+in its environment; `start` joins the process group (NCCL on CUDA, gloo on CPU). Every rank reads
+its share of each global batch, and the loss is normalised by the global number of supervised
 tokens (`all_sum` of every rank's count), so N processes take exactly the steps one process takes
 on the same global batch, whatever each rank's share of the tokens.
+
+    ddp    every rank holds the whole model; DistributedDataParallel averages the gradients
+    fsdp   FSDP2: `fully_shard` on each decoder layer, each vision layer, then the root, so that
+           parameters, gradients and optimizer state are split over the ranks and a layer's
+           parameters are gathered only while it runs (bf16 compute, fp32 reduction on CUDA)
+
+Parameters of an FSDP model are DTensors: the optimizer is built after `wrap`, the gradient norm
+is gathered from the shards (`clip_grad_norm`), and checkpoints are written by every rank through
+torch.distributed.checkpoint (omnilm.train.checkpoint).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from omnilm.errors import OmniInputError
 from omnilm.model.moe import MoE
 
-PARALLEL = ("none", "ddp")
+PARALLEL = ("none", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -85,12 +96,57 @@ def all_sum(value: float, ranks: Ranks, device: torch.device) -> float:
     return float(t)
 
 
-def wrap(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device) -> nn.Module:
-    """What the training step calls: `model` itself, or a DDP wrapper around it (which averages the
-    gradients over the ranks). Parameters, the optimizer and checkpoints stay with `model`."""
+def wrap(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device, bf16: bool = False) -> nn.Module:
+    """What the training step calls: `model` itself, a DDP wrapper around it (which averages the
+    gradients over the ranks), or, for fsdp, `model` sharded in place. Parameters, the optimizer and
+    checkpoints stay with `model`; build the optimizer after this call (FSDP replaces the parameters)."""
     if parallel == "none" or ranks.world == 1:
         return model
+    if parallel == "fsdp":
+        return shard(model, device, bf16)
     # An MoE layer may route no token to an expert in a batch: its parameters then get no gradient.
     moe = any(isinstance(m, MoE) for m in model.modules())
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=moe)
+
+
+def shard(model: nn.Module, device: torch.device, bf16: bool = False) -> nn.Module:
+    """FSDP2 over every rank: each decoder and vision layer its own unit, what remains (embeddings,
+    projector, norms, head) the root's. With `bf16` on CUDA, layers compute in bf16 from fp32
+    shards and gradients are reduced in fp32 (on CPU the run stays in fp32)."""
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
+    for tower in (getattr(model, "llm", None), getattr(model, "vision", None)):
+        for layer in getattr(tower, "layers", ()):
+            fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model`'s parameters are split over ranks (its state is then saved by every rank)."""
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole: a DTensor gathered from its shards (every rank must call this), else itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale the gradients of `params` to a total 2-norm of at most `max_norm`; return the norm before.
+    For sharded parameters the norm is that of the whole gradients, the same on every rank."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = full_tensor(torch.nn.utils.get_total_norm(grads))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
+
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every parameter and buffer on the meta device (no memory): the structure
+    that rank 0 fills with the gathered weights of a sharded model to save it whole."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)

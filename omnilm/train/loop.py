@@ -30,10 +30,10 @@ from omnilm.model.layers import resolve_device
 from omnilm.settings import to_dict
 from omnilm.train.args import TrainArgs
 from omnilm.train.checkpoint import (checkpoint_config, checkpoint_step, clean_interrupted_saves,
-                                     discard_unfinished_checkpoints, has_checkpoint,
-                                     is_published, latest_checkpoint, load_trainer_state, publish_model,
-                                     save_checkpoint)
-from omnilm.train.distributed import Ranks, all_sum, start, stop, wrap
+                                     discard_unfinished_checkpoints, has_checkpoint, is_published,
+                                     is_sharded_checkpoint, latest_checkpoint, load_sharded_checkpoint,
+                                     load_trainer_state, publish_model, save_checkpoint, save_sharded_checkpoint)
+from omnilm.train.distributed import Ranks, all_sum, clip_grad_norm, is_sharded, skeleton, start, stop, wrap
 from omnilm.train.optim import build_optimizer, describe_split, lr_factor, set_lr
 from omnilm.train.stages import build_stage
 
@@ -140,15 +140,28 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
                                  "or use a new --out (or delete its checkpoints/)")
         if ranks.is_main:
             discard_unfinished_checkpoints(out)
-    stage = build_stage(args, resume_from)
+    # A sharded checkpoint's weights are read after the model is built (and sharded) as a fresh run builds it.
+    sharded_resume = resume_from is not None and is_sharded_checkpoint(resume_from)
+    stage = build_stage(args, None if sharded_resume else resume_from)
     model = stage.model.to(device)  # in train mode, frozen parts in eval: the stage decides
+    # Rank 0 gathers a sharded model's final weights into this copy, on the meta device until then.
+    export = (skeleton(model), stage.processor) if args.parallel == "fsdp" else None
+    forward = wrap(model, args.parallel, ranks, device, use_bf16)  # what the steps call; `model` is what is saved
+    sharded = is_sharded(model)
     optimizer = build_optimizer(model, args.lr, args.weight_decay, stage.group_lrs, kind=args.optimizer)
-    forward = wrap(model, args.parallel, ranks, device)  # what the steps call; `model` is what is saved
     writes = ranks.is_main
     if args.progress and writes:
         print(f"stage {args.stage}: {describe_split(optimizer)}", flush=True)
+
+    def save(step: int, final: bool = False) -> Path | None:
+        if sharded:
+            return save_sharded_checkpoint(out, step, model, optimizer, run_config, ranks, export if final else None)
+        return save_checkpoint(out, step, model, stage.processor, optimizer, run_config) if writes else None
+
     start = 0
-    if resume_from is not None:
+    if sharded_resume:
+        start = load_sharded_checkpoint(resume_from, model, optimizer)
+    elif resume_from is not None:
         start = load_trainer_state(resume_from, optimizer)
     lengths = stage.dataset.token_lengths() if args.group_by_length else None
     stream = BatchStream(len(stage.dataset), args.batch_size, args.seed, lengths)
@@ -187,7 +200,7 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
                 tokens += int(batch["attention_mask"].sum())
                 _accumulate(extra, logged, share)
             step_loss, tokens = all_sum(step_loss, ranks, device), int(all_sum(tokens, ranks, device))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.clip_grad))
+            grad_norm = clip_grad_norm(params, args.clip_grad)
             # Checked before the step is applied, so that no non-finite weight is ever trained on or saved.
             problem = _non_finite(step_loss, grad_norm, optimizer)
             if problem:
@@ -198,7 +211,7 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
 
             dt = time.perf_counter() - t0
             losses.append(step_loss)
-            record = {"step": step + 1, "loss": round(step_loss, 6), "lr": optimizer.param_groups[0]["lr"],
+            record = {"step": step + 1, "loss": round(step_loss, 8), "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4),
                       **extra}
             metrics_file.write(json.dumps(record) + "\n")
@@ -206,13 +219,13 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
                 metrics_file.flush()  # so `tail -f metrics.jsonl` follows the run
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
             bar.update(1)
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end and writes:
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
                 metrics_file.flush()  # the checkpoint's steps are on disk before it is
-                last_saved = save_checkpoint(out, step + 1, model, stage.processor, optimizer, run_config)
+                last_saved = save(step + 1)
         bar.close()
 
+    final = save(end, final=end == args.steps)
     if writes:
-        final = save_checkpoint(out, end, model, stage.processor, optimizer, run_config)
         plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"stage {args.stage}")
         plot_routing(out / "metrics.jsonl", out / "routing.png", title=f"stage {args.stage}")
         if end == args.steps:  # last, so that a whole model/ means a finished run
@@ -274,7 +287,8 @@ def _logged_step(line: str) -> float:
 
 
 # Settings a resumed run may change: they do not alter what it computes.
-RESUMABLE_CHANGES = {"resume", "stop_after", "device", "progress", "log_every", "save_every", "bf16"}
+# The number and layout of processes is one too (a sharded checkpoint loads into any).
+RESUMABLE_CHANGES = {"resume", "stop_after", "device", "progress", "log_every", "save_every", "bf16", "parallel"}
 
 
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
