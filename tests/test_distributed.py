@@ -38,7 +38,10 @@ def data(tmp_path_factory):
     return root
 
 
-def run(data, out, config: str, parallel: str = "none", batch: int = 8, accum: int = 2, *extra) -> list[float]:
+def run(data, out, config: str, parallel: str = "none", batch: int = 8, accum: int = 2, *extra,
+        fails: bool = False) -> list[float] | str:
+    """Train 10 steps on one process or on 2 ranks under torchrun; the logged losses (with `fails`, the
+    stderr of a run that must fail)."""
     flags = ["train", "--stage", "instruct", "--data", data / "train.json", "--image-folder", data, "--tokenizer",
              data / "tokenizer", "--config", config, "--out", out, "--steps", "10", "--batch-size", batch,
              "--grad-accum", accum, "--lr", "1e-3", "--warmup", "2", "--no-progress", "--no-bf16", *extra]
@@ -57,6 +60,9 @@ def run(data, out, config: str, parallel: str = "none", batch: int = 8, accum: i
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         raise
+    if fails:
+        assert process.returncode != 0
+        return stderr
     assert process.returncode == 0, stderr[-3000:]
     return losses(out)
 
@@ -112,6 +118,20 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(two_ranks, one_
     assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) <= 1e-6
 
 
+def test_lora_trains_the_same_on_two_ranks(data, tmp_path):
+    """LoRA under DDP and FSDP: the losses and the adapter (LoRA matrices and projector) of 2 ranks are
+    one process's on the same global batch (taken as 4 micro-batches of 4, each rank's shape)."""
+    lora = ("--lora-r", "4", "--lora-alpha", "8")
+    one = run(data, tmp_path / "one", SMALL, "none", 4, 4, *lora)
+    mine = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    for parallel in ("ddp", "fsdp"):
+        two = run(data, tmp_path / parallel, SMALL, parallel, 8, 2, *lora)
+        assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (parallel, one, two)
+        theirs = load_file(tmp_path / parallel / "adapter" / "adapter_model.safetensors")
+        assert mine.keys() == theirs.keys() and any(".lora_B." in k for k in mine)
+        assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) <= 1e-6, parallel
+
+
 def test_a_sharded_checkpoint_resumes_on_two_ranks_and_on_one_process(data, tmp_path, two_ranks):
     """2 ranks write a checkpoint at step 5 through torch.distributed.checkpoint (each its shards);
     resumed on 2 ranks, and on 1 process (which reads both ranks' shards), the next 5 losses are the
@@ -146,6 +166,13 @@ def test_a_sharded_run_exports_a_model_transformers_loads(two_ranks):
         mine = ours(ids, pixels).logits
         hf = theirs.eval()(input_ids=ids, pixel_values=pixels).logits
     assert (mine - hf).abs().max().item() <= 1e-5
+
+
+def test_a_bad_flag_fails_on_every_rank_in_one_line(data, tmp_path):
+    stderr = run(data, tmp_path, SMALL, "fsdp", 8, 2, "--optimizer", "muon", fails=True)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "--optimizer muon" in errors[0], stderr[-2000:]
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_parallel_needs_torchrun_and_torchrun_needs_parallel(data, tmp_path, monkeypatch, capsys):

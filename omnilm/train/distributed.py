@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,20 +63,23 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def start(parallel: str, device: torch.device) -> Ranks:
-    """Join the process group torchrun set up, as `parallel` asks; Ranks() for a single process."""
+def start(parallel: str, device: torch.device) -> tuple[Ranks, torch.device]:
+    """Join the process group torchrun set up, as `parallel` asks; Ranks() for a single process. Returns
+    the ranks and this rank's device: on CUDA, GPU LOCAL_RANK of its machine."""
     world = launched_world()
     if parallel == "none":
         if world > 1:
-            raise OmniInputError(f"torchrun started {world} processes but --parallel is none: pass --parallel ddp")
-        return Ranks()
+            raise OmniInputError(f"torchrun started {world} processes but --parallel is none: pass --parallel ddp "
+                                 "or fsdp")
+        return Ranks(), device
     if world == 1 and "RANK" not in os.environ:
         raise OmniInputError(f"--parallel {parallel} runs under torchrun: torchrun --nproc-per-node N -m omnilm train ...")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks(dist.get_rank(), dist.get_world_size()), device
 
 
 def stop(ranks: Ranks, wait: bool = True) -> None:
@@ -94,6 +98,23 @@ def all_sum(value: float, ranks: Ranks, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t)
+
+
+def all_sum_logged(logged: dict[str, Any], ranks: Ranks, device: torch.device) -> dict[str, Any]:
+    """Logged numbers (scalars, or lists of lists as an MoE's expert load) summed over the ranks, in
+    one all-reduce; the same keys on every rank."""
+    if ranks.world == 1 or not logged:
+        return logged
+    flat = [torch.as_tensor(logged[key], dtype=torch.float64).flatten() for key in sorted(logged)]
+    total = torch.cat(flat).to(device)
+    dist.all_reduce(total)
+    out, i = {}, 0
+    for key, part in zip(sorted(logged), flat):
+        value = total[i:i + len(part)].cpu()
+        i += len(part)
+        out[key] = (value.view(torch.as_tensor(logged[key]).shape).tolist() if isinstance(logged[key], list)
+                    else float(value))
+    return out
 
 
 def wrap(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device, bf16: bool = False) -> nn.Module:

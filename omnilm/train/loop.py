@@ -33,7 +33,7 @@ from omnilm.train.checkpoint import (checkpoint_config, checkpoint_step, clean_i
                                      discard_unfinished_checkpoints, has_checkpoint, is_published,
                                      is_sharded_checkpoint, latest_checkpoint, load_sharded_checkpoint,
                                      load_trainer_state, publish_model, save_checkpoint, save_sharded_checkpoint)
-from omnilm.train.distributed import Ranks, all_sum, clip_grad_norm, is_sharded, skeleton, start, stop, wrap
+from omnilm.train.distributed import Ranks, all_sum, all_sum_logged, clip_grad_norm, is_sharded, skeleton, start, stop, wrap
 from omnilm.train.optim import build_optimizer, describe_split, lr_factor, set_lr
 from omnilm.train.stages import build_stage
 
@@ -99,8 +99,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     finished, with a plain rerun) to the same losses and weights; see `omnilm.train.checkpoint`.
     A non-finite loss, gradient norm or learning rate stops the run before that step is applied.
     Under torchrun with `parallel` set, every rank runs this; rank 0 alone writes (distributed.py)."""
-    device = resolve_device(args.device)
-    ranks = start(args.parallel, device)
+    ranks, device = start(args.parallel, resolve_device(args.device))
     done = False
     try:
         summary = _train(args, device, ranks)
@@ -200,6 +199,7 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
                 tokens += int(batch["attention_mask"].sum())
                 _accumulate(extra, logged, share)
             step_loss, tokens = all_sum(step_loss, ranks, device), int(all_sum(tokens, ranks, device))
+            extra = all_sum_logged(extra, ranks, device)
             grad_norm = clip_grad_norm(params, args.clip_grad)
             # Checked before the step is applied, so that no non-finite weight is ever trained on or saved.
             problem = _non_finite(step_loss, grad_norm, optimizer)
@@ -213,7 +213,7 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
             losses.append(step_loss)
             record = {"step": step + 1, "loss": round(step_loss, 8), "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4),
-                      **extra}
+                      **_rounded(extra)}
             metrics_file.write(json.dumps(record) + "\n")
             if (step + 1) % args.log_every == 0:
                 metrics_file.flush()  # so `tail -f metrics.jsonl` follows the run
@@ -273,10 +273,15 @@ def _accumulate(total: dict[str, Any], logged: dict[str, Any], share: float) -> 
     for key, value in logged.items():
         if isinstance(value, list):
             old = total.get(key)
-            total[key] = [[round((old[i][j] if old else 0.0) + share * v, 4) for j, v in enumerate(row)]
+            total[key] = [[(old[i][j] if old else 0.0) + share * v for j, v in enumerate(row)]
                           for i, row in enumerate(value)]
         else:
-            total[key] = round(total.get(key, 0.0) + share * value, 6)
+            total[key] = total.get(key, 0.0) + share * value
+
+
+def _rounded(logged: dict[str, Any]) -> dict[str, Any]:
+    return {key: [[round(v, 4) for v in row] for row in value] if isinstance(value, list) else round(value, 6)
+            for key, value in logged.items()}
 
 
 def _logged_step(line: str) -> float:
