@@ -49,6 +49,7 @@ from omnilm.serve.settings import SERVE_FLAGS, ServeSettings
 from omnilm.settings import add_flags, check_output_folder, from_flags
 from omnilm.train import TrainArgs, train
 from omnilm.train.lora import LoraSettings, apply_lora, load_adapter, lora_layers, lora_trainable, merge_lora
+from omnilm.train.memory import memory_table
 
 SERVE_EXTRA_MISSING: str | None = None  # the module the serve extra would bring, when it is not installed
 try:
@@ -129,14 +130,19 @@ def cmd_info(args) -> None:
         model = OmniModel.from_config(config, device="meta")  # reads no weights
     else:
         raise OmniInputError("give a checkpoint folder or --preset NAME")
-    print(model.describe())
+    if args.expert_parallel != 1 and args.nproc is None:
+        raise OmniInputError("--expert-parallel sizes the memory table: give --nproc N too")
+    lines = [model.describe()]
     lora = from_flags(LoraSettings, args, skip=("lora_dropout",))
     if lora.lora_r:
         apply_lora(model, lora)
         lora_trainable(model)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"lora:   rank {lora.lora_r} on {len(lora_layers(model))} linear layers: {trainable:,} LoRA "
-              f"parameters ({100 * trainable / model.num_parameters():.2f}% of the model)")
+        lines.append(f"lora:   rank {lora.lora_r} on {len(lora_layers(model))} linear layers: {trainable:,} LoRA "
+                     f"parameters ({100 * trainable / model.num_parameters():.2f}% of the model)")
+    if args.nproc is not None:
+        lines += ["", memory_table(model, args.nproc, args.expert_parallel)]  # before printing: errors come alone
+    print("\n".join(lines))
 
 
 def cmd_merge_lora(args) -> None:
@@ -253,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="checkpoint folder")
     p.add_argument("--preset", help="a preset name instead of a folder (see omnilm.config.PRESETS)")
     add_flags(p, LoraSettings, skip=("lora_dropout",))
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="also print the training memory per rank (GiB) for stage instruct on one process and on N "
+                        "ranks with --parallel ddp and fsdp: parameters, gradients, AdamW state and the layers FSDP "
+                        "gathers, counted from the model's shapes (fp32 weights; activations not included)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="E",
+                   help="with --nproc: each rank holds 1/E of every MoE layer's experts (as omnilm train "
+                        "--expert-parallel splits them: E = N, dividing the number of experts)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("merge-lora", help="fold a LoRA adapter (peft's format) into its base model's weights",

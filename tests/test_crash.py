@@ -83,7 +83,7 @@ KILLS = {
     # Copying the final checkpoint's model folder to model/, some of its files copied.
     "final model": (dict(target="shutil.copyfile", match="model.tmp", nth=3), "model.tmp/*", []),
     # In step 3, after its backward pass, before its optimizer step.
-    "mid-step": (dict(target="torch.nn.utils.clip_grad_norm_", match="", nth=3), "checkpoints/step-000002",
+    "mid-step": (dict(target="torch.nn.utils.clip_grads_with_norm_", match="", nth=3), "checkpoints/step-000002",
                  [3, 4, 5, 6]),
 }
 

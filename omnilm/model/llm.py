@@ -28,14 +28,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.dim, cfg.mlp_dim, bias=cfg.mlp_bias)
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, tokens: torch.Tensor | None = None,
-                routing: list[Routing] | None = None) -> torch.Tensor:
+                stats: bool = False) -> tuple[torch.Tensor, Routing | None]:
+        """The next hidden states, and with `stats` an MoE layer's Routing (returned, not appended to a
+        list argument: a wrapper such as FSDP may pass the layer copies of its arguments)."""
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal=True, cache=cache, layer=layer)
         if not self.is_moe:
-            return x + self.mlp(self.post_attention_layernorm(x))
-        out, stats = self.mlp(self.post_attention_layernorm(x), tokens, stats=routing is not None)
-        if routing is not None:
-            routing.append(stats)
-        return x + out
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        out, routing = self.mlp(self.post_attention_layernorm(x), tokens, stats=stats)
+        return x + out, routing
 
 
 class LlamaDecoder(nn.Module):
@@ -76,7 +76,9 @@ class LlamaDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             if before_layer is not None:
                 x = before_layer(i, x)
-            x = layer(x, rope, mask, cache, i, tokens, routing)
+            x, stats = layer(x, rope, mask, cache, i, tokens, routing is not None)
+            if stats is not None:
+                routing.append(stats)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)

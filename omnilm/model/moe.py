@@ -24,6 +24,11 @@ experts as two grouped matrix multiplies (`torch._grouped_mm`, or one matmul per
 that is missing), and scatter back with `index_add_`. `reference_forward` is the plain
 per-expert loop the fast path is tested against. Shape letters: N tokens, D width, E experts,
 F expert width, k experts per token, M kept assignments.
+
+Capacity, the two losses and the logged load are functions of the whole batch. Under data
+parallelism each process sees a part of it, so `MoE.sync`, installed from outside
+(omnilm.train.expert_parallel), sums their counts over the processes: each then computes what one
+process computes on all the processes' tokens, and this module stays free of torch.distributed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +44,18 @@ from torch import nn
 
 from omnilm.config import TextConfig
 from omnilm.model.layers import SwiGLU
+
+
+class RoutingSync(Protocol):
+    """Sums over the data-parallel processes, for `MoE.sync`. Every process must make the same calls
+    in the same order, as the ranks of a training step do."""
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the processes, differentiably: the backward pass sums the gradients over
+        the processes in turn (each one's loss then counts once in every process's gradient)."""
+
+    def before(self, t: torch.Tensor) -> torch.Tensor:
+        """t summed over the processes of lower rank (zeros on rank 0); no gradient."""
 
 
 @dataclass
@@ -52,27 +70,38 @@ class Routing:
     weights: torch.Tensor  # (N, k) their combine weights
 
 
-def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch's auxiliary loss, n_experts * sum_e f_e * P_e, over the tokens where `mask` is true.
+def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor, mask: torch.Tensor | None = None,
+                        sync: RoutingSync | None = None) -> torch.Tensor:
+    """Switch's auxiliary loss, n_experts * sum_e f_e * P_e, over the tokens where `mask` is true
+    (and, with `sync`, over every process's tokens: the sums below are taken over them all).
 
     probs (N, E) router softmax; chosen (N, k) the experts picked (before any capacity drop);
     f_e counts the k choices of every token, so it sums to k (Mixtral's convention). Its minimum,
     k, is reached when both the assignments and the probabilities are uniform."""
     n_experts = probs.shape[-1]
     real = torch.ones(probs.shape[0], device=probs.device) if mask is None else mask.float()
-    n = real.sum().clamp(min=1)
     f = torch.zeros(n_experts, device=probs.device).scatter_add_(
         0, chosen.flatten(), real.repeat_interleave(chosen.shape[-1]))
-    return n_experts * torch.sum(f / n * (probs.float() * real[:, None]).sum(0) / n)
+    p = (probs.float() * real[:, None]).sum(0)
+    n = real.sum()
+    if sync is not None:  # one collective for the three sums; only p carries a gradient
+        f, p, n = sync.sum(torch.cat([f, p, n[None]])).split([n_experts, n_experts, 1])
+    n = n.clamp(min=1)
+    return n_experts * torch.sum(f / n * p / n)
 
 
-def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ST-MoE's z-loss: the mean squared log-partition of the router logits, keeping them small."""
+def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None,
+                  sync: RoutingSync | None = None) -> torch.Tensor:
+    """ST-MoE's z-loss: the mean squared log-partition of the router logits, keeping them small
+    (with `sync`, the mean over every process's tokens)."""
     z = torch.logsumexp(logits.float(), dim=-1).square()
-    if mask is None:
+    if mask is None and sync is None:
         return z.mean()
-    real = mask.float()
-    return (z * real).sum() / real.sum().clamp(min=1)
+    real = torch.ones_like(z) if mask is None else mask.float()
+    total = torch.stack([(z * real).sum(), real.sum()])
+    if sync is not None:
+        total = sync.sum(total)
+    return total[0] / total[1].clamp(min=1)
 
 
 class Experts(nn.Module):
@@ -133,6 +162,11 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 
 class MoE(nn.Module):
     """The feed-forward of an MoE decoder layer: router, routed experts, optional shared experts."""
+
+    # None: the batch is this process's tokens. Under data parallelism, a RoutingSync installed by
+    # omnilm.train.expert_parallel.sync_routing: capacity, the dropping order, the losses and the
+    # logged load then count every process's tokens, rank 0's first, as one process would.
+    sync: RoutingSync | None = None
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -195,14 +229,26 @@ class MoE(nn.Module):
         if mask is not None:
             keep &= mask.repeat_interleave(k)
         if self.training and self.capacity_factor is not None:
-            cap = self.capacity(int(mask.sum()) if mask is not None else N)
-            ranked = keep[order]  # rank among the expert's real assignments, in priority order
-            expert_sorted = flat[order]
+            # An assignment's place in its expert's queue counts the real assignments ahead of it:
+            # those of earlier choices (on every process), those of its choice on processes of lower
+            # rank, then those of its choice here before it. Alone, the second term is zero.
+            E = self.n_experts
+            group = flat * k + choice  # (expert, choice): the sort above keeps each group together
+            counts = torch.zeros(E * k, dtype=torch.long, device=chosen.device).scatter_add_(0, group, keep.long())
+            lower = torch.zeros_like(counts)
+            if self.sync is not None:
+                counts, lower = self.sync.sum(counts), self.sync.before(counts)
+            counts, lower = counts.view(E, k), lower.view(E, k)
+            ahead = (counts.cumsum(1) - counts + lower).flatten()  # (E * k,) queued before this rank's group
+            # Each real token makes one assignment per choice: the first choices count the tokens.
+            cap = self.capacity(int(counts[:, 0].sum()))
+            ranked = keep[order]
+            group_sorted = group[order]
             seen = torch.cumsum(ranked.long(), 0)  # real assignments up to and including each position
-            first = torch.searchsorted(expert_sorted, torch.arange(self.n_experts, device=chosen.device))
-            before = torch.cat([seen.new_zeros(1), seen])[first]  # real assignments ahead of each expert's
-            rank = seen - 1 - before[expert_sorted]
-            over = ranked & (rank >= cap)
+            first = torch.searchsorted(group_sorted, torch.arange(E * k, device=chosen.device))
+            before = torch.cat([seen.new_zeros(1), seen])[first]  # real assignments ahead of each group's
+            place = ahead[group_sorted] + seen - 1 - before[group_sorted]
+            over = ranked & (place >= cap)
             keep[order[over]] = False
         kept = order[keep[order]]
         return kept, keep.view(N, k)
@@ -211,11 +257,15 @@ class MoE(nn.Module):
         real = torch.ones_like(keep) if mask is None else mask[:, None].expand_as(keep)
         lost = real & ~keep  # real assignments that capacity dropped
         counts = torch.zeros(self.n_experts, device=chosen.device).scatter_add_(0, chosen.flatten(), keep.flatten().float())
+        tally = torch.cat([counts, lost.sum().float()[None], real.sum().float()[None]])
+        if self.sync is not None:
+            tally = self.sync.sum(tally)
+        counts, n_lost, n_real = tally.split([self.n_experts, 1, 1])
         return Routing(
-            aux_loss=load_balancing_loss(probs, chosen, mask),
-            z_loss=router_z_loss(logits, mask),
+            aux_loss=load_balancing_loss(probs, chosen, mask, self.sync),
+            z_loss=router_z_loss(logits, mask, self.sync),
             load=counts / counts.sum().clamp(min=1),
-            dropped=lost.sum().float() / real.sum().clamp(min=1),
+            dropped=(n_lost / n_real.clamp(min=1))[0],
             experts=chosen.masked_fill(~keep, -1).detach(),
             weights=weights.masked_fill(~keep, 0.0).detach(),
         )

@@ -120,6 +120,9 @@ class TrainArgs(LoraSettings, Hyperparams):
                                     "train ...): ddp (each holds the model, gradients averaged) or fsdp (parameters, "
                                     "gradients and optimizer state sharded per layer); --batch-size is then the "
                                     "global batch", choices=PARALLEL)
+    expert_parallel: int = setting(1, "with --parallel ddp or fsdp on N processes, --expert-parallel N splits each "
+                                      "MoE layer's experts over them (tokens reach their experts by all-to-all); "
+                                      "N must divide the number of experts")
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -164,6 +167,10 @@ class TrainArgs(LoraSettings, Hyperparams):
         if self.lora_r and self.train_vision:
             raise OmniInputError("--lora-r trains LoRA updates of the language model with the vision encoder frozen: "
                                  "drop --train-vision")
+        check_range(self, ("expert_parallel",), low=1)
+        if self.expert_parallel > 1 and self.parallel == "none":
+            raise OmniInputError(f"--expert-parallel {self.expert_parallel} splits the experts over the processes "
+                                 "torchrun starts: add --parallel ddp or fsdp")
         if self.parallel == "fsdp" and self.optimizer == "muon":
             raise OmniInputError("--optimizer muon orthogonalises whole weight matrices, and --parallel fsdp leaves each "
                                  "rank a slice of them: use --optimizer adamw with fsdp, or --parallel ddp")

@@ -35,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +45,12 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 
 from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, write_text
 from omnilm.model import OmniModel
-from omnilm.train.distributed import Ranks, full_tensor
+from omnilm.train.distributed import Ranks, full_tensor, shard_view
 from omnilm.train.lora import load_adapter, lora_layers, merge_lora, save_adapter, trained_in_full, without_lora
 
 
@@ -136,8 +138,9 @@ def save_sharded_checkpoint(out: Path, step: int, model: nn.Module, optimizer: t
     if export is not None:
         skeleton, processor = export
         whole = {}
+        view = shard_view(model)
         for name, t in model.state_dict().items():
-            t = full_tensor(t)  # a collective: every rank, in the same order
+            t = full_tensor(view(name, t))  # a collective: every rank, in the same order
             if ranks.is_main:
                 whole[name] = t.detach().cpu()
         if ranks.is_main:
@@ -162,8 +165,9 @@ def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
     """The model's and the optimizer's tensors under flat names (model.FQN, optim.FQN.KEY), as this
     rank holds them (DTensor shards, or whole tensors), and the optimizer's parameter groups."""
     optim = get_optimizer_state_dict(model, optimizer)  # creates the moments of a fresh optimizer
-    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
-    tensors |= {f"optim.{fqn}.{key}": t for fqn, entry in optim["state"].items() for key, t in entry.items()}
+    view = shard_view(model)
+    tensors = {f"model.{name}": view(name, t) for name, t in model.state_dict().items()}
+    tensors |= {f"optim.{fqn}.{key}": view(fqn, t) for fqn, entry in optim["state"].items() for key, t in entry.items()}
     return tensors, optim["param_groups"]
 
 
@@ -173,12 +177,17 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim
     state = json.loads((path / "trainer_state.json").read_text())
     tensors, groups = _sharded_state(model, optimizer)
     _check_groups(path, state["param_groups"], groups)
-    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDED)))  # in place
+    with warnings.catch_warnings():  # on one process, which reads every rank's shards: as intended
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(path / SHARDED)))  # in place
+    params = dict(model.named_parameters())
     optim = {"state": {}, "param_groups": state["param_groups"]}
     for name, t in tensors.items():
         if name.startswith("optim."):
             fqn, key = name[len("optim."):].rsplit(".", 1)
-            optim["state"].setdefault(fqn, {})[key] = t
+            # An expert slice's view goes back to the plain tensor its parameter is.
+            local = isinstance(t, DTensor) and not isinstance(params[fqn], DTensor)
+            optim["state"].setdefault(fqn, {})[key] = t.to_local() if local else t
     set_optimizer_state_dict(model, optimizer, optim)
     _restore_rng(load_file(path / "rng.safetensors"), state)
     return int(state["step"])

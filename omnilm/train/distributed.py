@@ -13,9 +13,16 @@ on the same global batch, whatever each rank's share of the tokens.
            parameters, gradients and optimizer state are split over the ranks and a layer's
            parameters are gathered only while it runs (bf16 compute, fp32 reduction on CUDA)
 
+With either, an MoE layer routes as one process would on the global batch (its capacity, losses and
+load are sums over the ranks: omnilm.train.expert_parallel.sync_routing), and `--expert-parallel N`
+further splits each MoE layer's experts over the N ranks (`shard_experts`): DDP and FSDP leave those
+parameters alone, and their gradient, the sum of what every rank's tokens brought, is divided by N
+as DDP divides the others'. These collectives run inside the forward and backward passes, on a
+process group of their own, so that they never interleave with DDP's or FSDP's.
+
 Parameters of an FSDP model are DTensors: the optimizer is built after `wrap`, the gradient norm
 is gathered from the shards (`clip_grad_norm`), and checkpoints are written by every rank through
-torch.distributed.checkpoint (omnilm.train.checkpoint).
+torch.distributed.checkpoint (omnilm.train.checkpoint), expert slices as DTensors too (`shard_views`).
 """
 
 from __future__ import annotations
@@ -23,17 +30,19 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from omnilm.errors import OmniInputError
 from omnilm.model.moe import MoE
+from omnilm.train.expert_parallel import expert_parameters, shard_experts, sync_routing
 
 PARALLEL = ("none", "ddp", "fsdp")
 
@@ -117,36 +126,49 @@ def all_sum_logged(logged: dict[str, Any], ranks: Ranks, device: torch.device) -
     return out
 
 
-def wrap(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device, bf16: bool = False) -> nn.Module:
+def wrap(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device, bf16: bool = False,
+         expert_parallel: int = 1) -> nn.Module:
     """What the training step calls: `model` itself, a DDP wrapper around it (which averages the
-    gradients over the ranks), or, for fsdp, `model` sharded in place. Parameters, the optimizer and
+    gradients over the ranks), or, for fsdp, `model` sharded in place; an MoE's routing synced, its
+    experts split over the ranks with `expert_parallel` > 1. Parameters, the optimizer and
     checkpoints stay with `model`; build the optimizer after this call (FSDP replaces the parameters)."""
     if parallel == "none" or ranks.world == 1:
         return model
-    if parallel == "fsdp":
-        return shard(model, device, bf16)
-    # An MoE layer may route no token to an expert in a batch: its parameters then get no gradient.
     moe = any(isinstance(m, MoE) for m in model.modules())
+    if moe:
+        group = dist.new_group()  # every rank creates it, in the same order
+        if expert_parallel > 1:
+            shard_experts(model, group)
+        else:
+            sync_routing(model, group)
+    experts = expert_parameters(model)
+    for p in experts.values():
+        p.register_hook(lambda grad: grad / ranks.world)
+    if parallel == "fsdp":
+        return shard(model, device, bf16, ignored=set(experts.values()))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(experts))
+    # A rank's micro-batch may hold no image (LLaVA's data has text-only conversations): the projector
+    # then takes no part in its forward pass, which DDP must be told to expect.
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=moe)
+                                   find_unused_parameters=True, gradient_as_bucket_view=True)
 
 
-def shard(model: nn.Module, device: torch.device, bf16: bool = False) -> nn.Module:
+def shard(model: nn.Module, device: torch.device, bf16: bool = False, ignored: set[nn.Parameter] = frozenset()) -> nn.Module:
     """FSDP2 over every rank: each decoder and vision layer its own unit, what remains (embeddings,
-    projector, norms, head) the root's. With `bf16` on CUDA, layers compute in bf16 from fp32
-    shards and gradients are reduced in fp32 (on CPU the run stays in fp32)."""
+    projector, norms, head) the root's; `ignored` parameters stay as they are. With `bf16` on CUDA,
+    layers compute in bf16 from fp32 shards and gradients are reduced in fp32 (on CPU, all fp32)."""
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
     for tower in (getattr(model, "llm", None), getattr(model, "vision", None)):
         for layer in getattr(tower, "layers", ()):
-            fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(layer, mp_policy=policy, ignored_params=set(ignored))
+    fully_shard(model, mp_policy=policy, ignored_params=set(ignored))
     return model
 
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether `model`'s parameters are split over ranks (its state is then saved by every rank)."""
-    return isinstance(model, FSDPModule)
+    return isinstance(model, FSDPModule) or bool(expert_parameters(model))
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -154,12 +176,37 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+def shard_view(model: nn.Module) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """A function of (parameter name, tensor of that parameter: its weights or optimizer state) that
+    views an expert-parallel slice as the DTensor it is a shard of (dim 0 split over the ranks, same
+    storage), so that torch.distributed.checkpoint saves and loads it in its place in the whole
+    tensor; other tensors pass as they are (FSDP's are DTensors already)."""
+    params = expert_parameters(model)
+    if not params:
+        return lambda name, t: t
+    mesh = init_device_mesh(next(iter(params.values())).device.type, (dist.get_world_size(),))
+
+    def view(name: str, t: torch.Tensor) -> torch.Tensor:
+        p = params.get(name)
+        return DTensor.from_local(t, mesh, [Shard(0)], run_check=False) if p is not None and t.shape == p.shape else t
+    return view
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, model: nn.Module | None = None) -> float:
     """Scale the gradients of `params` to a total 2-norm of at most `max_norm`; return the norm before.
-    For sharded parameters the norm is that of the whole gradients, the same on every rank."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = full_tensor(torch.nn.utils.get_total_norm(grads))
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    The norm is that of the whole model's gradients, the same on every rank: FSDP's shards are
+    gathered, and the squares of the expert-parallel slices of `model` summed over the ranks."""
+    own = {id(p) for p in expert_parameters(model).values()} if model is not None else set()
+    shared = [p for p in params if id(p) not in own]
+    norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in shared if p.grad is not None]))
+    mine = [p for p in params if id(p) in own]
+    if mine:
+        square = torch.nn.utils.get_total_norm([p.grad for p in mine if p.grad is not None]).square()
+        dist.all_reduce(square)
+        norm = (norm.square() + square).sqrt()
+    for group in (shared, mine):  # DTensors and plain tensors are scaled apart
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm)
     return float(norm)
 
 

@@ -27,6 +27,7 @@ from omnilm.errors import OmniInputError
 from omnilm.interpret.routing import plot_load
 from omnilm.io import atomic_write, write_text
 from omnilm.model.layers import resolve_device
+from omnilm.model.moe import MoE
 from omnilm.settings import to_dict
 from omnilm.train.args import TrainArgs
 from omnilm.train.checkpoint import (checkpoint_config, checkpoint_step, clean_interrupted_saves,
@@ -114,6 +115,10 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.expert_parallel not in (1, ranks.world):
+        raise OmniInputError(f"--expert-parallel {args.expert_parallel} splits the experts over all the processes, and "
+                             f"torchrun started {ranks.world}: start {args.expert_parallel} (--nproc-per-node), or "
+                             f"pass --expert-parallel {ranks.world}")
     if args.batch_size < ranks.world:
         raise OmniInputError(f"--batch-size {args.batch_size} is the global batch, shared by {ranks.world} ranks: "
                              f"give at least {ranks.world}")
@@ -144,9 +149,18 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
     stage = build_stage(args, None if sharded_resume else resume_from)
     model = stage.model.to(device)  # in train mode, frozen parts in eval: the stage decides
     # Rank 0 gathers a sharded model's final weights into this copy, on the meta device until then.
-    export = (skeleton(model), stage.processor) if args.parallel == "fsdp" else None
-    forward = wrap(model, args.parallel, ranks, device, use_bf16)  # what the steps call; `model` is what is saved
+    if args.expert_parallel > 1 and not any(isinstance(m, MoE) for m in model.modules()):
+        raise OmniInputError(f"--expert-parallel {args.expert_parallel} splits the experts of MoE layers, and this "
+                             "model has none: drop it")
+    will_shard = ranks.world > 1 and (args.parallel == "fsdp" or args.expert_parallel > 1)
+    export = (skeleton(model), stage.processor) if will_shard else None
+    # What the steps call; `model` is what is saved.
+    forward = wrap(model, args.parallel, ranks, device, use_bf16, args.expert_parallel)
     sharded = is_sharded(model)
+    if sharded and resume_from is not None and not sharded_resume:
+        raise OmniInputError(f"{resume_from} was written by one process or by ddp, and holds the optimizer state "
+                             f"whole: resume it with --parallel none or ddp (checkpoints of a sharded run resume "
+                             "under any --parallel)")
     optimizer = build_optimizer(model, args.lr, args.weight_decay, stage.group_lrs, kind=args.optimizer)
     writes = ranks.is_main
     if args.progress and writes:
@@ -200,7 +214,7 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
                 _accumulate(extra, logged, share)
             step_loss, tokens = all_sum(step_loss, ranks, device), int(all_sum(tokens, ranks, device))
             extra = all_sum_logged(extra, ranks, device)
-            grad_norm = clip_grad_norm(params, args.clip_grad)
+            grad_norm = clip_grad_norm(params, args.clip_grad, model)
             # Checked before the step is applied, so that no non-finite weight is ever trained on or saved.
             problem = _non_finite(step_loss, grad_norm, optimizer)
             if problem:
@@ -292,8 +306,10 @@ def _logged_step(line: str) -> float:
 
 
 # Settings a resumed run may change: they do not alter what it computes.
-# The number and layout of processes is one too (a sharded checkpoint loads into any).
-RESUMABLE_CHANGES = {"resume", "stop_after", "device", "progress", "log_every", "save_every", "bf16", "parallel"}
+# So are the number and layout of processes (a sharded checkpoint loads into any), and where the run
+# folder is (it may have been moved).
+RESUMABLE_CHANGES = {"resume", "stop_after", "device", "progress", "log_every", "save_every", "bf16", "parallel",
+                     "expert_parallel", "out"}
 
 
 def _check_same_run(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
