@@ -8,6 +8,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,23 @@ def cli_error(code: int, err: str, *parts: str) -> str:
     for part in parts:
         assert part in lines[0], (part, lines[0])
     return lines[0]
+
+
+def torchrun(*args, timeout: float = 120) -> tuple[int, str]:
+    """`torchrun --standalone --nproc-per-node 2 ARGS` on one thread per rank: (exit code, stderr).
+    In a session of its own, so that on a timeout torchrun's workers are killed with it: no process
+    is left behind."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *map(str, args)]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return process.returncode, stderr
 
 
 def rss_bytes() -> int:

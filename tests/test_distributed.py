@@ -5,17 +5,13 @@ hand: a gap of 3.6e-3 in the losses, DDP and FSDP alike). The MoE runs have thei
 are functions of the whole batch's routing, which the ranks sum (omnilm.train.expert_parallel)."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
-from conftest import cli_error, run_cli
+from conftest import cli_error, run_cli, torchrun
 from safetensors.torch import load_file
 
 from omnilm import OmniModel
@@ -59,22 +55,11 @@ def run(data, out, config: str, parallel: str = "none", batch: int = 8, accum: i
         finally:
             torch.set_num_threads(threads)
         return losses(out)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "omnilm", *flags, "--parallel", parallel]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # A session of its own, so that on a timeout torchrun's workers go with it: no process is left behind.
-    process = subprocess.Popen([str(c) for c in command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
+    code, stderr = torchrun("-m", "omnilm", *flags, "--parallel", parallel)
     if fails:
-        assert process.returncode != 0
+        assert code != 0
         return stderr
-    assert process.returncode == 0, stderr[-3000:]
+    assert code == 0, stderr[-3000:]
     return losses(out)
 
 

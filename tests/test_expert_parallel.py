@@ -20,15 +20,11 @@ backward keeps each rank's own gradient (forward exact, router gradient 0.4 off)
 
 import copy
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import one_line_error, torchrun
 from test_moe import moe_layer, uneven_inputs
 
 from omnilm.train.expert_parallel import experts_per_rank
@@ -41,19 +37,8 @@ CASES = ["a: expert parallel, top-1, capacity", "b: expert parallel, top-2, shar
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ep") / "gaps.json"
-    worker = Path(__file__).with_name("ep_worker.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker), str(out)]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    # A session of its own, so that on a timeout torchrun's workers go with it: no process is left behind.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        _, stderr = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    assert process.returncode == 0, stderr[-3000:]
+    code, stderr = torchrun(Path(__file__).with_name("ep_worker.py"), out)
+    assert code == 0, stderr[-3000:]
     return json.loads(out.read_text())
 
 
