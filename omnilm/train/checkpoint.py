@@ -8,12 +8,12 @@ Layout (no pickle anywhere; tensors in safetensors, the rest in JSON):
     OUT/checkpoints/step-000100/trainer_state.json   step, param groups, RNG states, run config
     OUT/checkpoints/latest                           the name of the newest complete checkpoint
 
-A sharded run (--parallel fsdp) has no rank holding the whole model: every rank writes its shards
+A sharded run (--parallel fsdp, or --expert-parallel) has no rank holding the whole model: every rank writes its shards
 of the weights and of the optimizer moments through torch.distributed.checkpoint, as safetensors
 files with their place in the whole tensors in each file's header (HuggingFaceStorageWriter; no
 pickle), and rank 0 the JSON state:
 
-    OUT/checkpoints/step-000100/sharded/             shard-0000R-model-00001-of-00001.safetensors, one per rank
+    OUT/checkpoints/step-000100/sharded/             shard-0000K-model-00001-of-00001.safetensors, one per rank
     OUT/checkpoints/step-000100/rng.safetensors      the RNG state
     OUT/checkpoints/step-000100/trainer_state.json
 

@@ -22,7 +22,7 @@ process group of their own, so that they never interleave with DDP's or FSDP's.
 
 Parameters of an FSDP model are DTensors: the optimizer is built after `wrap`, the gradient norm
 is gathered from the shards (`clip_grad_norm`), and checkpoints are written by every rank through
-torch.distributed.checkpoint (omnilm.train.checkpoint), expert slices as DTensors too (`shard_views`).
+torch.distributed.checkpoint (omnilm.train.checkpoint), expert slices as DTensors too (`shard_view`).
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ def wrap(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device, bf
                                    find_unused_parameters=True, gradient_as_bucket_view=True)
 
 
-def shard(model: nn.Module, device: torch.device, bf16: bool = False, ignored: set[nn.Parameter] = frozenset()) -> nn.Module:
+def shard(model: nn.Module, device: torch.device, bf16: bool = False,
+          ignored: set[nn.Parameter] = frozenset()) -> nn.Module:
     """FSDP2 over every rank: each decoder and vision layer its own unit, what remains (embeddings,
     projector, norms, head) the root's; `ignored` parameters stay as they are. With `bf16` on CUDA,
     layers compute in bf16 from fp32 shards and gradients are reduced in fp32 (on CPU, all fp32)."""

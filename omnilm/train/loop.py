@@ -34,7 +34,8 @@ from omnilm.train.checkpoint import (checkpoint_config, checkpoint_step, clean_i
                                      discard_unfinished_checkpoints, has_checkpoint, is_published,
                                      is_sharded_checkpoint, latest_checkpoint, load_sharded_checkpoint,
                                      load_trainer_state, publish_model, save_checkpoint, save_sharded_checkpoint)
-from omnilm.train.distributed import Ranks, all_sum, all_sum_logged, clip_grad_norm, is_sharded, skeleton, start, stop, wrap
+from omnilm.train.distributed import (Ranks, all_sum, all_sum_logged, clip_grad_norm, is_sharded, skeleton, start,
+                                      stop, wrap)
 from omnilm.train.optim import build_optimizer, describe_split, lr_factor, set_lr
 from omnilm.train.stages import build_stage
 
@@ -148,10 +149,10 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
     sharded_resume = resume_from is not None and is_sharded_checkpoint(resume_from)
     stage = build_stage(args, None if sharded_resume else resume_from)
     model = stage.model.to(device)  # in train mode, frozen parts in eval: the stage decides
-    # Rank 0 gathers a sharded model's final weights into this copy, on the meta device until then.
     if args.expert_parallel > 1 and not any(isinstance(m, MoE) for m in model.modules()):
         raise OmniInputError(f"--expert-parallel {args.expert_parallel} splits the experts of MoE layers, and this "
                              "model has none: drop it")
+    # Rank 0 gathers a sharded model's final weights into this copy, on the meta device until then.
     will_shard = ranks.world > 1 and (args.parallel == "fsdp" or args.expert_parallel > 1)
     export = (skeleton(model), stage.processor) if will_shard else None
     # What the steps call; `model` is what is saved.
@@ -305,9 +306,8 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
-# Settings a resumed run may change: they do not alter what it computes.
-# So are the number and layout of processes (a sharded checkpoint loads into any), and where the run
-# folder is (it may have been moved).
+# Settings a resumed run may change: they do not alter what it computes. Nor do the number and layout
+# of the processes (a sharded checkpoint loads into any) or where the run folder is (it may have moved).
 RESUMABLE_CHANGES = {"resume", "stop_after", "device", "progress", "log_every", "save_every", "bf16", "parallel",
                      "expert_parallel", "out"}
 

@@ -149,6 +149,6 @@ def memory_table(model: nn.Module, nproc: int, expert_parallel: int = 1) -> str:
         m = rank_memory(model, world, parallel, ep, gather_dtype=torch.bfloat16)
         lines.append(f"| {parallel} | {world} | " + " | ".join(f"{b / GIB:.2f}" for b in (
             m.params, m.grads, m.optimizer, m.gathered, m.total)) + " |")
-    lines.append("gathered: the parameters fsdp holds whole at once, in bf16: the root (embeddings, head, projector, norms) and "
-                 "the largest layer")
+    lines.append("gathered: the parameters fsdp holds whole at once, in bf16: the root (embeddings, head, "
+                 "projector, norms) and the largest layer")
     return "\n".join(lines)
