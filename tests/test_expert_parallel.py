@@ -4,9 +4,9 @@ process running the same MoE layer on both ranks' tokens (rank 0's first), paddi
 outputs, routing, aux and z losses, the total loss, and every gradient (input, router, expert
 slices, shared experts); the full expert weights gathered back equal the originals.
 
-A gap counts against the size of what is compared, floored at 1: gap <= 1e-6 * max(1, |one process|).
-The z-loss is near 8, where one float32 step is 9.5e-7, and two ranks' partial sums round
-differently from one sum (largest gap measured: 1.4e-6 on a z-loss of 8.0, 3.2e-7 relative).
+Every gap is at most 1e-6, absolute (the z-loss, near 8 where one float32 step is 9.5e-7, is summed
+in float64 so that the ranks' partial sums and one process's sum round alike; in float32 its gap was
+1.4e-6). The mutations below are measured relative to the size of what is compared, floored at 1.
 
 Mutations of omnilm/model/moe.py measured by hand with this worker (largest relative gap):
 - capacity from this rank's token count instead of all ranks': 1.33 (the experts kept) in a, c, d;
@@ -48,7 +48,7 @@ def relative_gaps(case: dict) -> dict[str, float]:
 
 @pytest.mark.parametrize("name", CASES)
 def test_each_case_equals_one_process_on_all_the_tokens(results, name):
-    gaps = relative_gaps(results[name])
+    gaps = {k: v[0] for k, v in results[name].items() if isinstance(v, list)}  # absolute
     assert {"output", "aux_loss", "z_loss", "loss", "load", "dropped", "experts", "grad x",
             "grad gate.weight", "grad experts.gate_up_proj", "grad experts.down_proj"} <= gaps.keys()
     assert max(gaps.values()) <= 1e-6, gaps

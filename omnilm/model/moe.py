@@ -94,14 +94,14 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None,
                   sync: RoutingSync | None = None) -> torch.Tensor:
     """ST-MoE's z-loss: the mean squared log-partition of the router logits, keeping them small
     (with `sync`, the mean over every process's tokens)."""
-    z = torch.logsumexp(logits.float(), dim=-1).square()
-    if mask is None and sync is None:
-        return z.mean()
-    real = torch.ones_like(z) if mask is None else mask.float()
+    # Summed in float64: z^2 is large (tens), and one process's sum and the ranks' partial sums then
+    # round to the same float32.
+    z = torch.logsumexp(logits.float(), dim=-1).double().square()
+    real = torch.ones_like(z) if mask is None else mask.double()
     total = torch.stack([(z * real).sum(), real.sum()])
     if sync is not None:
         total = sync.sum(total)
-    return total[0] / total[1].clamp(min=1)
+    return (total[0] / total[1].clamp(min=1)).float()
 
 
 class Experts(nn.Module):
