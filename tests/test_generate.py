@@ -316,3 +316,63 @@ def test_generate_restores_training_flags_and_needs_no_grad():
     out = generate(model, ids, pixels, mask, max_new_tokens=4)
     assert torch.equal(out, expected) and not out.requires_grad
     assert model.training and model.llm.training and not model.vision.training
+
+
+# --- chunked prefill ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk, length", [(1, 50), (7, 201), (64, 650), (1024, 1500)])
+def test_chunked_prefill_then_decoding_equals_one_full_pass(chunk, length):
+    """A prompt run through the model `chunk` tokens at a time (lengths that chunks do not divide),
+    each chunk attending to the cache with the causal triangle aligned bottom-right and no (T, S)
+    mask, gives the full pass's logits and then the same greedy tokens."""
+    torch.manual_seed(0)
+    model = OmniModel.from_preset("tiny", text=dict(n_layers=2, max_seq_len=2048), vision=dict(n_layers=2)).eval()
+    ids = torch.randint(3, model.config.text.vocab_size, (1, length))
+    ids[ids == model.config.image_token_id] += 1
+    whole, chunked = model.new_cache(1, length), model.new_cache(1, length)
+    with torch.no_grad():
+        reference = prefill(model, ids, None, None, whole)
+        logits = prefill(model, ids, None, None, chunked, chunk=chunk)
+    assert (logits - reference).abs().max().item() <= 1e-4
+    assert torch.equal(whole.k, chunked.k) or (whole.k - chunked.k).abs().max().item() <= 1e-4
+    assert torch.equal(generate(model, ids, max_new_tokens=8, prefill_chunk=chunk), generate(model, ids, max_new_tokens=8))
+
+
+def test_chunked_prefill_keeps_each_image_whole():
+    """Chunks of 7 would cut the images' 9 tokens: each chunk grows to the end of the image, which is
+    encoded once, and the logits are the full pass's (two images, joint fusion)."""
+    model = tiny_model()
+    cfg = model.config
+    L = cfg.image_seq_len
+    ids = torch.randint(3, cfg.text.vocab_size, (1, 2 * L + 30), generator=torch.Generator().manual_seed(1))
+    ids[ids == cfg.image_token_id] += 1
+    ids[0, 5:5 + L] = cfg.image_token_id
+    ids[0, 20 + L:20 + 2 * L] = cfg.image_token_id
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = prefill(model, ids, pixels, None, model.new_cache(1, ids.shape[1]))
+        logits = prefill(model, ids, pixels, None, model.new_cache(1, ids.shape[1]), chunk=7)
+    assert (logits - reference).abs().max().item() <= 1e-4
+    with pytest.raises(Exception, match="one at a time"):
+        prefill(model, ids.repeat(2, 1), pixels.repeat(2, 1, 1, 1), None, model.new_cache(2, ids.shape[1]), chunk=7)
+
+
+def test_chunked_attention_builds_no_mask_of_the_prompt(monkeypatch):
+    """The long path allocates nothing of (chunk x context): SDPA is never handed a mask."""
+    import torch.nn.functional as F
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = OmniModel.from_preset("tiny", text=dict(n_layers=2), vision=dict(n_layers=2)).eval()
+    ids = torch.randint(3, 300, (1, 300))
+    ids[ids == model.config.image_token_id] += 1
+    with torch.no_grad():
+        prefill(model, ids, None, None, model.new_cache(1, 300), chunk=64)
+    assert seen and all(mask is None for mask in seen)

@@ -13,7 +13,8 @@ from omnilm import OmniModel
 from omnilm.data import Processor
 from omnilm.infer import generate
 from omnilm.model.layers import RaggedKVCache
-from omnilm.serve.engine import AsyncEngine, Engine, QueueFull, SamplingParams, _chunk_end
+from omnilm.infer.generate import chunk_end
+from omnilm.serve.engine import AsyncEngine, Engine, QueueFull, SamplingParams
 
 COLOURS = ["red", "blue", "green", "white", "black"]
 
@@ -118,12 +119,12 @@ def test_ragged_rows_see_only_their_own_positions():
 def test_chunks_never_split_an_image():
     img = 9
     prompt = [1, 2, img, img, img, img, 3, img, img, img, img, 4]  # two images of 4 tokens
-    assert _chunk_end(prompt, 0, 4, img, 4) == 6  # would cut the first image: to its end
-    assert _chunk_end(prompt, 0, 2, img, 4) == 2
-    assert _chunk_end(prompt, 6, 3, img, 4) == 11
-    assert _chunk_end(prompt, 0, 100, img, 4) == len(prompt)
+    assert chunk_end(prompt, 0, 4, img, 4) == 6  # would cut the first image: to its end
+    assert chunk_end(prompt, 0, 2, img, 4) == 2
+    assert chunk_end(prompt, 6, 3, img, 4) == 11
+    assert chunk_end(prompt, 0, 100, img, 4) == len(prompt)
     back_to_back = [1, img, img, img, img, img, img, img, img, 2]
-    assert _chunk_end(back_to_back, 0, 6, img, 4) == 9 and _chunk_end(back_to_back, 0, 5, img, 4) == 5
+    assert chunk_end(back_to_back, 0, 6, img, 4) == 9 and chunk_end(back_to_back, 0, 5, img, 4) == 5
 
 
 # --- finishing --------------------------------------------------------------------------------------

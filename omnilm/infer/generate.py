@@ -45,13 +45,49 @@ class Sampling:
 
 
 def prefill(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-            attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-    """Run a prompt (or the next chunk of one) through the model, filling `cache`.
+            attention_mask: torch.Tensor | None, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+    """Run a prompt (or the next part of one) through the model, filling `cache`.
 
     `attention_mask` (B, S) covers the cached positions and these T new ones. Returns the
-    logits of the last position (B, V): the distribution of the first new token.
+    logits of the last position (B, V): the distribution of the first new token. With `chunk`,
+    the prompt goes through `chunk` tokens at a time (a chunk grows to the end of an image it would
+    cut): the same logits, with the activations of one chunk at a time, so that a long prompt fits
+    in memory (attention itself stays linear: `omnilm.model.layers.causal_attention`).
     """
-    return model(input_ids, pixel_values, attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    T = input_ids.shape[1]
+    if chunk is None or T <= chunk:
+        return model(input_ids, pixel_values, attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    if pixel_values is not None and input_ids.shape[0] > 1:
+        raise OmniInputError("a prompt with images is prefilled in chunks one at a time (batch 1): drop prefill_chunk "
+                             "or pass one prompt")
+    cfg, past = model.config, cache.seen  # positions cached before this prompt
+    prompt, offset, images = input_ids[0].tolist(), 0, 0
+    while offset < T:
+        end = chunk_end(prompt, offset, chunk, cfg.image_token_id, cfg.image_seq_len)
+        n = prompt[offset:end].count(cfg.image_token_id) // cfg.image_seq_len if pixel_values is not None else 0
+        mask = attention_mask[:, :past + end] if attention_mask is not None else None
+        logits = model(input_ids[:, offset:end], pixel_values[images:images + n] if n else None, mask,
+                       cache=cache, logits_to_keep=1).logits[:, -1]
+        offset, images = end, images + n
+    return logits
+
+
+def chunk_end(prompt: list[int], start: int, budget: int, image_id: int, span: int) -> int:
+    """Where a chunk from `start` of at most `budget` tokens ends: moved to the end of an image
+    (`span` image tokens) that it would otherwise cut, so each image is encoded exactly once."""
+    end = min(start + budget, len(prompt))
+    if end == len(prompt) or span == 1:
+        return end
+    run = 0  # image tokens before `end` since the last image boundary
+    for i in range(end - 1, -1, -1):
+        if prompt[i] != image_id:
+            break
+        run += 1
+    # Image tokens come in whole images of `span`; a run of them may hold several back to back.
+    first_of_run = end - run
+    before = sum(1 for i in prompt[:first_of_run] if i == image_id) % span  # tokens of an image begun earlier
+    inside = (before + run) % span
+    return end if inside == 0 else min(end + span - inside, len(prompt))
 
 
 def decode_one_token(model: nn.Module, token: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -119,7 +155,7 @@ def as_id_list(ids: int | list[int] | tuple[int, ...] | None) -> list[int]:
 
 def _check_args(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 max_new_tokens: int, do_sample: bool, temperature: float,
-                top_k: int | None, top_p: float | None) -> None:
+                top_k: int | None, top_p: float | None, prefill_chunk: int | None = None) -> None:
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise OmniInputError(f"input_ids must be (batch, length) with length >= 1, got shape {tuple(input_ids.shape)}")
     if attention_mask is not None:
@@ -132,6 +168,8 @@ def _check_args(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
             raise OmniInputError("attention_mask ends in padding: pad batched prompts on the left for generation")
     if max_new_tokens < 0:
         raise OmniInputError(f"max_new_tokens={max_new_tokens} is negative; ask for 0 or more new tokens")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise OmniInputError(f"prefill_chunk={prefill_chunk}: give a number of tokens >= 1, or None for the whole prompt")
     text_cfg = model.config.text
     limit = text_cfg.max_seq_len
     prompt_len = input_ids.shape[1]
@@ -155,14 +193,14 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
                 attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, stop_token_ids: int | list[int] | None = None,
-                pad_token_id: int | None = None,
-                generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+                pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                prefill_chunk: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) one step at a time; the single loop behind `generate` and `stream`.
 
     Arguments as `generate`. A row that has emitted a stop token yields `pad_token_id` from then
     on, and the loop ends once every row has stopped or `max_new_tokens` were produced.
     """
-    _check_args(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p)
+    _check_args(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk)
     text_cfg = model.config.text
     stops = as_id_list(text_cfg.eos_token_id if stop_token_ids is None else stop_token_ids)
     if pad_token_id is None:  # as transformers: the config's pad, else the first stop token
@@ -180,7 +218,7 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
 
     with eval_mode(model):
         cache = model.new_cache(B, T + max_new_tokens)
-        logits = prefill(model, input_ids, pixel_values, attention_mask, cache)  # (B, V)
+        logits = prefill(model, input_ids, pixel_values, attention_mask, cache, prefill_chunk)  # (B, V)
         for step in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad_token_id)
@@ -196,7 +234,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
              attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, stop_token_ids: int | list[int] | None = None,
-             pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+             pad_token_id: int | None = None, generator: torch.Generator | None = None,
+             prefill_chunk: int | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` ids after each prompt; returns the new ids only, (B, n).
 
     input_ids (B, T): prompts, left-padded when their lengths differ, with `attention_mask`
@@ -205,11 +244,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
     stop_token_ids: a row ends after emitting one; default `model.config.text.eos_token_id`.
     pad_token_id: fills a row after it ends; default the config's pad, else the first stop id.
     generator: a `torch.Generator` (on the model's device) for reproducible sampling.
+    prefill_chunk: run the prompt through the model that many tokens at a time (see `prefill`): a
+        long prompt then fits in memory; the same tokens.
 
     n < max_new_tokens when every row stopped early.
     """
     steps = list(iter_tokens(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample,
-                             temperature, top_k, top_p, stop_token_ids, pad_token_id, generator))
+                             temperature, top_k, top_p, stop_token_ids, pad_token_id, generator, prefill_chunk))
     if not steps:
         return input_ids.new_empty(input_ids.shape[0], 0)
     return torch.stack(steps, dim=1)

@@ -6,6 +6,7 @@ H query heads, Hkv key/value heads, hd head dim.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager, nullcontext
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from omnilm.config import TextConfig
 from omnilm.errors import OmniInputError
@@ -209,9 +211,9 @@ class RaggedKVCache:
 
     def mask(self, T: int) -> torch.Tensor | None:
         """(B, 1, T, S): the query at row b's position p sees that row's keys 0..p, nothing beyond.
-        None where `decoder_mask` gives None too (rows of one length, starting empty or adding one
-        token), so that a batch of one computes exactly what `generate` does."""
-        if self._shortest == self._longest and (self._longest == 0 or T == 1):
+        None for rows of one length, as `decoder_mask` gives without padding (the causal triangle
+        aligned bottom-right is then every row's), so that a batch of one computes what `generate` does."""
+        if self._shortest == self._longest:
             return None
         keys = torch.arange(self._longest + T, device=self.lengths.device)
         return (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]
@@ -265,27 +267,67 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd)
         # SDPA broadcasts each key/value head over its group of query heads itself (no copy).
         kwargs = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
-        # SDPA's is_causal aligns the triangle top-left, which is right only when queries and keys
-        # are the same positions; a cached step (fewer queries than keys) needs the mask (or, for
-        # one query, none: it may see every cached key).
-        causal = is_causal and mask is None and q.shape[2] == k.shape[2]
         backend = sdpa_backend(q, k)
         with sdpa_kernel(backend) if backend is not None else nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kwargs)
+            if is_causal and mask is None:
+                y = causal_attention(q, k, v, **kwargs)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool = False) -> torch.Tensor:
+    """Causal attention of T queries, the last T of the S keys' positions (a prompt's next chunk over
+    the cache, or all of it when T == S): query i sees keys 0 .. S - T + i, the triangle aligned
+    bottom-right. Memory stays linear in S: no (T, S) mask is built.
+
+    SDPA's `is_causal` aligns the triangle top-left, right only when T == S; a single query sees
+    every key. For 1 < T < S, CUDA's kernels take `causal_lower_right`; on the CPU, whose flash
+    kernel is top-left only, the queries attend to the cached keys (no mask) and to their own chunk
+    (top-left is right there) apart, and the two are merged by their log-sum-exps."""
+    T, S = q.shape[-2], k.shape[-2]
+    if T == S or T == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=enable_gqa)
+    if q.device.type != "cpu" or not _cpu_lse_attention_works(q.dtype):
+        # CUDA: flash or memory-efficient kernels; elsewhere torch builds the mask (quadratic memory).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), enable_gqa=enable_gqa)
+    if enable_gqa:  # the CPU kernel below wants as many key/value heads as query heads
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    past = S - T
+    out_past, lse_past = _cpu_flash(q, k[..., :past, :], v[..., :past, :], causal=False)
+    out_own, lse_own = _cpu_flash(q, k[..., past:, :], v[..., past:, :], causal=True)
+    lse = torch.logaddexp(lse_past, lse_own)
+    return (out_past * (lse_past - lse).exp()[..., None].to(q.dtype)
+            + out_own * (lse_own - lse).exp()[..., None].to(q.dtype))
+
+
+def _cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU flash kernel, which also returns each query's log-sum-exp (B, H, T)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+
+
+@functools.cache
+def _cpu_lse_attention_works(dtype: torch.dtype) -> bool:
+    # A private op whose signature may change by release: try it once on a tiny problem.
+    try:
+        q, k = torch.randn(1, 2, 3, 8, dtype=dtype), torch.randn(1, 2, 5, 8, dtype=dtype)
+        out, lse = _cpu_flash(q, k, k, causal=False)
+        return out.shape == q.shape and lse.shape == (1, 2, 3) and bool(torch.isfinite(lse).all())
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def decoder_mask(attention_mask: torch.Tensor | None, T: int, start: int,
                  device: torch.device | None = None) -> torch.Tensor | None:
     """Boolean (B, 1, T, S) mask for T queries at absolute positions [start, start + T).
 
-    None means no padding and either no cache (start == 0: `Attention` then runs SDPA's fused
-    causal path) or a single query (it may attend to every key). `attention_mask` (B, S) marks
-    real tokens with 1 over past and current positions, as in transformers.
+    None means no padding: `Attention` then runs `causal_attention`, which needs no mask whether or
+    not a cache holds earlier positions. `attention_mask` (B, S) marks real tokens with 1 over past
+    and current positions, as in transformers.
     """
     S = start + T
     padded = attention_mask is not None and not bool(attention_mask[:, :S].all())
-    if not padded and (start == 0 or T == 1):
+    if not padded:
         return None
     q = torch.arange(start, S, device=device)[:, None]
     k = torch.arange(S, device=device)[None, :]

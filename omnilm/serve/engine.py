@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from omnilm.errors import OmniInputError
-from omnilm.infer.generate import as_id_list, sample
+from omnilm.infer.generate import as_id_list, chunk_end, sample
 from omnilm.model.fusion import Media
 from omnilm.model.layers import RaggedKVCache
 from omnilm.settings import check_range
@@ -400,7 +400,7 @@ class Engine:
         """Run the next chunk of `r`'s prompt (at most `budget` tokens, unless that would split an
         image) through the model into the scratch row; returns the last logits (1, V) and its length."""
         start = r.prefilled
-        end = _chunk_end(r.prompt, start, budget, self.model.config.image_token_id, self.image_span)
+        end = chunk_end(r.prompt, start, budget, self.model.config.image_token_id, self.image_span)
         chunk = r.prompt[start:end]
         n_images = sum(1 for i in chunk if i == self.model.config.image_token_id) // self.image_span
         pixels = None
@@ -411,24 +411,6 @@ class Engine:
         logits = self.model(ids, pixels, None, cache=cache, logits_to_keep=1).logits[:, -1]
         r.prefilled, r.images_used, r.media = end, r.images_used + n_images, cache.media
         return logits, end - start
-
-
-def _chunk_end(prompt: list[int], start: int, budget: int, image_id: int, span: int) -> int:
-    """Where a chunk from `start` of at most `budget` tokens ends: moved to the end of an image
-    (`span` image tokens) that it would otherwise cut, so each image is encoded exactly once."""
-    end = min(start + budget, len(prompt))
-    if end == len(prompt) or span == 1:
-        return end
-    run = 0  # image tokens before `end` since the last image boundary
-    for i in range(end - 1, -1, -1):
-        if prompt[i] != image_id:
-            break
-        run += 1
-    # Image tokens come in whole images of `span`; a run of them may hold several back to back.
-    first_of_run = end - run
-    before = sum(1 for i in prompt[:first_of_run] if i == image_id) % span  # tokens of an image begun earlier
-    inside = (before + run) % span
-    return end if inside == 0 else min(end + span - inside, len(prompt))
 
 
 # --- asyncio -------------------------------------------------------------------------------------
