@@ -13,7 +13,7 @@ from omnilm import OmniModel
 from omnilm.cli import main
 from omnilm.data.shapeworld import write_shapeworld
 from omnilm.train import TrainArgs, train
-from omnilm.train.stages import corpus
+from omnilm.train.stages import corpus, spread_positions
 
 SMALL = dict(text=dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, mlp_dim=128), vision=dict(n_layers=2, dim=64, n_heads=4, mlp_dim=128))
 
@@ -396,3 +396,25 @@ def test_lora_flags_are_refused_where_they_would_do_nothing(shapeworld, tmp_path
     one_line_error(lambda: args(shapeworld, tmp_path, lora_alpha=32), "--lora-alpha", "add --lora-r")
     one_line_error(lambda: args(shapeworld, tmp_path, lora_r=4, train_vision=True), "drop --train-vision")
     one_line_error(lambda: train(args(shapeworld, tmp_path, lora_r=4, fusion="late")), "no transformers class")
+
+
+def test_randomized_positions_are_sorted_draws_over_the_wider_range():
+    mask = torch.tensor([[1] * 10 + [0] * 6, [1] * 16])
+    torch.manual_seed(0)
+    draws = [spread_positions(mask, 4) for _ in range(50)]
+    for positions in draws:
+        for row, n in ((0, 10), (1, 16)):
+            real = positions[row, :n]
+            assert bool((real[1:] > real[:-1]).all()) and 0 <= int(real[0]) and int(real[-1]) < 4 * n
+        assert not positions[0, 10:].any()  # padding
+    assert max(int(p[1, -1]) for p in draws) > 16  # the model meets positions beyond the record's length
+
+
+def test_randomized_positions_train_and_resume_exactly(shapeworld, tmp_path):
+    straight = train(args(shapeworld, tmp_path / "straight", random_positions=8))["losses"]
+    first = train(args(shapeworld, tmp_path / "resumed", stop_after=3, random_positions=8))["losses"]
+    rest = train(args(shapeworld, tmp_path / "resumed", resume=True, random_positions=8))["losses"]
+    assert first + rest == straight  # the draws come from the checkpointed generator
+    assert straight != train(args(shapeworld, tmp_path / "plain"))["losses"]
+    one_line_error(lambda: args(shapeworld, tmp_path, stage="clip", random_positions=4),
+                   "stage clip does not use --random-positions")

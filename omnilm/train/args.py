@@ -60,6 +60,10 @@ class Hyperparams:
     group_by_length: bool = setting(
         False, "align/instruct: batch records of similar length together, so less of each batch is padding (as "
                "LLaVA's group_by_modality_length); batches stay a pure function of --seed")
+    random_positions: int = setting(
+        0, "align/instruct: randomized positional encodings (Ruoss et al. 2023): each record's position ids are a "
+           "sorted random draw from 0 .. N x its length, so the model meets the positions of prompts N times "
+           "longer than it trains on; 0: positions 0, 1, 2, ...", metavar="N")
 
     def __post_init__(self) -> None:
         if self.tasks is not None:
@@ -68,7 +72,7 @@ class Hyperparams:
                 raise OmniInputError(f"--tasks {self.tasks!r}: give one or more task names, comma-separated")
         check_range(self, ("steps", "batch_size", "grad_accum"), low=1)
         check_range(self, ("lr", "clip_grad", "projector_lr", "vision_lr", "patch_lr", "gate_lr"), above=0)
-        check_range(self, ("warmup",), low=0)
+        check_range(self, ("warmup", "random_positions"), low=0)
         check_range(self, ("weight_decay",), low=0)
         check_range(self, ("min_lr_ratio",), 0, 1)
         if self.optimizer not in OPTIMIZERS:
@@ -148,7 +152,7 @@ class TrainArgs(LoraSettings, Hyperparams):
         check_output_folder(self.out, "--out")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
         ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector", "gate_lr",
-                            "group_by_length", "fusion", "attend", "lora_r"),
+                            "group_by_length", "fusion", "attend", "lora_r", "random_positions"),
                    "align": ("train_vision", "vision_lr", "patch_lr", "lora_r"), "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]
         if given:

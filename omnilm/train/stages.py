@@ -9,6 +9,7 @@ The three stages of the recipe (see `omnilm.train.loop`):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -53,11 +54,27 @@ def build_stage(args, resume_from: Path | None = None) -> Stage:
     return (build_clip_stage if args.stage == "clip" else build_llava_stage)(args, resume_from)
 
 
-def lm_loss(model, batch):
-    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"])
+def lm_loss(model, batch, random_positions: int = 0):
+    """The next-token loss on the answers; with `random_positions` N, at position ids drawn by
+    `spread_positions` (randomized positional encodings)."""
+    positions = spread_positions(batch["attention_mask"], random_positions) if random_positions else None
+    out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
+                position_ids=positions)
     if not out.routing:
         return out.loss, {}
     return out.loss, {"lm_loss": round(out.lm_loss.item(), 6), **summarize_routing(out.routing)}
+
+
+def spread_positions(attention_mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """Position ids (B, T) for a batch of records: row b's n real tokens get n distinct positions drawn
+    at random from 0 .. factor * n - 1, in increasing order (Ruoss et al. 2023, "Randomized Positional
+    Encodings Boost Length Generalization of Transformers"); padding gets 0. Drawn from torch's global
+    generator, whose state checkpoints keep: a resumed run draws the same."""
+    positions = torch.zeros_like(attention_mask, dtype=torch.long)
+    for row, real in enumerate(attention_mask.bool()):
+        n = int(real.sum())
+        positions[row, real] = torch.randperm(factor * n, device=attention_mask.device)[:n].sort().values
+    return positions
 
 
 def lm_targets(batch) -> int:
@@ -264,7 +281,7 @@ def build_llava_stage(args, resume_from: Path | None):
     group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("fusion", args.projector_lr),
                                            ("vision", args.vision_lr)) if lr is not None} | _patch_lr(args)
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
-                 loss=lm_loss, n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model), processor=processor)
+                 loss=functools.partial(lm_loss, random_positions=args.random_positions), n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model), processor=processor)
 
 
 def _add_lora(args, model: OmniModel, resume_from: Path | None) -> None:
