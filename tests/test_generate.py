@@ -1,6 +1,8 @@
 """Generation against references: cached decoding == full forward, greedy ids == transformers'
 `generate`, sampling filters == transformers' warpers, stop tokens, streaming, errors."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import one_line_error, tiny_hf_configs, tiny_hf_model
@@ -376,3 +378,12 @@ def test_chunked_attention_builds_no_mask_of_the_prompt(monkeypatch):
     with torch.no_grad():
         prefill(model, ids, None, None, model.new_cache(1, 300), chunk=64)
     assert seen and all(mask is None for mask in seen)
+
+
+def test_chunked_prefill_of_a_text_only_model():
+    model = OmniModel.from_config(replace(OmniConfig.from_preset("tiny", text=dict(n_layers=2)), vision=None)).eval()
+    ids = torch.randint(4, model.config.text.vocab_size, (1, 100))
+    with torch.no_grad():
+        reference = prefill(model, ids, None, None, model.new_cache(1, 100))
+        logits = prefill(model, ids, None, None, model.new_cache(1, 100), chunk=9)
+    assert (logits - reference).abs().max().item() <= 1e-4

@@ -76,7 +76,7 @@ def chunk_end(prompt: list[int], start: int, budget: int, image_id: int, span: i
     """Where a chunk from `start` of at most `budget` tokens ends: moved to the end of an image
     (`span` image tokens) that it would otherwise cut, so each image is encoded exactly once."""
     end = min(start + budget, len(prompt))
-    if end == len(prompt) or span == 1:
+    if end == len(prompt) or span <= 1:  # to the end, images of one token, or a text-only model (0)
         return end
     run = 0  # image tokens before `end` since the last image boundary
     for i in range(end - 1, -1, -1):
