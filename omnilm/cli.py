@@ -2,9 +2,11 @@
 
     omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, ~9 min on 2 cores
     omnilm data shapeworld --out DIR --n N --seed S --split train|test
+    omnilm data haystack OUT --length L [--tokenizer DIR] [--keys K --questions Q] [--needle text|image]
     omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
     omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE]
     omnilm eval-clip CKPT --data JSON --image-folder DIR
+    omnilm eval niah CKPT [--lengths 1x,4x] [--depths 11] [--samples N] [--rope-scaling linear:4]   # = eval-niah
     omnilm chat CKPT --image a.png "question"     # without a question: a multi-turn chat
     omnilm info CKPT | --preset NAME              # architecture and parameter count (total and active)
     omnilm inspect routing CKPT --image a.png "prompt"   # which experts each token of an MoE model went to
@@ -30,11 +32,13 @@ from pathlib import Path
 from omnilm.config import PRESETS
 from omnilm.data import Processor
 from omnilm.data.collate import to_device
+from omnilm.data.haystack import CHARS_PER_TOKEN, HaystackSpec
 from omnilm.data.image import load_image
 from omnilm.data.llava_json import read_records
 from omnilm.data.shapeworld import ShapeWorldSpec
 from omnilm.errors import OmniInputError
 from omnilm.eval.clip import evaluate_clip_checkpoint, format_clip_results
+from omnilm.eval.niah import NiahArgs, run_niah
 from omnilm.eval.vqa import EvalArgs, evaluate_vqa, format_vqa_results, write_predictions
 from omnilm.infer import Sampling
 from omnilm.infer.chat import answer, chat_repl, user_message
@@ -80,6 +84,14 @@ def cmd_data(args) -> None:
           f"in {time.perf_counter() - t0:.1f}s")
 
 
+def cmd_data_haystack(args) -> None:
+    t0 = time.perf_counter()
+    spec = from_flags(HaystackSpec, args)
+    path = spec.write()
+    unit = "tokens" if spec.tokenizer is not None else f"tokens estimated as characters / {CHARS_PER_TOKEN}"
+    print(f"wrote {spec.n} records of {spec.length} {unit} to {path} in {time.perf_counter() - t0:.1f}s")
+
+
 def cmd_train(args) -> None:
     train_args = from_flags(TrainArgs, args)
     summary = train(train_args)
@@ -98,6 +110,10 @@ def cmd_eval(args) -> None:
     if run.predictions:
         write_predictions(predictions, run.predictions)
         print(f"predictions: {run.predictions}")
+
+
+def cmd_eval_niah(args) -> None:
+    print(run_niah(from_flags(NiahArgs, args)))
 
 
 def cmd_eval_clip(args) -> None:
@@ -228,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Without flags beyond --out and --n, the world the demo trains and tests on.")
     add_flags(q, ShapeWorldSpec)
     q.set_defaults(func=cmd_data)
+    q = data.add_parser("haystack", help="needle-in-a-haystack records: facts hidden in ShapeWorld captions (or "
+                                         "images among them), asked after, at a given length in tokens",
+                        description="Text needles 'remember: <key> is <colour> <shape>.' with nonsense keys (split "
+                                    "test draws only held-out keys), asked 'What is <key>?', several keys and "
+                                    "questions per record as a multi-turn chat; or image needles. --length counts "
+                                    "the whole record in --tokenizer's tokens. See docs/long-context.md.")
+    add_flags(q, HaystackSpec)
+    q.set_defaults(func=cmd_data_haystack)
 
     p = sub.add_parser("train", help="run one stage of the recipe (clip, align or instruct)")
     add_flags(p, TrainArgs)
@@ -236,9 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="exact-match accuracy per task family on LLaVA-format questions",
                        description="Exact-match accuracy per task family (a record's `task`, or each turn's "
                                    "`turn_tasks`), and, for records with `n_objects` (ShapeWorld's), per number "
-                                   "of objects in the scene.")
+                                   "of objects in the scene. Needle-in-a-haystack recall over context lengths and "
+                                   "depths is `omnilm eval niah CKPT` (the same as eval-niah; see its --help).")
     add_flags(p, EvalArgs)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-niah", help="needle-in-a-haystack recall over context lengths x needle depths "
+                                         "(also: omnilm eval niah CKPT)",
+                       description="Gemini 1.5's needle-in-a-haystack grid: for each context length and depth, "
+                                   "--samples prompts with one needle at that depth and a question after the "
+                                   "haystack, answered greedily and scored by exact match. Writes niah.csv (length, "
+                                   "depth, samples, correct, recall), the heatmap niah.png and predictions.jsonl to "
+                                   "--out, and prints recall per length with its 95% Wilson interval. Prompts past "
+                                   "the checkpoint's max_seq_len run with its RoPE as it is (or --rope-scaling). "
+                                   "Works on Hugging Face LLaMA and LLaVA folders with their tokenizer.json too. "
+                                   "See docs/long-context.md.")
+    add_flags(p, NiahArgs)
+    p.set_defaults(func=cmd_eval_niah)
 
     p = sub.add_parser("eval-clip", help="zero-shot retrieval and attribute accuracy of a CLIP checkpoint")
     p.add_argument("checkpoint", help="CLIP folder (stage clip's model/)")
@@ -323,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "niah"]:  # `omnilm eval niah CKPT` is eval-niah (a checkpoint folder named niah: ./niah)
+        argv = ["eval-niah", *argv[2:]]
     # argparse binds chat's optional `question` before it sees options, so in
     # `chat CKPT --image a.png "question"` the question arrives as a leftover: take it there.
     args, leftover = parser.parse_known_args(argv)

@@ -1,0 +1,303 @@
+"""Needle-in-a-haystack retrieval over a grid of context lengths and depths, as Gemini 1.5 reports it.
+
+For every context length (prompt tokens in the model's own tokenizer, chat template and system
+prompt included) and each of D evenly spaced depths (11: 0%, 10%, ..., 100%), N prompts are built
+by `omnilm.data.haystack.build_haystack` with one needle at that depth and one question after
+the haystack, answered greedily, and scored by exact match after `normalize_answer`, as `omnilm
+eval` scores. Every prompt has its own generator, so a cell's prompts are independent samples
+and the same flags give the same prompts. Written to the output folder:
+
+    niah.csv            length, depth, samples, correct, recall: one row per cell
+    niah.png            the heatmap (x context length, y depth, green 100% to red 0%)
+    predictions.jsonl   every prompt's question, answer and prediction
+
+and printed: recall per length with its 95% Wilson score interval.
+
+Past the training length. Plain RoPE reads no length, so the checkpoint's `max_seq_len` (which
+`generate` will not run past) is raised to the longest prompt; a YaRN or Llama 3 scaling that does
+not name its original length gets the checkpoint's, so that raising it changes nothing else.
+Dynamic NTK is the exception: it reads `max_seq_len` as the trained length and runs past it
+without being raised. `--rope-scaling` replaces the checkpoint's scaling for the evaluation.
+Long prompts are prefilled in chunks (`generate(..., prefill_chunk=N)`), so that memory grows
+with the prompt, not with its square.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+
+from omnilm.config import TextConfig
+from omnilm.data.collate import to_device
+from omnilm.data.haystack import FILLERS, NEEDLES, TokenCount, build_haystack, check_choices
+from omnilm.data.processor import Processor
+from omnilm.errors import OmniInputError
+from omnilm.eval.vqa import normalize_answer
+from omnilm.infer import generate
+from omnilm.model import OmniModel
+from omnilm.model.hf import read_config
+from omnilm.model.layers import resolve_device
+from omnilm.settings import check_output_folder, check_range, check_seed, setting
+
+ROPE_SCALINGS = ("linear", "dynamic", "yarn")
+MAX_DEPTHS = 101  # 1% apart: needles are placed between sentences, so finer steps would repeat places
+
+
+@dataclass(kw_only=True)
+class NiahArgs:
+    """`omnilm eval niah`: needle-in-a-haystack recall over context lengths and needle depths."""
+
+    checkpoint: Path = setting(help="model folder (omnilm, or Hugging Face LLaMA / LLaVA) with its tokenizer.json",
+                               positional=True)
+    lengths: tuple[str, ...] = setting(("1x", "2x", "4x", "8x", "16x"),
+                                       "context lengths, comma-separated: prompt tokens in the model's tokenizer "
+                                       "(template and question included), or Nx: N times the checkpoint's "
+                                       "max_seq_len, its training length")
+    depths: int = setting(11, "needle depths, evenly spaced from 0 (start of the haystack) to 1 (just before the "
+                              "question): 11 is every 10%")
+    samples: int = setting(20, "prompts per length and depth, each with its own key (or images) and filler")
+    needle: str = setting("text", "text: 'remember: <key> is <colour> <shape>.' asked as 'What is <key>?'; image: "
+                                  "--images ShapeWorld images, one with a shape or colour no other has, asked for "
+                                  "its number (models with a vision tower)", choices=NEEDLES)
+    images: int = setting(4, "images per prompt with --needle image", metavar="F")
+    filler: str = setting("auto", "the haystack: shapeworld (captions of random scenes), english (sentences from a "
+                                  "small built-in vocabulary), or auto: shapeworld for an omnilm checkpoint, english "
+                                  "for a Hugging Face one", choices=("auto", *FILLERS))
+    rope_scaling: str | None = setting(None, "replace the checkpoint's RoPE scaling for this evaluation: "
+                                             "linear:F (position interpolation), dynamic:F (dynamic NTK) or yarn:F "
+                                             "(YaRN), F the factor >= 1, e.g. linear:4", metavar="TYPE:FACTOR")
+    out: Path = setting(Path("runs/niah"), "folder for niah.csv, niah.png and predictions.jsonl")
+    prefill_chunk: int = setting(1024, "prompt tokens run through the model at a time, so that long prompts fit in "
+                                       "memory")
+    max_new_tokens: int = setting(16, "longest answer generated")
+    seed: int = setting(0, "seed of the prompts")
+    device: str = setting("auto", "auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
+    dtype: str | None = setting(None, "weight dtype (default: float32)", choices=("float32", "bfloat16", "float16"))
+
+    def __post_init__(self) -> None:
+        check_choices(self, ("auto", *FILLERS))
+        check_range(self, ("samples", "prefill_chunk", "max_new_tokens"), low=1)
+        check_range(self, ("depths",), 2, MAX_DEPTHS, what=" (1% apart at most)")
+        check_range(self, ("images",), low=2, what=": one needle image and at least one other")
+        check_seed(self)
+        parse_lengths(self.lengths, 1)  # the syntax now; Nx once the checkpoint's length is known
+        if self.rope_scaling is not None:
+            parse_rope_scaling(self.rope_scaling)
+        resolve_device(self.device)
+        check_output_folder(self.out, "--out")
+
+
+def parse_lengths(lengths: tuple[str, ...], trained: int) -> list[int]:
+    """Token counts from "4096" or "4x" (times `trained`), sorted and without repeats."""
+    if not lengths:
+        raise OmniInputError("--lengths is empty: give context lengths in tokens, e.g. 1024,4096 or 1x,4x")
+    out = set()
+    for item in lengths:
+        match = re.fullmatch(r"(\d+)(x?)", item.strip().lower())
+        if match is None or int(match[1]) < 1:
+            raise OmniInputError(f"--lengths {item!r} is not a length: give a number of tokens (4096) or a multiple "
+                                 "of the training length (4x), at least 1")
+        out.add(int(match[1]) * (trained if match[2] else 1))
+    return sorted(out)
+
+
+def parse_rope_scaling(text: str) -> dict:
+    """"linear:4" -> {"rope_type": "linear", "factor": 4.0}, as transformers writes rope_scaling."""
+    kind, _, factor = text.partition(":")
+    try:
+        value = float(factor)
+    except ValueError:
+        value = float("nan")
+    if kind not in ROPE_SCALINGS or not 1 <= value < float("inf"):
+        raise OmniInputError(f"--rope-scaling {text!r}: give TYPE:FACTOR with TYPE one of {', '.join(ROPE_SCALINGS)} "
+                             "and a factor >= 1, e.g. linear:4")
+    return {"rope_type": kind, "factor": value}
+
+
+def extend_context(text_cfg: TextConfig, rope_scaling: dict | None, longest: int) -> None:
+    """Let `text_cfg` (the loaded model's TextConfig, changed in place) run prompts of `longest`
+    tokens (answers included), with `rope_scaling` instead of its own when given (see the module
+    docstring)."""
+    trained = text_cfg.max_seq_len
+    scaling = dict(rope_scaling if rope_scaling is not None else text_cfg.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("yarn", "llama3") and not scaling.get("original_max_position_embeddings"):
+        scaling["original_max_position_embeddings"] = trained
+    text_cfg.rope_scaling = scaling or None
+    if kind != "dynamic":
+        text_cfg.max_seq_len = max(trained, longest)
+
+
+def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (Wilson 1927): with p = correct / n and z the
+    normal quantile of the confidence, (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n).
+    Unlike p -+ z sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at 0 or n correct."""
+    if n == 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = correct / n
+    centre = p + z * z / (2 * n)
+    spread = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, (centre - spread) / (1 + z * z / n)), min(1.0, (centre + spread) / (1 + z * z / n))
+
+
+def depth_grid(n: int) -> list[float]:
+    return [i / (n - 1) for i in range(n)]
+
+
+def default_filler(checkpoint: str | Path) -> str:
+    """ShapeWorld captions for an omnilm checkpoint (omnilm.json beside the weights), English otherwise."""
+    return "shapeworld" if (Path(checkpoint) / "omnilm.json").is_file() else "english"
+
+
+# --- the grid ---------------------------------------------------------------------------------
+
+
+def run_niah(run: NiahArgs, progress: bool = True) -> str:
+    """Evaluate `run.checkpoint` over the grid and write the outputs; returns the printed report.
+    Every flag that needs the tokenizer (lengths too short to hold the needle, more depths than
+    the shortest haystack has places) is checked before the weights load."""
+    config, _, _ = read_config(run.checkpoint)
+    if run.needle == "image" and config.vision is None:
+        raise OmniInputError(f"--needle image needs a model that reads images; {run.checkpoint} is text-only: "
+                             "use --needle text")
+    processor = Processor.for_model(config, run.checkpoint)
+    trained = config.text.max_seq_len
+    lengths = parse_lengths(run.lengths, trained)
+    filler = default_filler(run.checkpoint) if run.filler == "auto" else run.filler
+    grid = Grid(run, lengths, depth_grid(run.depths), filler, TokenCount(processor.tokenizer, processor.image_seq_len))
+    grid.check()
+    model = OmniModel.from_pretrained(run.checkpoint, device=resolve_device(run.device), dtype=run.dtype).eval()
+    extend_context(model.config.text, parse_rope_scaling(run.rope_scaling) if run.rope_scaling else None,
+                   lengths[-1] + run.max_new_tokens)
+    predictions = grid.evaluate(model, processor, progress)
+    rows = cells(predictions, lengths, grid.depths)
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "niah.csv")
+    with (out / "predictions.jsonl").open("w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in predictions)
+    scaling = run.rope_scaling or _shown_scaling(config.text.rope_scaling)
+    title = (f"needle in a haystack ({run.needle}, {filler} filler), trained length {trained}, rope {scaling}: "
+             f"recall {sum(p['correct'] for p in predictions) / len(predictions):.1%}")
+    plot_heatmap(rows, out / "niah.png", title)
+    return "\n".join([title, "", format_niah(rows), "", f"wrote {out / 'niah.csv'}, {out / 'niah.png'} and "
+                                                        f"{out / 'predictions.jsonl'}"])
+
+
+def _shown_scaling(scaling: dict | None) -> str:
+    if not scaling:
+        return "unscaled"
+    return f"{scaling.get('rope_type', scaling.get('type'))}:{scaling.get('factor', '')}".rstrip(":")
+
+
+class Grid:
+    """The prompts of every (length, depth, sample), each from a generator of its own."""
+
+    def __init__(self, run: NiahArgs, lengths: list[int], depths: list[float], filler: str, count: TokenCount):
+        self.run, self.lengths, self.depths, self.filler, self.count = run, lengths, depths, filler, count
+
+    def prompt(self, length: int, depth: float, sample: int):
+        rng = random.Random(f"niah:{self.run.seed}:{self.run.needle}:{length}:{depth:.6f}:{sample}")
+        return build_haystack(rng, self.count, length, needle=self.run.needle, depth=depth, filler=self.filler,
+                              n_images=self.run.images, split="test", prompt=True)
+
+    def check(self) -> None:
+        """Every length holds the needle and question, and the shortest has a place for every depth."""
+        for length in self.lengths:
+            try:
+                hay = self.prompt(length, 0.0, 0)
+            except OmniInputError as e:
+                raise OmniInputError(f"--lengths: {e}") from None
+            if length == self.lengths[0] and hay.n_filler + 1 < len(self.depths):
+                raise OmniInputError(f"--depths {len(self.depths)} asks for more needle places than a {length}-token "
+                                     f"prompt has: its {hay.n_filler} filler sentences leave {hay.n_filler + 1}; "
+                                     "lower --depths or raise the shortest of --lengths")
+
+    def evaluate(self, model, processor: Processor, progress: bool = True) -> list[dict]:
+        """One greedy answer per prompt, scored; in grid order (length, depth, sample)."""
+        from tqdm import tqdm
+
+        device = next(model.parameters()).device
+        eos = processor.tokenizer.eos_id
+        keys = [(length, depth, s) for length in self.lengths for depth in self.depths for s in range(self.run.samples)]
+        predictions = []
+        for length, depth, sample in tqdm(keys, desc="niah", unit="prompt", disable=not progress):
+            hay = self.prompt(length, depth, sample)
+            batch = to_device(processor([hay.conversations], images=[hay.images]), device)
+            new = generate(model, **batch, max_new_tokens=self.run.max_new_tokens, stop_token_ids=[eos],
+                           prefill_chunk=self.run.prefill_chunk)[0].tolist()
+            prediction = processor.decode(new[:new.index(eos)] if eos in new else new).strip()
+            predictions.append({"length": length, "depth": round(depth, 4), "sample": sample,
+                                "tokens": batch["input_ids"].shape[1], "needle_depth": round(hay.depths[0], 4),
+                                "question": hay.conversations[-1]["value"].rsplit("\n", 1)[-1],
+                                "answer": hay.answers[0], "prediction": prediction,
+                                "correct": normalize_answer(prediction) == normalize_answer(hay.answers[0])})
+        return predictions
+
+
+# --- results ----------------------------------------------------------------------------------
+
+
+def cells(predictions: list[dict], lengths: list[int], depths: list[float]) -> list[dict]:
+    """One row per (length, depth): samples, correct and recall."""
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            hits = [p["correct"] for p in predictions if p["length"] == length and p["depth"] == round(depth, 4)]
+            rows.append({"length": length, "depth": round(depth, 4), "samples": len(hits), "correct": sum(hits),
+                         "recall": sum(hits) / len(hits) if hits else 0.0})
+    return rows
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    with Path(path).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["length", "depth", "samples", "correct", "recall"])
+        writer.writeheader()
+        writer.writerows({**row, "recall": f"{row['recall']:.4f}"} for row in rows)
+
+
+def format_niah(rows: list[dict]) -> str:
+    """Recall per length, and over all, with 95% Wilson intervals, as markdown."""
+    lines = ["| length | prompts | recall | 95% interval |", "|---:|---:|---:|---:|"]
+    by_length: dict[int, list[dict]] = {}
+    for row in rows:
+        by_length.setdefault(row["length"], []).append(row)
+    for name, group in [*((str(length), group) for length, group in by_length.items()), ("**all**", rows)]:
+        n, correct = sum(r["samples"] for r in group), sum(r["correct"] for r in group)
+        low, high = wilson_interval(correct, n)
+        lines.append(f"| {name} | {n} | {correct / n:.1%} | {low:.1%} - {high:.1%} |")
+    return "\n".join(lines)
+
+
+def plot_heatmap(rows: list[dict], png: str | Path, title: str) -> None:
+    """Recall per cell, x context length, y depth (0% at the top), green 100% to red 0%, as Gemini's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    lengths = list(dict.fromkeys(r["length"] for r in rows))
+    depths = list(dict.fromkeys(r["depth"] for r in rows))
+    recall = np.array([[next(r["recall"] for r in rows if r["length"] == x and r["depth"] == y) for x in lengths]
+                       for y in depths])
+    fig, ax = plt.subplots(figsize=(2 + 0.8 * len(lengths), 1.5 + 0.35 * len(depths)), dpi=110)
+    image = ax.imshow(recall, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, f"{recall[i, j]:.0%}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(lengths)), labels=[str(x) for x in lengths])
+    ax.set_yticks(range(len(depths)), labels=[f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=8, wrap=True)
+    fig.colorbar(image, ax=ax, label="recall")
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)

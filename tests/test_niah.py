@@ -1,0 +1,158 @@
+"""`omnilm eval niah`: the length x depth grid end to end on an omnilm checkpoint and on a Hugging
+Face LLaMA folder, the Wilson interval, the context extension, and bad flags as one-line errors."""
+
+import csv
+import json
+import random
+
+import pytest
+
+from conftest import cli_error, run_cli, tiny_checkpoint, tiny_hf_model
+from omnilm.config import TextConfig
+from omnilm.data import haystack as hs
+from omnilm.data.chat import DEFAULT_SYSTEM
+from omnilm.eval.niah import extend_context, wilson_interval
+
+
+@pytest.fixture(scope="module")
+def omni_folder(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("niah") / "omni")  # max_seq_len 256
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A random LlamaForCausalLM (max_position_embeddings 128) with a byte-level BPE saved by
+    transformers beside it, as a user's own Hugging Face folder would be."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("niah") / "llama"
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [hs.filler_sentence(random.Random(i), "english") for i in range(300)]
+    backend.train_from_iterator(texts + [f"{DEFAULT_SYSTEM} USER: What is it? ASSISTANT:"] * 20, trainer)
+    tf.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                               unk_token="<unk>").save_pretrained(folder)
+    tiny_hf_model("llama", text=dict(vocab_size=backend.get_vocab_size())).save_pretrained(folder)
+    return folder
+
+
+def read_grid(out):
+    with (out / "niah.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return rows, predictions
+
+
+def test_grid_on_an_omnilm_checkpoint(omni_folder, tmp_path, capsys):
+    # Both lengths are past the checkpoint's max_seq_len (256): the context is extended to run them.
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["eval", "niah", omni_folder, "--lengths", "400,600", "--depths", 3, "--samples", 2,
+                                 "--rope-scaling", "linear:2", "--out", out], capsys)
+    assert code == 0, err
+    rows, predictions = read_grid(out)
+    assert [(int(r["length"]), float(r["depth"]), int(r["samples"])) for r in rows] == \
+        [(n, d, 2) for n in (400, 600) for d in (0.0, 0.5, 1.0)]
+    assert all(0 <= float(r["recall"]) <= 1 and float(r["recall"]) == int(r["correct"]) / 2 for r in rows)
+    assert (out / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(predictions) == 12 and all(p["length"] - 5 <= p["tokens"] <= p["length"] for p in predictions)
+    assert all(p["question"].startswith("What is ") and len(p["answer"].split()) == 2 for p in predictions)
+    assert "shapeworld filler" in stdout and "rope linear:2" in stdout and "| **all** | 12 |" in stdout
+
+
+def test_image_needles_on_an_omnilm_checkpoint(omni_folder, tmp_path, capsys):
+    # Chunks of 64 tokens: the prompt's images (4 tokens each) are prefilled with the chunk they start in.
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["eval", "niah", omni_folder, "--needle", "image", "--images", 3, "--lengths", 600,
+                                 "--depths", 2, "--samples", 2, "--prefill-chunk", 64, "--out", out], capsys)
+    assert code == 0, err
+    rows, predictions = read_grid(out)
+    assert [(r["depth"], r["samples"]) for r in rows] == [("0.0", "2"), ("1.0", "2")]
+    assert all(p["question"].startswith("Which image shows") and p["answer"] in "123" for p in predictions)
+    assert [p["answer"] for p in predictions if p["depth"] == 0.0] == ["1", "1"]  # the first image there is
+    assert [p["answer"] for p in predictions if p["depth"] == 1.0] == ["3", "3"]  # the last
+
+
+def test_grid_on_a_hugging_face_llama(llama_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["eval-niah", llama_folder, "--lengths", "1x,2x", "--depths", 3, "--samples", 2,
+                                 "--prefill-chunk", 64, "--out", out], capsys)
+    assert code == 0, err
+    rows, predictions = read_grid(out)
+    assert [int(r["length"]) for r in rows] == [128] * 3 + [256] * 3
+    assert all(0 <= float(r["recall"]) <= 1 for r in rows)
+    assert "english filler" in stdout and "trained length 128" in stdout
+    assert all(p["length"] - 5 <= p["tokens"] <= p["length"] for p in predictions)
+
+
+def test_wilson_interval_matches_known_values():
+    # statsmodels' proportion_confint(count, n, method="wilson") at alpha 0.05.
+    assert wilson_interval(5, 10) == pytest.approx((0.2365931, 0.7634069), abs=1e-6)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775328), abs=1e-6)
+    assert wilson_interval(10, 10) == pytest.approx((0.7224672, 1.0), abs=1e-6)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    low, high = wilson_interval(18, 20, confidence=0.99)
+    assert low < wilson_interval(18, 20)[0] and high > wilson_interval(18, 20)[1]
+
+
+def test_context_extension_keeps_each_scaling_meaningful():
+    def text(**kw):
+        return TextConfig(vocab_size=32, dim=32, n_layers=1, n_heads=4, n_kv_heads=4, mlp_dim=64, max_seq_len=256, **kw)
+
+    cfg = text()
+    extend_context(cfg, None, 1000)  # plain RoPE reads no length: only the limit moves
+    assert cfg.max_seq_len == 1000 and cfg.rope_scaling is None
+    cfg = text()
+    extend_context(cfg, {"rope_type": "linear", "factor": 4.0}, 1000)
+    assert cfg.max_seq_len == 1000 and cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    cfg = text()
+    extend_context(cfg, {"rope_type": "yarn", "factor": 4.0}, 1000)  # YaRN keeps the length it was trained at
+    assert cfg.rope_scaling["original_max_position_embeddings"] == 256 and cfg.max_seq_len == 1000
+    cfg = text(rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    extend_context(cfg, None, 1000)  # dynamic NTK reads max_seq_len as the trained length
+    assert cfg.max_seq_len == 256
+
+
+def test_library_settings_refuse_alike(omni_folder):
+    from conftest import one_line_error
+    from omnilm.eval.niah import NiahArgs
+
+    one_line_error(lambda: NiahArgs(checkpoint=omni_folder, needle="audio"), "--needle 'audio': use one of text")
+    one_line_error(lambda: NiahArgs(checkpoint=omni_folder, filler="poetry"), "--filler 'poetry'", "auto")
+    one_line_error(lambda: hs.HaystackSpec(out=omni_folder, filler="auto"), "--filler 'auto'")
+
+
+def test_eval_niah_is_eval_niah_and_explains_every_flag(capsys):
+    from omnilm.cli import parse_args
+
+    assert parse_args(["eval", "niah", "ckpt"]).command == "eval-niah"
+    assert parse_args(["eval", "ckpt", "--data", "d.json", "--image-folder", "."]).command == "eval"
+    with pytest.raises(SystemExit):
+        parse_args(["eval", "niah", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--lengths", "--depths", "--samples", "--needle", "--images", "--filler", "--rope-scaling",
+                 "--out", "--prefill-chunk", "--max-new-tokens", "--seed", "--device", "--dtype"):
+        assert flag in help_text
+
+
+def test_bad_flags_are_one_line_errors(omni_folder, llama_folder, tmp_path, capsys):
+    cases = [
+        ([omni_folder, "--rope-scaling", "ntk:4"], "--rope-scaling 'ntk:4': give TYPE:FACTOR"),
+        ([omni_folder, "--rope-scaling", "linear"], "--rope-scaling 'linear'"),
+        ([omni_folder, "--rope-scaling", "yarn:0.5"], "a factor >= 1"),
+        ([omni_folder, "--lengths", "100"], "--lengths: length 100 is below the", "at least"),
+        ([omni_folder, "--lengths", "4k"], "--lengths '4k' is not a length"),
+        ([omni_folder, "--depths", 500], "--depths is 500"),
+        ([omni_folder, "--lengths", "400", "--depths", 50], "--depths 50 asks for more needle places"),
+        ([omni_folder, "--samples", 0], "--samples is 0"),
+        ([omni_folder, "--needle", "audio"], "invalid choice: 'audio'"),
+        ([omni_folder, "--needle", "image", "--images", 1], "--images is 1"),
+        ([tmp_path / "missing"], "no such folder"),
+        ([llama_folder, "--needle", "image"], "is text-only"),
+    ]
+    for argv, *parts in cases:
+        cli_error(*run_cli(["eval", "niah", *argv, "--out", tmp_path / "out"], capsys)[::2], *parts)
+    assert not (tmp_path / "out").exists()  # refused before anything ran
