@@ -32,7 +32,8 @@ from omnilm.infer import prefill
 
 MODELS = {
     "tiny": dict(preset="tiny", text={}),
-    # About 110M parameters: 12 layers of width 768, as GPT-2 small; 12 heads of 64, 4 key/value heads.
+    # 128M parameters: 12 layers of width 768 (GPT-2 small's shape), 12 heads of 64, 4 key/value heads,
+    # a 32k vocabulary.
     "large": dict(preset="tiny", text=dict(n_layers=12, dim=768, n_heads=12, n_kv_heads=4, mlp_dim=2048,
                                            vocab_size=32000)),
 }
