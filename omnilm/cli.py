@@ -48,6 +48,7 @@ from omnilm.model.hf import read_config
 from omnilm.model.layers import resolve_device
 from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
+from omnilm.recipes.haystack import HaystackRecipe, run_haystack
 from omnilm.recipes.recipe import Recipe
 from omnilm.serve.settings import SERVE_FLAGS, ServeSettings
 from omnilm.settings import add_flags, check_output_folder, from_flags
@@ -206,6 +207,13 @@ def cmd_demo(args) -> None:
     run_demo(args.out, from_flags(Recipe, args))
 
 
+def cmd_demo_haystack(args) -> None:
+    result = run_haystack(args.out, from_flags(HaystackRecipe, args))
+    for name, report in result["reports"].items():
+        print(f"\n== RoPE {name}\n{report}")
+    print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()) + f". Model: {result['model']}")
+
+
 def cmd_serve(args) -> None:
     settings = from_flags(ServeSettings, args, **SERVE_FLAGS)
     if serve is None:
@@ -236,6 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     add_flags(p, Recipe)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("demo-haystack", help="a small model learns to retrieve facts from its prompt; needle-in-a-"
+                                             "haystack grids far past its training length (in progress)",
+                       description="Issue 24's recipe: haystack records (omnilm data haystack), a BPE, a small "
+                                   "text-only decoder trained with randomized positions, then omnilm eval niah with "
+                                   "plain RoPE and each inference-time scaling. See docs/long-context.md.")
+    p.add_argument("--out", default="runs/haystack", help="output folder (default runs/haystack)")
+    add_flags(p, HaystackRecipe)
+    p.set_defaults(func=cmd_demo_haystack)
 
     p = sub.add_parser("data", help="generate built-in datasets")
     data = p.add_subparsers(dest="dataset", required=True)

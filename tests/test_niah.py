@@ -7,11 +7,13 @@ import random
 
 import pytest
 
-from conftest import cli_error, run_cli, tiny_checkpoint, tiny_hf_model
+from conftest import cli_error, one_line_error, run_cli, tiny_checkpoint, tiny_hf_model
 from omnilm.config import TextConfig
 from omnilm.data import haystack as hs
 from omnilm.data.chat import DEFAULT_SYSTEM
 from omnilm.eval.niah import extend_context, wilson_interval
+from omnilm.recipes.haystack import HaystackRecipe, run_haystack
+from omnilm.train import Hyperparams
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +158,23 @@ def test_bad_flags_are_one_line_errors(omni_folder, llama_folder, tmp_path, caps
     for argv, *parts in cases:
         cli_error(*run_cli(["eval", "niah", *argv, "--out", tmp_path / "out"], capsys)[::2], *parts)
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_the_haystack_recipe_end_to_end_in_miniature(tmp_path):
+    """`omnilm demo-haystack` at toy scale: records of 64 to 256 tokens in the tokens of the BPE
+    trained on them, a text-only decoder trained with randomized positions, and a grid per RoPE
+    choice."""
+    recipe = HaystackRecipe(n_train=48, keys=4, questions=4, scalings=("linear", "yarn"), eval_lengths=("1x", "2x"),
+                            eval_depths=3, eval_samples=1, progress=False,
+                            training=Hyperparams(steps=3, batch_size=8, lr=1e-3, warmup=1, random_positions=4))
+    result = run_haystack(tmp_path, recipe)
+    records = json.loads((tmp_path / "data" / "train.json").read_text())
+    assert len(records) == 48 and all(64 - 8 <= r["n_tokens"] <= 256 for r in records)
+    assert max(len(r["conversations"]) for r in records) > 2  # several questions, each a turn
+    assert set(result["reports"]) == {"plain", "linear-2", "yarn-2"}
+    for name in result["reports"]:
+        rows = list(csv.DictReader((tmp_path / "niah" / name / "niah.csv").open()))
+        assert len(rows) == 6 and all(0 <= float(r["recall"]) <= 1 for r in rows)
+    config = json.loads((tmp_path / "instruct" / "model" / "omnilm.json").read_text())
+    assert config["vision"] is None and config["text"]["max_seq_len"] == 256
+    one_line_error(lambda: HaystackRecipe(questions=9), "--questions 9 asks more needles than --keys 8")
