@@ -418,3 +418,14 @@ def test_randomized_positions_train_and_resume_exactly(shapeworld, tmp_path):
     assert straight != train(args(shapeworld, tmp_path / "plain"))["losses"]
     one_line_error(lambda: args(shapeworld, tmp_path, stage="clip", random_positions=4),
                    "stage clip does not use --random-positions")
+
+
+def test_pose_positions_keep_neighbours_together_across_few_skips(shapeworld, tmp_path):
+    mask = torch.tensor([[1] * 40 + [0] * 8])
+    torch.manual_seed(0)
+    for _ in range(50):
+        real = spread_positions(mask, 8, chunks=3)[0, :40]
+        steps = real[1:] - real[:-1]
+        assert bool((steps >= 1).all()) and int((steps > 1).sum()) <= 2 and int(real[-1]) < 8 * 40
+    one_line_error(lambda: args(shapeworld, tmp_path, position_chunks=2),
+                   "--position-chunks 2 cuts the range --random-positions spreads records over")

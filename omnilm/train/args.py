@@ -64,6 +64,10 @@ class Hyperparams:
         0, "align/instruct: randomized positional encodings (Ruoss et al. 2023): each record's position ids are a "
            "sorted random draw from 0 .. N x its length, so the model meets the positions of prompts N times "
            "longer than it trains on; 0: positions 0, 1, 2, ...", metavar="N")
+    position_chunks: int = setting(
+        0, "with --random-positions: cut each record into this many pieces of consecutive positions, with random "
+           "skips between them (PoSE, Zhu et al. 2023), instead of drawing every position apart; 0: apart",
+        metavar="C")
 
     def __post_init__(self) -> None:
         if self.tasks is not None:
@@ -72,7 +76,10 @@ class Hyperparams:
                 raise OmniInputError(f"--tasks {self.tasks!r}: give one or more task names, comma-separated")
         check_range(self, ("steps", "batch_size", "grad_accum"), low=1)
         check_range(self, ("lr", "clip_grad", "projector_lr", "vision_lr", "patch_lr", "gate_lr"), above=0)
-        check_range(self, ("warmup", "random_positions"), low=0)
+        check_range(self, ("warmup", "random_positions", "position_chunks"), low=0)
+        if self.position_chunks and not self.random_positions:
+            raise OmniInputError(f"--position-chunks {self.position_chunks} cuts the range --random-positions "
+                                 "spreads records over: add --random-positions N")
         check_range(self, ("weight_decay",), low=0)
         check_range(self, ("min_lr_ratio",), 0, 1)
         if self.optimizer not in OPTIMIZERS:
@@ -152,7 +159,7 @@ class TrainArgs(LoraSettings, Hyperparams):
         check_output_folder(self.out, "--out")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
         ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector", "gate_lr",
-                            "group_by_length", "fusion", "attend", "lora_r", "random_positions"),
+                            "group_by_length", "fusion", "attend", "lora_r", "random_positions", "position_chunks"),
                    "align": ("train_vision", "vision_lr", "patch_lr", "lora_r"), "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]
         if given:

@@ -54,10 +54,11 @@ def build_stage(args, resume_from: Path | None = None) -> Stage:
     return (build_clip_stage if args.stage == "clip" else build_llava_stage)(args, resume_from)
 
 
-def lm_loss(model, batch, random_positions: int = 0):
+def lm_loss(model, batch, random_positions: int = 0, position_chunks: int = 0):
     """The next-token loss on the answers; with `random_positions` N, at position ids drawn by
-    `spread_positions` (randomized positional encodings)."""
-    positions = spread_positions(batch["attention_mask"], random_positions) if random_positions else None
+    `spread_positions` (randomized positional encodings, or PoSE's skips with `position_chunks`)."""
+    positions = (spread_positions(batch["attention_mask"], random_positions, position_chunks)
+                 if random_positions else None)
     out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
                 position_ids=positions)
     if not out.routing:
@@ -65,15 +66,31 @@ def lm_loss(model, batch, random_positions: int = 0):
     return out.loss, {"lm_loss": round(out.lm_loss.item(), 6), **summarize_routing(out.routing)}
 
 
-def spread_positions(attention_mask: torch.Tensor, factor: int) -> torch.Tensor:
-    """Position ids (B, T) for a batch of records: row b's n real tokens get n distinct positions drawn
-    at random from 0 .. factor * n - 1, in increasing order (Ruoss et al. 2023, "Randomized Positional
-    Encodings Boost Length Generalization of Transformers"); padding gets 0. Drawn from torch's global
-    generator, whose state checkpoints keep: a resumed run draws the same."""
+def spread_positions(attention_mask: torch.Tensor, factor: int, chunks: int = 0) -> torch.Tensor:
+    """Position ids (B, T) for a batch of records: row b's n real tokens get n increasing positions
+    within 0 .. factor * n - 1; padding gets 0. Drawn from torch's global generator, whose state
+    checkpoints keep: a resumed run draws the same.
+
+    chunks 0: every position drawn apart, a sorted random subset (Ruoss et al. 2023, "Randomized
+        Positional Encodings Boost Length Generalization of Transformers"): neighbours sit factor
+        apart on average.
+    chunks c: the record cut at random into c pieces, each keeping consecutive positions, with random
+        skips between them (PoSE, Zhu et al. 2023): neighbours stay neighbours, while distances across
+        a cut reach those of a record `factor` times longer."""
     positions = torch.zeros_like(attention_mask, dtype=torch.long)
+    device = attention_mask.device
     for row, real in enumerate(attention_mask.bool()):
         n = int(real.sum())
-        positions[row, real] = torch.randperm(factor * n, device=attention_mask.device)[:n].sort().values
+        if chunks == 0:
+            drawn = torch.randperm(factor * n, device=device)[:n].sort().values
+        else:
+            c = max(1, min(chunks, n))
+            cuts = torch.randperm(n - 1, device=device)[:c - 1].add(1).sort().values  # piece j starts at cuts[j-1]
+            piece = torch.zeros(n, dtype=torch.long, device=device)
+            piece[cuts] = 1
+            skips = torch.randint(0, (factor - 1) * n + 1, (c,), device=device).sort().values
+            drawn = torch.arange(n, device=device) + skips[piece.cumsum(0)]
+        positions[row, real] = drawn
     return positions
 
 
@@ -281,7 +298,8 @@ def build_llava_stage(args, resume_from: Path | None):
     group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("fusion", args.projector_lr),
                                            ("vision", args.vision_lr)) if lr is not None} | _patch_lr(args)
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
-                 loss=functools.partial(lm_loss, random_positions=args.random_positions), n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model), processor=processor)
+                 loss=functools.partial(lm_loss, random_positions=args.random_positions,
+                                           position_chunks=args.position_chunks), n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model), processor=processor)
 
 
 def _add_lora(args, model: OmniModel, resume_from: Path | None) -> None:
