@@ -11,7 +11,7 @@ from conftest import cli_error, one_line_error, run_cli, tiny_checkpoint, tiny_h
 from omnilm.config import TextConfig
 from omnilm.data import haystack as hs
 from omnilm.data.chat import DEFAULT_SYSTEM
-from omnilm.eval.niah import extend_context, wilson_interval
+from omnilm.eval.niah import extend_context, parse_rope_scaling, wilson_interval
 from omnilm.recipes.haystack import HaystackRecipe, run_haystack
 from omnilm.train import Hyperparams
 
@@ -171,10 +171,30 @@ def test_the_haystack_recipe_end_to_end_in_miniature(tmp_path):
     records = json.loads((tmp_path / "data" / "train.json").read_text())
     assert len(records) == 48 and all(64 - 8 <= r["n_tokens"] <= 256 for r in records)
     assert max(len(r["conversations"]) for r in records) > 2  # several questions, each a turn
-    assert set(result["reports"]) == {"plain", "linear-2", "yarn-2"}
+    assert set(result["reports"]) == {"plain", "linear", "yarn"}
     for name in result["reports"]:
         rows = list(csv.DictReader((tmp_path / "niah" / name / "niah.csv").open()))
         assert len(rows) == 6 and all(0 <= float(r["recall"]) <= 1 for r in rows)
     config = json.loads((tmp_path / "instruct" / "model" / "omnilm.json").read_text())
     assert config["vision"] is None and config["text"]["max_seq_len"] == 256
     one_line_error(lambda: HaystackRecipe(questions=9), "--questions 9 asks more needles than --keys 8")
+
+
+def test_an_auto_scaling_takes_each_lengths_multiple_of_the_trained_one(omni_folder, tmp_path, capsys, monkeypatch):
+    """--rope-scaling linear:auto: prompts of 256 tokens (the trained length) run unscaled (factor 1),
+    of 512 at factor 2; read off the model's config while each prompt runs."""
+    import omnilm.eval.niah as niah
+
+    factors = {}
+    real = niah.generate
+
+    def spy(model, input_ids, **kwargs):
+        factors.setdefault(input_ids.shape[1] // 100, set()).add(model.config.text.rope_scaling["factor"])
+        return real(model, input_ids, **kwargs)
+
+    monkeypatch.setattr(niah, "generate", spy)
+    code, _, err = run_cli(["eval", "niah", omni_folder, "--lengths", "256,512", "--depths", 2, "--samples", 1,
+                            "--rope-scaling", "linear:auto", "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert factors == {2: {1.0}, 5: {2.0}}
+    assert parse_rope_scaling("yarn:auto") == {"rope_type": "yarn", "factor": "auto"}

@@ -45,6 +45,7 @@ from omnilm.model.layers import resolve_device
 from omnilm.settings import check_output_folder, check_range, check_seed, setting
 
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
+AUTO = "auto"  # --rope-scaling TYPE:auto: the factor of each length is length / trained length (at least 1)
 MAX_DEPTHS = 101  # 1% apart: needles are placed between sentences, so finer steps would repeat places
 
 
@@ -70,7 +71,8 @@ class NiahArgs:
                                   "for a Hugging Face one", choices=("auto", *FILLERS))
     rope_scaling: str | None = setting(None, "replace the checkpoint's RoPE scaling for this evaluation: "
                                              "linear:F (position interpolation), dynamic:F (dynamic NTK) or yarn:F "
-                                             "(YaRN), F the factor >= 1, e.g. linear:4", metavar="TYPE:FACTOR")
+                                             "(YaRN), F the factor >= 1, e.g. linear:4, or auto: each length's "
+                                             "multiple of the trained length (1 up to it)", metavar="TYPE:FACTOR")
     out: Path = setting(Path("runs/niah"), "folder for niah.csv, niah.png and predictions.jsonl")
     prefill_chunk: int = setting(1024, "prompt tokens run through the model at a time, so that long prompts fit in "
                                        "memory")
@@ -107,15 +109,16 @@ def parse_lengths(lengths: tuple[str, ...], trained: int) -> list[int]:
 
 
 def parse_rope_scaling(text: str) -> dict:
-    """"linear:4" -> {"rope_type": "linear", "factor": 4.0}, as transformers writes rope_scaling."""
+    """"linear:4" -> {"rope_type": "linear", "factor": 4.0}, as transformers writes rope_scaling;
+    "linear:auto" -> factor "auto": each length's own multiple of the trained length (see `Grid`)."""
     kind, _, factor = text.partition(":")
     try:
-        value = float(factor)
+        value = AUTO if factor == AUTO else float(factor)
     except ValueError:
         value = float("nan")
-    if kind not in ROPE_SCALINGS or not 1 <= value < float("inf"):
+    if kind not in ROPE_SCALINGS or not (value == AUTO or 1 <= value < float("inf")):
         raise OmniInputError(f"--rope-scaling {text!r}: give TYPE:FACTOR with TYPE one of {', '.join(ROPE_SCALINGS)} "
-                             "and a factor >= 1, e.g. linear:4")
+                             "and a factor >= 1 (or auto: each length's multiple of the trained one), e.g. linear:4")
     return {"rope_type": kind, "factor": value}
 
 
@@ -170,11 +173,14 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
     trained = config.text.max_seq_len
     lengths = parse_lengths(run.lengths, trained)
     filler = default_filler(run.checkpoint) if run.filler == "auto" else run.filler
-    grid = Grid(run, lengths, depth_grid(run.depths), filler, TokenCount(processor.tokenizer, processor.image_seq_len))
+    grid = Grid(run, lengths, depth_grid(run.depths), filler, TokenCount(processor.tokenizer, processor.image_seq_len),
+                trained)
     grid.check()
     model = OmniModel.from_pretrained(run.checkpoint, device=resolve_device(run.device), dtype=run.dtype).eval()
-    extend_context(model.config.text, parse_rope_scaling(run.rope_scaling) if run.rope_scaling else None,
-                   lengths[-1] + run.max_new_tokens)
+    scaling = parse_rope_scaling(run.rope_scaling) if run.rope_scaling else None
+    if scaling is not None and scaling["factor"] == AUTO:
+        scaling, grid.scale_each_length = {**scaling, "factor": 1.0}, True  # Grid.evaluate sets it per length
+    extend_context(model.config.text, scaling, lengths[-1] + run.max_new_tokens)
     predictions = grid.evaluate(model, processor, progress)
     rows = cells(predictions, lengths, grid.depths)
     out = Path(run.out)
@@ -199,8 +205,11 @@ def _shown_scaling(scaling: dict | None) -> str:
 class Grid:
     """The prompts of every (length, depth, sample), each from a generator of its own."""
 
-    def __init__(self, run: NiahArgs, lengths: list[int], depths: list[float], filler: str, count: TokenCount):
+    def __init__(self, run: NiahArgs, lengths: list[int], depths: list[float], filler: str, count: TokenCount,
+                 trained: int = 1):
         self.run, self.lengths, self.depths, self.filler, self.count = run, lengths, depths, filler, count
+        self.trained = trained  # the checkpoint's max_seq_len: TYPE:auto scalings divide each length by it
+        self.scale_each_length = False
 
     def prompt(self, length: int, depth: float, sample: int):
         rng = random.Random(f"niah:{self.run.seed}:{self.run.needle}:{length}:{depth:.6f}:{sample}")
@@ -227,7 +236,10 @@ class Grid:
         eos = processor.tokenizer.eos_id
         keys = [(length, depth, s) for length in self.lengths for depth in self.depths for s in range(self.run.samples)]
         predictions = []
+        text_cfg, trained = model.config.text, self.trained
         for length, depth, sample in tqdm(keys, desc="niah", unit="prompt", disable=not progress):
+            if self.scale_each_length:  # TYPE:auto: each length its own factor
+                text_cfg.rope_scaling = {**text_cfg.rope_scaling, "factor": max(1.0, length / trained)}
             hay = self.prompt(length, depth, sample)
             batch = to_device(processor([hay.conversations], images=[hay.images]), device)
             new = generate(model, **batch, max_new_tokens=self.run.max_new_tokens, stop_token_ids=[eos],

@@ -54,12 +54,12 @@ class HaystackRecipe:
     llm_layers: int = setting(2, "decoder layers")
     dim: int = setting(128, "decoder width (heads of 16: dim / 16 query heads, half as many key/value heads)")
     training: Hyperparams = setting(help="the training run", factory=lambda: Hyperparams(
-        steps=1500, batch_size=32, lr=2e-3, warmup=100, optimizer="muon", random_positions=16))
+        steps=1500, batch_size=32, lr=2e-3, warmup=100, optimizer="muon", random_positions=16, position_chunks=2))
     eval_lengths: tuple[str, ...] = setting(("1x", "2x", "4x", "8x", "16x"), "context lengths of the grids")
     eval_depths: int = setting(11, "needle depths of the grids")
     eval_samples: int = setting(20, "prompts per cell")
     scalings: tuple[str, ...] = setting(SCALINGS, "inference-time RoPE scalings evaluated beside plain RoPE, each "
-                                                  "with the factor of the longest length")
+                                                  "length with its own factor, its multiple of L")
     progress: bool = setting(True, "progress bars (--no-progress: none)")
 
     def __post_init__(self) -> None:
@@ -130,18 +130,13 @@ def run_haystack(out: str | Path, recipe: HaystackRecipe | None = None) -> dict[
                                  "out": out / "instruct", "progress": recipe.progress}))
     timings["train"] = summary["seconds"]
     model = out / "instruct" / "model"
-    factor = max(_factor(length) for length in recipe.eval_lengths)
     reports = {}
     t0 = time.perf_counter()
     for scaling in (None, *recipe.scalings):
-        name = "plain" if scaling is None else f"{scaling}-{factor:g}"
+        name = scaling or "plain"
         reports[name] = run_niah(NiahArgs(checkpoint=model, lengths=recipe.eval_lengths, depths=recipe.eval_depths,
                                           samples=recipe.eval_samples, out=out / "niah" / name, seed=recipe.seed,
-                                          rope_scaling=None if scaling is None else f"{scaling}:{factor:g}"),
+                                          rope_scaling=None if scaling is None else f"{scaling}:auto"),
                                  progress=recipe.progress)
     timings["eval"] = time.perf_counter() - t0
     return {"recipe": to_dict(recipe), "timings": timings, "reports": reports, "model": model}
-
-
-def _factor(length: str) -> float:
-    return float(length[:-1]) if length.endswith("x") else 1.0
