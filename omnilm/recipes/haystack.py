@@ -54,7 +54,7 @@ class HaystackRecipe:
     llm_layers: int = setting(2, "decoder layers")
     dim: int = setting(128, "decoder width (heads of 16: dim / 16 query heads, half as many key/value heads)")
     training: Hyperparams = setting(help="the training run", factory=lambda: Hyperparams(
-        steps=1500, batch_size=32, lr=2e-3, warmup=100, optimizer="muon", random_positions=16, position_chunks=2))
+        steps=1500, batch_size=32, lr=2e-3, warmup=100, optimizer="muon", random_positions=16, position_chunks=4))
     eval_lengths: tuple[str, ...] = setting(("1x", "2x", "4x", "8x", "16x"), "context lengths of the grids")
     eval_depths: int = setting(11, "needle depths of the grids")
     eval_samples: int = setting(20, "prompts per cell")
