@@ -37,13 +37,10 @@ from torch import nn
 
 from omnilm.errors import OmniInputError
 from omnilm.model.moe import Experts
-from omnilm.train.lora import lora_layers, lora_trainable
+from omnilm.train.lora import lora_layers
+from omnilm.train.stages import mark_trainable
 
 MODES = ("none", "ddp", "fsdp")
-
-# What stage instruct trains (omnilm.train.stages.build_llava_stage): the connector and the language
-# model, the vision tower frozen; with LoRA, the LoRA updates and the projector.
-INSTRUCT_TRAINS = ("projector", "fusion", "llm", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -61,13 +58,9 @@ class RankMemory:
 
 
 def train_as_instruct(model: nn.Module) -> nn.Module:
-    """Set requires_grad as stage instruct does: projector + LLM (vision frozen), or, when `model`
-    has LoRA layers (`apply_lora`), the LoRA updates + the projector."""
-    if lora_layers(model):
-        lora_trainable(model, full=tuple(n for n in ("projector",) if getattr(model, n, None) is not None))
-    else:
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.split(".")[0] in INSTRUCT_TRAINS)
+    """Set requires_grad as stage instruct does (`omnilm.train.stages.mark_trainable`): projector +
+    LLM (vision frozen), or, when `model` has LoRA layers (`apply_lora`), the LoRA updates + the projector."""
+    mark_trainable(model, "instruct")
     return model
 
 

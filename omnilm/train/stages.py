@@ -30,7 +30,7 @@ from omnilm.model.connector import whiten_
 from omnilm.model.hf import load_vision_encoder
 from omnilm.model.hf_config import hf_incompatibility
 from omnilm.model.layers import eval_mode
-from omnilm.train.lora import apply_lora, load_adapter, lora_trainable
+from omnilm.train.lora import apply_lora, load_adapter, lora_layers, lora_trainable
 
 # Which records each stage reads by default, by their `task` field. A record without one (real
 # LLaVA data) is read by every stage; None as the default means "every task but captions".
@@ -266,18 +266,11 @@ def build_llava_stage(args, resume_from: Path | None):
             raise OmniInputError(f"the vision encoder in {args.vision} does not fit the model's vision config: "
                                  f"{str(e).splitlines()[-1].strip()}") from None
 
-    # Stage 1 trains the projector alone; stage 2 the projector and the LLM (Liu et al. 2023). The
-    # other fusion modes' connectors (late's pooling and gate, the resampler and gated blocks of
-    # cross-attention) train where the projector does.
-    trains = {"align": {"projector", "fusion"}, "instruct": {"projector", "fusion", "llm", "lm_head"}}[args.stage]
-    if args.train_vision:
-        trains = trains | {"vision"}
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.split(".")[0] in trains)
     if args.lora_r:
         _add_lora(args, model, resume_from)
+    mark_trainable(model, args.stage, args.train_vision)
     model.train()
-    if model.vision is not None and "vision" not in trains:
+    if model.vision is not None and not args.train_vision:
         model.vision.eval()  # frozen: no dropout today, but keep its mode honest
 
     processor = Processor.for_model(model, tokenizer=tokenizer)
@@ -302,9 +295,27 @@ def build_llava_stage(args, resume_from: Path | None):
                                            position_chunks=args.position_chunks), n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model), processor=processor)
 
 
+# Stage 1 trains the projector alone; stage 2 the projector and the LLM (Liu et al. 2023). The other
+# fusion modes' connectors (late's pooling and gate, the resampler and gated blocks of cross-attention)
+# train where the projector does. By top-level module.
+STAGE_TRAINS = {"align": ("projector", "fusion"), "instruct": ("projector", "fusion", "llm", "lm_head")}
+
+
+def mark_trainable(model: nn.Module, stage: str, train_vision: bool = False) -> None:
+    """Set requires_grad on what `stage` (align or instruct) trains, the vision encoder too with
+    `train_vision`; for a model with LoRA layers (`_add_lora`), the LoRA updates and the projector in
+    full, nothing else (LLaVA-1.5's LoRA recipe)."""
+    if lora_layers(model):
+        lora_trainable(model, full=tuple(name for name in ("projector",) if getattr(model, name, None) is not None))
+        return
+    trains = set(STAGE_TRAINS[stage]) | ({"vision"} if train_vision else set())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[0] in trains)
+
+
 def _add_lora(args, model: OmniModel, resume_from: Path | None) -> None:
-    """LoRA updates on the language model (fresh, or a resumed run's own), trained with the projector
-    in full and nothing else (LLaVA-1.5's LoRA recipe)."""
+    """LoRA updates on the language model (fresh, or a resumed run's own); `mark_trainable` then
+    trains them and the projector."""
     if hf_incompatibility(model.config):
         raise OmniInputError(f"--lora-r writes peft adapters for transformers' LLaVA and LLaMA; this model has no "
                              f"transformers class ({hf_incompatibility(model.config)}): train without --lora-r")
@@ -313,7 +324,6 @@ def _add_lora(args, model: OmniModel, resume_from: Path | None) -> None:
         load_adapter(model, adapter)
     else:
         apply_lora(model, args)
-    lora_trainable(model, full=tuple(name for name in ("projector",) if getattr(model, name) is not None))
 
 
 def _gate_lr(args, model: nn.Module) -> dict[str, float]:
