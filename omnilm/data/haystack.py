@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import math
 import random
 import re
@@ -52,11 +51,11 @@ from typing import NamedTuple
 from PIL import Image
 
 from omnilm.data.chat import render_chat
-from omnilm.data.shapeworld.scenes import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, caption, generate_scene,
-                                           render)
+from omnilm.data.llava_json import write_records
+from omnilm.data.shapeworld.scenes import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, article, caption,
+                                           generate_scene, render)
 from omnilm.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from omnilm.errors import OmniInputError
-from omnilm.io import write_text
 from omnilm.settings import check_range, check_seed, setting
 
 NEEDLES = ("text", "image")
@@ -260,7 +259,8 @@ def _image_needles(rng: random.Random, n_images: int, image_size: int) -> _Needl
 
     scenes = [_scene_where(rng, has)] + [_scene_where(rng, lambda s: not has(s)) for _ in range(n_images - 1)]
     images = [render(scene, image_size, rng) for scene in scenes]
-    return _Needles([None] * n_images, [], [0], [IMAGE_QUESTIONS[kind].format(a="an" if value[0] in "aeiou" else "a", value=value)], [], images, scenes)
+    question = IMAGE_QUESTIONS[kind].format(a=article(value), value=value)
+    return _Needles([None] * n_images, [], [0], [question], [], images, scenes)
 
 
 def _scene_where(rng: random.Random, ok: Callable[[Scene], bool]) -> Scene:
@@ -392,7 +392,7 @@ def write_haystack(spec: HaystackSpec, progress: bool = True) -> Path:
     count = TokenCount(tokenizer, spec.image_tokens)
     out = Path(spec.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
+    records = []
     for index in tqdm(range(spec.n), desc=f"haystack {spec.split}", unit="record",
                       disable=not progress or spec.n < 100):
         record, images = make_record(index, spec.seed, spec.split, count, spec.length, needle=spec.needle,
@@ -400,7 +400,7 @@ def write_haystack(spec: HaystackSpec, progress: bool = True) -> Path:
                                      n_images=spec.images, image_size=spec.image_size)
         for image, name in zip(images, record.get("image", [])):
             image.save(out / name, format="PNG")
-        lines.append(json.dumps(record))
+        records.append(record)
     path = out / f"{spec.split}.json"
-    write_text(path, "[\n" + ",\n".join(lines) + "\n]\n")
+    write_records(path, records)
     return path

@@ -49,6 +49,7 @@ from omnilm.data.image import load_image
 from omnilm.data.processor import Processor, expand_image_tokens
 from omnilm.data.tokenizer import IMAGE_TOKEN
 from omnilm.errors import OmniInputError
+from omnilm.io import write_text
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _FORMAT = '{"from": "human"|"gpt", "value": "..."}'
@@ -311,6 +312,13 @@ class Records(list):
     """The records of a LLaVA JSON file: a list that remembers the file, so messages can name it."""
 
     path: Path
+
+
+def write_records(path: str | Path, records: list[dict]) -> None:
+    """Write `records` as a LLaVA-format JSON list, one record a line (readable, and diffable),
+    replaced atomically."""
+    lines = [json.dumps(record) for record in records]
+    write_text(Path(path), "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
 
 
 def read_records(path: str | Path) -> Records:

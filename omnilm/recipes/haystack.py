@@ -18,7 +18,6 @@ sequence, MQAR in the Zoology paper) and short sequences early on: record length
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -28,10 +27,10 @@ from typing import Any
 
 from omnilm.data import train_tokenizer
 from omnilm.data.haystack import TokenCount, make_record
+from omnilm.data.llava_json import write_records
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.errors import OmniInputError
 from omnilm.eval.niah import NiahArgs, run_niah
-from omnilm.io import write_text
 from omnilm.settings import check_output_folder, check_range, check_seed, setting, to_dict
 from omnilm.train import Hyperparams, TrainArgs, train
 from omnilm.train.stages import corpus
@@ -106,10 +105,10 @@ def write_data(data: Path, recipe: HaystackRecipe) -> Path:
 
     data.mkdir(parents=True, exist_ok=True)
     train_json = data / "train.json"
-    write_text(train_json, json.dumps(records(TokenCount(None))))
+    write_records(train_json, records(TokenCount(None)))
     tokenizer = train_tokenizer(corpus(train_json), vocab_size=recipe.vocab_size)
     tokenizer.save(data / "tokenizer")
-    write_text(train_json, json.dumps(records(TokenCount(Tokenizer.from_file(data / "tokenizer")))))
+    write_records(train_json, records(TokenCount(Tokenizer.from_file(data / "tokenizer"))))
     return train_json
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from omnilm.data.shapeworld.scenes import COLOURS, PLURALS, SHAPES, Obj, Scene
+from omnilm.data.shapeworld.scenes import COLOURS, PLURALS, SHAPES, Obj, Scene, article
 
 FAMILIES = ("colour", "shape", "count", "position", "existence", "spatial")
 TEMPLATES = {
@@ -92,8 +92,7 @@ def _ask_existence(scene: Scene, rng: random.Random) -> tuple[str, str]:
         else:
             near = set(itertools.product(COLOURS, SHAPES))
         colour, shape = rng.choice(sorted(near - present))
-    article = "an" if colour[0] in "aeiou" else "a"
-    question = rng.choice(TEMPLATES["existence"]).format(article=article, colour=colour, shape=shape)
+    question = rng.choice(TEMPLATES["existence"]).format(article=article(colour), colour=colour, shape=shape)
     return question, "yes" if want_yes else "no"
 
 

@@ -12,7 +12,6 @@ prompt, questions; so its text depends on neither `image_size` nor `jitter`. Wit
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from dataclasses import dataclass
@@ -20,11 +19,11 @@ from typing import NamedTuple
 
 from PIL import Image
 
+from omnilm.data.llava_json import write_records
 from omnilm.data.shapeworld.multi import is_multi_image, make_multi_example
 from omnilm.data.shapeworld.questions import QUESTION_MIXES, ask, pick_families
 from omnilm.data.shapeworld.scenes import IMAGE_SIZE, JITTER, Scene, caption, example_rng, generate_scene, render
 from omnilm.errors import OmniInputError
-from omnilm.io import write_text
 from omnilm.settings import setting
 
 CAPTION_PROMPTS = ("Describe the image.", "What is in the image?", "Describe the shapes in the image.")
@@ -97,19 +96,19 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
                              "from 0 (none) to 1 (all)")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
+    records = []
     for index in tqdm(range(n), desc=f"shapeworld {split}", unit="img", disable=not progress or n < 2000):
         if is_multi_image(index, seed, split, multi_image):
             multi = make_multi_example(index, seed, split, image_size, jitter, questions)
             for image, name in zip(multi.images, multi.record["image"]):
                 image.save(out_dir / name, format="PNG")
-            lines.append(json.dumps(multi.record))
+            records.append(multi.record)
             continue
         example = make_example(index, seed, split, image_size, jitter, questions, n_objects)
         example.image.save(out_dir / example.records[0]["image"], format="PNG")
-        lines += [json.dumps(record) for record in example.records]
+        records += example.records
     path = out_dir / f"{split}.json"
-    write_text(path, "[\n" + ",\n".join(lines) + "\n]\n" if lines else "[]\n")
+    write_records(path, records)
     return path
 
 

@@ -151,6 +151,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, d: int,
 # --- text -------------------------------------------------------------------------------------
 
 
+def article(word: str) -> str:
+    """The indefinite article before `word`, one of the world's words: "an orange", "a red"."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def caption(scene: Scene) -> str:
     """Every object with size, colour, shape and position, in reading order:
     "a large red circle at the top left, a small blue square at the center and a ... ."."""
