@@ -25,6 +25,7 @@ with the prompt, not with its square.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import re
@@ -39,6 +40,7 @@ from omnilm.data.processor import Processor
 from omnilm.errors import OmniInputError
 from omnilm.eval.vqa import normalize_answer
 from omnilm.infer import generate
+from omnilm.io import atomic_write, write_text
 from omnilm.model import OmniModel
 from omnilm.model.hf import read_config
 from omnilm.model.layers import resolve_device
@@ -186,8 +188,7 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "niah.csv")
-    with (out / "predictions.jsonl").open("w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in predictions)
+    write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     scaling = run.rope_scaling or _shown_scaling(config.text.rope_scaling)
     title = (f"needle in a haystack ({run.needle}, {filler} filler), trained length {trained}, rope {scaling}: "
              f"recall {sum(p['correct'] for p in predictions) / len(predictions):.1%}")
@@ -268,10 +269,11 @@ def cells(predictions: list[dict], lengths: list[int], depths: list[float]) -> l
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    with Path(path).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["length", "depth", "samples", "correct", "recall"])
-        writer.writeheader()
-        writer.writerows({**row, "recall": f"{row['recall']:.4f}"} for row in rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["length", "depth", "samples", "correct", "recall"])
+    writer.writeheader()
+    writer.writerows({**row, "recall": f"{row['recall']:.4f}"} for row in rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue(), newline=""))
 
 
 def format_niah(rows: list[dict]) -> str:
@@ -311,5 +313,5 @@ def plot_heatmap(rows: list[dict], png: str | Path, title: str) -> None:
     ax.set_title(title, fontsize=8, wrap=True)
     fig.colorbar(image, ax=ax, label="recall")
     fig.tight_layout()
-    fig.savefig(png)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -73,24 +73,30 @@ def save_checkpoint(out: Path, step: int, model, processor, optimizer: torch.opt
                     run_config: dict[str, Any], keep: int = 2) -> Path:
     """Write the state after `step` optimizer steps (the model with its processor's files, so that
     the checkpoint is a model folder too); keep the newest `keep` checkpoints."""
-    root, tmp = _begin(out, step)
+    final, tmp = _folders(out, step)
+    _begin(tmp)
     _write_model(tmp, model, processor)
     tensors, groups = _flatten_optimizer(optimizer)
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     # Through atomic_write for its file mode: safetensors creates its files 0600, as mkstemp does.
-    atomic_write(tmp / "optimizer.safetensors", lambda file: save_file(tensors, file))
+    atomic_write(tmp / "optimizer.safetensors", lambda file: save_file(tensors | _rng_state(), file))
     _write_state(tmp, step, groups, run_config)
-    return _commit(root, tmp, step, keep)
+    return _commit(final, tmp, keep)
 
 
-def _begin(out: Path, step: int) -> tuple[Path, Path]:
-    root = Path(out) / "checkpoints"
-    tmp = root / f"step-{step:06d}.tmp"
+def _folders(out: Path, step: int) -> tuple[Path, Path]:
+    """Checkpoint `step`'s folder under OUT/checkpoints, and the one it is written in first."""
+    final = Path(out) / "checkpoints" / f"step-{step:06d}"
+    return final, final.with_name(final.name + ".tmp")
+
+
+def _begin(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    return root, tmp
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    return {"rng.torch": torch.get_rng_state(),
+            **({"rng.cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
 
 
 def _write_model(folder: Path, model: nn.Module, processor) -> None:
@@ -109,8 +115,8 @@ def _write_state(folder: Path, step: int, groups: list[dict], run_config: dict[s
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str) + "\n")
 
 
-def _commit(root: Path, tmp: Path, step: int, keep: int) -> Path:
-    final = root / f"step-{step:06d}"
+def _commit(final: Path, tmp: Path, keep: int) -> Path:
+    root = final.parent
     _remove(final)
     os.rename(tmp, final)
     write_text(root / "latest", final.name + "\n")
@@ -128,10 +134,9 @@ def save_sharded_checkpoint(out: Path, step: int, model: nn.Module, optimizer: t
     """Every rank calls this: each writes its shards, rank 0 the rest. With `export` (a skeleton of the
     model on the meta device, and the processor) the weights are also gathered, one tensor at a time,
     into the skeleton on rank 0 and written as model/ (and adapter/) as a one-process run would."""
-    root = Path(out) / "checkpoints"
-    tmp = root / f"step-{step:06d}.tmp"
+    final, tmp = _folders(out, step)
     if ranks.is_main:
-        _begin(out, step)
+        _begin(tmp)
     _barrier(ranks)
     tensors, groups = _sharded_state(model, optimizer)
     dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDED), save_distributed=True))
@@ -146,15 +151,12 @@ def save_sharded_checkpoint(out: Path, step: int, model: nn.Module, optimizer: t
         if ranks.is_main:
             skeleton.load_state_dict(whole, assign=True)
             _write_model(tmp, skeleton, processor)
-    final = None
     if ranks.is_main:
-        rng = {"rng.torch": torch.get_rng_state(), **({"rng.cuda": torch.cuda.get_rng_state()}
-                                                      if torch.cuda.is_available() else {})}
-        atomic_write(tmp / "rng.safetensors", lambda file: save_file(rng, file))
+        atomic_write(tmp / "rng.safetensors", lambda file: save_file(_rng_state(), file))
         _write_state(tmp, step, groups, run_config)
-        final = _commit(root, tmp, step, keep)
+        _commit(final, tmp, keep)
     _barrier(ranks)  # the checkpoint is complete for every rank before any goes on
-    return final if final is not None else root / f"step-{step:06d}"
+    return final
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

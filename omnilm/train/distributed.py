@@ -114,16 +114,13 @@ def all_sum_logged(logged: dict[str, Any], ranks: Ranks, device: torch.device) -
     one all-reduce; the same keys on every rank."""
     if ranks.world == 1 or not logged:
         return logged
-    flat = [torch.as_tensor(logged[key], dtype=torch.float64).flatten() for key in sorted(logged)]
-    total = torch.cat(flat).to(device)
+    keys = sorted(logged)
+    values = [torch.as_tensor(logged[key], dtype=torch.float64) for key in keys]
+    total = torch.cat([v.flatten() for v in values]).to(device)
     dist.all_reduce(total)
-    out, i = {}, 0
-    for key, part in zip(sorted(logged), flat):
-        value = total[i:i + len(part)].cpu()
-        i += len(part)
-        out[key] = (value.view(torch.as_tensor(logged[key]).shape).tolist() if isinstance(logged[key], list)
-                    else float(value))
-    return out
+    parts = total.cpu().split([v.numel() for v in values])
+    return {key: part.view(v.shape).tolist() if isinstance(logged[key], list) else float(part)
+            for key, v, part in zip(keys, values, parts)}
 
 
 def wrap(model: nn.Module, parallel: str, ranks: Ranks, device: torch.device, bf16: bool = False,
