@@ -152,6 +152,11 @@ def _json_object(file: Path) -> dict:
     return d
 
 
+def hf_kind(cfg: OmniConfig) -> str:
+    """The transformers class a model of `cfg` is saved as: "llava" with a vision tower, else "llama"."""
+    return "llava" if cfg.vision is not None else "llama"
+
+
 def read_config(path: str | Path) -> tuple[OmniConfig | VisionConfig, str, str]:
     """(config, kind, source) of a model folder. kind is "llava", "llama" or "clip" (a
     VisionConfig); source is the file the config came from. Every problem with the config file
@@ -161,7 +166,7 @@ def read_config(path: str | Path) -> tuple[OmniConfig | VisionConfig, str, str]:
         file = folder / "omnilm.json"
         d = _json_object(file)
         cfg = build_config(lambda: OmniConfig.from_dict(d), str(file))
-        return cfg, ("llava" if cfg.vision is not None else "llama"), "omnilm.json"
+        return cfg, hf_kind(cfg), "omnilm.json"
     file = folder / "config.json"
     if not file.is_file():
         raise OmniInputError(f"{folder} has no config.json (nor omnilm.json): pass a folder saved by omnilm or transformers")
@@ -174,7 +179,7 @@ def read_config(path: str | Path) -> tuple[OmniConfig | VisionConfig, str, str]:
         kind = "clip"
     else:
         cfg = config_from_hf(d, str(file))
-        kind = "llava" if cfg.vision is not None else "llama"
+        kind = hf_kind(cfg)
     # The image normalisation lives in the image processor's file, when there is one. Values that
     # are not 3 finite numbers (std > 0) are left out here: the image processor reads the same file
     # and reports them (omnilm.data.image).
@@ -492,7 +497,7 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB") 
     """
     cfg: OmniConfig = model.config
     limit = parse_size(max_shard_size)  # a bad size fails before anything is written
-    kind = "llava" if cfg.vision is not None else "llama"
+    kind = hf_kind(cfg)
     # A model transformers has no class for (Switch routing, shared experts, fusion other than
     # joint, ...) keeps omnilm's own names and omnilm.json only; omnilm loads it back the same.
     hf_format = hf_incompatibility(cfg) is None

@@ -27,6 +27,7 @@ from torch import nn
 
 from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, read_json, write_json
+from omnilm.model.hf import hf_kind
 from omnilm.settings import check_range, setting
 
 # The language model's linear layers: attention and the dense MLP (the LoRA paper's and LLaVA's choice).
@@ -111,9 +112,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> list[str]:
         raise OmniInputError(f"--lora-targets {settings.lora_targets!r} matches no linear layer of the model: "
                              "match module paths such as llm.layers.0.self_attn.q_proj")
     for name in names:
-        parent, _, child = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        setattr(holder, child, LoraLinear(getattr(holder, child), settings))
+        _replace(model, name, LoraLinear(model.get_submodule(name), settings))
     return names
 
 
@@ -159,10 +158,6 @@ def without_lora(model: nn.Module):
 # --- the PEFT format ----------------------------------------------------------------------------
 
 
-def _kind(model: nn.Module) -> str:
-    return "llava" if model.config.vision is not None else "llama"
-
-
 def _swap_prefix(path: str, pairs: list[tuple[str, str]]) -> str | None:
     """`path` with the first prefix of `pairs` it starts with (as whole components) swapped for its
     partner; None when none does."""
@@ -201,7 +196,7 @@ def save_adapter(model: nn.Module, folder: str | Path, full: tuple[str, ...] = (
                  base_model: str | None = None) -> None:
     """Write `model`'s LoRA updates, and the modules under `full` (trained in full), as a peft
     adapter folder: adapter_config.json and adapter_model.safetensors, written atomically."""
-    kind, folder = _kind(model), Path(folder)
+    kind, folder = hf_kind(model.config), Path(folder)
     wrapped = lora_layers(model)
     if not wrapped:
         raise OmniInputError("the model has no LoRA layers to save: apply_lora first")
@@ -230,7 +225,7 @@ def save_adapter(model: nn.Module, folder: str | Path, full: tuple[str, ...] = (
 def load_adapter(model: nn.Module, folder: str | Path) -> LoraSettings:
     """Put the peft adapter in `folder` onto `model` (LoRA layers where it names them, its
     `modules_to_save` weights in place); returns its settings."""
-    folder, kind = Path(folder), _kind(model)
+    folder, kind = Path(folder), hf_kind(model.config)
     for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / file).is_file():
             raise OmniInputError(f"{folder} has no {file}: give a folder written by peft or `omnilm train --lora-r`")
