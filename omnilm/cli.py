@@ -1,6 +1,7 @@
 """The `omnilm` command line: thin wrappers over the library.
 
     omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, ~9 min on 2 cores
+    omnilm demo-haystack                          # long context: retrieval trained at 256 tokens, NIAH grids (~10 min)
     omnilm data shapeworld --out DIR --n N --seed S --split train|test
     omnilm data haystack OUT --length L [--tokenizer DIR] [--keys K --questions Q] [--needle text|image]
     omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
@@ -8,7 +9,7 @@
     omnilm eval-clip CKPT --data JSON --image-folder DIR
     omnilm eval niah CKPT [--lengths 1x,4x] [--depths 11] [--samples N] [--rope-scaling linear:4]   # = eval-niah
     omnilm chat CKPT --image a.png "question"     # without a question: a multi-turn chat
-    omnilm info CKPT | --preset NAME              # architecture and parameter count (total and active)
+    omnilm info CKPT | --preset NAME [--nproc N]  # architecture, parameter count, per-rank training memory
     omnilm inspect routing CKPT --image a.png "prompt"   # which experts each token of an MoE model went to
     omnilm bench fusion                           # the four fusion modes and a text-only baseline, compared
     omnilm convert SRC DST --dtype bfloat16       # re-save a checkpoint (dtype, shard size)
