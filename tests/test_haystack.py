@@ -114,6 +114,24 @@ def test_image_needle_is_the_only_image_that_answers(tokenizer):
         assert len(prompt_of(hay, tokenizer, True)[1]) + 5 * 8 == hay.n_tokens
 
 
+def test_several_image_needles_each_unique_in_its_own_way(tokenizer):
+    count = hs.TokenCount(tokenizer, image_seq_len=9)
+    for seed in range(12):
+        hay = hs.build_haystack(random.Random(seed), count, 900, needle="image", n_images=6, questions=3, objects=1,
+                                prompt=True)
+        assert all(len(scene) == 1 for scene in hay.scenes) and len(hay.answers) == 3
+        asked = [turn["value"].rsplit("\n", 1)[-1] for turn in hay.conversations if turn["from"] == "human"]
+        numbers = []
+        for question, answer in zip(asked, hay.answers):
+            value = re.fullmatch(r"Which image shows an? (\w+)( shape)?\? Answer with its number\.", question)[1]
+            kind = "shape" if value in SHAPES else "colour"
+            shows = [getattr(scene[0], kind) == value for scene in hay.scenes]
+            assert shows.count(True) == 1 and answer == str(shows.index(True) + 1)
+            numbers.append(answer)
+        assert len(set(numbers)) == 3  # three different images asked about
+        assert [t["value"] for t in hay.conversations if t["from"] == "gpt"] == hay.answers[:2]  # earlier answers
+
+
 def test_records_load_with_the_llava_reader(tokenizer, tokenizer_dir, tmp_path, capsys):
     code, out, err = run_cli(["data", "haystack", tmp_path / "text", "--n", 4, "--length", 400, "--keys", 3,
                               "--questions", 2, "--tokenizer", tokenizer_dir], capsys)
@@ -155,8 +173,10 @@ def test_bad_settings_are_one_line_errors(tokenizer, tmp_path, capsys):
     one_line_error(lambda: hs.build_haystack(random.Random(0), count, 30), "length 30 is below", "at least")
     cases = [
         (["--keys", 2, "--questions", 3], "--questions 3 asks more keys than the --keys 2"),
-        (["--needle", "image", "--keys", 2], "--keys and --questions are for text needles"),
+        (["--needle", "image", "--keys", 2], "--keys is for text needles"),
         (["--needle", "image", "--images", 1], "--images is 1"),
+        (["--needle", "image", "--images", 5, "--questions", 4], "--questions is 4"),
+        (["--needle", "image", "--objects", 5], "--objects is 5"),
         (["--depth", 1.5], "--depth is 1.5"),
         (["--split", "Train!"], "--split 'Train!' is not a plain name"),
         (["--tokenizer", tmp_path], "has no tokenizer.json"),

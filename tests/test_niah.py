@@ -78,6 +78,53 @@ def test_image_needles_on_an_omnilm_checkpoint(omni_folder, tmp_path, capsys):
     assert [p["answer"] for p in predictions if p["depth"] == 1.0] == ["3", "3"]  # the last
 
 
+def test_several_questions_are_asked_turn_by_turn_after_the_models_own_answers(omni_folder, tmp_path, capsys,
+                                                                               monkeypatch):
+    """--keys 3 --questions 2: three needles, two asked; the second question comes after the model's
+    first answer (here always "red circle"), and both answers are scored."""
+    import omnilm.eval.niah as niah
+    from omnilm.data import Tokenizer
+
+    tokenizer = Tokenizer.from_file(omni_folder)
+    answer = tokenizer.encode("red circle", add_bos=False) + [tokenizer.eos_id]
+    prompts = []
+
+    def fake(model, input_ids, **kwargs):
+        prompts.append(tokenizer.decode(input_ids[0].tolist()))
+        return input_ids.new_tensor([answer])
+
+    monkeypatch.setattr(niah, "generate", fake)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["eval", "niah", omni_folder, "--lengths", 400, "--depths", 2, "--samples", 2,
+                                 "--keys", 3, "--questions", 2, "--out", out], capsys)
+    assert code == 0, err
+    rows, predictions = read_grid(out)
+    assert [int(r["samples"]) for r in rows] == [4, 4]  # 2 prompts x 2 questions per cell
+    assert [p["question_index"] for p in predictions] == [0, 1] * 4 and len(prompts) == 8
+    for first, second, (p, q) in zip(prompts[::2], prompts[1::2], zip(predictions[::2], predictions[1::2])):
+        assert p["question"] != q["question"] and p["answer"] != "" and q["answer"] != ""
+        assert first.count("remember: ") == 3 and second.startswith(first)  # the same haystack, continued
+        rest = second[len(first):].strip()  # decoded without </s>
+        assert rest == f"red circleUSER: {q['question']} ASSISTANT:"
+    assert all(p["correct"] == (p["answer"] == "red circle") for p in predictions)
+    assert f"| **all** | 8 | {sum(p['correct'] for p in predictions) / 8:.1%}" in stdout
+
+
+def test_images_grow_with_the_length_with_scale_images(omni_folder):
+    from omnilm.data.processor import Processor
+    from omnilm.eval.niah import Grid, NiahArgs
+    from omnilm.model.hf import read_config
+
+    config, _, _ = read_config(omni_folder)
+    processor = Processor.for_model(config, omni_folder)
+    count = hs.TokenCount(processor.tokenizer, processor.image_seq_len)
+    for scale, expected in ((False, [3, 3]), (True, [3, 6])):
+        run = NiahArgs(checkpoint=omni_folder, needle="image", images=3, scale_images=scale, objects=2)
+        grid = Grid(run, [256, 512], [0.5], "shapeworld", count, trained=256)
+        hays = [grid.prompt(length, 0.5, 0) for length in (256, 512)]
+        assert [len(h.images) for h in hays] == expected and all(len(s) == 2 for h in hays for s in h.scenes)
+
+
 def test_grid_on_a_hugging_face_llama(llama_folder, tmp_path, capsys):
     out = tmp_path / "out"
     code, stdout, err = run_cli(["eval-niah", llama_folder, "--lengths", "1x,2x", "--depths", 3, "--samples", 2,
@@ -135,7 +182,8 @@ def test_eval_niah_is_eval_niah_and_explains_every_flag(capsys):
     with pytest.raises(SystemExit):
         parse_args(["eval", "niah", "--help"])
     help_text = capsys.readouterr().out
-    for flag in ("--lengths", "--depths", "--samples", "--needle", "--images", "--filler", "--rope-scaling",
+    for flag in ("--lengths", "--depths", "--samples", "--needle", "--keys", "--questions", "--images",
+                 "--scale-images", "--objects", "--filler", "--rope-scaling",
                  "--out", "--prefill-chunk", "--max-new-tokens", "--seed", "--device", "--dtype"):
         assert flag in help_text
 
@@ -152,6 +200,8 @@ def test_bad_flags_are_one_line_errors(omni_folder, llama_folder, tmp_path, caps
         ([omni_folder, "--samples", 0], "--samples is 0"),
         ([omni_folder, "--needle", "audio"], "invalid choice: 'audio'"),
         ([omni_folder, "--needle", "image", "--images", 1], "--images is 1"),
+        ([omni_folder, "--keys", 2, "--questions", 3], "--questions 3 asks more needles than the --keys 2"),
+        ([omni_folder, "--needle", "image", "--questions", 4, "--images", 6], "--questions is 4"),
         ([tmp_path / "missing"], "no such folder"),
         ([llama_folder, "--needle", "image"], "is text-only"),
     ]
@@ -165,19 +215,49 @@ def test_the_haystack_recipe_end_to_end_in_miniature(tmp_path):
     trained on them, a text-only decoder trained with randomized positions, and a grid per RoPE
     choice."""
     recipe = HaystackRecipe(n_train=48, keys=4, questions=4, scalings=("linear", "yarn"), eval_lengths=("1x", "2x"),
-                            eval_depths=3, eval_samples=1, progress=False,
+                            eval_depths=3, eval_samples=1, several=2, progress=False,
                             training=Hyperparams(steps=3, batch_size=8, lr=1e-3, warmup=1, random_positions=4))
     result = run_haystack(tmp_path, recipe)
     records = json.loads((tmp_path / "data" / "train.json").read_text())
     assert len(records) == 48 and all(64 - 8 <= r["n_tokens"] <= 256 for r in records)
     assert max(len(r["conversations"]) for r in records) > 2  # several questions, each a turn
-    assert set(result["reports"]) == {"plain", "linear", "yarn"}
-    for name in result["reports"]:
+    assert set(result["reports"]) == {"plain", "linear", "yarn", "2-keys", "2-questions"}
+    for name in ("plain", "linear", "yarn"):
         rows = list(csv.DictReader((tmp_path / "niah" / name / "niah.csv").open()))
         assert len(rows) == 6 and all(0 <= float(r["recall"]) <= 1 for r in rows)
+    # Several keys and several questions: at 1x and 4x, with the last scaling; 2 answers a prompt.
+    for name, answers in (("2-keys", 1), ("2-questions", 2)):
+        rows = list(csv.DictReader((tmp_path / "niah" / name / "niah.csv").open()))
+        assert [(int(r["length"]), int(r["samples"])) for r in rows] == [(n, answers) for n in (256, 1024)
+                                                                          for _ in range(3)]
+    assert "(text, 2 keys, 1 asked" in result["reports"]["2-keys"]
+    assert "(text, 2 keys, 2 asked" in result["reports"]["2-questions"] and "yarn:auto" in result["reports"]["2-keys"]
     config = json.loads((tmp_path / "instruct" / "model" / "omnilm.json").read_text())
     assert config["vision"] is None and config["text"]["max_seq_len"] == 256
     one_line_error(lambda: HaystackRecipe(questions=9), "--questions 9 asks more needles than --keys 8")
+
+
+def test_the_image_needle_recipe_in_miniature(tmp_path):
+    """`omnilm demo-haystack --needle image` at toy scale: a CLIP-trained tower, a mix of image- and
+    text-needle records with their PNGs, a model that reads images, and image grids whose images
+    grow with the length."""
+    recipe = HaystackRecipe(needle="image", n_train=40, images=4, clip_images=48, scalings=("yarn",), several=0,
+                            eval_lengths=("1x", "2x"), eval_depths=2, eval_samples=1, progress=False,
+                            clip=Hyperparams(steps=2, batch_size=16, lr=1e-3),
+                            training=Hyperparams(steps=2, batch_size=8, lr=1e-3, position_chunks=2,
+                                                 random_positions=4))
+    result = run_haystack(tmp_path, recipe)
+    records = json.loads((tmp_path / "data" / "train.json").read_text())
+    tasks = [r["task"] for r in records]
+    assert 10 <= tasks.count("niah_image") <= 30 and tasks.count("niah_text") == 40 - tasks.count("niah_image")
+    assert all((tmp_path / "data" / name).is_file() for r in records for name in r.get("image", []))
+    assert all(2 <= len(r["image"]) <= 4 and 128 - 8 <= r["n_tokens"] <= 256 for r in records if "image" in r)
+    assert json.loads((tmp_path / "instruct" / "model" / "omnilm.json").read_text())["vision"] is not None
+    assert set(result["reports"]) == {"plain", "yarn"} and result["clip_eval"]["n_images"] == 100
+    predictions = [json.loads(line) for line in (tmp_path / "niah" / "yarn" / "predictions.jsonl").open()]
+    assert all(p["question"].startswith("Which image shows") for p in predictions)
+    assert max(int(p["answer"]) for p in predictions if p["length"] == 256 and p["depth"] == 1.0) == 4
+    assert max(int(p["answer"]) for p in predictions if p["length"] == 512 and p["depth"] == 1.0) == 8
 
 
 def test_an_auto_scaling_takes_each_lengths_multiple_of_the_trained_one(omni_folder, tmp_path, capsys, monkeypatch):

@@ -13,9 +13,9 @@ make a multi-turn chat: the haystack and the first question in the first human t
 question per turn, each answered in its own gpt turn. That is LLaVA's multi-turn form: `omnilm
 eval` scores it turn by turn, and training supervises every answer of a sequence (dense
 supervision, as MQAR in the Zoology paper). Image needles put F ShapeWorld images among the
-filler, labelled "Image 1:", "Image 2:", ..., exactly one showing a shape (or a colour) no other
-shows, and ask for its number: "Which image shows a triangle? Answer with its number." -> "3", an
-answer exact match scores. For models that never saw ShapeWorld (a Hugging Face LLaMA), the
+filler, labelled "Image 1:", "Image 2:", ..., and ask for the number of one showing a shape (or a
+colour) no other shows: "Which image shows a triangle? Answer with its number." -> "3", an answer
+exact match scores. Several questions ask for several such images, each unique in its own way. For models that never saw ShapeWorld (a Hugging Face LLaMA), the
 filler can be plain English sentences from a small built-in vocabulary instead.
 
 Lengths are counted as the model reads them (`TokenCount`): the chat rendered with the template
@@ -83,6 +83,7 @@ _FILLER_WORDS = frozenset(
     [word.strip(".").lower() for part in _ENGLISH for phrase in part for word in phrase.split()]
     + [word for phrase in (*COLOURS, *SHAPES, *SIZES, *CELLS) for word in phrase.split()] + ["and", "at", "the"])
 
+MAX_IMAGE_QUESTIONS = 3  # image needles asked per prompt: each asked property leaves others for the rest
 IMAGE_QUESTIONS = {"shape": "Which image shows {a} {value}? Answer with its number.",
                    "colour": "Which image shows {a} {value} shape? Answer with its number."}
 
@@ -130,10 +131,11 @@ class TokenCount:
     `Processor` feeds `generate` and what `LlavaDataset` trains on). Without a tokenizer, the
     rendered characters / CHARS_PER_TOKEN plus the images' tokens: an estimate."""
 
-    def __init__(self, tokenizer: Tokenizer | None, image_seq_len: int = 1):
+    def __init__(self, tokenizer: Tokenizer | None, image_seq_len: int = 1, system_prompt: str | None = None):
         self.tokenizer = tokenizer
         self.image_seq_len = image_seq_len
-        self.system = tokenizer.system_prompt if tokenizer is not None else None
+        # The tokenizer's own system prompt; without a tokenizer, `system_prompt` (None: Vicuna's).
+        self.system = tokenizer.system_prompt if tokenizer is not None else system_prompt
 
     def text(self, text: str) -> int:
         """Tokens of a piece of text inside a prompt (no BOS)."""
@@ -169,26 +171,31 @@ class _Needles(NamedTuple):
     pieces: list[str | None]  # a text needle's sentence, or None for an image (labelled by its place)
     depths: list[float]  # asked depth of each piece
     asked: list[int]  # the pieces the questions ask about, in question order
-    questions: list[str]  # for text needles; image needles: the one question
-    answers: list[str]  # for text needles; image needles: filled in from the images' order
+    questions: list[str]  # in question order
+    answers: list[str]  # text needles; for image needles the numbers, known once the images are placed
     images: list[Image.Image]  # one per None piece, in piece order
     scenes: list[Scene]  # what each image shows
 
 
 def build_haystack(rng: random.Random, count: TokenCount, length: int, *, needle: str = "text", keys: int = 1,
                    questions: int = 1, depth: float | None = None, filler: str = "shapeworld", n_images: int = 4,
-                   split: str = "test", prompt: bool = False, image_size: int = IMAGE_SIZE) -> Haystack:
+                   objects: int | None = None, split: str = "test", prompt: bool = False,
+                   image_size: int = IMAGE_SIZE) -> Haystack:
     """A haystack of `length` tokens (as `count` counts them) with its questions and answers.
 
     Text needles: `keys` needles, `questions` of them asked (distinct, in random order). Image
-    needles: `n_images` images, one asked about. The first asked needle sits at `depth`, every
+    needles: `n_images` images of `objects` shapes each (default 1 to 4), `questions` of them
+    (at most MAX_IMAGE_QUESTIONS) asked about. The first asked needle sits at `depth`, every
     other piece at a uniform random depth (also the first's when `depth` is None). `prompt`: the
     chat ends at its last question and is counted with the generation prompt, as `generate` reads
     it (with one question: the prompt `omnilm eval niah` asks); otherwise every turn is counted,
     answers included: a training record of `length` tokens. A `length` too short for the needles,
     questions and template raises OmniInputError.
     """
-    made = _text_needles(rng, keys, questions, split) if needle == "text" else _image_needles(rng, n_images, image_size)
+    if needle == "text":
+        made = _text_needles(rng, keys, questions, split)
+    else:
+        made = _image_needles(rng, n_images, questions, objects, image_size)
     depths = [rng.random() for _ in made.pieces]
     if depth is not None:
         depths[made.asked[0]] = depth
@@ -201,7 +208,7 @@ def build_haystack(rng: random.Random, count: TokenCount, length: int, *, needle
         extra = [tail] if tail else []
         extra_costs = [count.text(" " + t) for t in extra]
         context, numbers, placed = _context(sentences[:k] + extra, costs[:k] + extra_costs, made)
-        answers = made.answers if needle == "text" else [str(numbers[0])]
+        answers = made.answers if needle == "text" else [str(numbers[i]) for i in made.asked]
         turns = _turns(context, made.questions, answers, prompt)
         order = sorted(numbers, key=numbers.get)  # image pieces in marker order
         return Haystack(turns, [made.images[i] for i in order], [made.scenes[i] for i in order], answers,
@@ -249,22 +256,37 @@ def _text_needles(rng: random.Random, keys: int, questions: int, split: str) -> 
                     [f"What is {names[i]}?" for i in asked], [values[i] for i in asked], [], [])
 
 
-def _image_needles(rng: random.Random, n_images: int, image_size: int) -> _Needles:
-    # Image 0 is the needle: the only one with an object of the asked shape (or colour).
-    kind = rng.choice(("shape", "colour"))
-    value = rng.choice(SHAPES if kind == "shape" else COLOURS)
+def _image_needles(rng: random.Random, n_images: int, questions: int, objects: int | None,
+                   image_size: int) -> _Needles:
+    # Images 0 .. questions-1 are the needles: image i the only one with property i (a shape or a
+    # colour), and without the others'; the rest have none of them. With at most
+    # MAX_IMAGE_QUESTIONS properties every kind keeps values to spare, so each draw can succeed.
+    if not 1 <= questions <= min(MAX_IMAGE_QUESTIONS, n_images):
+        raise ValueError(f"{questions} image questions: ask 1 to {min(MAX_IMAGE_QUESTIONS, n_images)}")
+    wanted: list[tuple[str, str]] = []
+    while len(wanted) < questions:
+        kind = rng.choice(("shape", "colour"))
+        prop = (kind, rng.choice(SHAPES if kind == "shape" else COLOURS))
+        if prop not in wanted:
+            wanted.append(prop)
 
-    def has(scene: Scene) -> bool:
-        return any(getattr(obj, kind) == value for obj in scene)
+    def has(scene: Scene, prop: tuple[str, str]) -> bool:
+        return any(getattr(obj, prop[0]) == prop[1] for obj in scene)
 
-    scenes = [_scene_where(rng, has)] + [_scene_where(rng, lambda s: not has(s)) for _ in range(n_images - 1)]
+    def needle(i: int) -> Callable[[Scene], bool]:
+        return lambda s: has(s, wanted[i]) and not any(has(s, p) for j, p in enumerate(wanted) if j != i)
+
+    scenes = [_scene_where(rng, needle(i), objects) for i in range(questions)]
+    scenes += [_scene_where(rng, lambda s: not any(has(s, p) for p in wanted), objects)
+               for _ in range(n_images - questions)]
     images = [render(scene, image_size, rng) for scene in scenes]
-    question = IMAGE_QUESTIONS[kind].format(a=article(value), value=value)
-    return _Needles([None] * n_images, [], [0], [question], [], images, scenes)
+    asked = rng.sample(range(questions), questions)
+    asks = [IMAGE_QUESTIONS[wanted[i][0]].format(a=article(wanted[i][1]), value=wanted[i][1]) for i in asked]
+    return _Needles([None] * n_images, [], asked, asks, [], images, scenes)
 
 
-def _scene_where(rng: random.Random, ok: Callable[[Scene], bool]) -> Scene:
-    while not ok(scene := generate_scene(rng)):
+def _scene_where(rng: random.Random, ok: Callable[[Scene], bool], objects: int | None = None) -> Scene:
+    while not ok(scene := generate_scene(rng, objects)):
         pass
     return scene
 
@@ -343,9 +365,11 @@ class HaystackSpec:
                                   "--images images, one with a shape or colour no other has, asked for its number",
                           choices=NEEDLES)
     keys: int = setting(1, "text needles per record, each with its own nonsense key")
-    questions: int = setting(1, "keys asked per record, one a turn (at most --keys): a multi-turn chat whose "
-                                "every answer is supervised")
+    questions: int = setting(1, "needles asked per record, one a turn: a multi-turn chat whose every answer is "
+                                "supervised; text: at most --keys; image: images each unique in its own way, at "
+                                f"most {MAX_IMAGE_QUESTIONS}")
     images: int = setting(4, "images per record with --needle image", metavar="F")
+    objects: int | None = setting(None, "shapes per image with --needle image, 1 to 4 (default: 1 to 4 at random)")
     depth: float | None = setting(None, "where the first asked needle sits, 0 (start of the filler) to 1 (end); "
                                         "default: uniform at random, as every other needle")
     filler: str = setting("shapeworld", "shapeworld: captions of random scenes; english: sentences from a small "
@@ -364,16 +388,23 @@ class HaystackSpec:
             raise OmniInputError(f"--questions {self.questions} asks more keys than the --keys {self.keys} a record "
                                  "holds: ask at most --keys")
         if self.needle == "image":
-            if self.keys != 1 or self.questions != 1:
-                raise OmniInputError("--keys and --questions are for text needles: an image needle record asks "
-                                     "one question")
-            check_range(self, ("images",), low=2, what=": one needle image and at least one other")
+            check_image_needles(self)
         if self.tokenizer is not None and not (Path(self.tokenizer) / "tokenizer.json").is_file():
             raise OmniInputError(f"--tokenizer {self.tokenizer} has no tokenizer.json: give a checkpoint or "
                                  "tokenizer folder")
 
     def write(self, progress: bool = True) -> Path:
         return write_haystack(self, progress)
+
+
+def check_image_needles(settings) -> None:
+    """`settings.images`, `.questions`, `.objects` and `.keys` make image needles that can be drawn."""
+    if settings.keys != 1:
+        raise OmniInputError("--keys is for text needles: image needles are images, set with --images")
+    check_range(settings, ("images",), low=2, what=": one needle image and at least one other")
+    check_range(settings, ("questions",), 1, min(MAX_IMAGE_QUESTIONS, settings.images),
+                what=f": one asked image each, each unique in its own way (at most {MAX_IMAGE_QUESTIONS})")
+    check_range(settings, ("objects",), 1, 4)
 
 
 def check_choices(settings, fillers: tuple[str, ...] = FILLERS) -> None:
@@ -397,7 +428,7 @@ def write_haystack(spec: HaystackSpec, progress: bool = True) -> Path:
                       disable=not progress or spec.n < 100):
         record, images = make_record(index, spec.seed, spec.split, count, spec.length, needle=spec.needle,
                                      keys=spec.keys, questions=spec.questions, depth=spec.depth, filler=spec.filler,
-                                     n_images=spec.images, image_size=spec.image_size)
+                                     n_images=spec.images, objects=spec.objects, image_size=spec.image_size)
         for image, name in zip(images, record.get("image", [])):
             image.save(out / name, format="PNG")
         records.append(record)

@@ -2,16 +2,19 @@
 
 For every context length (prompt tokens in the model's own tokenizer, chat template and system
 prompt included) and each of D evenly spaced depths (11: 0%, 10%, ..., 100%), N prompts are built
-by `omnilm.data.haystack.build_haystack` with one needle at that depth and one question after
-the haystack, answered greedily, and scored by exact match after `normalize_answer`, as `omnilm
-eval` scores. Every prompt has its own generator, so a cell's prompts are independent samples
-and the same flags give the same prompts. Written to the output folder:
+by `omnilm.data.haystack.build_haystack` with a needle at that depth and a question after the
+haystack, answered greedily, and scored by exact match after `normalize_answer`, as `omnilm
+eval` scores. `--keys K` hides K text needles (the unasked ones distractors, RULER's multi-key
+task); `--questions Q` asks Q of them, one a turn, each after the model's own earlier answers,
+and scores every answer. Every prompt has its own generator, so a cell's prompts are independent
+samples and the same flags give the same prompts. Written to the output folder:
 
-    niah.csv            length, depth, samples, correct, recall: one row per cell
+    niah.csv            length, depth, samples (answers), correct, recall: one row per cell
     niah.png            the heatmap (x context length, y depth, green 100% to red 0%)
     predictions.jsonl   every prompt's question, answer and prediction
 
-and printed: recall per length with its 95% Wilson score interval.
+and printed: recall per length with its 95% Wilson score interval (answers of one prompt count
+as independent, which makes the interval a little narrow with --questions above 1).
 
 Past the training length. Plain RoPE reads no length, so the checkpoint's `max_seq_len` (which
 `generate` will not run past) is raised to the longest prompt; a YaRN or Llama 3 scaling that does
@@ -35,7 +38,8 @@ from statistics import NormalDist
 
 from omnilm.config import TextConfig
 from omnilm.data.collate import to_device
-from omnilm.data.haystack import FILLERS, NEEDLES, TokenCount, build_haystack, check_choices
+from omnilm.data.haystack import (FILLERS, MAX_IMAGE_QUESTIONS, NEEDLES, TokenCount, build_haystack, check_choices,
+                                  check_image_needles)
 from omnilm.data.processor import Processor
 from omnilm.errors import OmniInputError
 from omnilm.eval.vqa import normalize_answer
@@ -67,7 +71,15 @@ class NiahArgs:
     needle: str = setting("text", "text: 'remember: <key> is <colour> <shape>.' asked as 'What is <key>?'; image: "
                                   "--images ShapeWorld images, one with a shape or colour no other has, asked for "
                                   "its number (models with a vision tower)", choices=NEEDLES)
+    keys: int = setting(1, "text needles per prompt, each with its own key: the unasked ones are distractors")
+    questions: int = setting(1, "needles asked per prompt, one a turn, each turn after the model's own earlier "
+                                "answers; every answer is scored (text: at most --keys; image: at most "
+                                f"{MAX_IMAGE_QUESTIONS}). The grid's depth is the first asked needle's, the others "
+                                "sit at random")
     images: int = setting(4, "images per prompt with --needle image", metavar="F")
+    scale_images: bool = setting(False, "--images is per training length: a prompt N times longer holds N times "
+                                        "as many images")
+    objects: int | None = setting(None, "shapes per image with --needle image, 1 to 4 (default: 1 to 4 at random)")
     filler: str = setting("auto", "the haystack: shapeworld (captions of random scenes), english (sentences from a "
                                   "small built-in vocabulary), or auto: shapeworld for an omnilm checkpoint, english "
                                   "for a Hugging Face one", choices=("auto", *FILLERS))
@@ -87,7 +99,11 @@ class NiahArgs:
         check_choices(self, ("auto", *FILLERS))
         check_range(self, ("samples", "prefill_chunk", "max_new_tokens"), low=1)
         check_range(self, ("depths",), 2, MAX_DEPTHS, what=" (1% apart at most)")
-        check_range(self, ("images",), low=2, what=": one needle image and at least one other")
+        if self.needle == "image":
+            check_image_needles(self)
+        elif self.questions > self.keys:
+            raise OmniInputError(f"--questions {self.questions} asks more needles than the --keys {self.keys} a "
+                                 "prompt holds: ask at most --keys")
         check_seed(self)
         parse_lengths(self.lengths, 1)  # the syntax now; Nx once the checkpoint's length is known
         if self.rope_scaling is not None:
@@ -190,7 +206,12 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
     write_csv(rows, out / "niah.csv")
     write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     scaling = run.rope_scaling or _shown_scaling(config.text.rope_scaling)
-    title = (f"needle in a haystack ({run.needle}, {filler} filler), trained length {trained}, rope {scaling}: "
+    needles = run.needle
+    if run.needle == "text" and run.keys > 1:
+        needles = f"text, {run.keys} keys, {run.questions} asked"
+    elif run.needle == "image":
+        needles = f"image, {run.images}{' per trained length' if run.scale_images else ''}, {run.questions} asked"
+    title = (f"needle in a haystack ({needles}, {filler} filler), trained length {trained}, rope {scaling}: "
              f"recall {sum(p['correct'] for p in predictions) / len(predictions):.1%}")
     plot_heatmap(rows, out / "niah.png", title)
     return "\n".join([title, "", format_niah(rows), "", f"wrote {out / 'niah.csv'}, {out / 'niah.png'} and "
@@ -212,10 +233,19 @@ class Grid:
         self.trained = trained  # the checkpoint's max_seq_len: TYPE:auto scalings divide each length by it
         self.scale_each_length = False
 
+    def images(self, length: int) -> int:
+        """Images in a prompt of `length` tokens: --images, or with --scale-images as many more as
+        the prompt is longer than the trained length (never fewer)."""
+        if not self.run.scale_images:
+            return self.run.images
+        return max(self.run.images, round(self.run.images * length / self.trained))
+
     def prompt(self, length: int, depth: float, sample: int):
-        rng = random.Random(f"niah:{self.run.seed}:{self.run.needle}:{length}:{depth:.6f}:{sample}")
-        return build_haystack(rng, self.count, length, needle=self.run.needle, depth=depth, filler=self.filler,
-                              n_images=self.run.images, split="test", prompt=True)
+        run = self.run
+        rng = random.Random(f"niah:{run.seed}:{run.needle}:{run.keys}:{run.questions}:{length}:{depth:.6f}:{sample}")
+        return build_haystack(rng, self.count, length, needle=run.needle, keys=run.keys, questions=run.questions,
+                              depth=depth, filler=self.filler, n_images=self.images(length), objects=run.objects,
+                              split="test", prompt=True)
 
     def check(self) -> None:
         """Every length holds the needle and question, and the shortest has a place for every depth."""
@@ -230,7 +260,8 @@ class Grid:
                                      "lower --depths or raise the shortest of --lengths")
 
     def evaluate(self, model, processor: Processor, progress: bool = True) -> list[dict]:
-        """One greedy answer per prompt, scored; in grid order (length, depth, sample)."""
+        """Greedy answers to every prompt's questions, scored; in grid order (length, depth, sample,
+        question). Question k is asked after the model's own answers to the k - 1 before it."""
         from tqdm import tqdm
 
         device = next(model.parameters()).device
@@ -242,15 +273,19 @@ class Grid:
             if self.scale_each_length:  # TYPE:auto: each length its own factor
                 text_cfg.rope_scaling = {**text_cfg.rope_scaling, "factor": max(1.0, length / trained)}
             hay = self.prompt(length, depth, sample)
-            batch = to_device(processor([hay.conversations], images=[hay.images]), device)
-            new = generate(model, **batch, max_new_tokens=self.run.max_new_tokens, stop_token_ids=[eos],
-                           prefill_chunk=self.run.prefill_chunk)[0].tolist()
-            prediction = processor.decode(new[:new.index(eos)] if eos in new else new).strip()
-            predictions.append({"length": length, "depth": round(depth, 4), "sample": sample,
-                                "tokens": batch["input_ids"].shape[1], "needle_depth": round(hay.depths[0], 4),
-                                "question": hay.conversations[-1]["value"].rsplit("\n", 1)[-1],
-                                "answer": hay.answers[0], "prediction": prediction,
-                                "correct": normalize_answer(prediction) == normalize_answer(hay.answers[0])})
+            chat = []
+            for k, answer in enumerate(hay.answers):
+                chat.append(hay.conversations[2 * k])
+                batch = to_device(processor([chat], images=[hay.images]), device)
+                new = generate(model, **batch, max_new_tokens=self.run.max_new_tokens, stop_token_ids=[eos],
+                               prefill_chunk=self.run.prefill_chunk)[0].tolist()
+                prediction = processor.decode(new[:new.index(eos)] if eos in new else new).strip()
+                chat.append({"from": "gpt", "value": prediction})
+                predictions.append({"length": length, "depth": round(depth, 4), "sample": sample, "question_index": k,
+                                    "tokens": batch["input_ids"].shape[1], "needle_depth": round(hay.depths[k], 4),
+                                    "question": chat[-2]["value"].rsplit("\n", 1)[-1], "answer": answer,
+                                    "prediction": prediction,
+                                    "correct": normalize_answer(prediction) == normalize_answer(answer)})
         return predictions
 
 
@@ -278,7 +313,7 @@ def write_csv(rows: list[dict], path: str | Path) -> None:
 
 def format_niah(rows: list[dict]) -> str:
     """Recall per length, and over all, with 95% Wilson intervals, as markdown."""
-    lines = ["| length | prompts | recall | 95% interval |", "|---:|---:|---:|---:|"]
+    lines = ["| length | answers | recall | 95% interval |", "|---:|---:|---:|---:|"]
     by_length: dict[int, list[dict]] = {}
     for row in rows:
         by_length.setdefault(row["length"], []).append(row)
