@@ -178,6 +178,10 @@ class TextConfig:
     # "factor": ..., plus that type's own keys}.
     rope_scaling: dict | None = None
     max_seq_len: int = 4096
+    # Log-n attention scaling (Qwen's logn_attn; "scalable softmax", arXiv 2501.19399, at inference):
+    # None, or a length n0: the query at position p > n0 is multiplied by log(p + 1) / log(n0), so
+    # that attention stays as sharp over more keys as over the n0 the model was trained with.
+    logn_attention: int | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
@@ -234,6 +238,7 @@ class TextConfig:
                          ("n_kv_heads", MAX_COUNT), ("mlp_dim", MAX_WIDTH), ("max_seq_len", MAX_POSITIONS)):
             _check_int(f"text.{name}", getattr(self, name), hi=hi)
         _check_int("text.head_dim", self.head_dim, optional=True)
+        _check_int("text.logn_attention", self.logn_attention, optional=True, lo=2, hi=MAX_POSITIONS)
         _check_int("text.expert_dim", self.expert_dim, optional=True)
         self.norm_eps = _check_number("text.norm_eps", self.norm_eps, positive=True)
         self.rope_theta = _check_number("text.rope_theta", self.rope_theta, positive=True)

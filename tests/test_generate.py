@@ -390,6 +390,37 @@ def test_chunked_prefill_of_a_text_only_model():
     assert (logits - reference).abs().max().item() <= 1e-4
 
 
+def test_log_n_attention_scales_each_query_past_its_length():
+    """TextConfig.logn_attention = 64: queries up to position 62 are as before; past it each is
+    multiplied by log(p + 1) / log(64), as scaling q_proj's output by hand does (RoPE is linear),
+    and chunked prefill keeps it (each chunk's queries at their own positions)."""
+    import math
+
+    from omnilm.config import ConfigError
+    from omnilm.model.hf_config import hf_incompatibility
+
+    torch.manual_seed(0)
+    model = OmniModel.from_config(replace(OmniConfig.from_preset("tiny", text=dict(n_layers=2)), vision=None)).eval()
+    ids = torch.randint(4, model.config.text.vocab_size, (1, 200))
+    factor = (torch.arange(1, 201).float().log() / math.log(64)).clamp(min=1.0)
+    with torch.no_grad():
+        plain = model(ids).logits
+        hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, i, out: out * factor[None, :, None])
+                 for layer in model.llm.layers]
+        by_hand = model(ids).logits
+        for hook in hooks:
+            hook.remove()
+        model.config.text.logn_attention = 64
+        scaled = model(ids).logits
+        chunked = prefill(model, ids, None, None, model.new_cache(1, 200), chunk=48)
+    assert torch.equal(scaled[:, :63], plain[:, :63]) and (scaled[:, 100:] - plain[:, 100:]).abs().max() > 1e-3
+    assert (scaled - by_hand).abs().max().item() <= 1e-5
+    assert (chunked.reshape(1, -1) - scaled[:, -1]).abs().max().item() <= 1e-4
+    assert "log-n" in hf_incompatibility(model.config)
+    with pytest.raises(ConfigError, match="text.logn_attention"):
+        OmniConfig.from_preset("tiny", text=dict(logn_attention=1))
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory is read from Linux's /proc")
 def test_a_long_prompt_prefills_in_linear_memory():
     """8,192 tokens in chunks of 1,024 on the tiny model: the peak resident memory rises by the KV

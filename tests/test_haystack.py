@@ -100,17 +100,26 @@ def test_keys_are_distinct_asked_once_and_held_out(tokenizer):
     assert len(train) == len(test) == 2000 and not train & test
 
 
-def test_image_needle_is_the_only_image_that_answers(tokenizer):
+def asked_object(question: str, scenes) -> tuple[int, object]:
+    """The image holding the object an image question asks about, and the object; checks it is the
+    only object in the prompt with the asked shape (or colour)."""
+    match = re.fullmatch(r"In the images, what colour is the (\w+)\?|In the images, what shape is the (\w+) one\?",
+                         question)
+    kind, value = ("shape", match[1]) if match[1] else ("colour", match[2])
+    found = [(k, obj) for k, scene in enumerate(scenes) for obj in scene if getattr(obj, kind) == value]
+    assert len(found) == 1, (question, found)
+    return found[0]
+
+
+def test_image_needle_is_the_only_object_of_its_kind(tokenizer):
     count = hs.TokenCount(tokenizer, image_seq_len=9)
     for seed in range(12):
         hay = hs.build_haystack(random.Random(seed), count, 900, needle="image", n_images=5, prompt=True)
         context, question = hay.conversations[0]["value"].rsplit("\n", 1)
         assert context.count("<image>") == 5 == len(hay.images) == len(hay.scenes)
         assert [f"Image {k}: <image>" in context for k in range(1, 6)] == [True] * 5
-        value = re.fullmatch(r"Which image shows an? (\w+)( shape)?\? Answer with its number\.", question)[1]
-        kind = "shape" if value in SHAPES else "colour"
-        shows = [any(getattr(obj, kind) == value for obj in scene) for scene in hay.scenes]
-        assert shows.count(True) == 1 and hay.answers == [str(shows.index(True) + 1)]
+        _, obj = asked_object(question, hay.scenes)
+        assert hay.answers == [obj.colour if "what colour" in question else obj.shape]
         assert len(prompt_of(hay, tokenizer, True)[1]) + 5 * 8 == hay.n_tokens
 
 
@@ -121,14 +130,12 @@ def test_several_image_needles_each_unique_in_its_own_way(tokenizer):
                                 prompt=True)
         assert all(len(scene) == 1 for scene in hay.scenes) and len(hay.answers) == 3
         asked = [turn["value"].rsplit("\n", 1)[-1] for turn in hay.conversations if turn["from"] == "human"]
-        numbers = []
+        images = set()
         for question, answer in zip(asked, hay.answers):
-            value = re.fullmatch(r"Which image shows an? (\w+)( shape)?\? Answer with its number\.", question)[1]
-            kind = "shape" if value in SHAPES else "colour"
-            shows = [getattr(scene[0], kind) == value for scene in hay.scenes]
-            assert shows.count(True) == 1 and answer == str(shows.index(True) + 1)
-            numbers.append(answer)
-        assert len(set(numbers)) == 3  # three different images asked about
+            k, obj = asked_object(question, hay.scenes)
+            assert answer == (obj.colour if "what colour" in question else obj.shape)
+            images.add(k)
+        assert len(images) == 3  # three different images asked about
         assert [t["value"] for t in hay.conversations if t["from"] == "gpt"] == hay.answers[:2]  # earlier answers
 
 

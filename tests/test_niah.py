@@ -11,6 +11,7 @@ from conftest import cli_error, one_line_error, run_cli, tiny_checkpoint, tiny_h
 from omnilm.config import TextConfig
 from omnilm.data import haystack as hs
 from omnilm.data.chat import DEFAULT_SYSTEM
+from omnilm.data.shapeworld import COLOURS, SHAPES
 from omnilm.eval.niah import extend_context, parse_rope_scaling, wilson_interval
 from omnilm.recipes.haystack import HaystackRecipe, run_haystack
 from omnilm.train import Hyperparams
@@ -73,9 +74,8 @@ def test_image_needles_on_an_omnilm_checkpoint(omni_folder, tmp_path, capsys):
     assert code == 0, err
     rows, predictions = read_grid(out)
     assert [(r["depth"], r["samples"]) for r in rows] == [("0.0", "2"), ("1.0", "2")]
-    assert all(p["question"].startswith("Which image shows") and p["answer"] in "123" for p in predictions)
-    assert [p["answer"] for p in predictions if p["depth"] == 0.0] == ["1", "1"]  # the first image there is
-    assert [p["answer"] for p in predictions if p["depth"] == 1.0] == ["3", "3"]  # the last
+    assert all(p["question"].startswith("In the images, what") and p["images"] == 3 for p in predictions)
+    assert all(p["answer"] in COLOURS + SHAPES for p in predictions)
 
 
 def test_several_questions_are_asked_turn_by_turn_after_the_models_own_answers(omni_folder, tmp_path, capsys,
@@ -214,35 +214,41 @@ def test_the_haystack_recipe_end_to_end_in_miniature(tmp_path):
     """`omnilm demo-haystack` at toy scale: records of 64 to 256 tokens in the tokens of the BPE
     trained on them, a text-only decoder trained with randomized positions, and a grid per RoPE
     choice."""
-    recipe = HaystackRecipe(n_train=48, keys=4, questions=4, scalings=("linear", "yarn"), eval_lengths=("1x", "2x"),
-                            eval_depths=3, eval_samples=1, several=2, progress=False,
+    recipe = HaystackRecipe(n_train=48, keys=4, questions=4, grids=("yarn+logn", "plain", "linear"),
+                            eval_lengths=("1x", "2x"), eval_depths=3, eval_samples=2, compare_samples=1, several=2,
+                            progress=False,
                             training=Hyperparams(steps=3, batch_size=8, lr=1e-3, warmup=1, random_positions=4))
     result = run_haystack(tmp_path, recipe)
     records = json.loads((tmp_path / "data" / "train.json").read_text())
     assert len(records) == 48 and all(64 - 8 <= r["n_tokens"] <= 256 for r in records)
     assert max(len(r["conversations"]) for r in records) > 2  # several questions, each a turn
-    assert set(result["reports"]) == {"plain", "linear", "yarn", "2-keys", "2-questions"}
-    for name in ("plain", "linear", "yarn"):
+    assert list(result["reports"]) == ["yarn+logn", "plain", "linear", "2-keys", "2-questions"]
+    for name, samples in (("yarn+logn", 2), ("plain", 1), ("linear", 1)):
         rows = list(csv.DictReader((tmp_path / "niah" / name / "niah.csv").open()))
-        assert len(rows) == 6 and all(0 <= float(r["recall"]) <= 1 for r in rows)
-    # Several keys and several questions: at 1x and 4x, with the last scaling; 2 answers a prompt.
-    for name, answers in (("2-keys", 1), ("2-questions", 2)):
+        assert len(rows) == 6 and all(0 <= float(r["recall"]) <= 1 and int(r["samples"]) == samples for r in rows)
+    assert "rope yarn:auto + log-n attention" in result["reports"]["yarn+logn"]
+    assert "rope unscaled:" in result["reports"]["plain"] and "rope linear:auto:" in result["reports"]["linear"]
+    # Several keys and several questions: at 1x and 4x, as the main grid; 2 answers a prompt.
+    for name, answers in (("2-keys", 2), ("2-questions", 4)):
         rows = list(csv.DictReader((tmp_path / "niah" / name / "niah.csv").open()))
         assert [(int(r["length"]), int(r["samples"])) for r in rows] == [(n, answers) for n in (256, 1024)
                                                                           for _ in range(3)]
     assert "(text, 2 keys, 1 asked" in result["reports"]["2-keys"]
-    assert "(text, 2 keys, 2 asked" in result["reports"]["2-questions"] and "yarn:auto" in result["reports"]["2-keys"]
+    assert "(text, 2 keys, 2 asked" in result["reports"]["2-questions"]
+    assert "yarn:auto + log-n" in result["reports"]["2-keys"]
     config = json.loads((tmp_path / "instruct" / "model" / "omnilm.json").read_text())
     assert config["vision"] is None and config["text"]["max_seq_len"] == 256
     one_line_error(lambda: HaystackRecipe(questions=9), "--questions 9 asks more needles than --keys 8")
+    one_line_error(lambda: HaystackRecipe(grids=("plain", "ntk")), "--grids ntk: give one or more of plain")
 
 
 def test_the_image_needle_recipe_in_miniature(tmp_path):
     """`omnilm demo-haystack --needle image` at toy scale: a CLIP-trained tower, a mix of image- and
     text-needle records with their PNGs, a model that reads images, and image grids whose images
     grow with the length."""
-    recipe = HaystackRecipe(needle="image", n_train=40, images=4, clip_images=48, scalings=("yarn",), several=0,
-                            eval_lengths=("1x", "2x"), eval_depths=2, eval_samples=1, progress=False,
+    recipe = HaystackRecipe(needle="image", n_train=40, images=4, clip_images=48, grids=("plain", "yarn"), several=0,
+                            eval_lengths=("1x", "2x"), image_depths=2, eval_samples=1, compare_samples=1,
+                            progress=False,
                             clip=Hyperparams(steps=2, batch_size=16, lr=1e-3),
                             training=Hyperparams(steps=2, batch_size=8, lr=1e-3, position_chunks=2,
                                                  random_positions=4))
@@ -255,9 +261,8 @@ def test_the_image_needle_recipe_in_miniature(tmp_path):
     assert json.loads((tmp_path / "instruct" / "model" / "omnilm.json").read_text())["vision"] is not None
     assert set(result["reports"]) == {"plain", "yarn"} and result["clip_eval"]["n_images"] == 100
     predictions = [json.loads(line) for line in (tmp_path / "niah" / "yarn" / "predictions.jsonl").open()]
-    assert all(p["question"].startswith("Which image shows") for p in predictions)
-    assert max(int(p["answer"]) for p in predictions if p["length"] == 256 and p["depth"] == 1.0) == 4
-    assert max(int(p["answer"]) for p in predictions if p["length"] == 512 and p["depth"] == 1.0) == 8
+    assert all(p["question"].startswith("In the images, what") for p in predictions)
+    assert [p["images"] for p in predictions] == [4, 4, 8, 8]  # 4 per trained length
 
 
 def test_an_auto_scaling_takes_each_lengths_multiple_of_the_trained_one(omni_folder, tmp_path, capsys, monkeypatch):

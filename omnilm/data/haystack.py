@@ -13,9 +13,10 @@ make a multi-turn chat: the haystack and the first question in the first human t
 question per turn, each answered in its own gpt turn. That is LLaVA's multi-turn form: `omnilm
 eval` scores it turn by turn, and training supervises every answer of a sequence (dense
 supervision, as MQAR in the Zoology paper). Image needles put F ShapeWorld images among the
-filler, labelled "Image 1:", "Image 2:", ..., and ask for the number of one showing a shape (or a
-colour) no other shows: "Which image shows a triangle? Answer with its number." -> "3", an answer
-exact match scores. Several questions ask for several such images, each unique in its own way. For models that never saw ShapeWorld (a Hugging Face LLaMA), the
+filler, labelled "Image 1:", "Image 2:", ..., one of them showing the only shape of its kind (or
+the only one of its colour) in the prompt, and ask about it: "In the images, what colour is the
+triangle?" -> "red", "In the images, what shape is the green one?" -> "square", an answer exact match scores. Several questions
+ask about several such images, each unique in its own way. For models that never saw ShapeWorld (a Hugging Face LLaMA), the
 filler can be plain English sentences from a small built-in vocabulary instead.
 
 Lengths are counted as the model reads them (`TokenCount`): the chat rendered with the template
@@ -52,7 +53,7 @@ from PIL import Image
 
 from omnilm.data.chat import render_chat
 from omnilm.data.llava_json import write_records
-from omnilm.data.shapeworld.scenes import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, article, caption,
+from omnilm.data.shapeworld.scenes import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, caption,
                                            generate_scene, render)
 from omnilm.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from omnilm.errors import OmniInputError
@@ -84,8 +85,10 @@ _FILLER_WORDS = frozenset(
     + [word for phrase in (*COLOURS, *SHAPES, *SIZES, *CELLS) for word in phrase.split()] + ["and", "at", "the"])
 
 MAX_IMAGE_QUESTIONS = 3  # image needles asked per prompt: each asked property leaves others for the rest
-IMAGE_QUESTIONS = {"shape": "Which image shows {a} {value}? Answer with its number.",
-                   "colour": "Which image shows {a} {value} shape? Answer with its number."}
+# A needle object is the only one with its shape (asked for its colour) or its colour (asked for its shape).
+# "In the images": the filler's captions name shapes and colours too.
+IMAGE_QUESTIONS = {"shape": "In the images, what colour is the {value}?",
+                   "colour": "In the images, what shape is the {value} one?"}
 
 
 # --- keys and filler --------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class _Needles(NamedTuple):
     depths: list[float]  # asked depth of each piece
     asked: list[int]  # the pieces the questions ask about, in question order
     questions: list[str]  # in question order
-    answers: list[str]  # text needles; for image needles the numbers, known once the images are placed
+    answers: list[str]  # in question order
     images: list[Image.Image]  # one per None piece, in piece order
     scenes: list[Scene]  # what each image shows
 
@@ -208,10 +211,9 @@ def build_haystack(rng: random.Random, count: TokenCount, length: int, *, needle
         extra = [tail] if tail else []
         extra_costs = [count.text(" " + t) for t in extra]
         context, numbers, placed = _context(sentences[:k] + extra, costs[:k] + extra_costs, made)
-        answers = made.answers if needle == "text" else [str(numbers[i]) for i in made.asked]
-        turns = _turns(context, made.questions, answers, prompt)
+        turns = _turns(context, made.questions, made.answers, prompt)
         order = sorted(numbers, key=numbers.get)  # image pieces in marker order
-        return Haystack(turns, [made.images[i] for i in order], [made.scenes[i] for i in order], answers,
+        return Haystack(turns, [made.images[i] for i in order], [made.scenes[i] for i in order], made.answers,
                         [placed[i] for i in made.asked], count.chat(turns, prompt), k)
 
     def draw(n: int) -> None:
@@ -258,9 +260,10 @@ def _text_needles(rng: random.Random, keys: int, questions: int, split: str) -> 
 
 def _image_needles(rng: random.Random, n_images: int, questions: int, objects: int | None,
                    image_size: int) -> _Needles:
-    # Images 0 .. questions-1 are the needles: image i the only one with property i (a shape or a
-    # colour), and without the others'; the rest have none of them. With at most
-    # MAX_IMAGE_QUESTIONS properties every kind keeps values to spare, so each draw can succeed.
+    # Images 0 .. questions-1 are the needles: image i holds the one object in the prompt with
+    # property i (a shape or a colour) and no object with another asked property; the rest hold
+    # none. With at most MAX_IMAGE_QUESTIONS properties every kind keeps values to spare, so each
+    # draw can succeed.
     if not 1 <= questions <= min(MAX_IMAGE_QUESTIONS, n_images):
         raise ValueError(f"{questions} image questions: ask 1 to {min(MAX_IMAGE_QUESTIONS, n_images)}")
     wanted: list[tuple[str, str]] = []
@@ -270,19 +273,24 @@ def _image_needles(rng: random.Random, n_images: int, questions: int, objects: i
         if prop not in wanted:
             wanted.append(prop)
 
-    def has(scene: Scene, prop: tuple[str, str]) -> bool:
-        return any(getattr(obj, prop[0]) == prop[1] for obj in scene)
+    def count(scene: Scene, prop: tuple[str, str]) -> int:
+        return sum(getattr(obj, prop[0]) == prop[1] for obj in scene)
 
     def needle(i: int) -> Callable[[Scene], bool]:
-        return lambda s: has(s, wanted[i]) and not any(has(s, p) for j, p in enumerate(wanted) if j != i)
+        return lambda s: count(s, wanted[i]) == 1 and not any(count(s, p) for j, p in enumerate(wanted) if j != i)
 
     scenes = [_scene_where(rng, needle(i), objects) for i in range(questions)]
-    scenes += [_scene_where(rng, lambda s: not any(has(s, p) for p in wanted), objects)
+    scenes += [_scene_where(rng, lambda s: not any(count(s, p) for p in wanted), objects)
                for _ in range(n_images - questions)]
     images = [render(scene, image_size, rng) for scene in scenes]
     asked = rng.sample(range(questions), questions)
-    asks = [IMAGE_QUESTIONS[wanted[i][0]].format(a=article(wanted[i][1]), value=wanted[i][1]) for i in asked]
-    return _Needles([None] * n_images, [], asked, asks, [], images, scenes)
+    asks, answers = [], []
+    for i in asked:
+        kind, value = wanted[i]
+        obj = next(obj for obj in scenes[i] if getattr(obj, kind) == value)
+        asks.append(IMAGE_QUESTIONS[kind].format(value=value))
+        answers.append(obj.colour if kind == "shape" else obj.shape)
+    return _Needles([None] * n_images, [], asked, asks, answers, images, scenes)
 
 
 def _scene_where(rng: random.Random, ok: Callable[[Scene], bool], objects: int | None = None) -> Scene:
@@ -362,7 +370,9 @@ class HaystackSpec:
     image_tokens: int = setting(9, "tokens each image takes in --length (default 9: the tiny preset's 96 px images "
                                    "in 32 px patches)")
     needle: str = setting("text", "text: 'remember: <key> is <colour> <shape>.' asked as 'What is <key>?'; image: "
-                                  "--images images, one with a shape or colour no other has, asked for its number",
+                                  "--images images, one holding the only shape of its kind (or colour) in the record, "
+                                  "asked 'In the images, what colour is the triangle?' (or '... what shape is the red "
+                                  "one?')",
                           choices=NEEDLES)
     keys: int = setting(1, "text needles per record, each with its own nonsense key")
     questions: int = setting(1, "needles asked per record, one a turn: a multi-turn chat whose every answer is "

@@ -20,7 +20,8 @@ Past the training length. Plain RoPE reads no length, so the checkpoint's `max_s
 `generate` will not run past) is raised to the longest prompt; a YaRN or Llama 3 scaling that does
 not name its original length gets the checkpoint's, so that raising it changes nothing else.
 Dynamic NTK is the exception: it reads `max_seq_len` as the trained length and runs past it
-without being raised. `--rope-scaling` replaces the checkpoint's scaling for the evaluation.
+without being raised. `--rope-scaling` replaces the checkpoint's scaling for the evaluation;
+`--logn` adds log-n attention scaling past the trained length (`TextConfig.logn_attention`).
 Long prompts are prefilled in chunks (`generate(..., prefill_chunk=N)`), so that memory grows
 with the prompt, not with its square.
 """
@@ -69,8 +70,9 @@ class NiahArgs:
                               "question): 11 is every 10%")
     samples: int = setting(20, "prompts per length and depth, each with its own key (or images) and filler")
     needle: str = setting("text", "text: 'remember: <key> is <colour> <shape>.' asked as 'What is <key>?'; image: "
-                                  "--images ShapeWorld images, one with a shape or colour no other has, asked for "
-                                  "its number (models with a vision tower)", choices=NEEDLES)
+                                  "--images ShapeWorld images, one holding the only shape of its kind (or colour), "
+                                  "asked 'In the images, what colour is the triangle?' (models with a vision tower)",
+                          choices=NEEDLES)
     keys: int = setting(1, "text needles per prompt, each with its own key: the unasked ones are distractors")
     questions: int = setting(1, "needles asked per prompt, one a turn, each turn after the model's own earlier "
                                 "answers; every answer is scored (text: at most --keys; image: at most "
@@ -87,6 +89,9 @@ class NiahArgs:
                                              "linear:F (position interpolation), dynamic:F (dynamic NTK) or yarn:F "
                                              "(YaRN), F the factor >= 1, e.g. linear:4, or auto: each length's "
                                              "multiple of the trained length (1 up to it)", metavar="TYPE:FACTOR")
+    logn: bool = setting(False, "log-n attention scaling past the trained length L: the query at position p > L has "
+                                "its logits multiplied by log(p + 1) / log(L) (Qwen's logn_attn), so attention over "
+                                "more keys stays as sharp as over L; alone or with --rope-scaling")
     out: Path = setting(Path("runs/niah"), "folder for niah.csv, niah.png and predictions.jsonl")
     prefill_chunk: int = setting(1024, "prompt tokens run through the model at a time, so that long prompts fit in "
                                        "memory")
@@ -199,13 +204,15 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
     if scaling is not None and scaling["factor"] == AUTO:
         scaling, grid.scale_each_length = {**scaling, "factor": 1.0}, True  # Grid.evaluate sets it per length
     extend_context(model.config.text, scaling, lengths[-1] + run.max_new_tokens)
+    if run.logn:
+        model.config.text.logn_attention = trained
     predictions = grid.evaluate(model, processor, progress)
     rows = cells(predictions, lengths, grid.depths)
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "niah.csv")
     write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-    scaling = run.rope_scaling or _shown_scaling(config.text.rope_scaling)
+    scaling = (run.rope_scaling or _shown_scaling(config.text.rope_scaling)) + (" + log-n attention" if run.logn else "")
     needles = run.needle
     if run.needle == "text" and run.keys > 1:
         needles = f"text, {run.keys} keys, {run.questions} asked"
@@ -282,7 +289,8 @@ class Grid:
                 prediction = processor.decode(new[:new.index(eos)] if eos in new else new).strip()
                 chat.append({"from": "gpt", "value": prediction})
                 predictions.append({"length": length, "depth": round(depth, 4), "sample": sample, "question_index": k,
-                                    "tokens": batch["input_ids"].shape[1], "needle_depth": round(hay.depths[k], 4),
+                                    "tokens": batch["input_ids"].shape[1], "images": len(hay.images),
+                                    "needle_depth": round(hay.depths[k], 4),
                                     "question": chat[-2]["value"].rsplit("\n", 1)[-1], "answer": answer,
                                     "prediction": prediction,
                                     "correct": normalize_answer(prediction) == normalize_answer(answer)})

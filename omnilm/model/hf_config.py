@@ -232,6 +232,8 @@ def hf_incompatibility(cfg: OmniConfig) -> str | None:
     if cfg.fusion != "joint":
         return f"LLaVA fuses jointly; transformers has no class for fusion={cfg.fusion!r}"
     t = cfg.text
+    if t.logn_attention:
+        return "LLaMA has no log-n attention scaling (text.logn_attention)"
     if not t.n_experts:
         return None
     if t.moe_every != 1:

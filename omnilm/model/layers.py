@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from contextlib import contextmanager, nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -132,13 +133,25 @@ def rope_frequencies(cfg: TextConfig, seq_len: int, device=None) -> tuple[torch.
     raise ValueError(f"unsupported rope scaling {kind!r}; omnilm supports default, linear, dynamic, yarn, llama3")
 
 
-def rope_cos_sin(cfg: TextConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (B, T, hd) in fp32 for integer `positions` (B, T)."""
+class Rope(NamedTuple):
+    """What a decoder's positions do to its queries and keys: cos and sin tables (B, T, hd) in fp32,
+    and, with log-n attention scaling, each query's factor (B, T) (None: 1 everywhere)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    query_scale: torch.Tensor | None = None
+
+
+def rope_cos_sin(cfg: TextConfig, positions: torch.Tensor) -> Rope:
+    """RoPE's tables for integer `positions` (B, T), and `cfg.logn_attention`'s query factors."""
     seq_len = int(positions.max()) + 1 if cfg.rope_scaling else 0  # only `dynamic` reads it
     inv_freq, scale = rope_frequencies(cfg, seq_len, positions.device)
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # LLaMA-HF layout: rotate the two halves
-    return emb.cos() * scale, emb.sin() * scale
+    query_scale = None
+    if cfg.logn_attention:  # log(p + 1) / log(n0) past n0, 1 up to it
+        query_scale = ((positions.float() + 1).log() / math.log(cfg.logn_attention)).clamp(min=1.0)
+    return Rope(emb.cos() * scale, emb.sin() * scale, query_scale)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -252,7 +265,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    def forward(self, x: torch.Tensor, rope: Rope | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = False,
                 cache: KVCache | None = None, layer: int = 0, context: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -262,7 +275,9 @@ class Attention(nn.Module):
         k = self.k_proj(kv).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
         v = self.v_proj(kv).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
+            if rope.query_scale is not None:
+                q = q * rope.query_scale[:, None, :, None].to(q.dtype)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd)
         # SDPA broadcasts each key/value head over its group of query heads itself (no copy).
