@@ -35,7 +35,7 @@ from omnilm.data.llava_json import write_records
 from omnilm.data.shapeworld import write_shapeworld
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.errors import OmniInputError
-from omnilm.eval.niah import ROPE_SCALINGS, NiahArgs, run_niah
+from omnilm.eval.niah import MAX_DEPTHS, ROPE_SCALINGS, Grid, NiahArgs, depth_grid, parse_lengths, run_niah
 from omnilm.recipes.recipe import Recipe, train_clip_tower
 from omnilm.settings import check_output_folder, check_range, check_seed, setting, to_dict
 from omnilm.train import Hyperparams, TrainArgs, train
@@ -70,7 +70,9 @@ class HaystackRecipe:
                                                            "haystack than Vicuna's")
     vocab_size: int = setting(512, "the BPE's vocabulary")
     llm_layers: int = setting(2, "decoder layers")
-    dim: int = setting(128, "decoder width (heads of 16: dim / 16 query heads, half as many key/value heads)")
+    dim: int = setting(128, "decoder width")
+    head_dim: int = setting(16, "width of each attention head: dim / head_dim query heads, half as many key/value "
+                                "heads")
     clip_images: int = setting(8000, "--needle image: single-object scenes the vision tower's CLIP stage trains on")
     clip: Hyperparams = setting(help="--needle image: the vision tower's CLIP stage (the demo's)",
                                 factory=lambda: Recipe().clip)
@@ -78,8 +80,8 @@ class HaystackRecipe:
         steps=1500, batch_size=32, lr=2e-3, warmup=100, optimizer="muon", random_positions=16, position_chunks=4))
     eval_lengths: tuple[str, ...] = setting(("1x", "2x", "4x", "8x", "16x"), "context lengths of the grids")
     eval_depths: int = setting(11, "needle depths of the text grids")
-    image_depths: int = setting(6, "needle depths of the image grids (images leave fewer places between the "
-                                   "filler's sentences)")
+    crowded_depths: int = setting(6, "needle depths of the grids whose prompts hold more than one needle (images, "
+                                     "several keys): they leave fewer places between the filler's sentences at 1x")
     grids: tuple[str, ...] = setting(("plain+logn", "plain", "linear", "dynamic", "yarn"),
                                      "what each grid evaluates with: plain RoPE or an inference-time scaling (linear, "
                                      "dynamic, yarn: each length at its own factor, its multiple of L), +logn for "
@@ -94,11 +96,16 @@ class HaystackRecipe:
         check_seed(self)
         check_range(self, ("length", "min_length", "n_train", "keys", "questions", "vocab_size", "llm_layers",
                            "clip_images"), low=1)
-        check_range(self, ("dim",), low=16)
+        check_range(self, ("head_dim",), low=2)
+        check_range(self, ("dim",), low=self.head_dim)
+        if self.dim % self.head_dim or self.head_dim % 2:
+            raise OmniInputError(f"--dim {self.dim} is not a multiple of an even --head-dim {self.head_dim}: give "
+                                 "a width that whole heads make up, e.g. --dim 128 --head-dim 32")
         check_range(self, ("images",), low=2)
         check_range(self, ("objects",), 1, 4)
         check_range(self, ("text_share",), 0, 1)
         check_range(self, ("several",), low=0)
+        check_range(self, ("eval_depths", "crowded_depths"), 2, MAX_DEPTHS)
         if self.needle not in NEEDLES:
             raise OmniInputError(f"--needle {self.needle!r}: use one of {', '.join(NEEDLES)}")
         if self.min_length > self.length:
@@ -116,7 +123,7 @@ class HaystackRecipe:
 def architecture(recipe: HaystackRecipe) -> dict[str, Any]:
     """The tiny preset's decoder resized (and its vision tower for image needles, text-only
     otherwise): OmniConfig.from_preset overrides."""
-    heads = recipe.dim // 16
+    heads = recipe.dim // recipe.head_dim
     text = {"n_layers": recipe.llm_layers, "dim": recipe.dim, "n_heads": heads, "n_kv_heads": max(1, heads // 2),
             "mlp_dim": recipe.dim * 8 // 3, "max_seq_len": recipe.length}
     return {"text": text} if recipe.needle == "image" else {"vision": None, "text": text}
@@ -187,6 +194,9 @@ def run_haystack(out: str | Path, recipe: HaystackRecipe | None = None) -> dict[
         clip_json = write_shapeworld(data, recipe.clip_images, recipe.seed, "clip", **shared)
         clip_test = write_shapeworld(data, 100, recipe.seed, "clip_test", **shared)
     timings["data"] = time.perf_counter() - t0
+    model = out / "instruct" / "model"
+    runs = grids(recipe, model, out / "niah")
+    check_grids(runs, Tokenizer.from_file(data / "tokenizer"), recipe.length)  # before minutes of training
     if recipe.needle == "image":
         stage = Recipe(preset=PRESET, seed=recipe.seed, clip=recipe.clip, progress=recipe.progress)
         vision, clip_eval, timings["clip"] = train_clip_tower(out / "clip", clip_json, clip_test, data,
@@ -197,9 +207,8 @@ def run_haystack(out: str | Path, recipe: HaystackRecipe | None = None) -> dict[
                                  "whiten_projector": vision is not None, "seed": recipe.seed,
                                  "out": out / "instruct", "progress": recipe.progress}))
     timings["train"] = summary["seconds"]
-    model = out / "instruct" / "model"
     t0 = time.perf_counter()
-    reports = {name: run_niah(args, progress=recipe.progress) for name, args in grids(recipe, model, out / "niah")}
+    reports = {name: run_niah(args, progress=recipe.progress) for name, args in runs}
     timings["eval"] = time.perf_counter() - t0
     return {"recipe": to_dict(recipe), "timings": timings, "reports": reports, "model": model, "clip_eval": clip_eval}
 
@@ -213,7 +222,7 @@ def grids(recipe: HaystackRecipe, model: Path, out: Path) -> list[tuple[str, Nia
         kind = grid.removesuffix(LOGN)
         return {"rope_scaling": None if kind == "plain" else f"{kind}:auto", "logn": grid.endswith(LOGN)}
 
-    depths = recipe.image_depths if recipe.needle == "image" else recipe.eval_depths
+    depths = recipe.crowded_depths if recipe.needle == "image" else recipe.eval_depths
     runs = [(grid, NiahArgs(checkpoint=model, needle=recipe.needle, images=recipe.images, scale_images=True,
                             objects=recipe.objects, depths=depths, lengths=recipe.eval_lengths, seed=recipe.seed,
                             samples=recipe.eval_samples if i == 0 else recipe.compare_samples, out=out / grid,
@@ -222,7 +231,19 @@ def grids(recipe: HaystackRecipe, model: Path, out: Path) -> list[tuple[str, Nia
     if recipe.several:
         for name, asked in (("keys", 1), ("questions", recipe.several)):
             grid = f"{recipe.several}-{name}"
-            runs.append((grid, NiahArgs(checkpoint=model, depths=recipe.eval_depths, lengths=("1x", "4x"),
+            runs.append((grid, NiahArgs(checkpoint=model, depths=recipe.crowded_depths, lengths=("1x", "4x"),
                                         keys=recipe.several, questions=asked, samples=recipe.eval_samples,
                                         seed=recipe.seed, out=out / grid, **rope(recipe.grids[0]))))
     return runs
+
+
+def check_grids(runs: list[tuple[str, NiahArgs]], tokenizer: Tokenizer, trained: int) -> None:
+    """Every grid's lengths hold its needles and its shortest prompt has a place for each depth
+    (what `omnilm eval niah` checks once the model exists), for a model trained at `trained`
+    tokens with `tokenizer`."""
+    count = TokenCount(tokenizer, OmniConfig.from_preset(PRESET).image_seq_len)
+    for name, run in runs:
+        try:
+            Grid(run, parse_lengths(run.lengths, trained), depth_grid(run.depths), "shapeworld", count, trained).check()
+        except OmniInputError as e:
+            raise OmniInputError(f"grid {name}: {e}") from None
