@@ -63,8 +63,7 @@ def test_grid_on_an_omnilm_checkpoint(omni_folder, tmp_path, capsys):
     assert all(0 <= float(r["recall"]) <= 1 and float(r["recall"]) == int(r["correct"]) / 2 for r in rows)
     assert (out / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(predictions) == 12 and all(p["length"] - 5 <= p["tokens"] <= p["length"] for p in predictions)
-    assert all(p["answer"].startswith(p["question"].removeprefix("What is ").removesuffix("?") + " is ")
-               and len(p["answer"].split()) == 4 for p in predictions)
+    assert all(p["question"].startswith("What is ") and len(p["answer"].split()) == 2 for p in predictions)
     assert "shapeworld filler" in stdout and "rope linear:2" in stdout and "| **all** | 12 |" in stdout
 
 
@@ -77,7 +76,7 @@ def test_image_needles_on_an_omnilm_checkpoint(omni_folder, tmp_path, capsys):
     rows, predictions = read_grid(out)
     assert [(r["depth"], r["samples"]) for r in rows] == [("0.0", "2"), ("1.0", "2")]
     assert all(p["question"].startswith("In the images, what") and p["images"] == 3 for p in predictions)
-    assert all(p["answer"].startswith("the ") and p["answer"].split()[-1] in COLOURS + SHAPES for p in predictions)
+    assert all(p["answer"] in COLOURS + SHAPES for p in predictions)
 
 
 def test_several_questions_are_asked_turn_by_turn_after_the_models_own_answers(omni_folder, tmp_path, capsys,
@@ -108,7 +107,7 @@ def test_several_questions_are_asked_turn_by_turn_after_the_models_own_answers(o
         assert first.count("remember: ") == 3 and second.startswith(first)  # the same haystack, continued
         rest = second[len(first):].strip()  # decoded without </s>
         assert rest == f"red circleUSER: {q['question']} ASSISTANT:"
-    assert all(p["correct"] == p["answer"].endswith(" is red circle") for p in predictions)  # the bare value scores
+    assert all(p["correct"] == (p["answer"] == "red circle") for p in predictions)
     assert f"| **all** | 8 | {sum(p['correct'] for p in predictions) / 8:.1%}" in stdout
 
 

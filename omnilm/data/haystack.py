@@ -6,7 +6,7 @@ of the haystack and only the needle is new:
 
     filler    captions of random scenes: "a large red circle at the top left and a small ..."
     needle    "remember: <key> is <colour> <shape>." with a nonsense key drawn per record
-    question  "What is <key>?"  ->  "<key> is <colour> <shape>"
+    question  "What is <key>?"  ->  "<colour> <shape>"
 
 Several keys make the unasked ones distractors (RULER's multi-key needles). Several questions
 make a multi-turn chat: the haystack and the first question in the first human turn, one more
@@ -15,8 +15,7 @@ eval` scores it turn by turn, and training supervises every answer of a sequence
 supervision, as MQAR in the Zoology paper). Image needles put F ShapeWorld images among the
 filler, labelled "Image 1:", "Image 2:", ..., one of them showing the only shape of its kind (or
 the only one of its colour) in the prompt, and ask about it: "In the images, what colour is the
-triangle?" -> "the triangle is red", "In the images, what shape is the green one?" -> "the green
-one is a square", an answer exact match scores. Several questions
+triangle?" -> "red", "In the images, what shape is the green one?" -> "square", an answer exact match scores. Several questions
 ask about several such images, each unique in its own way. For models that never saw ShapeWorld (a Hugging Face LLaMA), the
 filler can be plain English sentences from a small built-in vocabulary instead.
 
@@ -54,7 +53,7 @@ from PIL import Image
 
 from omnilm.data.chat import render_chat
 from omnilm.data.llava_json import write_records
-from omnilm.data.shapeworld.scenes import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, article, caption,
+from omnilm.data.shapeworld.scenes import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, caption,
                                            generate_scene, render)
 from omnilm.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from omnilm.errors import OmniInputError
@@ -165,8 +164,7 @@ class Haystack(NamedTuple):
     conversations: list[dict]  # LLaVA turns: the haystack and the first question in the first human turn
     images: list[Image.Image]  # in marker order
     scenes: list[Scene]  # what each image shows, in marker order
-    answers: list[str]  # one per question, in order: the asked fact restated, "tovadik is green square"
-    values: list[str]  # the bare answers ("green square"), which a scorer may accept as well
+    answers: list[str]  # one per question, in order
     depths: list[float]  # where each asked needle sits in the filler (0 start, 1 end), in question order
     n_tokens: int  # the length as `TokenCount` counts it
     n_filler: int  # whole filler sentences
@@ -178,7 +176,6 @@ class _Needles(NamedTuple):
     asked: list[int]  # the pieces the questions ask about, in question order
     questions: list[str]  # in question order
     answers: list[str]  # in question order
-    values: list[str]  # the answers' bare values
     images: list[Image.Image]  # one per None piece, in piece order
     scenes: list[Scene]  # what each image shows
 
@@ -217,7 +214,6 @@ def build_haystack(rng: random.Random, count: TokenCount, length: int, *, needle
         turns = _turns(context, made.questions, made.answers, prompt)
         order = sorted(numbers, key=numbers.get)  # image pieces in marker order
         return Haystack(turns, [made.images[i] for i in order], [made.scenes[i] for i in order], made.answers,
-                        made.values,
                         [placed[i] for i in made.asked], count.chat(turns, prompt), k)
 
     def draw(n: int) -> None:
@@ -258,12 +254,8 @@ def _text_needles(rng: random.Random, keys: int, questions: int, split: str) -> 
     names = draw_keys(rng, keys, split)
     values = [f"{rng.choice(COLOURS)} {rng.choice(SHAPES)}" for _ in names]
     asked = rng.sample(range(keys), questions)
-    # The answer restates the key ("tovadik is green square"), so that the value follows the same
-    # words in the answer as in the needle: the pattern an induction head completes (Olsson et al.
-    # 2022), as RULER's prompts end with "The special magic number for <key> is".
     return _Needles([f"remember: {key} is {value}." for key, value in zip(names, values)], [], asked,
-                    [f"What is {names[i]}?" for i in asked], [f"{names[i]} is {values[i]}" for i in asked],
-                    [values[i] for i in asked], [], [])
+                    [f"What is {names[i]}?" for i in asked], [values[i] for i in asked], [], [])
 
 
 def _image_needles(rng: random.Random, n_images: int, questions: int, objects: int | None,
@@ -292,15 +284,13 @@ def _image_needles(rng: random.Random, n_images: int, questions: int, objects: i
                for _ in range(n_images - questions)]
     images = [render(scene, image_size, rng) for scene in scenes]
     asked = rng.sample(range(questions), questions)
-    asks, answers, values = [], [], []
+    asks, answers = [], []
     for i in asked:
         kind, value = wanted[i]
         obj = next(obj for obj in scenes[i] if getattr(obj, kind) == value)
         asks.append(IMAGE_QUESTIONS[kind].format(value=value))
-        values.append(obj.colour if kind == "shape" else obj.shape)
-        answers.append(f"the {value} is {obj.colour}" if kind == "shape" else
-                       f"the {value} one is {article(obj.shape)} {obj.shape}")
-    return _Needles([None] * n_images, [], asked, asks, answers, values, images, scenes)
+        answers.append(obj.colour if kind == "shape" else obj.shape)
+    return _Needles([None] * n_images, [], asked, asks, answers, images, scenes)
 
 
 def _scene_where(rng: random.Random, ok: Callable[[Scene], bool], objects: int | None = None) -> Scene:

@@ -4,8 +4,7 @@ For every context length (prompt tokens in the model's own tokenizer, chat templ
 prompt included) and each of D evenly spaced depths (11: 0%, 10%, ..., 100%), N prompts are built
 by `omnilm.data.haystack.build_haystack` with a needle at that depth and a question after the
 haystack, answered greedily, and scored by exact match after `normalize_answer`, as `omnilm
-eval` scores: the answer restating the fact ("tovadik is green square", as omnilm's haystack
-records train) or its bare value ("green square"). `--keys K` hides K text needles (the unasked ones distractors, RULER's multi-key
+eval` scores. `--keys K` hides K text needles (the unasked ones distractors, RULER's multi-key
 task); `--questions Q` asks Q of them, one a turn, each after the model's own earlier answers,
 and scores every answer. Every prompt has its own generator, so a cell's prompts are independent
 samples and the same flags give the same prompts. Written to the output folder:
@@ -295,8 +294,7 @@ class Grid:
                                     "needle_depth": round(hay.depths[k], 4),
                                     "question": chat[-2]["value"].rsplit("\n", 1)[-1], "answer": answer,
                                     "prediction": prediction,
-                                    "correct": normalize_answer(prediction) in {normalize_answer(answer),
-                                                                                normalize_answer(hay.values[k])}})
+                                    "correct": normalize_answer(prediction) == normalize_answer(answer)})
         return predictions
 
 

@@ -71,7 +71,7 @@ class HaystackRecipe:
     vocab_size: int = setting(512, "the BPE's vocabulary")
     llm_layers: int = setting(2, "decoder layers")
     dim: int = setting(128, "decoder width")
-    head_dim: int = setting(16, "width of each attention head: dim / head_dim query heads, half as many key/value "
+    head_dim: int = setting(32, "width of each attention head: dim / head_dim query heads, half as many key/value "
                                 "heads")
     clip_images: int = setting(8000, "--needle image: single-object scenes the vision tower's CLIP stage trains on")
     clip: Hyperparams = setting(help="--needle image: the vision tower's CLIP stage (the demo's)",
