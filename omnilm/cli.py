@@ -1,7 +1,7 @@
 """The `omnilm` command line: thin wrappers over the library.
 
     omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, ~9 min on 2 cores
-    omnilm demo-haystack [--needle image]         # long context: retrieval trained at 256 tokens, NIAH grids (~13 min)
+    omnilm demo-haystack [--needle image]         # long context: retrieval trained at 256 tokens, NIAH grids (~10 min)
     omnilm data shapeworld --out DIR --n N --seed S --split train|test
     omnilm data haystack OUT --length L [--tokenizer DIR] [--keys K --questions Q] [--needle text|image]
     omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, Recipe)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("demo-haystack", help="a small model learns to retrieve facts from its prompt; needle-in-a-"
-                                             "haystack grids far past its training length (about 13 minutes)",
+                                             "haystack grids far past its training length (about 10 minutes)",
                        description="Long context on ShapeWorld: haystack records (omnilm data haystack), a BPE, a small "
                                    "decoder trained at 256 tokens with PoSE positions, then omnilm eval niah grids "
                                    "to 16x that length, with log-n attention scaling and each RoPE scaling, and with "

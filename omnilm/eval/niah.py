@@ -33,6 +33,7 @@ import io
 import json
 import random
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
@@ -354,7 +355,7 @@ def plot_heatmap(rows: list[dict], png: str | Path, title: str) -> None:
     ax.set_yticks(range(len(depths)), labels=[f"{d:.0%}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(title, fontsize=8, wrap=True)
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)
     fig.colorbar(image, ax=ax, label="recall")
     fig.tight_layout()
     atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))

@@ -1,6 +1,6 @@
 """A small model learns to retrieve from its prompt, then is measured far past its training length.
 
-`omnilm demo-haystack` runs it (text needles, about 13 minutes on 2 CPU cores; `--needle image`
+`omnilm demo-haystack` runs it (text needles, about 10 minutes on 2 CPU cores; `--needle image`
 for image needles). Why each default is what it is, with the runs that chose it:
 docs/long-context.md, "Results". Everything lands under `out/`:
 
