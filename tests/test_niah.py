@@ -216,8 +216,8 @@ def test_the_haystack_recipe_end_to_end_in_miniature(tmp_path):
     trained on them, a text-only decoder trained with randomized positions, and a grid per RoPE
     choice."""
     recipe = HaystackRecipe(n_train=48, keys=4, questions=4, grids=("yarn+logn", "plain", "linear"),
-                            eval_lengths=("1x", "2x"), eval_depths=3, crowded_depths=3, eval_samples=2, compare_samples=1, several=2,
-                            progress=False,
+                            eval_lengths=("1x", "2x"), eval_depths=3, crowded_depths=3, eval_samples=2,
+                            compare_samples=1, several=2, progress=False,
                             training=Hyperparams(steps=3, batch_size=8, lr=1e-3, warmup=1, random_positions=4))
     result = run_haystack(tmp_path, recipe)
     records = json.loads((tmp_path / "data" / "train.json").read_text())

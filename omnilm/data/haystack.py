@@ -15,9 +15,10 @@ eval` scores it turn by turn, and training supervises every answer of a sequence
 supervision, as MQAR in the Zoology paper). Image needles put F ShapeWorld images among the
 filler, labelled "Image 1:", "Image 2:", ..., one of them showing the only shape of its kind (or
 the only one of its colour) in the prompt, and ask about it: "In the images, what colour is the
-triangle?" -> "red", "In the images, what shape is the green one?" -> "square", an answer exact match scores. Several questions
-ask about several such images, each unique in its own way. For models that never saw ShapeWorld (a Hugging Face LLaMA), the
-filler can be plain English sentences from a small built-in vocabulary instead.
+triangle?" -> "red", "In the images, what shape is the green one?" -> "square", answers exact
+match scores. Several questions ask about several such images, each unique in its own way. For
+models that never saw ShapeWorld (a Hugging Face LLaMA), the filler can be plain English
+sentences from a small built-in vocabulary instead.
 
 Lengths are counted as the model reads them (`TokenCount`): the chat rendered with the template
 and system prompt, tokenized with BOS, each image as `image_seq_len` tokens; without a tokenizer,
@@ -85,6 +86,9 @@ _FILLER_WORDS = frozenset(
     + [word for phrase in (*COLOURS, *SHAPES, *SIZES, *CELLS) for word in phrase.split()] + ["and", "at", "the"])
 
 MAX_IMAGE_QUESTIONS = 3  # image needles asked per prompt: each asked property leaves others for the rest
+NEEDLE_HELP = ("text: 'remember: <key> is <colour> <shape>.' asked as 'What is <key>?'; image: --images ShapeWorld "
+               "images, one holding the only shape of its kind (or colour), asked 'In the images, what colour is "
+               "the triangle?' (or '... what shape is the red one?')")
 # A needle object is the only one with its shape (asked for its colour) or its colour (asked for its shape).
 # "In the images": the filler's captions name shapes and colours too.
 IMAGE_QUESTIONS = {"shape": "In the images, what colour is the {value}?",
@@ -369,11 +373,7 @@ class HaystackSpec:
                                            "data/tokenizer) to count --length in")
     image_tokens: int = setting(9, "tokens each image takes in --length (default 9: the tiny preset's 96 px images "
                                    "in 32 px patches)")
-    needle: str = setting("text", "text: 'remember: <key> is <colour> <shape>.' asked as 'What is <key>?'; image: "
-                                  "--images images, one holding the only shape of its kind (or colour) in the record, "
-                                  "asked 'In the images, what colour is the triangle?' (or '... what shape is the red "
-                                  "one?')",
-                          choices=NEEDLES)
+    needle: str = setting("text", NEEDLE_HELP, choices=NEEDLES)
     keys: int = setting(1, "text needles per record, each with its own nonsense key")
     questions: int = setting(1, "needles asked per record, one a turn: a multi-turn chat whose every answer is "
                                 "supervised; text: at most --keys; image: images each unique in its own way, at "

@@ -40,8 +40,8 @@ from statistics import NormalDist
 
 from omnilm.config import TextConfig
 from omnilm.data.collate import to_device
-from omnilm.data.haystack import (FILLERS, MAX_IMAGE_QUESTIONS, NEEDLES, TokenCount, build_haystack, check_choices,
-                                  check_image_needles)
+from omnilm.data.haystack import (FILLERS, MAX_IMAGE_QUESTIONS, NEEDLE_HELP, NEEDLES, TokenCount, build_haystack,
+                                  check_choices, check_image_needles)
 from omnilm.data.processor import Processor
 from omnilm.errors import OmniInputError
 from omnilm.eval.vqa import normalize_answer
@@ -70,10 +70,7 @@ class NiahArgs:
     depths: int = setting(11, "needle depths, evenly spaced from 0 (start of the haystack) to 1 (just before the "
                               "question): 11 is every 10%")
     samples: int = setting(20, "prompts per length and depth, each with its own key (or images) and filler")
-    needle: str = setting("text", "text: 'remember: <key> is <colour> <shape>.' asked as 'What is <key>?'; image: "
-                                  "--images ShapeWorld images, one holding the only shape of its kind (or colour), "
-                                  "asked 'In the images, what colour is the triangle?' (models with a vision tower)",
-                          choices=NEEDLES)
+    needle: str = setting("text", NEEDLE_HELP + " (models with a vision tower)", choices=NEEDLES)
     keys: int = setting(1, "text needles per prompt, each with its own key: the unasked ones are distractors")
     questions: int = setting(1, "needles asked per prompt, one a turn, each turn after the model's own earlier "
                                 "answers; every answer is scored (text: at most --keys; image: at most "
@@ -214,7 +211,8 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "niah.csv")
     write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-    scaling = (run.rope_scaling or _shown_scaling(config.text.rope_scaling)) + (" + log-n attention" if run.logn else "")
+    scaling = run.rope_scaling or _shown_scaling(config.text.rope_scaling)
+    scaling += " + log-n attention" if run.logn else ""
     needles = run.needle
     if run.needle == "text" and run.keys > 1:
         needles = f"text, {run.keys} keys, {run.questions} asked"
