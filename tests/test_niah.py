@@ -120,8 +120,10 @@ def test_images_grow_with_the_length_with_scale_images(omni_folder):
     processor = Processor.for_model(config, omni_folder)
     count = hs.TokenCount(processor.tokenizer, processor.image_seq_len)
     for scale, expected in ((False, [3, 3]), (True, [3, 6])):
-        run = NiahArgs(checkpoint=omni_folder, needle="image", images=3, scale_images=scale, objects=2)
-        grid = Grid(run, [256, 512], [0.5], "shapeworld", count, trained=256)
+        run = NiahArgs(checkpoint=omni_folder, needle="image", images=3, scale_images=scale, objects=2,
+                       lengths=("256", "512"))
+        grid = Grid(run, "shapeworld", count, trained=256)
+        assert grid.lengths == [256, 512]
         hays = [grid.prompt(length, 0.5, 0) for length in (256, 512)]
         assert [len(h.images) for h in hays] == expected and all(len(s) == 2 for h in hays for s in h.scenes)
 

@@ -192,11 +192,10 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
                              "use --needle text")
     processor = Processor.for_model(config, run.checkpoint)
     trained = config.text.max_seq_len
-    lengths = parse_lengths(run.lengths, trained)
     filler = default_filler(run.checkpoint) if run.filler == "auto" else run.filler
-    grid = Grid(run, lengths, depth_grid(run.depths), filler, TokenCount(processor.tokenizer, processor.image_seq_len),
-                trained)
+    grid = Grid(run, filler, TokenCount(processor.tokenizer, processor.image_seq_len), trained)
     grid.check()
+    lengths = grid.lengths
     model = OmniModel.from_pretrained(run.checkpoint, device=resolve_device(run.device), dtype=run.dtype).eval()
     scaling = parse_rope_scaling(run.rope_scaling) if run.rope_scaling else None
     if scaling is not None and scaling["factor"] == AUTO:
@@ -234,10 +233,12 @@ def _shown_scaling(scaling: dict | None) -> str:
 class Grid:
     """The prompts of every (length, depth, sample), each from a generator of its own."""
 
-    def __init__(self, run: NiahArgs, lengths: list[int], depths: list[float], filler: str, count: TokenCount,
-                 trained: int = 1):
-        self.run, self.lengths, self.depths, self.filler, self.count = run, lengths, depths, filler, count
-        self.trained = trained  # the checkpoint's max_seq_len: TYPE:auto scalings divide each length by it
+    def __init__(self, run: NiahArgs, filler: str, count: TokenCount, trained: int):
+        """`run`'s lengths (its Nx multiples of `trained`, the checkpoint's max_seq_len) and depths,
+        with prompts of `filler` measured by `count`."""
+        self.run, self.filler, self.count = run, filler, count
+        self.lengths, self.depths = parse_lengths(run.lengths, trained), depth_grid(run.depths)
+        self.trained = trained  # TYPE:auto scalings divide each length by it
         self.scale_each_length = False
 
     def images(self, length: int) -> int:

@@ -35,7 +35,7 @@ from omnilm.data.llava_json import write_records
 from omnilm.data.shapeworld import write_shapeworld
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.errors import OmniInputError
-from omnilm.eval.niah import MAX_DEPTHS, ROPE_SCALINGS, Grid, NiahArgs, depth_grid, parse_lengths, run_niah
+from omnilm.eval.niah import MAX_DEPTHS, ROPE_SCALINGS, Grid, NiahArgs, run_niah
 from omnilm.recipes.recipe import Recipe, train_clip_tower
 from omnilm.settings import check_output_folder, check_range, check_seed, setting, to_dict
 from omnilm.train import Hyperparams, TrainArgs, train
@@ -244,6 +244,6 @@ def check_grids(runs: list[tuple[str, NiahArgs]], tokenizer: Tokenizer, trained:
     count = TokenCount(tokenizer, OmniConfig.from_preset(PRESET).image_seq_len)
     for name, run in runs:
         try:
-            Grid(run, parse_lengths(run.lengths, trained), depth_grid(run.depths), "shapeworld", count, trained).check()
+            Grid(run, "shapeworld", count, trained).check()
         except OmniInputError as e:
             raise OmniInputError(f"grid {name}: {e}") from None
