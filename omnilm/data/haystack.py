@@ -54,7 +54,7 @@ from PIL import Image
 
 from omnilm.data.chat import render_chat
 from omnilm.data.llava_json import write_records
-from omnilm.data.shapeworld.scenes import (CELLS, COLOURS, IMAGE_SIZE, SHAPES, SIZES, Scene, caption,
+from omnilm.data.shapeworld.scenes import (CELLS, COLOURS, IMAGE_SIZE, MAX_OBJECTS, SHAPES, SIZES, Scene, caption,
                                            generate_scene, render)
 from omnilm.data.tokenizer import IMAGE_TOKEN, Tokenizer
 from omnilm.errors import OmniInputError
@@ -414,7 +414,7 @@ def check_image_needles(settings) -> None:
     check_range(settings, ("images",), low=2, what=": one needle image and at least one other")
     check_range(settings, ("questions",), 1, min(MAX_IMAGE_QUESTIONS, settings.images),
                 what=f": one asked image each, each unique in its own way (at most {MAX_IMAGE_QUESTIONS})")
-    check_range(settings, ("objects",), 1, 4)
+    check_range(settings, ("objects",), 1, MAX_OBJECTS)
 
 
 def check_choices(settings, fillers: tuple[str, ...] = FILLERS) -> None:

@@ -32,7 +32,7 @@ from omnilm.config import OmniConfig
 from omnilm.data import train_tokenizer
 from omnilm.data.haystack import MAX_IMAGE_QUESTIONS, NEEDLES, TokenCount, make_record
 from omnilm.data.llava_json import write_records
-from omnilm.data.shapeworld import write_shapeworld
+from omnilm.data.shapeworld import MAX_OBJECTS, write_shapeworld
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.errors import OmniInputError
 from omnilm.eval.niah import MAX_DEPTHS, ROPE_SCALINGS, Grid, NiahArgs, run_niah
@@ -102,7 +102,7 @@ class HaystackRecipe:
             raise OmniInputError(f"--dim {self.dim} is not a multiple of an even --head-dim {self.head_dim}: give "
                                  "a width that whole heads make up, e.g. --dim 128 --head-dim 32")
         check_range(self, ("images",), low=2)
-        check_range(self, ("objects",), 1, 4)
+        check_range(self, ("objects",), 1, MAX_OBJECTS)
         check_range(self, ("text_share",), 0, 1)
         check_range(self, ("several",), low=0)
         check_range(self, ("eval_depths", "crowded_depths"), 2, MAX_DEPTHS)

@@ -20,9 +20,9 @@ from omnilm.data.shapeworld.multi import (IMAGE_LAYOUTS, MAX_TOTAL, MULTI_FAMILI
 from omnilm.data.shapeworld.questions import (FAMILIES, FAMILY_WEIGHTS, P_SINGLE_TURN, QUESTION_MIXES, TEMPLATES, ask,
                                               can_ask, pick_families, refer)
 from omnilm.data.shapeworld.records import CAPTION_PROMPTS, Example, ShapeWorldSpec, make_example, write_shapeworld
-from omnilm.data.shapeworld.scenes import (ANSWERS, CELLS, COLOUR_RGB, COLOURS, IMAGE_SIZE, JITTER, ORDINALS, PLURALS,
-                                           SHAPES, SIZE_FRACTION, SIZES, Obj, Scene, caption, example_rng,
-                                           generate_scene, render)
+from omnilm.data.shapeworld.scenes import (ANSWERS, CELLS, COLOUR_RGB, COLOURS, IMAGE_SIZE, JITTER, MAX_OBJECTS,
+                                           ORDINALS, PLURALS, SHAPES, SIZE_FRACTION, SIZES, Obj, Scene, caption,
+                                           example_rng, generate_scene, render)
 
 __all__ = [
     "ANSWERS",
@@ -36,6 +36,7 @@ __all__ = [
     "IMAGE_LAYOUTS",
     "IMAGE_SIZE",
     "JITTER",
+    "MAX_OBJECTS",
     "MAX_TOTAL",
     "MULTI_FAMILIES",
     "MULTI_TEMPLATES",

@@ -22,7 +22,7 @@ from PIL import Image
 from omnilm.data.llava_json import write_records
 from omnilm.data.shapeworld.multi import is_multi_image, make_multi_example
 from omnilm.data.shapeworld.questions import QUESTION_MIXES, ask, pick_families
-from omnilm.data.shapeworld.scenes import IMAGE_SIZE, JITTER, Scene, caption, example_rng, generate_scene, render
+from omnilm.data.shapeworld.scenes import IMAGE_SIZE, JITTER, MAX_OBJECTS, Scene, caption, example_rng, generate_scene, render
 from omnilm.errors import OmniInputError
 from omnilm.settings import setting
 
@@ -87,7 +87,7 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
         raise OmniInputError(f"n is {n}: ask for zero or more examples")
     if not 0 <= jitter <= 1:
         raise OmniInputError(f"jitter is {jitter}: use 0 (shapes centred in their cells) to 1 (anywhere in the cell)")
-    if n_objects is not None and not 1 <= n_objects <= 4:
+    if n_objects is not None and not 1 <= n_objects <= MAX_OBJECTS:
         raise OmniInputError(f"n_objects is {n_objects}: a scene holds 1 to 4 objects (or leave it unset for a mix)")
     if questions not in QUESTION_MIXES:
         raise OmniInputError(f"questions={questions!r}: use 'mixed' (1 to 4 families per image) or 'all' (every family)")

@@ -51,6 +51,7 @@ ORDINALS = ("first", "second", "third", "fourth")
 ANSWERS = frozenset(COLOURS + SHAPES + CELLS + ("yes", "no") + tuple("0123456789") + ORDINALS)
 
 # The one default world, the demo's: the tiny preset's input size, so images go in as drawn.
+MAX_OBJECTS = 4  # a scene holds 1 to this many objects
 IMAGE_SIZE = 96
 # Shapes near their cell's centre, as the tiny ViT sees each cell as one 32 px patch and is not
 # translation-invariant inside it (docs/shapeworld-recipe.md, "Second round").
@@ -91,7 +92,7 @@ def example_rng(split: str, seed: int, index: int) -> random.Random:
 def generate_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
     """1 to 4 objects (uniform) in distinct cells, sorted in reading order. No two objects
     share shape, colour and size all three, so the full description always picks one out."""
-    n = n_objects if n_objects is not None else rng.randint(1, 4)
+    n = n_objects if n_objects is not None else rng.randint(1, MAX_OBJECTS)
     cells = sorted(rng.sample(range(9), n))
     seen, objects = set(), []
     for cell in cells:
