@@ -144,15 +144,15 @@ def write_data(data: Path, recipe: HaystackRecipe) -> Path:
         shapes.append((rng.randint(shortest, recipe.length), image, n, asked))
 
     def record(i: int, count: TokenCount, length: int, image: bool, n: int, asked: int) -> tuple[dict, list]:
-        # A short record holds fewer needles: as many of the drawn ones as fit (each with its question).
-        for k in range(n, 1 if image else 0, -1):
+        # A short record holds fewer needles: as many of the drawn ones as fit (each with its question),
+        # down to the fewest a record has (two images: the needle and another; one text needle).
+        fewest = 2 if image else 1
+        for k in range(n, fewest - 1, -1):
+            needles = dict(needle="image", n_images=k, objects=recipe.objects) if image else dict(keys=k)
             try:
-                if image:
-                    return make_record(i, recipe.seed, "train", count, length, needle="image", n_images=k,
-                                       questions=min(k, asked), objects=recipe.objects)
-                return make_record(i, recipe.seed, "train", count, length, keys=k, questions=min(k, asked))
+                return make_record(i, recipe.seed, "train", count, length, questions=min(k, asked), **needles)
             except OmniInputError:
-                if k == (2 if image else 1):
+                if k == fewest:
                     raise
         raise AssertionError("unreachable")
 
