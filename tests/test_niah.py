@@ -262,7 +262,8 @@ def test_the_image_needle_recipe_in_miniature(tmp_path):
     result = run_haystack(tmp_path, recipe)
     records = json.loads((tmp_path / "data" / "train.json").read_text())
     tasks = [r["task"] for r in records]
-    assert 10 <= tasks.count("niah_image") <= 30 and tasks.count("niah_text") == 40 - tasks.count("niah_image")
+    # --text-share 0.1: about 36 image records of 40, the rest text
+    assert 28 <= tasks.count("niah_image") <= 39 and tasks.count("niah_text") == 40 - tasks.count("niah_image")
     assert all((tmp_path / "data" / name).is_file() for r in records for name in r.get("image", []))
     assert all(2 <= len(r["image"]) <= 4 and 128 - 8 <= r["n_tokens"] <= 256 for r in records if "image" in r)
     assert json.loads((tmp_path / "instruct" / "model" / "omnilm.json").read_text())["vision"] is not None
