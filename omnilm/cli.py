@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "decoder trained at 256 tokens with PoSE positions, then omnilm eval niah grids "
                                    "to 16x that length, with log-n attention scaling and each RoPE scaling, and with "
                                    "several keys and questions. --needle image trains a CLIP tower first and hides "
-                                   "images. See docs/long-context.md.")
+                                   "images (give it --training-steps 2000: 100% at 1x, 97.5% with 4x as many images). "
+                                   "See docs/long-context.md.")
     p.add_argument("--out", default="runs/haystack", help="output folder (default runs/haystack)")
     add_flags(p, HaystackRecipe)
     p.set_defaults(func=cmd_demo_haystack)

@@ -1,8 +1,8 @@
 """A small model learns to retrieve from its prompt, then is measured far past its training length.
 
-`omnilm demo-haystack` runs it (text needles, about 10 minutes on 2 CPU cores; `--needle image
---training-steps 2000` for image needles, about 13). Why each default is what it is, with the runs that chose it:
-docs/long-context.md, "Results". Everything lands under `out/`:
+`omnilm demo-haystack` runs it (text needles, about 10 minutes on 2 CPU cores; image needles
+with `--needle image --training-steps 2000`). Why each default is what it is, with the runs that
+chose it: docs/long-context.md, "Results". Everything lands under `out/`:
 
     out/data/        train.json: haystack records of `min_length` to `length` tokens, up to `keys`
                      text needles each, all asked as a multi-turn chat (every answer supervised), or
@@ -53,7 +53,7 @@ class HaystackRecipe:
     seed: int = setting(0, "seed of the data, the weights and the batch order")
     needle: str = setting("text", "text: the model learns text needles ('remember: <key> is <colour> <shape>.'); "
                                   "image: a CLIP-trained tower and image needles among the filler, with text needles "
-                                  "in --text-share of the records", choices=NEEDLES)
+                                  "in --text-share of the records (give it --training-steps 2000)", choices=NEEDLES)
     length: int = setting(256, "training length L in tokens: the longest record, and the model's max_seq_len")
     min_length: int = setting(64, "the shortest training record: lengths are drawn uniformly from here to L")
     n_train: int = setting(6000, "training records")
