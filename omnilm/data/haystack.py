@@ -379,7 +379,8 @@ class HaystackSpec:
                                 "supervised; text: at most --keys; image: images each unique in its own way, at "
                                 f"most {MAX_IMAGE_QUESTIONS}")
     images: int = setting(4, "images per record with --needle image", metavar="F")
-    objects: int | None = setting(None, "shapes per image with --needle image, 1 to 4 (default: 1 to 4 at random)")
+    objects: int | None = setting(None, f"shapes per image with --needle image, 1 to {MAX_OBJECTS} (default: 1 to "
+                                        f"{MAX_OBJECTS} at random)")
     depth: float | None = setting(None, "where the first asked needle sits, 0 (start of the filler) to 1 (end); "
                                         "default: uniform at random, as every other needle")
     filler: str = setting("shapeworld", "shapeworld: captions of random scenes; english: sentences from a small "

@@ -63,7 +63,7 @@ class HaystackRecipe:
     images: int = setting(4, "most images per image-needle record (each draws 2 to this many, 1 to "
                              f"{MAX_IMAGE_QUESTIONS} of them asked about); the grids put this many in L tokens, and "
                              "as many more as a prompt is longer")
-    objects: int = setting(1, "shapes per haystack image (1 to 4)")
+    objects: int = setting(1, f"shapes per haystack image (1 to {MAX_OBJECTS})")
     text_share: float = setting(0.1, "--needle image: the share of training records with text needles instead (at "
                                      "0.5 the image needles stayed near 64% at 1x: docs/long-context.md)")
     system_prompt: str = setting("Answer from the prompt.", "the chat's system prompt, saved with the tokenizer ('' "

@@ -22,7 +22,8 @@ from PIL import Image
 from omnilm.data.llava_json import write_records
 from omnilm.data.shapeworld.multi import is_multi_image, make_multi_example
 from omnilm.data.shapeworld.questions import QUESTION_MIXES, ask, pick_families
-from omnilm.data.shapeworld.scenes import IMAGE_SIZE, JITTER, MAX_OBJECTS, Scene, caption, example_rng, generate_scene, render
+from omnilm.data.shapeworld.scenes import (IMAGE_SIZE, JITTER, MAX_OBJECTS, Scene, caption, example_rng, generate_scene,
+                                           render)
 from omnilm.errors import OmniInputError
 from omnilm.settings import setting
 
@@ -88,7 +89,8 @@ def write_shapeworld(out_dir: str | Path, n: int, seed: int, split: str, image_s
     if not 0 <= jitter <= 1:
         raise OmniInputError(f"jitter is {jitter}: use 0 (shapes centred in their cells) to 1 (anywhere in the cell)")
     if n_objects is not None and not 1 <= n_objects <= MAX_OBJECTS:
-        raise OmniInputError(f"n_objects is {n_objects}: a scene holds 1 to 4 objects (or leave it unset for a mix)")
+        raise OmniInputError(f"n_objects is {n_objects}: a scene holds 1 to {MAX_OBJECTS} objects (or leave it "
+                             "unset for a mix)")
     if questions not in QUESTION_MIXES:
         raise OmniInputError(f"questions={questions!r}: use 'mixed' (1 to 4 families per image) or 'all' (every family)")
     if not 0 <= multi_image <= 1:
@@ -127,7 +129,7 @@ class ShapeWorldSpec:
                                       "split) or of all of them (all: its training split); all also follows each "
                                       "multi-image question with every other multi-image family its images answer",
                              choices=QUESTION_MIXES)
-    n_objects: int | None = setting(None, "objects per scene, 1-4 (default: a mix of 1 to 4)")
+    n_objects: int | None = setting(None, f"objects per scene, 1-{MAX_OBJECTS} (default: a mix of 1 to {MAX_OBJECTS})")
     multi_image: float = setting(0.0, "fraction of examples with 2 to 4 interleaved images and multi-image questions",
                                  metavar="P")
 
