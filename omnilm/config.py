@@ -29,6 +29,7 @@ MAX_WIDTH = 2**20  # dim, mlp_dim, head_dim, expert_dim, embed_dim
 MAX_VOCAB = 2**24  # vocab_size, token ids
 MAX_COUNT = 2**14  # layers, heads, experts, latents
 MAX_POSITIONS = 2**30  # max_seq_len (no table of that size is built)
+MAX_KERNEL = 64  # token_conv: a short convolution, a few tokens
 MAX_IMAGE = 2**16  # image_size, patch_size in pixels
 
 
@@ -182,6 +183,10 @@ class TextConfig:
     # None, or a length n0: the query at position p > n0 is multiplied by log(p + 1) / log(n0), so
     # that attention stays as sharp over more keys as over the n0 the model was trained with.
     logn_attention: int | None = None
+    # A short causal depthwise convolution over each layer's attention input, added to it (omnilm's
+    # own: layers.TokenConv, a Canon layer): 0 none, or its kernel in tokens (4 lets one layer of
+    # attention match a key a few tokens before its value). Not a LLaMA feature: no HF export.
+    token_conv: int = 0
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
@@ -239,6 +244,7 @@ class TextConfig:
             _check_int(f"text.{name}", getattr(self, name), hi=hi)
         _check_int("text.head_dim", self.head_dim, optional=True)
         _check_int("text.logn_attention", self.logn_attention, optional=True, lo=2, hi=MAX_POSITIONS)
+        _check_int("text.token_conv", self.token_conv, lo=0, hi=MAX_KERNEL)
         _check_int("text.expert_dim", self.expert_dim, optional=True)
         self.norm_eps = _check_number("text.norm_eps", self.norm_eps, positive=True)
         self.rope_theta = _check_number("text.rope_theta", self.rope_theta, positive=True)

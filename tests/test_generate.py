@@ -18,9 +18,19 @@ tf = pytest.importorskip("transformers")
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def tiny_model() -> OmniModel:
+def tiny_model(token_conv: int = 0) -> OmniModel:
     torch.manual_seed(0)
-    return OmniModel.from_preset("tiny", text=dict(n_layers=2), vision=dict(n_layers=2)).eval()
+    model = OmniModel.from_preset("tiny", text=dict(n_layers=2, token_conv=token_conv), vision=dict(n_layers=2))
+    return with_random_convs(model).eval()
+
+
+def with_random_convs(model: OmniModel) -> OmniModel:
+    """Token convolutions start at zero (the identity): give them weights that change the logits."""
+    with torch.no_grad():
+        for layer in model.llm.layers:
+            if layer.token_conv is not None:
+                layer.token_conv.weight.normal_(std=0.5)
+    return model
 
 
 def tiny_batch(model: OmniModel):
@@ -86,9 +96,10 @@ def _assert_same_greedy(hf_model, ours: OmniModel, prompt_len: int, **inputs) ->
 # --- 1. cached decoding equals the full forward -----------------------------------------------
 
 
+@pytest.mark.parametrize("token_conv", [0, 4])
 @pytest.mark.parametrize("padded", [True, False])
-def test_prefill_and_decode_equal_full_forward(padded):
-    model = tiny_model()
+def test_prefill_and_decode_equal_full_forward(padded, token_conv):
+    model = tiny_model(token_conv)
     ids, pixels, mask = tiny_batch(model)
     if not padded:  # one prompt, no attention_mask: the path of a single chat
         ids, pixels, mask = ids[:1], pixels[:2], None
@@ -324,13 +335,17 @@ def test_generate_restores_training_flags_and_needs_no_grad():
 # --- chunked prefill ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("token_conv", [0, 4])
 @pytest.mark.parametrize("chunk, length", [(1, 50), (7, 201), (64, 650), (1024, 1500)])
-def test_chunked_prefill_then_decoding_equals_one_full_pass(chunk, length):
+def test_chunked_prefill_then_decoding_equals_one_full_pass(chunk, length, token_conv):
     """A prompt run through the model `chunk` tokens at a time (lengths that chunks do not divide),
     each chunk attending to the cache with the causal triangle aligned bottom-right and no (T, S)
-    mask, gives the full pass's logits and then the same greedy tokens."""
+    mask, gives the full pass's logits and then the same greedy tokens; with token convolutions,
+    each chunk's reach back into the one before (chunk 1 and 3 are shorter than its kernel)."""
     torch.manual_seed(0)
-    model = OmniModel.from_preset("tiny", text=dict(n_layers=2, max_seq_len=2048), vision=dict(n_layers=2)).eval()
+    model = OmniModel.from_preset("tiny", text=dict(n_layers=2, max_seq_len=2048, token_conv=token_conv),
+                                  vision=dict(n_layers=2))
+    model = with_random_convs(model).eval()
     ids = torch.randint(3, model.config.text.vocab_size, (1, length))
     ids[ids == model.config.image_token_id] += 1
     whole, chunked = model.new_cache(1, length), model.new_cache(1, length)
@@ -340,6 +355,44 @@ def test_chunked_prefill_then_decoding_equals_one_full_pass(chunk, length):
     assert (logits - reference).abs().max().item() <= 1e-4
     assert torch.equal(whole.k, chunked.k) or (whole.k - chunked.k).abs().max().item() <= 1e-4
     assert torch.equal(generate(model, ids, max_new_tokens=8, prefill_chunk=chunk), generate(model, ids, max_new_tokens=8))
+
+
+def test_token_convolution_is_a_causal_depthwise_conv_added_to_the_attention_input():
+    """TextConfig.token_conv: each layer's normed input plus a causal depthwise convolution (as
+    torch's Conv1d, padded on the left); zero at initialisation, so the model starts as the plain one;
+    padding on the left contributes nothing; no transformers class has it."""
+    from omnilm.config import ConfigError
+    from omnilm.model.hf_config import hf_incompatibility
+    from omnilm.model.layers import KVCache
+
+    text = dict(n_layers=2, pad_token_id=0)
+    torch.manual_seed(0)
+    plain = OmniModel.from_config(replace(OmniConfig.from_preset("tiny", text=text), vision=None)).eval()
+    torch.manual_seed(0)
+    model = OmniModel.from_config(replace(OmniConfig.from_preset("tiny", text=text | dict(token_conv=3)),
+                                          vision=None)).eval()
+    ids = torch.randint(4, model.config.text.vocab_size, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+        with_random_convs(model)
+        conv = model.llm.layers[0].token_conv
+        D = model.config.text.dim
+        reference = torch.nn.Conv1d(D, D, 3, padding=2, groups=D, bias=False)
+        reference.weight.copy_(conv.weight)
+        x = torch.randn(2, 9, D)
+        torch.testing.assert_close(conv(x), x + reference(x.transpose(1, 2))[..., :9].transpose(1, 2))
+
+        padded = torch.cat([torch.zeros(1, 5, dtype=torch.long), ids], 1)
+        mask = (torch.arange(45) >= 5).long()[None]
+        torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, 5:], model(ids).logits, atol=1e-5, rtol=0)
+        assert not torch.equal(model(ids).logits, plain(ids).logits)
+    assert torch.equal(generate(model, padded, attention_mask=mask, max_new_tokens=6), generate(model, ids, max_new_tokens=6))
+    assert "token convolution" in hf_incompatibility(model.config)
+    t = model.config.text
+    one_line_error(lambda: prefill(model, ids, None, None, KVCache(2, 1, t.n_kv_heads, t.head_dim, 40)),
+                   match="token convolution.*model.new_cache")
+    with pytest.raises(ConfigError, match="text.token_conv"):
+        OmniConfig.from_preset("tiny", text=dict(token_conv=-1))
 
 
 def test_chunked_prefill_keeps_each_image_whole():

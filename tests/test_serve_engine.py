@@ -67,11 +67,17 @@ def serve(engine: Engine, processor, requests: list[tuple[list[dict], SamplingPa
 # --- the same tokens as one at a time --------------------------------------------------------------
 
 
+VARIANTS = {"moe": dict(text=dict(n_experts=4, n_experts_per_token=2)), "token_conv": dict(text=dict(token_conv=4))}
+
+
 @pytest.mark.parametrize("fusion, chunk", [("joint", 512), ("joint", 7), ("early", 512), ("late", 5),
-                                           ("cross_attention", 512), ("cross_attention", 9), ("moe", 512)])
+                                           ("cross_attention", 512), ("cross_attention", 9), ("moe", 512),
+                                           ("token_conv", 512), ("token_conv", 3)])
 def test_twenty_prompts_eight_at_a_time_equal_generate(tmp_path, fusion, chunk):
-    extra = dict(text=dict(n_experts=4, n_experts_per_token=2)) if fusion == "moe" else {}
-    model, processor = load(tiny_checkpoint(tmp_path / "m", fusion="joint" if fusion == "moe" else fusion, **extra))
+    """Also a joint decoder with a mixture of experts, and one with token convolutions, whose inputs
+    the engine keeps per row beside the keys and values (moved with them, chunked in the scratch row)."""
+    extra = VARIANTS.get(fusion, {})
+    model, processor = load(tiny_checkpoint(tmp_path / "m", fusion="joint" if extra else fusion, **extra))
     chats = prompts()
     expected = [alone(model, processor, c, 12) for c in chats]
     engine = Engine(model, processor.tokenizer, max_batch=8, prefill_chunk=chunk)

@@ -234,6 +234,8 @@ def hf_incompatibility(cfg: OmniConfig) -> str | None:
     t = cfg.text
     if t.logn_attention:
         return "LLaMA has no log-n attention scaling (text.logn_attention)"
+    if t.token_conv:
+        return "LLaMA has no token convolution (text.token_conv)"
     if not t.n_experts:
         return None
     if t.moe_every != 1:

@@ -168,27 +168,42 @@ class KVCache:
     """Pre-allocated keys and values for all layers: (L, B, Hkv, max_len, hd) each.
 
     Layers write their new keys at [seen, seen + T) and read [0, seen + T); the decoder calls
-    `advance(T)` once all layers have run.
+    `advance(T)` once all layers have run. With `conv_dim` (a decoder with `TextConfig.token_conv`)
+    it also keeps each layer's token-convolution inputs, (L, B, 1, max_len, D), read by `window`.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, conv_dim: int = 0):
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.x = torch.zeros(shape[:2] + (1, max_len, conv_dim), dtype=dtype, device=device) if conv_dim else None
         self.max_len = max_len
         self.seen = 0
         # Images a fusion mode reads from beside the sequence (late, cross_attention): set by the
         # model when the prompt's images are encoded, read again at every decoding step.
         self.media = None
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.seen + k.shape[2]
+    def _room(self, T: int) -> int:
+        end = self.seen + T
         if end > self.max_len:
             raise OmniInputError(f"KV cache holds {self.max_len} positions but {end} are needed: allocate a longer cache")
+        return end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._room(k.shape[2])
         self.k[layer, :, :, self.seen:end] = k
         self.v[layer, :, :, self.seen:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def window(self, layer: int, x: torch.Tensor, back: int) -> torch.Tensor:
+        """Store `x` (B, T, D), the inputs of `layer`'s token convolution at the next T positions, and
+        return them after the `back` inputs before them (B, back + T, D): zeros before the sequence."""
+        end = self._room(x.shape[1])
+        store = _conv_store(self.x)[layer, :, 0]  # (B, max_len, D)
+        store[:, self.seen:end] = x
+        begin = self.seen - back
+        return F.pad(store[:, max(begin, 0):end], (0, 0, max(-begin, 0), 0))
 
     def advance(self, n: int) -> None:
         self.seen += n
@@ -198,17 +213,26 @@ class KVCache:
         return torch.arange(self.seen, self.seen + T, device=self.k.device)
 
 
+def _conv_store(x: torch.Tensor | None) -> torch.Tensor:
+    if x is None:
+        raise OmniInputError("this decoder has a token convolution (text.token_conv) but its cache keeps no inputs "
+                             "for it: make the cache with model.new_cache, or give it conv_dim=text.dim")
+    return x
+
+
 class RaggedKVCache:
     """The cache of a serving engine's running batch: rows that each hold a sequence of their own
     length, decoded together. Row b writes its T new tokens at [lengths[b], lengths[b] + T) and
     attends to its own positions only; positions are per row, with no padding anywhere.
 
     `k`, `v` (L, B, Hkv, max_len, hd) are usually views of a larger store that the engine owns;
-    `media` the rows' images for late and cross-attention fusion (one `Media` for the batch).
+    `media` the rows' images for late and cross-attention fusion (one `Media` for the batch);
+    `x` (L, B, 1, max_len, D) the token-convolution inputs of a decoder with `TextConfig.token_conv`.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], media=None):
-        self.k, self.v, self.media = k, v, media
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, lengths: list[int], media=None,
+                 x: torch.Tensor | None = None):
+        self.k, self.v, self.media, self.x = k, v, media, x
         self.max_len = k.shape[3]
         self.lengths = torch.tensor(lengths, dtype=torch.long, device=k.device)
         self._shortest, self._longest = min(lengths), max(lengths)  # on the host: no device sync per layer
@@ -231,21 +255,61 @@ class RaggedKVCache:
         keys = torch.arange(self._longest + T, device=self.lengths.device)
         return (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, _, T, _ = k.shape
+    def _room(self, T: int) -> int:
         end = self._longest + T
         if end > self.max_len:
             raise OmniInputError(f"KV cache holds {self.max_len} positions but {end} are needed: allocate a longer cache")
+        return end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, _, T, _ = k.shape
+        end = self._room(T)
         rows = torch.arange(B, device=k.device)[:, None]
         cols = self.positions(T)
         self.k[layer][rows, :, cols] = k.transpose(1, 2)  # (B, T, Hkv, hd) into each row's own columns
         self.v[layer][rows, :, cols] = v.transpose(1, 2)
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def window(self, layer: int, x: torch.Tensor, back: int) -> torch.Tensor:
+        """As `KVCache.window`, each row at its own position."""
+        B, T, _ = x.shape
+        self._room(T)
+        store = _conv_store(self.x)[layer, :, 0]  # (B, max_len, D)
+        rows = torch.arange(B, device=x.device)[:, None]
+        store[rows, self.positions(T)] = x
+        read = self.lengths[:, None] + torch.arange(-back, T, device=x.device)  # (B, back + T)
+        return store[rows, read.clamp(min=0)] * (read >= 0)[..., None].to(x.dtype)
+
     def advance(self, n: int) -> None:
         self.lengths += n
         self._shortest += n
         self._longest += n
+
+
+class TokenConv(nn.Module):
+    """A short causal convolution along the sequence, added to its input: channel c of token t
+    becomes x[t, c] + sum_j w[c, 0, j] x[t - kernel + 1 + j, c] over that token and the kernel - 1 before it
+    (depthwise, no bias; zeros before the sequence start). Zero-initialised, so it starts as the identity.
+
+    Before attention it gives each position its neighbours' tokens, so that one attention layer can
+    match a key written a few tokens before the value it tags, the associative recall that attention
+    alone learns slowly through a two-layer induction circuit (Canon layers, Allen-Zhu 2025; the short
+    convolutions of H3, Fu et al. 2023; Primer's depthwise convolutions, So et al. 2021).
+    """
+
+    def __init__(self, dim: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.zeros(dim, 1, kernel))  # nn.Conv1d's layout, groups = dim
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, cache: KVCache | RaggedKVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). `tokens` (B, T) marks real tokens (padding contributes nothing);
+        a `cache` brings the inputs of the positions before x and keeps x's for the next call."""
+        real = x if tokens is None else x * tokens[..., None].to(x.dtype)
+        back = self.kernel - 1
+        window = F.pad(real, (0, 0, back, 0)) if cache is None else cache.window(layer, real, back)
+        return x + F.conv1d(window.transpose(1, 2), self.weight, groups=x.shape[-1]).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -385,12 +449,13 @@ class MLP(nn.Module):
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """Reset every parameter the way LLaMA/LLaVA initialise: norms to 1, biases to 0, the rest N(0, std);
-    and gates (parameters named `*_gate`, Flamingo's tanh gates) to 0, so that they start closed."""
+    and gates (parameters named `*_gate`, Flamingo's tanh gates) and token convolutions to 0, so that
+    they start closed."""
     for m in module.modules():
         for name, p in m.named_parameters(recurse=False):
             if isinstance(m, (nn.LayerNorm, RMSNorm)) and name == "weight":
                 nn.init.ones_(p)
-            elif name == "bias" or name.endswith("_gate"):
+            elif name == "bias" or name.endswith("_gate") or isinstance(m, TokenConv):
                 nn.init.zeros_(p)
             else:
                 nn.init.normal_(p, std=std)

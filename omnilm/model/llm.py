@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from omnilm.config import TextConfig
-from omnilm.model.layers import Attention, KVCache, RaggedKVCache, RMSNorm, SwiGLU, decoder_mask, rope_cos_sin
+from omnilm.model.layers import (Attention, KVCache, RaggedKVCache, RMSNorm, SwiGLU, TokenConv, decoder_mask,
+                                 rope_cos_sin)
 from omnilm.model.moe import MoE, Routing
 
 
@@ -22,6 +23,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.token_conv = TokenConv(cfg.dim, cfg.token_conv) if cfg.token_conv else None
         self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, bias=cfg.attention_bias)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(index)
@@ -31,7 +33,10 @@ class DecoderLayer(nn.Module):
                 stats: bool = False) -> tuple[torch.Tensor, Routing | None]:
         """The next hidden states, and with `stats` an MoE layer's Routing (returned, not appended to a
         list argument: a wrapper such as FSDP may pass the layer copies of its arguments)."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal=True, cache=cache, layer=layer)
+        h = self.input_layernorm(x)
+        if self.token_conv is not None:
+            h = self.token_conv(h, tokens, cache, layer)
+        x = x + self.self_attn(h, rope, mask, is_causal=True, cache=cache, layer=layer)
         if not self.is_moe:
             return x + self.mlp(self.post_attention_layernorm(x)), None
         out, routing = self.mlp(self.post_attention_layernorm(x), tokens, stats=stats)

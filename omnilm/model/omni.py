@@ -246,4 +246,5 @@ class OmniModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         t = self.config.text
         p = self.lm_head.weight
-        return KVCache(t.n_layers, batch, t.n_kv_heads, t.head_dim, max_len, dtype=p.dtype, device=p.device)
+        return KVCache(t.n_layers, batch, t.n_kv_heads, t.head_dim, max_len, dtype=p.dtype, device=p.device,
+                       conv_dim=t.dim if t.token_conv else 0)

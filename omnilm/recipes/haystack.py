@@ -72,6 +72,8 @@ class HaystackRecipe:
     vocab_size: int = setting(512, "the BPE's vocabulary")
     llm_layers: int = setting(2, "decoder layers")
     dim: int = setting(128, "decoder width")
+    token_conv: int = setting(0, "kernel of a short causal convolution before each layer's attention (0: none; "
+                                 "TextConfig.token_conv)")
     head_dim: int = setting(32, "width of each attention head: dim / head_dim query heads, half as many key/value "
                                 "heads")
     clip_images: int = setting(8000, "--needle image: single-object scenes the vision tower's CLIP stage trains on")
@@ -126,7 +128,7 @@ def architecture(recipe: HaystackRecipe) -> dict[str, Any]:
     otherwise): OmniConfig.from_preset overrides."""
     heads = recipe.dim // recipe.head_dim
     text = {"n_layers": recipe.llm_layers, "dim": recipe.dim, "n_heads": heads, "n_kv_heads": max(1, heads // 2),
-            "mlp_dim": recipe.dim * 8 // 3, "max_seq_len": recipe.length}
+            "mlp_dim": recipe.dim * 8 // 3, "max_seq_len": recipe.length, "token_conv": recipe.token_conv}
     return {"text": text} if recipe.needle == "image" else {"vision": None, "text": text}
 
 

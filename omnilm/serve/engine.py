@@ -177,12 +177,14 @@ class Engine:
         self.max_len = max_len or text.max_seq_len
         weight = model.lm_head.weight
         self.device = weight.device
-        shape = (text.n_layers, max_batch, text.n_kv_heads, self.max_len, text.head_dim)
-        self.k = torch.zeros(shape, dtype=weight.dtype, device=self.device)
-        self.v = torch.zeros_like(self.k)
-        # The newcomer being prefilled writes here, then moves into the first free row of k, v.
-        self.scratch_k = torch.zeros(shape[:1] + (1,) + shape[2:], dtype=weight.dtype, device=self.device)
-        self.scratch_v = torch.zeros_like(self.scratch_k)
+        # Keys, values and (with text.token_conv) the token convolutions' inputs, each (L, rows, heads,
+        # max_len, width): row b holds running[b]'s. The newcomer being prefilled writes into a scratch
+        # row, then moves into the first free row.
+        shapes = [(text.n_kv_heads, text.head_dim)] * 2 + ([(1, text.dim)] if text.token_conv else [])
+        def zeros(rows: int) -> list[torch.Tensor]:
+            return [torch.zeros((text.n_layers, rows, heads, self.max_len, width), dtype=weight.dtype, device=self.device)
+                    for heads, width in shapes]
+        self.stores, self.scratch = zeros(max_batch), zeros(1)
         self.eos = set(as_id_list(text.eos_token_id))
         self.image_span = model.config.image_seq_len  # tokens per image in the prompt
         # What pads a right-padded batch of prompts: any id but the image token's (never attended).
@@ -284,7 +286,7 @@ class Engine:
             self._media = Media.stack([r.media for r in self.running]) if self.model.fusion is not None else None
             self._rows_changed = False
         n = len(self.running)
-        cache = RaggedKVCache(self.k[:, :n], self.v[:, :n], [r.length for r in self.running], self._media)
+        cache = _cache(self.stores, slice(0, n), [r.length for r in self.running], self._media)
         tokens = torch.tensor([[r.output_ids[-1]] for r in self.running], device=self.device)
         logits = self.model(tokens, None, None, cache=cache, logits_to_keep=1).logits[:, -1]  # (n, V)
         outputs = [self._accept(r, logits[b:b + 1]) for b, r in enumerate(self.running)]
@@ -314,8 +316,8 @@ class Engine:
         for row, r in enumerate(keep):
             old = self.running.index(r)
             if old != row:  # move this request's keys and values down into the free row
-                self.k[:, row, :, :r.length] = self.k[:, old, :, :r.length]
-                self.v[:, row, :, :r.length] = self.v[:, old, :, :r.length]
+                for store in self.stores:
+                    store[:, row, :, :r.length] = store[:, old, :, :r.length]
         self.running = keep
         self._rows_changed = True
 
@@ -348,8 +350,8 @@ class Engine:
                 continue
             self.prefilling = None
             row = len(self.running)
-            self.k[:, row, :, :len(r.prompt)] = self.scratch_k[:, 0, :, :len(r.prompt)]
-            self.v[:, row, :, :len(r.prompt)] = self.scratch_v[:, 0, :, :len(r.prompt)]
+            for store, scratch in zip(self.stores, self.scratch):
+                store[:, row, :, :len(r.prompt)] = scratch[:, 0, :, :len(r.prompt)]
             outputs += self._join([r], logits)
         return outputs
 
@@ -372,7 +374,7 @@ class Engine:
             ids[b, :lengths[b]] = torch.tensor(r.prompt)
         images = [r.pixel_values for r in group if r.pixel_values is not None]
         pixels = torch.cat(images).to(self.device) if images else None
-        cache = RaggedKVCache(self.k[:, n:n + len(group)], self.v[:, n:n + len(group)], [0] * len(group))
+        cache = _cache(self.stores, slice(n, n + len(group)), [0] * len(group))
         last = torch.tensor(lengths, device=self.device) - 1
         try:
             logits = self.model(ids.to(self.device), pixels, None, cache=cache, logits_at=last).logits[:, -1]
@@ -406,11 +408,17 @@ class Engine:
         pixels = None
         if n_images:
             pixels = r.pixel_values[r.images_used:r.images_used + n_images].to(self.device)
-        cache = RaggedKVCache(self.scratch_k, self.scratch_v, [start], r.media)
+        cache = _cache(self.scratch, slice(0, 1), [start], r.media)
         ids = torch.tensor([chunk], device=self.device)
         logits = self.model(ids, pixels, None, cache=cache, logits_to_keep=1).logits[:, -1]
         r.prefilled, r.images_used, r.media = end, r.images_used + n_images, cache.media
         return logits, end - start
+
+
+def _cache(stores: list[torch.Tensor], rows: slice, lengths: list[int], media: Media | None = None) -> RaggedKVCache:
+    """A RaggedKVCache over `rows` of the engine's stores (keys, values[, token-convolution inputs])."""
+    k, v, *x = (store[:, rows] for store in stores)
+    return RaggedKVCache(k, v, lengths, media, x[0] if x else None)
 
 
 # --- asyncio -------------------------------------------------------------------------------------
