@@ -249,13 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, Recipe)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("demo-haystack", help="a small model learns to retrieve facts from its prompt; needle-in-a-"
-                                             "haystack grids far past its training length (about 10 minutes)",
+                                             "haystack grids far past its training length (about 12 minutes)",
                        description="Long context on ShapeWorld: haystack records (omnilm data haystack), a BPE, a small "
-                                   "decoder trained at 256 tokens with PoSE positions, then omnilm eval niah grids "
-                                   "to 16x that length, with log-n attention scaling and each RoPE scaling, and with "
-                                   "several keys and questions. --needle image trains a CLIP tower first and hides "
-                                   "images (give it --training-steps 2000: 100% at 1x, 97.5% with 4x as many images). "
-                                   "See docs/long-context.md.")
+                                   "decoder with token convolutions trained at 256 tokens with PoSE positions, then "
+                                   "omnilm eval niah grids to 16x that length, with log-n attention scaling and each "
+                                   "RoPE scaling, and with several keys and questions. --needle image trains a CLIP "
+                                   "tower first and hides images among the captions. See docs/long-context.md.")
     p.add_argument("--out", default="runs/haystack", help="output folder (default runs/haystack)")
     add_flags(p, HaystackRecipe)
     p.set_defaults(func=cmd_demo_haystack)

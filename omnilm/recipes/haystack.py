@@ -1,7 +1,7 @@
 """A small model learns to retrieve from its prompt, then is measured far past its training length.
 
-`omnilm demo-haystack` runs it (text needles, about 10 minutes on 2 CPU cores; image needles
-with `--needle image --training-steps 2000`). Why each default is what it is, with the runs that
+`omnilm demo-haystack` runs it (text needles, about 12 minutes on 2 CPU cores; image needles
+with `--needle image`). Why each default is what it is, with the runs that
 chose it: docs/long-context.md, "Results". Everything lands under `out/`:
 
     out/data/        train.json: haystack records of `min_length` to `length` tokens, up to `keys`
@@ -16,7 +16,9 @@ Retrieval appears abruptly after a plateau and depends on dense supervision (man
 sequence, MQAR in the Zoology paper), short records early on and Muon. Length generalisation comes
 from PoSE during training (`position_chunks`: pieces of consecutive positions with random skips
 between them, over `random_positions` times the record's length) and from log-n attention scaling
-at evaluation (`+logn`); the RoPE scalings are measured beside them.
+at evaluation (`+logn`); the RoPE scalings are measured beside them. Telling several keys apart
+takes a short convolution before each attention (`token_conv`), which puts the end of a key
+beside its value and the end of the question beside the answer.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class HaystackRecipe:
     seed: int = setting(0, "seed of the data, the weights and the batch order")
     needle: str = setting("text", "text: the model learns text needles ('remember: <key> is <colour> <shape>.'); "
                                   "image: a CLIP-trained tower and image needles among the filler, with text needles "
-                                  "in --text-share of the records (give it --training-steps 2000)", choices=NEEDLES)
+                                  "in --text-share of the records", choices=NEEDLES)
     length: int = setting(256, "training length L in tokens: the longest record, and the model's max_seq_len")
     min_length: int = setting(64, "the shortest training record: lengths are drawn uniformly from here to L")
     n_train: int = setting(6000, "training records")
@@ -72,15 +74,16 @@ class HaystackRecipe:
     vocab_size: int = setting(512, "the BPE's vocabulary")
     llm_layers: int = setting(2, "decoder layers")
     dim: int = setting(128, "decoder width")
-    token_conv: int = setting(0, "kernel of a short causal convolution before each layer's attention (0: none; "
-                                 "TextConfig.token_conv)")
+    token_conv: int = setting(6, "kernel of a short causal convolution before each layer's attention "
+                                 "(TextConfig.token_conv; 0: none): it puts a key's last pieces beside its value and "
+                                 "the question's key beside the answer, where one attention layer can match them")
     head_dim: int = setting(32, "width of each attention head: dim / head_dim query heads, half as many key/value "
                                 "heads")
     clip_images: int = setting(8000, "--needle image: single-object scenes the vision tower's CLIP stage trains on")
     clip: Hyperparams = setting(help="--needle image: the vision tower's CLIP stage (the demo's)",
                                 factory=lambda: Recipe().clip)
     training: Hyperparams = setting(help="the training run", factory=lambda: Hyperparams(
-        steps=1500, batch_size=32, lr=2e-3, warmup=100, optimizer="muon", random_positions=16, position_chunks=4))
+        steps=2000, batch_size=32, lr=2e-3, warmup=100, optimizer="muon", random_positions=16, position_chunks=4))
     eval_lengths: tuple[str, ...] = setting(("1x", "2x", "4x", "8x", "16x"), "context lengths of the grids")
     eval_depths: int = setting(11, "needle depths of the text grids")
     crowded_depths: int = setting(6, "needle depths of the grids whose prompts hold more than one needle (images, "
