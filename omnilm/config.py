@@ -184,8 +184,8 @@ class TextConfig:
     # that attention stays as sharp over more keys as over the n0 the model was trained with.
     logn_attention: int | None = None
     # A short causal depthwise convolution over each layer's attention input, added to it (omnilm's
-    # own: layers.TokenConv, a Canon layer): 0 none, or its kernel in tokens (4 lets one layer of
-    # attention match a key a few tokens before its value). Not a LLaMA feature: no HF export.
+    # own: layers.TokenConv, a Canon layer): 0 none, or its kernel in tokens (the haystack recipe's 6
+    # lets one layer of attention match a key a few tokens before its value). No HF export.
     token_conv: int = 0
     attention_bias: bool = False
     mlp_bias: bool = False

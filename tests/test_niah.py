@@ -215,8 +215,8 @@ def test_bad_flags_are_one_line_errors(omni_folder, llama_folder, tmp_path, caps
 
 def test_the_haystack_recipe_end_to_end_in_miniature(tmp_path):
     """`omnilm demo-haystack` at toy scale: records of 64 to 256 tokens in the tokens of the BPE
-    trained on them, a text-only decoder trained with randomized positions, and a grid per RoPE
-    choice."""
+    trained on them, a text-only decoder with token convolutions trained with randomized positions,
+    and a grid per RoPE choice."""
     recipe = HaystackRecipe(n_train=48, keys=4, questions=4, grids=("yarn+logn", "plain", "linear"),
                             eval_lengths=("1x", "2x"), eval_depths=3, crowded_depths=3, eval_samples=2,
                             compare_samples=1, several=2, progress=False,
@@ -240,7 +240,7 @@ def test_the_haystack_recipe_end_to_end_in_miniature(tmp_path):
     assert "(text, 2 keys, 2 asked" in result["reports"]["2-questions"]
     assert "yarn:auto + log-n" in result["reports"]["2-keys"]
     config = json.loads((tmp_path / "instruct" / "model" / "omnilm.json").read_text())
-    assert config["vision"] is None and config["text"]["max_seq_len"] == 256
+    assert config["vision"] is None and config["text"]["max_seq_len"] == 256 and config["text"]["token_conv"] == 6
     one_line_error(lambda: HaystackRecipe(questions=9), "--questions 9 asks more needles than --keys 8")
     one_line_error(lambda: HaystackRecipe(grids=("plain", "ntk")), "--grids ntk: give one or more of plain")
     # A grid the data cannot fill is refused before training.

@@ -288,13 +288,15 @@ class RaggedKVCache:
 
 class TokenConv(nn.Module):
     """A short causal convolution along the sequence, added to its input: channel c of token t
-    becomes x[t, c] + sum_j w[c, 0, j] x[t - kernel + 1 + j, c] over that token and the kernel - 1 before it
-    (depthwise, no bias; zeros before the sequence start). Zero-initialised, so it starts as the identity.
+    becomes x[t, c] + sum_j w[c, 0, j] x[t - kernel + 1 + j, c], over that token and the kernel - 1
+    before it (depthwise, no bias; zeros before the sequence's start). Zero-initialised: it starts as
+    the identity.
 
     Before attention it gives each position its neighbours' tokens, so that one attention layer can
     match a key written a few tokens before the value it tags, the associative recall that attention
-    alone learns slowly through a two-layer induction circuit (Canon layers, Allen-Zhu 2025; the short
-    convolutions of H3, Fu et al. 2023; Primer's depthwise convolutions, So et al. 2021).
+    alone learns slowly, through a two-layer induction circuit (Canon layers, Allen-Zhu 2025, arXiv
+    2512.17351; the short convolutions of H3, Fu et al. 2023; Primer's depthwise convolutions, So et
+    al. 2021). docs/long-context.md, "Token convolutions".
     """
 
     def __init__(self, dim: int, kernel: int):

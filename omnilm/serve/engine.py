@@ -315,7 +315,7 @@ class Engine:
         keep = [r for r in self.running if r not in done]
         for row, r in enumerate(keep):
             old = self.running.index(r)
-            if old != row:  # move this request's keys and values down into the free row
+            if old != row:  # move this request's keys and values (and convolution inputs) down into the free row
                 for store in self.stores:
                     store[:, row, :, :r.length] = store[:, old, :, :r.length]
         self.running = keep
