@@ -1,0 +1,113 @@
+"""Video in: transformers' frame sampler index for index, lossless files written and read back bit
+for bit, and one-line errors for files that cannot be used (PyAV tests skip where `av` is absent)."""
+
+import numpy as np
+import pytest
+from conftest import one_line_error
+from PIL import Image
+
+from omnilm.data.video import VideoLimits, read_video, sample_indices, write_video
+from omnilm.errors import OmniInputError
+
+
+def frames(n: int = 12, height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, height, width, 3), dtype=np.uint8)
+
+
+# --- the sampler -----------------------------------------------------------------------------------
+
+
+def test_the_sampler_is_transformers_default_for_every_count_and_rate():
+    """Every total of 1..300 frames and every request of 1..32, as a count and as frames per second
+    (clips at 24, 25, 29.97 and 30 fps): the same indices, or both refuse."""
+    video_utils = pytest.importorskip("transformers.video_utils")
+
+    def theirs(total, **kw):
+        meta = video_utils.VideoMetadata(total_num_frames=total, fps=kw.pop("video_fps", None))
+        try:
+            return video_utils.default_sample_indices_fn(meta, **kw).tolist()
+        except ValueError:
+            return "refused"
+
+    def ours(total, **kw):
+        try:
+            return sample_indices(total, **kw)
+        except OmniInputError:
+            return "refused"
+
+    compared = refused = 0
+    for total in range(1, 301):
+        for n in range(1, 33):
+            cases = [dict(num_frames=n)] + [dict(fps=n, video_fps=rate) for rate in (24, 25, 29.97, 30)]
+            for kw in cases:
+                expected = theirs(total, **dict(kw))
+                assert ours(total, **kw) == expected, (total, kw)
+                compared += 1
+                refused += expected == "refused"
+    assert compared == 300 * 32 * 5 and 0 < refused < compared  # both kinds of outcome were compared
+    assert sample_indices(5) == [0, 1, 2, 3, 4]  # neither: every frame
+    one_line_error(lambda: sample_indices(10, fps=2), match="no frame rate: ask for a number of frames")
+
+
+# --- files ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".avi"])
+def test_a_lossless_clip_reads_back_bit_for_bit(tmp_path, suffix):
+    pytest.importorskip("av", reason="PyAV (the [media] extra) is not installed")
+    clip = frames()
+    path = tmp_path / f"clip{suffix}"
+    write_video(path, clip, fps=4)
+    video = read_video(path)
+    assert np.array_equal(video.frames, clip) and video.total_frames == 12 and video.fps == 4.0
+    sampled = read_video(path, num_frames=5)
+    assert sampled.indices == [0, 2, 4, 7, 9] and np.array_equal(sampled.frames, clip[[0, 2, 4, 7, 9]])
+    by_time = read_video(path, fps=2)  # 3 s at 4 fps: 6 frames
+    assert by_time.indices == [0, 2, 4, 6, 8, 10] and by_time.timestamps == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # written atomically: no temporary left
+
+
+def test_an_animated_gif_and_frames_as_images(tmp_path):
+    pytest.importorskip("av", reason="PyAV (the [media] extra) is not installed")
+    clip = frames(6, 16, 16)
+    images = [Image.fromarray(f) for f in clip]
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:03d}.png")
+    from_folder = read_video(folder, num_frames=3)
+    assert from_folder.indices == [0, 2, 4] and np.array_equal(from_folder.frames, clip[[0, 2, 4]])
+    assert from_folder.fps is None and from_folder.timestamps is None
+    assert np.array_equal(read_video(images).frames, clip)
+    grey = [Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)) for i in range(5)]  # GIF's palette: exact
+    grey[0].save(tmp_path / "a.gif", save_all=True, append_images=grey[1:], duration=250, loop=0)
+    gif = read_video(tmp_path / "a.gif")
+    assert gif.total_frames == 5 and gif.fps == 4.0 and gif.frames[:, 0, 0, 0].tolist() == [0, 40, 80, 120, 160]
+    Image.fromarray(clip[0]).save(tmp_path / "still.png")  # FFmpeg reads a still image as one frame
+    assert np.array_equal(read_video(tmp_path / "still.png").frames, clip[:1])
+
+
+def test_unusable_files_get_one_line_errors(tmp_path):
+    pytest.importorskip("av", reason="PyAV (the [media] extra) is not installed")
+    for suffix in (".mp4", ".mkv", ".avi"):
+        whole = tmp_path / f"clip{suffix}"
+        write_video(whole, frames(), fps=4)
+        cut = tmp_path / f"cut{suffix}"
+        cut.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+        one_line_error(lambda: read_video(cut), match=f"cut{suffix} (is truncated|cannot be read as video)")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    one_line_error(lambda: read_video(tmp_path / "empty.mp4"), match="empty.mp4 is empty")
+    (tmp_path / "notes.mp4").write_text("not a video at all")
+    one_line_error(lambda: read_video(tmp_path / "notes.mp4"), match="notes.mp4 cannot be read as video.*not a video")
+    one_line_error(lambda: read_video(tmp_path / "missing.mp4"), match="missing.mp4: no such video file")
+    clip = tmp_path / "clip.mp4"
+    for limits, match in ((VideoLimits(max_side=32), "64x48, over the 32 px"), (VideoLimits(max_frames=5), "12 frames, over the 5"),
+                          (VideoLimits(max_seconds=1), "lasts 3 s, over the 1 s"), (VideoLimits(max_bytes=100), "over the 0 MiB")):
+        one_line_error(lambda: read_video(clip, limits=limits), match=match)
+    one_line_error(lambda: read_video(clip, num_frames=13), match="13 frames asked of a clip of 12")
+    (tmp_path / "none").mkdir()
+    one_line_error(lambda: read_video(tmp_path / "none"), match="holds no frames")
+    one_line_error(lambda: read_video([Image.new("RGB", (8, 8)), Image.new("RGB", (9, 8))]), match="differ in size")
+    one_line_error(lambda: write_video(tmp_path / "x.webm", frames()), match="write lossless video to a .mp4, .mkv")
+    one_line_error(lambda: write_video(tmp_path / "x.mp4", frames()[..., 0]), match=r"give \(T, H, W, 3\) uint8")
+    one_line_error(lambda: write_video(tmp_path / "x.mp4", frames(), fps=0), match="fps=0 must be a number > 0")
