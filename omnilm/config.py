@@ -340,6 +340,11 @@ class OmniConfig:
     #                      decoder layer; `attend` picks the images a token reads: the latest one
     #                      ("previous") or every one so far ("all")
     fusion: str = "joint"
+    # Video (LLaVA-NeXT-Video, Zhang et al. 2024): the frames go through the vision tower one by one,
+    # each frame's grid of features is averaged over video_pool_stride x video_pool_stride patches
+    # before the projector, and the frames' tokens stand in order at the video marker. None: no video.
+    video_token_id: int | None = None
+    video_pool_stride: int = 2
     n_latents: int = 8
     resampler_layers: int = 2
     cross_attention_every: int = 2
@@ -366,6 +371,7 @@ class OmniConfig:
             raise ConfigError("text.head_dim", self.text.head_dim, "must be even: rotary embeddings turn pairs of "
                                                                    "channels")
         self._check_fusion()
+        self._check_video()
         if self.vision_feature_select not in ("default", "full"):
             raise ValueError(
                 f"vision_feature_select={self.vision_feature_select!r}: use 'default' (drop the class token) or 'full'"
@@ -394,6 +400,34 @@ class OmniConfig:
         if self.fusion == "cross_attention" and not 1 <= self.cross_attention_every <= self.text.n_layers:
             raise ValueError(f"cross_attention_every={self.cross_attention_every} must be between 1 and "
                              f"n_layers={self.text.n_layers}")
+
+    def _check_video(self) -> None:
+        _check_int("video_token_id", self.video_token_id, lo=0, hi=MAX_VOCAB, optional=True)
+        _check_int("video_pool_stride", self.video_pool_stride, hi=MAX_COUNT)
+        if self.video_token_id is None:
+            return
+        if self.vision is None or self.fusion != "joint":
+            raise ConfigError("video_token_id", self.video_token_id, "needs a vision tower and fusion='joint': video "
+                                                                     "frames stand in the sequence as LLaVA's images do")
+        if self.video_token_id == self.image_token_id:
+            raise ConfigError("video_token_id", self.video_token_id, "is the image_token_id too: give videos a marker "
+                                                                     "of their own")
+        if self.vision_feature_select != "default":
+            raise ConfigError("video_token_id", self.video_token_id, "needs vision_feature_select='default': frames "
+                                                                     "are pooled over their patch grid, without the "
+                                                                     "class token")
+        side = self.vision.image_size // self.vision.patch_size
+        if side % self.video_pool_stride:
+            raise ConfigError("video_pool_stride", self.video_pool_stride,
+                              f"does not divide the frames' grid of {side} x {side} patches: give a stride that "
+                              f"does (LLaVA-NeXT-Video's is 2), or images of another size")
+
+    @property
+    def video_frame_len(self) -> int:
+        """Number of sequence tokens one video frame becomes: its pooled grid of vision tokens."""
+        if self.video_token_id is None:
+            return 0
+        return (self.vision.image_size // self.vision.patch_size // self.video_pool_stride) ** 2
 
     @property
     def image_seq_len(self) -> int:

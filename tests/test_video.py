@@ -111,3 +111,86 @@ def test_unusable_files_get_one_line_errors(tmp_path):
     one_line_error(lambda: write_video(tmp_path / "x.webm", frames()), match="write lossless video to a .mp4, .mkv")
     one_line_error(lambda: write_video(tmp_path / "x.mp4", frames()[..., 0]), match=r"give \(T, H, W, 3\) uint8")
     one_line_error(lambda: write_video(tmp_path / "x.mp4", frames(), fps=0), match="fps=0 must be a number > 0")
+
+
+# --- the model: LLaVA-NeXT-Video's video path ----------------------------------------------------------
+
+
+def llava_next_video(tmp_path, seed: int = 0):
+    """A tiny random transformers LlavaNextVideo (frames of 32 px in 8 px patches: a 4 x 4 grid, 4
+    tokens a frame after the 2 x 2 pool), and omnilm's model of the same weights: its LLaVA-1.5
+    part saved by transformers' LLaVA class (only `image_newline`, for LLaVA-NeXT's anyres images, is
+    left out), loaded, with the video marker and stride set."""
+    from dataclasses import replace
+
+    import torch
+    from conftest import randomize_, tiny_hf_configs
+
+    from omnilm import OmniModel
+
+    tf = pytest.importorskip("transformers")
+    text_cfg, vision_cfg, _ = tiny_hf_configs()
+    config = tf.LlavaNextVideoConfig(vision_config=vision_cfg, text_config=text_cfg, video_token_index=298,
+                                     image_token_index=299, spatial_pool_mode="average", spatial_pool_stride=2)
+    torch.manual_seed(seed)
+    theirs = randomize_(tf.LlavaNextVideoForConditionalGeneration(config), seed).eval()
+    llava = tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision_cfg, text_config=text_cfg,
+                                                            image_token_index=299))
+    missing, unexpected = llava.load_state_dict(theirs.state_dict(), strict=False)
+    assert not missing and unexpected == ["model.image_newline"]
+    llava.save_pretrained(tmp_path)
+    ours = OmniModel.from_pretrained(tmp_path).eval()
+    ours.config = replace(ours.config, video_token_id=298, video_pool_stride=2)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("n_frames", [1, 3, 8])
+def test_video_logits_equal_transformers_llava_next_video(tmp_path, n_frames):
+    """A batch of two chats, the second left-padded, each with one video of n_frames among text
+    (a turn before it, a text-only turn after): logits equal at every real position."""
+    import torch
+
+    theirs, ours = llava_next_video(tmp_path)
+    per_video = n_frames * ours.config.video_frame_len
+    assert ours.config.video_frame_len == 4
+    g = torch.Generator().manual_seed(1)
+    T = per_video + 14
+    ids = torch.randint(3, 290, (2, T), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, 3:3 + per_video] = 298
+    ids[1, :4], mask[1, :4] = 0, 0
+    ids[1, 6:6 + per_video] = 298
+    videos = torch.randn(2, n_frames, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, pixel_values_videos=videos, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask, pixel_values_videos=videos).logits
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max().item() <= 1e-5
+    assert ours.encode_videos(videos).shape == (2, per_video, 64)
+
+
+def test_video_markers_and_configs_are_checked_in_one_line(tmp_path):
+    import torch
+
+    from omnilm import OmniConfig, OmniModel
+    from omnilm.config import ConfigError
+
+    _, ours = llava_next_video(tmp_path)
+    ours.save_pretrained(tmp_path / "again")  # omnilm.json keeps the video settings
+    again = OmniModel.from_pretrained(tmp_path / "again").config
+    assert (again.video_token_id, again.video_pool_stride, again.video_frame_len) == (298, 2, 4)
+    ids = torch.full((1, 8), 298)
+    one_line_error(lambda: ours(ids), match="8 video tokens but no pixel_values_videos")
+    one_line_error(lambda: ours(ids, pixel_values_videos=torch.zeros(1, 1, 3, 32, 32)),
+                   match="8 video tokens, room for 2 video.*1 video.*<video> marker to 4 tokens")
+    one_line_error(lambda: ours.encode_videos(torch.zeros(1, 3, 32, 32)), match=r"give \(videos, frames, 3")
+    image_only = OmniModel.from_preset("tiny", text=dict(n_layers=1), vision=dict(n_layers=1))
+    one_line_error(lambda: image_only(torch.zeros(1, 4, dtype=torch.long), pixel_values_videos=torch.zeros(1, 1, 3, 96, 96)),
+                   match="takes no video")
+    # The tiny preset's 96 px frames in 32 px patches: a 3 x 3 grid, which a stride of 2 does not divide.
+    with pytest.raises(ConfigError, match="video_pool_stride.*grid of 3 x 3 patches"):
+        OmniConfig.from_preset("tiny", video_token_id=5)
+    with pytest.raises(ConfigError, match="video_token_id.*image_token_id too"):
+        OmniConfig.from_preset("tiny", video_token_id=OmniConfig.from_preset("tiny").image_token_id, video_pool_stride=3)
+    with pytest.raises(ConfigError, match="video_token_id.*fusion='joint'"):
+        OmniConfig.from_preset("tiny", video_token_id=5, video_pool_stride=3, fusion="late")

@@ -3,8 +3,9 @@ and the other fusion modes of `config.fusion` on the same decoder (omnilm.model.
 
 This is the one module that knows both towers: it decides where images go (for joint and early
 fusion exactly at the image-token positions, any number of images per sequence and per batch;
-for late and cross-attention fusion beside the sequence, readable from their markers on) and
-computes the loss. Shape letters: B batch, T tokens, N images, L tokens per image, D text width,
+for late and cross-attention fusion beside the sequence, readable from their markers on), where
+videos go (LLaVA-NeXT-Video: each frame through the tower, pooled, at the video-token positions)
+and computes the loss. Shape letters: B batch, T tokens, N images, L tokens per image, D text width,
 V vocab.
 """
 
@@ -27,6 +28,9 @@ from omnilm.model.layers import KVCache, RaggedKVCache, build_initialised
 from omnilm.model.llm import LlamaDecoder
 from omnilm.model.moe import Routing
 from omnilm.model.vision import VisionTransformer
+
+
+NO_VIDEO = "this model takes no video (its config has no video_token_id): pass frames as images, or use a video model"
 
 
 @dataclass
@@ -105,6 +109,9 @@ class OmniModel(nn.Module):
         elif v is not None:
             lines.append(f"vision: CLIP ViT {v.n_layers} layers, dim {v.dim}, {v.image_size}px / {v.patch_size}px "
                          f"patches, feature layer {c.vision_feature_layer}, {c.image_seq_len} tokens per image")
+        if c.video_token_id is not None:
+            lines.append(f"video:  frames through the vision tower, {c.video_pool_stride}x{c.video_pool_stride} average "
+                         f"pooled, {c.video_frame_len} tokens per frame")
         if c.fusion == "late":
             lines.append("fusion: late: pooled images join the last hidden states through a gate (the marker is 1 token)")
         elif c.fusion == "cross_attention":
@@ -151,41 +158,63 @@ class OmniModel(nn.Module):
             feats = feats[:, 1:]  # drop the class token
         return feats
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_videos(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """Videos as the decoder takes them, (V, F, 3, H, W) -> (V, F * (g / s)^2, D): each frame's
+        grid of g x g vision features averaged over s x s patches (s = `video_pool_stride`), then
+        projected, the frames in order (LLaVA-NeXT-Video)."""
+        if self.config.video_token_id is None:
+            raise OmniInputError(NO_VIDEO)
+        if pixel_values_videos.ndim != 5:
+            raise OmniInputError(f"pixel_values_videos are {tuple(pixel_values_videos.shape)}: give (videos, frames, "
+                                 "3, height, width)")
+        n_videos, n_frames = pixel_values_videos.shape[:2]
+        feats = self.image_features(pixel_values_videos.flatten(0, 1))  # (V*F, g*g, Dv)
+        side = self.config.vision.image_size // self.config.vision.patch_size
+        grid = feats.transpose(1, 2).unflatten(2, (side, side))  # (V*F, Dv, g, g)
+        pooled = F.avg_pool2d(grid, self.config.video_pool_stride).flatten(2).transpose(1, 2)
+        return self.projector(pooled).unflatten(0, (n_videos, n_frames)).flatten(1, 2)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              pixel_values_videos: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D) with image features written at the image-token positions (joint,
-        early); late and cross-attention fusion keep each marker as a text token."""
-        is_image = input_ids == self.config.image_token_id
-        # The image id may lie outside a text vocabulary (any row will do: features overwrite it);
-        # inside it, keep its own row, as HF does when generation feeds the id back without images.
-        if self.config.image_token_id >= self.config.text.vocab_size:
-            input_ids = input_ids.masked_fill(is_image, 0)
+        early), and video features at the video-token positions; late and cross-attention fusion
+        keep each image marker as a text token."""
+        c = self.config
+        markers = [(c.image_token_id, pixel_values, self.encode_images, "image")]
+        if c.video_token_id is not None:
+            markers.append((c.video_token_id, pixel_values_videos, self.encode_videos, "video"))
+        elif pixel_values_videos is not None:
+            raise OmniInputError(NO_VIDEO)
+        where = [input_ids == token for token, *_ in markers]
+        for (token, *_), is_marker in zip(markers, where):
+            # A marker id may lie outside a text vocabulary (any row will do: features overwrite it);
+            # inside it, keep its own row, as HF does when generation feeds the id back without media.
+            if token >= c.text.vocab_size:
+                input_ids = input_ids.masked_fill(is_marker, 0)
         x = self.llm.embed_tokens(input_ids)
-        if pixel_values is None or self.fusion is not None:  # late, cross_attention: the marker stays text
+        if self.fusion is not None:  # late, cross_attention: the marker stays text
             return x
-        feats = self.encode_images(pixel_values)  # (N, L, D)
-        n_tokens, (N, L) = int(is_image.sum()), feats.shape[:2]
-        if n_tokens != N * L:
-            raise OmniInputError(
-                f"input_ids hold {n_tokens} image tokens, room for {n_tokens / L:g} image(s) of {L} tokens, but "
-                f"{N} image(s) were given: expand each <image> marker to {L} tokens and pass one image per marker"
-            )
-        # Row-major order: image i fills the i-th run of image tokens across the whole batch.
-        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+        for (_, pixels, encode, what), is_marker in zip(markers, where):
+            if pixels is not None:
+                x = _scatter(x, is_marker, encode(pixels), what)
+        return x
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                pixel_values_videos: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | RaggedKVCache | None = None,
                 logits_to_keep: int = 0, logits_at: torch.Tensor | None = None,
                 output_routing: bool = False) -> ModelOutput:
         """Logits (B, T, V) for `input_ids` (B, T), and the next-token loss when `labels` are given.
 
-        `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the
-        batch. With a `cache`, `input_ids` are the new tokens and `attention_mask` covers the
-        cached ones too. `logits_to_keep=n` computes logits for the last n positions only
-        (prefill needs one row, not a (B, T, V) tensor); `logits_at` (B,) computes one position per
-        row, (B, 1, V): the last real token of each prompt in a right-padded batch. An MoE model
-        reports each layer's routing in `.routing` when there are labels (its losses join the loss)
-        or `output_routing` is set.
+        `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the batch;
+        `pixel_values_videos` (V, F, 3, H, W) the videos in the order of theirs (each marker expanded to
+        F * `config.video_frame_len` tokens). With a `cache`, `input_ids` are the new tokens and
+        `attention_mask` covers the cached ones too. `logits_to_keep=n` computes logits for the last n
+        positions only (prefill needs one row, not a (B, T, V) tensor); `logits_at` (B,) computes one
+        position per row, (B, 1, V): the last real token of each prompt in a right-padded batch. An MoE
+        model reports each layer's routing in `.routing` when there are labels (its losses join the
+        loss) or `output_routing` is set.
         """
         if pixel_values is None and (cache is None or cache.seen == 0):
             n_markers = int((input_ids == self.config.image_token_id).sum()) if self.config.vision is not None else 0
@@ -193,7 +222,12 @@ class OmniModel(nn.Module):
                 raise OmniInputError(
                     f"input_ids hold {n_markers} image tokens but no pixel_values were given: pass the images"
                 )
-        x = self.embed(input_ids, pixel_values)
+        if pixel_values_videos is None and self.config.video_token_id is not None and (cache is None or cache.seen == 0):
+            n_markers = int((input_ids == self.config.video_token_id).sum())
+            if n_markers:
+                raise OmniInputError(f"input_ids hold {n_markers} video tokens but no pixel_values_videos were given: "
+                                     "pass the videos")
+        x = self.embed(input_ids, pixel_values, pixel_values_videos)
         routing: list[Routing] | None = [] if labels is not None or output_routing else None
         start = cache.seen if cache is not None else 0
         T = input_ids.shape[1]
@@ -248,3 +282,15 @@ class OmniModel(nn.Module):
         p = self.lm_head.weight
         return KVCache(t.n_layers, batch, t.n_kv_heads, t.head_dim, max_len, dtype=p.dtype, device=p.device,
                        conv_dim=t.dim if t.token_conv else 0)
+
+
+def _scatter(x: torch.Tensor, is_marker: torch.Tensor, feats: torch.Tensor, what: str) -> torch.Tensor:
+    """Write `feats` (N, L, D), N images or videos of L tokens, into the positions `is_marker` (B, T)
+    of x (B, T, D), in row-major order: item i fills the i-th run of marker tokens across the batch."""
+    n_tokens, (N, L) = int(is_marker.sum()), feats.shape[:2]
+    if n_tokens != N * L:
+        raise OmniInputError(
+            f"input_ids hold {n_tokens} {what} tokens, room for {n_tokens / L:g} {what}(s) of {L} tokens, but "
+            f"{N} {what}(s) were given: expand each <{what}> marker to {L} tokens and pass one {what} per marker"
+        )
+    return x.masked_scatter(is_marker[..., None], feats.to(x.dtype))
