@@ -89,6 +89,7 @@ MAX_IMAGE_QUESTIONS = 3  # image needles asked per prompt: each asked property l
 NEEDLE_HELP = ("text: 'remember: <key> is <colour> <shape>.' asked as 'What is <key>?'; image: --images ShapeWorld "
                "images, one holding the only shape of its kind (or colour), asked 'In the images, what colour is "
                "the triangle?' (or '... what shape is the red one?')")
+OBJECTS_HELP = f"shapes per image with --needle image, 1 to {MAX_OBJECTS} (default: 1 to {MAX_OBJECTS} at random)"
 # A needle object is the only one with its shape (asked for its colour) or its colour (asked for its shape).
 # "In the images": the filler's captions name shapes and colours too.
 IMAGE_QUESTIONS = {"shape": "In the images, what colour is the {value}?",
@@ -379,8 +380,7 @@ class HaystackSpec:
                                 "supervised; text: at most --keys; image: images each unique in its own way, at "
                                 f"most {MAX_IMAGE_QUESTIONS}")
     images: int = setting(4, "images per record with --needle image", metavar="F")
-    objects: int | None = setting(None, f"shapes per image with --needle image, 1 to {MAX_OBJECTS} (default: 1 to "
-                                        f"{MAX_OBJECTS} at random)")
+    objects: int | None = setting(None, OBJECTS_HELP)
     depth: float | None = setting(None, "where the first asked needle sits, 0 (start of the filler) to 1 (end); "
                                         "default: uniform at random, as every other needle")
     filler: str = setting("shapeworld", "shapeworld: captions of random scenes; english: sentences from a small "

@@ -40,10 +40,9 @@ from statistics import NormalDist
 
 from omnilm.config import TextConfig
 from omnilm.data.collate import to_device
-from omnilm.data.haystack import (FILLERS, MAX_IMAGE_QUESTIONS, NEEDLE_HELP, NEEDLES, TokenCount, build_haystack,
-                                  check_choices, check_image_needles)
+from omnilm.data.haystack import (FILLERS, MAX_IMAGE_QUESTIONS, NEEDLE_HELP, NEEDLES, OBJECTS_HELP, TokenCount,
+                                  build_haystack, check_choices, check_image_needles)
 from omnilm.data.processor import Processor
-from omnilm.data.shapeworld import MAX_OBJECTS
 from omnilm.errors import OmniInputError
 from omnilm.eval.vqa import normalize_answer
 from omnilm.infer import generate
@@ -80,8 +79,7 @@ class NiahArgs:
     images: int = setting(4, "images per prompt with --needle image", metavar="F")
     scale_images: bool = setting(False, "--images is per training length: a prompt N times longer holds N times "
                                         "as many images")
-    objects: int | None = setting(None, f"shapes per image with --needle image, 1 to {MAX_OBJECTS} (default: 1 to "
-                                        f"{MAX_OBJECTS} at random)")
+    objects: int | None = setting(None, OBJECTS_HELP)
     filler: str = setting("auto", "the haystack: shapeworld (captions of random scenes), english (sentences from a "
                                   "small built-in vocabulary), or auto: shapeworld for an omnilm checkpoint, english "
                                   "for a Hugging Face one", choices=("auto", *FILLERS))
