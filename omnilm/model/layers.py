@@ -185,10 +185,7 @@ class KVCache:
         self.media = None
 
     def _room(self, T: int) -> int:
-        end = self.seen + T
-        if end > self.max_len:
-            raise OmniInputError(f"KV cache holds {self.max_len} positions but {end} are needed: allocate a longer cache")
-        return end
+        return _room(self.seen + T, self.max_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self._room(k.shape[2])
@@ -211,6 +208,13 @@ class KVCache:
     def positions(self, T: int) -> torch.Tensor:
         """Sequence indices (T,) of the next T tokens, the same in every row."""
         return torch.arange(self.seen, self.seen + T, device=self.k.device)
+
+
+def _room(end: int, max_len: int) -> int:
+    """`end`, the position a write reaches, once checked against the cache's length."""
+    if end > max_len:
+        raise OmniInputError(f"KV cache holds {max_len} positions but {end} are needed: allocate a longer cache")
+    return end
 
 
 def _conv_store(x: torch.Tensor | None) -> torch.Tensor:
@@ -256,10 +260,7 @@ class RaggedKVCache:
         return (keys[None, None, :] <= self.positions(T)[:, :, None])[:, None]
 
     def _room(self, T: int) -> int:
-        end = self._longest + T
-        if end > self.max_len:
-            raise OmniInputError(f"KV cache holds {self.max_len} positions but {end} are needed: allocate a longer cache")
-        return end
+        return _room(self._longest + T, self.max_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, _, T, _ = k.shape

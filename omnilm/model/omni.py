@@ -179,17 +179,12 @@ class OmniModel(nn.Module):
         """Token embeddings (B, T, D) with image features written at the image-token positions (joint,
         early), and video features at the video-token positions; late and cross-attention fusion
         keep each image marker as a text token."""
-        c = self.config
-        markers = [(c.image_token_id, pixel_values, self.encode_images, "image")]
-        if c.video_token_id is not None:
-            markers.append((c.video_token_id, pixel_values_videos, self.encode_videos, "video"))
-        elif pixel_values_videos is not None:
-            raise OmniInputError(NO_VIDEO)
+        markers = self._markers(pixel_values, pixel_values_videos)
         where = [input_ids == token for token, *_ in markers]
         for (token, *_), is_marker in zip(markers, where):
             # A marker id may lie outside a text vocabulary (any row will do: features overwrite it);
             # inside it, keep its own row, as HF does when generation feeds the id back without media.
-            if token >= c.text.vocab_size:
+            if token >= self.config.text.vocab_size:
                 input_ids = input_ids.masked_fill(is_marker, 0)
         x = self.llm.embed_tokens(input_ids)
         if self.fusion is not None:  # late, cross_attention: the marker stays text
@@ -198,6 +193,17 @@ class OmniModel(nn.Module):
             if pixels is not None:
                 x = _scatter(x, is_marker, encode(pixels), what)
         return x
+
+    def _markers(self, pixel_values: torch.Tensor | None, pixel_values_videos: torch.Tensor | None) -> list[tuple]:
+        """(marker id, its media or None, their encoder, their name) for images and, in a video model,
+        videos; videos given to any other model are refused."""
+        c = self.config
+        markers = [(c.image_token_id, pixel_values, self.encode_images, "image")]
+        if c.video_token_id is not None:
+            markers.append((c.video_token_id, pixel_values_videos, self.encode_videos, "video"))
+        elif pixel_values_videos is not None:
+            raise OmniInputError(NO_VIDEO)
+        return markers
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
@@ -216,17 +222,13 @@ class OmniModel(nn.Module):
         model reports each layer's routing in `.routing` when there are labels (its losses join the
         loss) or `output_routing` is set.
         """
-        if pixel_values is None and (cache is None or cache.seen == 0):
-            n_markers = int((input_ids == self.config.image_token_id).sum()) if self.config.vision is not None else 0
-            if n_markers:
-                raise OmniInputError(
-                    f"input_ids hold {n_markers} image tokens but no pixel_values were given: pass the images"
-                )
-        if pixel_values_videos is None and self.config.video_token_id is not None and (cache is None or cache.seen == 0):
-            n_markers = int((input_ids == self.config.video_token_id).sum())
-            if n_markers:
-                raise OmniInputError(f"input_ids hold {n_markers} video tokens but no pixel_values_videos were given: "
-                                     "pass the videos")
+        if (cache is None or cache.seen == 0) and self.config.vision is not None:  # markers without their media
+            for (token, media, _, what), argument in zip(self._markers(pixel_values, pixel_values_videos),
+                                                         ("pixel_values", "pixel_values_videos")):
+                n_markers = int((input_ids == token).sum()) if media is None else 0
+                if n_markers:
+                    raise OmniInputError(f"input_ids hold {n_markers} {what} tokens but no {argument} were given: "
+                                         f"pass the {what}s")
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
         routing: list[Routing] | None = [] if labels is not None or output_routing else None
         start = cache.seen if cache is not None else 0
