@@ -118,11 +118,8 @@ def test_unusable_files_get_one_line_errors(tmp_path):
 
 def llava_next_video(tmp_path, seed: int = 0):
     """A tiny random transformers LlavaNextVideo (frames of 32 px in 8 px patches: a 4 x 4 grid, 4
-    tokens a frame after the 2 x 2 pool), and omnilm's model of the same weights: its LLaVA-1.5
-    part saved by transformers' LLaVA class (only `image_newline`, for LLaVA-NeXT's anyres images, is
-    left out), loaded, with the video marker and stride set."""
-    from dataclasses import replace
-
+    tokens a frame after the 2 x 2 pool), saved by transformers, and omnilm's model loaded from that
+    folder (its `image_newline`, for LLaVA-NeXT's anyres images, left out)."""
     import torch
     from conftest import randomize_, tiny_hf_configs
 
@@ -134,39 +131,72 @@ def llava_next_video(tmp_path, seed: int = 0):
                                      image_token_index=299, spatial_pool_mode="average", spatial_pool_stride=2)
     torch.manual_seed(seed)
     theirs = randomize_(tf.LlavaNextVideoForConditionalGeneration(config), seed).eval()
-    llava = tf.LlavaForConditionalGeneration(tf.LlavaConfig(vision_config=vision_cfg, text_config=text_cfg,
-                                                            image_token_index=299))
-    missing, unexpected = llava.load_state_dict(theirs.state_dict(), strict=False)
-    assert not missing and unexpected == ["model.image_newline"]
-    llava.save_pretrained(tmp_path)
-    ours = OmniModel.from_pretrained(tmp_path).eval()
-    ours.config = replace(ours.config, video_token_id=298, video_pool_stride=2)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = OmniModel.from_pretrained(tmp_path / "hf").eval()
+    assert (ours.config.video_token_id, ours.config.image_token_id, ours.config.video_pool_stride) == (298, 299, 2)
     return theirs, ours
+
+
+def video_chat(n_frames: int, frame_len: int, seed: int = 1):
+    """Two chats, the second left-padded, each with one video among text (a turn before it, a
+    text-only turn after): (input_ids, attention_mask, pixel_values_videos)."""
+    import torch
+
+    per_video = n_frames * frame_len
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 290, (2, per_video + 14), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, 3:3 + per_video] = 298
+    ids[1, :4], mask[1, :4] = 0, 0
+    ids[1, 6:6 + per_video] = 298
+    return ids, mask, torch.randn(2, n_frames, 3, 32, 32, generator=g)
+
+
+def max_logit_gap(a, b, ids, mask, videos) -> float:
+    """The largest difference between two models' logits at the real (unpadded) positions."""
+    import torch
+
+    with torch.no_grad():
+        x = a(input_ids=ids, attention_mask=mask, pixel_values_videos=videos).logits
+        y = b(input_ids=ids, attention_mask=mask, pixel_values_videos=videos).logits
+    real = mask.bool()
+    return (x[real] - y[real]).abs().max().item()
 
 
 @pytest.mark.parametrize("n_frames", [1, 3, 8])
 def test_video_logits_equal_transformers_llava_next_video(tmp_path, n_frames):
     """A batch of two chats, the second left-padded, each with one video of n_frames among text
     (a turn before it, a text-only turn after): logits equal at every real position."""
-    import torch
-
     theirs, ours = llava_next_video(tmp_path)
-    per_video = n_frames * ours.config.video_frame_len
     assert ours.config.video_frame_len == 4
-    g = torch.Generator().manual_seed(1)
-    T = per_video + 14
-    ids = torch.randint(3, 290, (2, T), generator=g)
-    mask = torch.ones_like(ids)
-    ids[0, 3:3 + per_video] = 298
-    ids[1, :4], mask[1, :4] = 0, 0
-    ids[1, 6:6 + per_video] = 298
-    videos = torch.randn(2, n_frames, 3, 32, 32, generator=g)
-    with torch.no_grad():
-        expected = theirs(input_ids=ids, pixel_values_videos=videos, attention_mask=mask).logits
-        got = ours(ids, attention_mask=mask, pixel_values_videos=videos).logits
-    real = mask.bool()
-    assert (got[real] - expected[real]).abs().max().item() <= 1e-5
-    assert ours.encode_videos(videos).shape == (2, per_video, 64)
+    ids, mask, videos = video_chat(n_frames, ours.config.video_frame_len)
+    assert max_logit_gap(theirs, ours, ids, mask, videos) <= 1e-5
+    assert ours.encode_videos(videos).shape == (2, n_frames * 4, 64)
+
+
+def test_a_saved_video_model_loads_in_transformers_and_back(tmp_path):
+    import json
+
+    from omnilm import OmniModel
+
+    tf = pytest.importorskip("transformers")
+    _, ours = llava_next_video(tmp_path)
+    ours.save_pretrained(tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert written["model_type"] == "llava_next_video" and written["video_token_index"] == 298
+    theirs = tf.AutoModelForImageTextToText.from_pretrained(tmp_path / "ours").eval()
+    assert type(theirs).__name__ == "LlavaNextVideoForConditionalGeneration"
+    ids, mask, videos = video_chat(3, 4, seed=2)
+    assert max_logit_gap(theirs, ours, ids, mask, videos) <= 1e-5
+    theirs.save_pretrained(tmp_path / "back")  # no omnilm.json: read from transformers' config.json
+    back = OmniModel.from_pretrained(tmp_path / "back")
+    assert back.config == ours.config
+    assert max_logit_gap(back, ours, ids, mask, videos) == 0.0
+    # The other pooling modes are refused by name (max is weightless but not what the model learnt;
+    # conv has weights omnilm does not have).
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    (tmp_path / "back" / "config.json").write_text(json.dumps({**config, "spatial_pool_mode": "max"}))
+    one_line_error(lambda: OmniModel.from_pretrained(tmp_path / "back"), match="spatial_pool_mode='max'.*average")
 
 
 def test_video_markers_and_configs_are_checked_in_one_line(tmp_path):

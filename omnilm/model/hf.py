@@ -1,4 +1,5 @@
-"""Hugging Face interop: read and write LLaVA, LLaMA and CLIP folders (safetensors only, never pickle).
+"""Hugging Face interop: read and write LLaVA, LLaVA-NeXT-Video, LLaMA and CLIP folders (safetensors
+only, never pickle).
 
 `OmniModel.from_pretrained` and `OmniModel.save_pretrained` call `load_pretrained` and
 `save_pretrained` here, `ClipModel`'s call `load_clip` and `save_clip`; `load_vision_encoder`
@@ -6,7 +7,8 @@ reads a CLIP (or LLaVA) folder's vision tower. Weights and configs only: the tok
 beside them are the processor's (`omnilm.data.Processor`).
 
 A folder's config is `omnilm.json` when present (our exact config, written by us), else its
-`config.json` converted: model_type "llava" (CLIP + projector + LLaMA), "llama" (text-only),
+`config.json` converted: model_type "llava" (CLIP + projector + LLaMA), "llava_next_video" (the
+same, with a video marker and pooled frames; saved so when the model reads videos), "llama" (text-only),
 "clip_vision_model" or "clip" (vision tower only). Weights are `model.safetensors` or the shards
 listed in `model.safetensors.index.json`; every known key layout loads (see KEYS_FROM_HF).
 
@@ -84,6 +86,8 @@ EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
 # (kept only when both CLIP towers are read, kind "clip_model").
 IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|position_ids)$")
 CLIP_TEXT_KEYS = re.compile(r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
+# LLaVA-NeXT's row separator for its "anyres" image tiles: omnilm reads images as LLaVA-1.5 does.
+ANYRES_KEYS = re.compile(r"^(model\.)?image_newline$")
 # The dtypes whose weights are checked for NaN and inf: those torch.isfinite runs on (not float8).
 FINITE_CHECKED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -243,7 +247,8 @@ def read_weights(folder: Path, kind: str, dtype: torch.dtype | str | None,
         try:
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
-                    if IGNORED_KEYS.search(key) or (kind != "clip_model" and CLIP_TEXT_KEYS.search(key)):
+                    if (IGNORED_KEYS.search(key) or (kind != "clip_model" and CLIP_TEXT_KEYS.search(key))
+                            or (kind == "llava" and ANYRES_KEYS.match(key))):
                         continue
                     name = key_from_hf(key, kind)
                     if name in state:

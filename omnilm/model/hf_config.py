@@ -1,10 +1,14 @@
 """Config conversion between transformers' config.json dicts and omnilm's dataclasses.
 
-LLaVA (`LlavaConfig`: text_config + vision_config), LLaMA (`LlamaConfig`), Mixtral
-(`MixtralConfig`, as a text model or as LLaVA's language model), CLIP vision
-(`CLIPVisionConfig`) and both CLIP towers (`CLIPConfig`); and the processor files beside them
-(`preprocessor_config.json`, `processor_config.json`). Fields a config.json leaves out take
-transformers' defaults.
+LLaVA (`LlavaConfig`: text_config + vision_config), LLaVA-NeXT-Video (`LlavaNextVideoConfig`:
+LLaVA plus a video marker and a spatial pool), LLaMA (`LlamaConfig`), Mixtral (`MixtralConfig`, as
+a text model or as LLaVA's language model), CLIP vision (`CLIPVisionConfig`) and both CLIP towers
+(`CLIPConfig`); and the processor files beside them (`preprocessor_config.json`,
+`processor_config.json`). Fields a config.json leaves out take transformers' defaults.
+
+A LLaVA-NeXT-Video folder is read for its video path, which is LLaVA-1.5's tower and projector on
+pooled frames; its still images are read as LLaVA-1.5 reads them (one view at the tower's
+resolution), not with LLaVA-NeXT's "anyres" tiles, so `image_grid_pinpoints` is not used.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ TEXT_KEYS = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_a
 VISION_KEYS = dict(n_channels="num_channels", dim="hidden_size", n_layers="num_hidden_layers",
                    n_heads="num_attention_heads", mlp_dim="intermediate_size", norm_eps="layer_norm_eps", act="hidden_act")
 LLAVA_KEYS = dict(image_token_id="image_token_index", vision_feature_select="vision_feature_select_strategy",
-                  projector_act="projector_hidden_act", projector_bias="multimodal_projector_bias")
+                  projector_act="projector_hidden_act", projector_bias="multimodal_projector_bias",
+                  video_token_id="video_token_index", video_pool_stride="spatial_pool_stride")
+LLAVA_MODEL_TYPES = ("llava", "llava_next_video")
 CLIP_TEXT_KEYS = {**VISION_KEYS, "max_len": "max_position_embeddings"}
 CLIP_KEYS = dict(embed_dim="projection_dim", logit_scale_init="logit_scale_init_value")
 
@@ -179,16 +185,20 @@ def vision_config_from_hf(d: dict[str, Any], defaults: dict[str, Any] = CLIP_VIS
 
 
 def config_from_hf(d: dict[str, Any], where: str = "config.json") -> OmniConfig:
-    """A transformers config.json dict (model_type "llava", "llama" or "mixtral") -> OmniConfig;
-    every error is a one-line OmniInputError naming `where` (the file) and the key."""
+    """A transformers config.json dict (model_type "llava", "llava_next_video", "llama" or "mixtral")
+    -> OmniConfig; every error is a one-line OmniInputError naming `where` (the file) and the key."""
     d = _object(d, where, "the config")
     model_type = d.get("model_type")
     if model_type in TEXT_MODEL_TYPES:
         text_cfg = text_config_from_hf(d, where)
         return build_config(lambda: OmniConfig(text=text_cfg, vision=None), where, nested={"text": ("", TEXT_KEYS)})
-    if model_type != "llava":
-        raise OmniInputError(f"{where} has model_type {model_type!r}; omnilm loads llava, llama and mixtral "
-                             "(and clip / clip_vision_model with load_vision_encoder)")
+    if model_type not in LLAVA_MODEL_TYPES:
+        raise OmniInputError(f"{where} has model_type {model_type!r}; omnilm loads llava, llava_next_video, llama "
+                             "and mixtral (and clip / clip_vision_model with load_vision_encoder)")
+    video = model_type == "llava_next_video"
+    if video and d.get("spatial_pool_mode", "average") != "average":
+        raise OmniInputError(f"{where}: spatial_pool_mode={d['spatial_pool_mode']!r}; omnilm pools video frames "
+                             "by averaging (\"average\"), the mode LLaVA-NeXT-Video was trained with")
     text = d.get("text_config")
     text = dict(_object(text if text is not None else {}, where, "text_config"))
     text.setdefault("model_type", "llama")
@@ -215,15 +225,19 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> OmniConfig:
     vision_cfg = (vision_config_from_hf(vision, where=where, section="vision_config.") if vision is not None
                   else vision_config_from_hf({}, LLAVA_VISION_DEFAULTS, where))
     image_key = "image_token_index" if "image_token_index" in d or "image_token_id" not in d else "image_token_id"
+    video_key = "video_token_index" if "video_token_index" in d or "video_token_id" not in d else "video_token_id"
     return build_config(lambda: OmniConfig(
         text=text_cfg,
         vision=vision_cfg,
-        image_token_id=d.get(image_key, 32000),
+        # LlavaNextVideoConfig's defaults: the video marker 32000, the image marker after it.
+        image_token_id=d.get(image_key, 32001 if video else 32000),
+        video_token_id=d.get(video_key, 32000) if video else None,
+        video_pool_stride=d.get("spatial_pool_stride", 2) if video else 2,
         vision_feature_layer=layer,
         vision_feature_select=d.get("vision_feature_select_strategy", "default"),
         projector_act=act,
         projector_bias=d.get("multimodal_projector_bias", True),
-    ), where, "", {**LLAVA_KEYS, "image_token_id": image_key},
+    ), where, "", {**LLAVA_KEYS, "image_token_id": image_key, "video_token_id": video_key},
         nested={"text": ("text_config.", TEXT_KEYS), "vision": ("vision_config.", VISION_KEYS)})
 
 
@@ -305,13 +319,23 @@ def vision_config_to_hf(v: VisionConfig) -> dict[str, Any]:
 
 
 def config_to_hf(cfg: OmniConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """OmniConfig -> a transformers config.json dict: LlavaForConditionalGeneration, or
-    LlamaForCausalLM for a text-only model."""
+    """OmniConfig -> a transformers config.json dict: LlavaForConditionalGeneration (or
+    LlavaNextVideoForConditionalGeneration with video), or LlamaForCausalLM (MixtralForCausalLM)
+    for a text-only model."""
     dtype_name = str(dtype).removeprefix("torch.")
     text = text_config_to_hf(cfg.text)
     if cfg.vision is None:
         arch = "MixtralForCausalLM" if cfg.text.n_experts else "LlamaForCausalLM"
         return {"architectures": [arch], **text, "dtype": dtype_name}
+    # transformers' LLaVA-NeXT-Video initialises `image_newline` (its anyres row separator, which
+    # omnilm neither uses nor writes) when it loads the folder; videos do not touch it.
+    video = {} if cfg.video_token_id is None else {
+        "architectures": ["LlavaNextVideoForConditionalGeneration"],
+        "model_type": "llava_next_video",
+        "video_token_index": cfg.video_token_id,
+        "spatial_pool_mode": "average",
+        "spatial_pool_stride": cfg.video_pool_stride,
+    }
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
@@ -325,6 +349,7 @@ def config_to_hf(cfg: OmniConfig, dtype: torch.dtype = torch.float32) -> dict[st
         "multimodal_projector_bias": cfg.projector_bias,
         "tie_word_embeddings": cfg.text.tie_embeddings,
         "dtype": dtype_name,
+        **video,
     }
 
 # --- processor files ------------------------------------------------------------------------------
