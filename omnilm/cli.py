@@ -107,7 +107,7 @@ def cmd_eval(args) -> None:
     model = _load(run.checkpoint, run.device)
     summary, predictions = evaluate_vqa(model, Processor.for_model(model, run.checkpoint), read_records(run.data),
                                         run.image_folder, batch_size=run.batch_size, max_new_tokens=run.max_new_tokens,
-                                        skip_bad=run.skip_bad)
+                                        skip_bad=run.skip_bad, frames=run.frames)
     print(format_vqa_results(summary))
     if run.predictions:
         write_predictions(predictions, run.predictions)

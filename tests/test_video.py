@@ -116,7 +116,7 @@ def test_unusable_files_get_one_line_errors(tmp_path):
 # --- the model: LLaVA-NeXT-Video's video path ----------------------------------------------------------
 
 
-def llava_next_video(tmp_path, seed: int = 0):
+def llava_next_video(tmp_path, seed: int = 0, video_token: int = 298, image_token: int = 299):
     """A tiny random transformers LlavaNextVideo (frames of 32 px in 8 px patches: a 4 x 4 grid, 4
     tokens a frame after the 2 x 2 pool), saved by transformers, and omnilm's model loaded from that
     folder (its `image_newline`, for LLaVA-NeXT's anyres images, left out)."""
@@ -127,13 +127,14 @@ def llava_next_video(tmp_path, seed: int = 0):
 
     tf = pytest.importorskip("transformers")
     text_cfg, vision_cfg, _ = tiny_hf_configs()
-    config = tf.LlavaNextVideoConfig(vision_config=vision_cfg, text_config=text_cfg, video_token_index=298,
-                                     image_token_index=299, spatial_pool_mode="average", spatial_pool_stride=2)
+    config = tf.LlavaNextVideoConfig(vision_config=vision_cfg, text_config=text_cfg, video_token_index=video_token,
+                                     image_token_index=image_token, spatial_pool_mode="average", spatial_pool_stride=2)
     torch.manual_seed(seed)
     theirs = randomize_(tf.LlavaNextVideoForConditionalGeneration(config), seed).eval()
     theirs.save_pretrained(tmp_path / "hf")
     ours = OmniModel.from_pretrained(tmp_path / "hf").eval()
-    assert (ours.config.video_token_id, ours.config.image_token_id, ours.config.video_pool_stride) == (298, 299, 2)
+    assert (ours.config.video_token_id, ours.config.image_token_id, ours.config.video_pool_stride) == (
+        video_token, image_token, 2)
     return theirs, ours
 
 
@@ -224,3 +225,94 @@ def test_video_markers_and_configs_are_checked_in_one_line(tmp_path):
         OmniConfig.from_preset("tiny", video_token_id=OmniConfig.from_preset("tiny").image_token_id, video_pool_stride=3)
     with pytest.raises(ConfigError, match="video_token_id.*fusion='joint'"):
         OmniConfig.from_preset("tiny", video_token_id=5, video_pool_stride=3, fusion="late")
+
+
+# --- the processor, chats and generation ----------------------------------------------------------
+
+
+def video_processor(model, **sampling):
+    """omnilm's processor for `model` (video marker 4, image marker 3), its BPE trained here."""
+    from omnilm.data import Processor, train_tokenizer
+    from omnilm.data.processor import VideoSampling
+
+    tokenizer = train_tokenizer(["What moves in the clip? a red circle moves left, then a square"] * 4,
+                                vocab_size=300, video=True, system_prompt="Answer.")
+    assert (tokenizer.image_token_id, tokenizer.video_token_id) == (3, 4)
+    processor = Processor.for_model(model, tokenizer=tokenizer)
+    processor.video = VideoSampling(**sampling)
+    return processor
+
+
+def test_a_chat_with_videos_and_a_text_turn_equals_transformers(tmp_path):
+    """The processor turns a chat (a video, an answer, a text-only question) into ids and frames;
+    transformers' LlavaNextVideo gives the same logits on them, alone and in a batch with a video of
+    another length (which travels as a list of videos)."""
+    import torch
+
+    theirs, ours = llava_next_video(tmp_path, video_token=4, image_token=3)
+    processor = video_processor(ours)
+    clip5, clip3 = frames(5, 40, 48, seed=1), frames(3, 40, 48, seed=2)
+    chat = [{"role": "user", "content": [{"type": "video", "video": clip5}, {"type": "text", "text": "What moves?"}]},
+            {"role": "assistant", "content": "a red circle"}, {"role": "user", "content": "And then?"}]
+    one = processor(chat)
+    assert int((one["input_ids"] == 4).sum()) == 5 * 4 and one["pixel_values_videos"].shape == (1, 5, 3, 32, 32)
+    pixels = processor.image_processor([Image.fromarray(f) for f in clip5])
+    assert torch.equal(one["pixel_values_videos"][0], pixels)
+    with torch.no_grad():
+        mine = ours(**one).logits
+        assert (mine - theirs(**one).logits).abs().max().item() <= 1e-5
+        other = [{"role": "user", "content": [{"type": "text", "text": "Which way?"}, {"type": "video", "video": clip3}]}]
+        both = processor([chat, other])
+        assert isinstance(both["pixel_values_videos"], list) and [len(v) for v in both["pixel_values_videos"]] == [5, 3]
+        batched = ours(**both).logits
+        T = one["input_ids"].shape[1]
+        assert (batched[0, -T:] - mine[0]).abs().max().item() <= 1e-5  # the first row is the longer one
+        alone = processor(other)
+        real = both["attention_mask"][1].bool()
+        expected = theirs(**alone).logits[0]
+        assert (batched[1][real] - expected).abs().max().item() <= 1e-5
+
+
+def test_timestamps_sampling_and_the_saved_video_settings(tmp_path):
+    from omnilm.data import Processor
+    from omnilm.data.processor import VideoSampling
+
+    _, ours = llava_next_video(tmp_path, video_token=4, image_token=3)
+    processor = video_processor(ours, num_frames=4, timestamps=True)
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for i, f in enumerate(frames(10, 32, 32)):
+        Image.fromarray(f).save(clip / f"{i:03d}.png")
+    out = processor([{"role": "user", "content": [{"type": "video", "path": str(clip)}, {"type": "text", "text": "Hi"}]}])
+    ids = out["input_ids"][0].tolist()
+    assert ids.count(4) == 4 * 4 and out["pixel_values_videos"].shape[:2] == (1, 4)
+    # Frames 0, 2, 5, 7 of 10 (transformers' uniform sampler), a second apart, each time before its tokens.
+    text = processor.tokenizer.decode([i if i != 4 else processor.tokenizer.token_to_id("<video>") for i in ids],
+                                      skip_special_tokens=False)
+    assert "0s<video><video><video><video>2s<video>" in text.replace(" ", "") and "5s" in text and "7s" in text
+    processor.save_pretrained(tmp_path / "saved")
+    back = Processor.for_model(ours, tmp_path / "saved")
+    assert back.video == VideoSampling(num_frames=4, timestamps=True) and back.video_frame_len == 4
+    one_line_error(lambda: VideoSampling(num_frames=4, fps=2.0), match="num_frames or fps, not both")
+    one_line_error(lambda: VideoSampling(num_frames=0), match="num_frames=0")
+    # A text-only or image-only model's processor refuses videos in one line.
+    image_only = Processor(processor.tokenizer, processor.image_processor, 16)
+    one_line_error(lambda: image_only([{"role": "user", "content": [{"type": "video", "path": str(clip)}]}]),
+                   match="takes no video")
+
+
+def test_chunked_prefill_cuts_no_frame_and_generates_the_same(tmp_path):
+    import torch
+
+    from omnilm.infer import generate
+
+    _, ours = llava_next_video(tmp_path, video_token=4, image_token=3)
+    processor = video_processor(ours, timestamps=True)
+    chat = [{"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "video", "video": frames(6)},
+                                         {"type": "text", "text": "and"}, {"type": "video", "video": frames(2, seed=3)},
+                                         {"type": "text", "text": "What moves?"}]}]
+    batch = processor(chat)
+    assert isinstance(batch["pixel_values_videos"], list)
+    whole = generate(ours, **batch, max_new_tokens=6)
+    for chunk in (1, 3, 5, 17):
+        assert torch.equal(generate(ours, **batch, max_new_tokens=6, prefill_chunk=chunk), whole), chunk

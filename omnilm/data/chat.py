@@ -5,14 +5,16 @@
 (haotian-liu/LLaVA `conv_vicuna_v1`: sep " " after a user turn, sep2 "</s>" after an
 answer). Messages come in three dialects, all normalised to one form first: transformers
 chat messages, OpenAI `image_url` parts, and LLaVA JSON (`{"from": "human", "value": ...}`).
-Each image part becomes an `<image>` marker followed by a newline, where it stands.
+Each image part becomes an `<image>` marker followed by a newline, where it stands, and each
+video part (transformers' `{"type": "video"}`, or `video_url` as vLLM extends OpenAI's parts) a
+`<video>` marker and a newline.
 """
 
 from __future__ import annotations
 
 import json
 
-from omnilm.data.tokenizer import IMAGE_TOKEN
+from omnilm.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from omnilm.errors import OmniInputError
 
 DEFAULT_SYSTEM = (
@@ -20,15 +22,17 @@ DEFAULT_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+MARKERS = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}  # what each media part becomes in the text
 
 
 def normalize_messages(messages: list[dict]) -> list[dict]:
     """Bring any supported message dialect to `[{"role": "system"|"user"|"assistant",
-    "content": [{"type": "text", "text": str} | {"type": "image", "image": source | None}]}]`.
+    "content": [{"type": "text", "text": str} | {"type": "image", "image": source | None}
+    | {"type": "video", "video": source | None}]}]`.
 
-    `image` is anything `load_image` accepts, or None for a placeholder whose image is
-    passed separately (as in transformers' `{"type": "image"}`). Literal `<image>` markers
-    in text are kept as text; they count as image slots all the same.
+    `image` is anything `load_image` accepts, `video` anything `read_video` does, or None for a
+    placeholder whose media is passed separately (as in transformers' `{"type": "image"}`).
+    Literal `<image>` and `<video>` markers in text are kept as text; they count as slots all the same.
     """
     if not isinstance(messages, list) or not messages:
         raise OmniInputError("a chat must be a non-empty list of messages like {'role': 'user', 'content': '...'}")
@@ -52,7 +56,7 @@ def normalize_messages(messages: list[dict]) -> list[dict]:
             raise OmniInputError(
                 f"message {i} has content of type {type(content).__name__}: use a string or a list of parts"
             )
-        if role == "system" and (i > 0 or any(p["type"] == "image" for p in parts)):
+        if role == "system" and (i > 0 or any(p["type"] != "text" for p in parts)):
             raise OmniInputError(f"message {i} is a system message: put it first, and with text only")
         out.append({"role": role, "content": parts})
     return out
@@ -65,12 +69,16 @@ def _normalize_part(part, i: int) -> dict:
     if kind == "image":
         source = next((part[key] for key in ("image", "path", "url") if part.get(key) is not None), None)
         return {"type": "image", "image": source}
-    if kind == "image_url":  # OpenAI: {"image_url": {"url": ...}}, or just the URL string
-        url = part.get("image_url")
-        return {"type": "image", "image": url.get("url") if isinstance(url, dict) else url}
+    if kind in MARKERS:
+        source = next((part[key] for key in (kind, "path", "url") if part.get(key) is not None), None)
+        return {"type": kind, kind: source}
+    if kind in ("image_url", "video_url"):  # OpenAI: {"image_url": {"url": ...}}, or just the URL string
+        url = part.get(kind)
+        media = kind.removesuffix("_url")
+        return {"type": media, media: url.get("url") if isinstance(url, dict) else url}
     raise OmniInputError(
         f"message {i} has a content part {str(part)[:60]}: use {{'type': 'text', 'text': ...}}, "
-        "{'type': 'image', 'image': ...} or {'type': 'image_url', 'image_url': {'url': ...}}"
+        "{'type': 'image', 'image': ...}, {'type': 'image_url', 'image_url': {'url': ...}} or the same for a video"
     )
 
 
@@ -112,14 +120,24 @@ def render_chat(
     messages: list[dict], add_generation_prompt: bool = True, system: str | None = None
 ) -> tuple[str, list]:
     """Render a chat to `(prompt_text, images)`: each image part becomes `"<image>\\n"` where it
-    stands, and `images` lists the sources of image parts in order (placeholders excluded).
+    stands (a video part `"<video>\\n"`: `chat_videos` lists those), and `images` lists the sources of
+    image parts in order (placeholders excluded).
     A leading system message replaces `system`. With `add_generation_prompt` and a chat
     that does not end with an answer, the text ends with the open turn `ASSISTANT:`."""
     messages = normalize_messages(messages)
     text = "".join(segment for segment, _ in _turns(messages, add_generation_prompt, system))
+    return text, _sources(messages, "image")
+
+
+def chat_videos(messages: list[dict]) -> list:
+    """The sources of a chat's video parts, in order (placeholders excluded): `render_chat`'s images,
+    for videos."""
+    return _sources(normalize_messages(messages), "video")
+
+
+def _sources(messages: list[dict], kind: str) -> list:
     parts = [part for message in messages for part in message["content"]]
-    images = [p["image"] for p in parts if p["type"] == "image" and p["image"] is not None]
-    return text, images
+    return [p[kind] for p in parts if p["type"] == kind and p[kind] is not None]
 
 
 def hf_chat_template(system: str | None = None) -> str:
@@ -131,7 +149,8 @@ def hf_chat_template(system: str | None = None) -> str:
         "{%- macro text(content) -%}"
         "{%- if content is string -%}{{ content }}{%- else -%}{%- for part in content -%}"
         "{%- if part.type == 'text' -%}{{ part.text }}"
-        "{%- elif part.type in ('image', 'image_url') -%}{{ '" + IMAGE_TOKEN + "\\n' }}{%- endif -%}"
+        "{%- elif part.type in ('image', 'image_url') -%}{{ '" + IMAGE_TOKEN + "\\n' }}"
+        "{%- elif part.type in ('video', 'video_url') -%}{{ '" + VIDEO_TOKEN + "\\n' }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{%- endmacro -%}"
         "{%- set system = " + json.dumps(default) + " -%}"
@@ -149,4 +168,4 @@ def hf_chat_template(system: str | None = None) -> str:
 
 
 def _text(message: dict) -> str:
-    return "".join(p["text"] if p["type"] == "text" else IMAGE_TOKEN + "\n" for p in message["content"])
+    return "".join(p["text"] if p["type"] == "text" else MARKERS[p["type"]] + "\n" for p in message["content"])

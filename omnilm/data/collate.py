@@ -33,22 +33,30 @@ def pad_rows(rows: list, value: int, left: bool = False) -> tuple[torch.Tensor, 
 def collate(batch: list[dict], pad_id: int) -> dict:
     """Stack `LlavaDataset` samples. Returns `input_ids` (B, T) right-padded with `pad_id`,
     `labels` (B, T) padded with -100, `attention_mask` (B, T) 1 on real tokens, `pixel_values`
-    (N, 3, H, W) with every sample's images in sample order (None when there are none) and
+    (N, 3, H, W) with every sample's images in sample order (None when there are none),
+    `pixel_values_videos` a list of every sample's videos, (F_i, 3, H, W) each (None without), and
     `ids`, the samples' ids."""
     input_ids, attention_mask = pad_rows([sample["input_ids"] for sample in batch], pad_id)
     labels, _ = pad_rows([sample["labels"] for sample in batch], IGNORE_INDEX)
     # The model fills image tokens with pixel_values in order across the batch, row by row.
     images = [sample["pixel_values"] for sample in batch if sample["pixel_values"] is not None]
     pixel_values = torch.cat(images) if images else None
+    videos = [video for sample in batch for video in sample.get("pixel_values_videos", ())]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "pixel_values": pixel_values,
+        "pixel_values_videos": videos or None,
         "ids": [sample["id"] for sample in batch],
     }
 
 
 def to_device(batch: dict, device) -> dict:
-    """Move a batch's tensors to `device`; other values (ids, None) stay as they are."""
-    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    """Move a batch's tensors (and lists of tensors: videos) to `device`; other values (ids, None)
+    stay as they are."""
+    def move(v):
+        if isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v):
+            return [t.to(device) for t in v]
+        return v.to(device) if hasattr(v, "to") else v
+    return {k: move(v) for k, v in batch.items()}

@@ -8,13 +8,16 @@ A record, as haotian-liu/LLaVA's instruction data and our ShapeWorld generator w
                        {"from": "gpt", "value": "Red."}, ...],
      ...}                                              # other fields (task, ...) are kept
 
+and videos the same way: `"video": "clips/7.mp4"` (a file, or a folder of frames; or a list), each
+at a `<video>` marker in a human turn (LLaVA-NeXT-Video's data).
+
 `check_records` runs over the whole file before any work, for training (`LlavaDataset`) and
 evaluation (`omnilm.eval.vqa`) alike. A file is a non-empty JSON list; a record is an object
 with an id (a string or an integer; duplicates are allowed, as derived LLaVA mixes have them,
 and messages name a record by its index too), `conversations` going [system,] human, gpt,
 human, gpt, ... and ending on an answer, every value a non-empty string, as many `<image>`
 markers (spelt exactly, in human turns) as images, and images that are relative paths inside
-the image folder to files that decode. The first bad record raises a one-line
+the image folder to files that decode (and likewise `<video>` markers and videos). The first bad record raises a one-line
 `OmniInputError` naming the file, the record's index and id, and the field; with `skip_bad`
 every bad record is left out and counted instead.
 
@@ -36,7 +39,7 @@ import re
 import warnings
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,15 +49,17 @@ from torch.utils.data import Dataset
 from omnilm.config import IGNORE_INDEX
 from omnilm.data.chat import render_turns
 from omnilm.data.image import load_image
-from omnilm.data.processor import Processor, expand_image_tokens
-from omnilm.data.tokenizer import IMAGE_TOKEN
+from omnilm.data.processor import Processor
+from omnilm.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from omnilm.data.video import Video, read_video
 from omnilm.errors import OmniInputError
 from omnilm.io import write_text
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _FORMAT = '{"from": "human"|"gpt", "value": "..."}'
 # Spellings a person means as the image marker but the tokenizer reads as plain text.
-_MARKER_LIKE = re.compile(r"<\s*image\s*>", re.IGNORECASE)
+_MARKER_LIKE = re.compile(r"<\s*(image|video)\s*>", re.IGNORECASE)
+_MEDIA = (("image", IMAGE_TOKEN), ("video", VIDEO_TOKEN))  # record field, its marker
 _SKIP_HINT = "or pass --skip-bad (skip_bad=True) to skip bad records"
 
 
@@ -83,11 +88,12 @@ class BadRecord(NamedTuple):
 @dataclass
 class CheckedRecords:
     """`check_records`' answer: the usable records (indices into the list, in order) with their
-    image paths in marker order, and the records left out."""
+    image paths and video paths in marker order, and the records left out."""
 
     source: str
     kept: list[int] = field(default_factory=list)
     images: list[list[Path]] = field(default_factory=list)
+    videos: list[list[Path]] = field(default_factory=list)
     skipped: list[BadRecord] = field(default_factory=list)
     considered: int = 0
 
@@ -118,6 +124,7 @@ def check_records(
     skip_bad: bool = False,
     check: Callable[[dict, list[Path]], Problem | None] | None = None,
     load: Callable[[Path], Any] | None = None,
+    load_video: Callable[[Path], Any] | None = None,
     source: str | Path | None = None,
 ) -> CheckedRecords:
     """Check LLaVA records (as `read_records` returns them) before any work is done with them.
@@ -127,7 +134,8 @@ def check_records(
     special tokens, and images for a text-only processor, are bad too. `check(record, paths)`
     adds the caller's own test (token lengths). Each image file is loaded once, by `load(path)`,
     which may keep what it made; by default the processor's image preprocessing (what training
-    and generation will run on it), or without one `load_image`. Cheap checks run over every
+    and generation will run on it), or without one `load_image`; each video by `load_video`, by
+    default the processor's frame sampling (`Processor.read_video`), or without one `read_video`. Cheap checks run over every
     record first, so a typo late in a large file is reported before any image is decoded. Without `skip_bad` the first bad record
     raises `OmniInputError`; with it, bad records are left out and listed in `skipped`. No
     considered record, or none usable, raises too. Warns about nothing: callers report.
@@ -144,9 +152,12 @@ def check_records(
         tok = processor.tokenizer
         reserved = tuple(t for t in (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) if t)
     images_allowed = processor is None or processor.image_processor is not None
+    videos_allowed = processor is None or processor.video_frame_len is not None
     if load is None:  # what training or generation will run on each image, so that it cannot fail later
         preprocess = processor.image_processor if processor is not None else None
         load = (lambda path: preprocess([path])) if preprocess is not None else load_image
+    if load_video is None:
+        load_video = processor.read_video if processor is not None and videos_allowed else read_video
     out = CheckedRecords(source)
 
     def reject(index: int, problem: Problem) -> None:
@@ -155,48 +166,53 @@ def check_records(
             raise OmniInputError(f"{source}: {_where(index, rid)}: {problem}; {_SKIP_HINT}")
         out.skipped.append(BadRecord(index, rid, problem))
 
-    candidates = []  # (index, image paths), in file order
+    candidates = []  # (index, image paths, video paths), in file order
     for index, record in enumerate(records):
         if not _selected(record, tasks, skip_tasks):
             continue
         out.considered += 1
-        problem, paths = check_record(record, folder, reserved, images_allowed)
+        problem, paths, videos = check_record(record, folder, reserved, images_allowed, videos_allowed)
         if problem is not None:
             reject(index, problem)
         else:
-            candidates.append((index, paths))
+            candidates.append((index, paths, videos))
     if check is not None:
         survivors = []
-        for index, paths in candidates:
+        for index, paths, videos in candidates:
             problem = check(records[index], paths)
             if problem is not None:
                 reject(index, problem)
             else:
-                survivors.append((index, paths))
+                survivors.append((index, paths, videos))
         candidates = survivors
     if folder is not None:
         broken: dict[Path, str | None] = {}  # each file is decoded once, however many records share it
-        for index, paths in candidates:
+        for index, paths, videos in candidates:
             problem = None
-            for k, path in enumerate(paths):
-                if path not in broken:
-                    try:
-                        load(path)
-                        broken[path] = None
-                    except OmniInputError as e:
-                        broken[path] = str(e)
-                if broken[path] is not None:
-                    image = records[index]["image"]
-                    problem = Problem("bad image", "image" if isinstance(image, str) else f"image[{k}]", broken[path])
+            for kind, files, read in (("image", paths, load), ("video", videos, load_video)):
+                for k, path in enumerate(files):
+                    if path not in broken:
+                        try:
+                            read(path)
+                            broken[path] = None
+                        except OmniInputError as e:
+                            broken[path] = str(e)
+                    if broken[path] is not None:
+                        where = kind if isinstance(records[index][kind], str) else f"{kind}[{k}]"
+                        problem = Problem(f"bad {kind}", where, broken[path])
+                        break
+                if problem is not None:
                     break
             if problem is not None:
                 reject(index, problem)
             else:
                 out.kept.append(index)
                 out.images.append(paths)
+                out.videos.append(videos)
     else:
-        out.kept = [index for index, _ in candidates]
-        out.images = [paths for _, paths in candidates]
+        out.kept = [index for index, _, _ in candidates]
+        out.images = [paths for _, paths, _ in candidates]
+        out.videos = [videos for _, _, videos in candidates]
 
     out.skipped.sort(key=lambda bad: bad.index)  # in file order, whichever pass found them
     if not out.considered:
@@ -210,101 +226,120 @@ def check_records(
 
 
 def check_record(record, image_folder: Path | None = None, reserved: tuple[str, ...] = (),
-                 images_allowed: bool = True) -> tuple[Problem | None, list[Path]]:
-    """What is wrong with one record (None if nothing), and its image paths in marker order.
-    Image files are checked to exist under `image_folder` (when given), not decoded: that is
+                 images_allowed: bool = True, videos_allowed: bool = True
+                 ) -> tuple[Problem | None, list[Path], list[Path]]:
+    """What is wrong with one record (None if nothing), and its image and video paths in marker
+    order. Files are checked to exist under `image_folder` (when given), not decoded: that is
     `check_records`' last pass."""
     if not isinstance(record, dict):
         return Problem("not a record", "the record", f"is {_short(record)}, not an object "
-                                                     '{"id": ..., "conversations": [...]}'), []
+                                                     '{"id": ..., "conversations": [...]}'), [], []
     rid = record.get("id")
     if rid is None or rid == "" or isinstance(rid, bool) or not isinstance(rid, (str, int)):
         what = "is missing" if rid is None else f"is {_short(rid)}"
-        return Problem("bad id", "id", f"{what}: give every record an id, a string or an integer"), []
+        return Problem("bad id", "id", f"{what}: give every record an id, a string or an integer"), [], []
     for name, ok, want in (("task", lambda v: isinstance(v, str), "a string"),
                            ("n_objects", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                             "a count (an integer >= 0)")):
         if record.get(name) is not None and not ok(record[name]):
-            return Problem("bad field", name, f"is {_short(record[name])}: make it {want}, or leave it out"), []
+            return Problem("bad field", name, f"is {_short(record[name])}: make it {want}, or leave it out"), [], []
 
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         what = "is missing" if "conversations" not in record else f"is {_short(turns)}"
-        return Problem("bad conversations", "conversations", f"{what}: give a non-empty list of {_FORMAT} turns"), []
+        return Problem("bad conversations", "conversations", f"{what}: give a non-empty list of {_FORMAT} turns"), [], []
     offset = 1 if isinstance(turns[0], dict) and turns[0].get("from") == "system" else 0
-    n_markers = 0
+    n_markers = dict.fromkeys(("image", "video"), 0)
     for j, turn in enumerate(turns):
         where = f"conversations[{j}]"
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            return Problem("bad turn", where, f"is {_short(turn)}, not {_FORMAT}"), []
+            return Problem("bad turn", where, f"is {_short(turn)}, not {_FORMAT}"), [], []
         name, value = turn["from"], turn["value"]
         if not isinstance(name, str) or name not in _ROLES:
             return Problem("bad role", f"{where}.from", f"is {_short(name)}: use human or gpt (or user, assistant; "
-                                                        "system for a first turn)"), []
+                                                        "system for a first turn)"), [], []
         role = _ROLES[name]
         expected = "system" if j < offset else ("user", "assistant")[(j - offset) % 2]
         if role != expected:
             if role == "system":
                 return Problem("bad role", f"{where}.from", "is 'system' after the first turn: a system turn "
-                                                            "goes first, once"), []
+                                                            "goes first, once"), [], []
             wanted = "human" if expected == "user" else "gpt"
             return Problem("bad role", f"{where}.from", f"is {name!r} where a {wanted} turn belongs: turns go "
-                                                        "[system,] human, gpt, human, gpt, ..."), []
+                                                        "[system,] human, gpt, human, gpt, ..."), [], []
         if not isinstance(value, str):
-            return Problem("bad turn", f"{where}.value", f"is {_short(value)}, not a string: every value is text"), []
+            return Problem("bad turn", f"{where}.value", f"is {_short(value)}, not a string: every value is text"), [], []
         problem = _text_problem(value, reserved)
         if problem is not None:
-            return Problem("bad text", f"{where}.value", problem), []
-        odd = next((m for m in _MARKER_LIKE.findall(value) if m != IMAGE_TOKEN), None)
+            return Problem("bad text", f"{where}.value", problem), [], []
+        odd = next((m for m in _MARKER_LIKE.finditer(value) if m.group(0) not in (IMAGE_TOKEN, VIDEO_TOKEN)), None)
         if odd is not None:
-            return Problem("bad marker", f"{where}.value", f"holds {odd!r}, which is not the image marker: "
-                                                           f"write it exactly {IMAGE_TOKEN}"), []
-        markers = value.count(IMAGE_TOKEN)
-        if markers and role != "user":
-            return Problem("bad marker", f"{where}.value", f"holds an {IMAGE_TOKEN} marker in a {name!r} turn: "
-                                                           "put images in human turns"), []
-        n_markers += markers
+            kind = odd.group(1).lower()
+            return Problem("bad marker", f"{where}.value", f"holds {odd.group(0)!r}, which is not the {kind} marker: "
+                                                           f"write it exactly <{kind}>"), [], []
+        for kind, marker in _MEDIA:
+            markers = value.count(marker)
+            if markers and role != "user":
+                article = "an" if kind == "image" else "a"
+                return Problem("bad marker", f"{where}.value", f"holds {article} {marker} marker in a {name!r} "
+                                                               f"turn: put {kind}s in human turns"), [], []
+            n_markers[kind] += markers
     n_answers = (len(turns) - offset) // 2
     if not n_answers or (len(turns) - offset) % 2:
         return Problem("no answer", "conversations", "ends without a gpt answer to its last human turn: "
-                                                     "every human turn needs an answer"), []
+                                                     "every human turn needs an answer"), [], []
     turn_tasks = record.get("turn_tasks")
     if turn_tasks is not None and (not isinstance(turn_tasks, list) or len(turn_tasks) != n_answers
                                    or not all(isinstance(t, str) for t in turn_tasks)):
         return Problem("bad field", "turn_tasks", f"is {_short(turn_tasks)}: give one task name (a string) per "
-                                                  f"gpt turn, {n_answers} here, or leave it out"), []
+                                                  f"gpt turn, {n_answers} here, or leave it out"), [], []
 
-    image = record.get("image")
-    names = [] if image is None else [image] if isinstance(image, str) else image
+    media: dict[str, list[Path]] = {}
+    for kind, marker in _MEDIA:
+        problem, media[kind] = _media_paths(record, kind, marker, n_markers[kind], image_folder,
+                                            images_allowed if kind == "image" else videos_allowed)
+        if problem is not None:
+            return problem, [], []
+    return None, media["image"], media["video"]
+
+
+def _media_paths(record: dict, kind: str, marker: str, n_markers: int, image_folder: Path | None,
+                 allowed: bool) -> tuple[Problem | None, list[Path]]:
+    """A record's `image` (or `video`) field checked: paths inside the folder, one per marker."""
+    value = record.get(kind)
+    names = [] if value is None else [value] if isinstance(value, str) else value
+    field_problem = f"bad {kind} field"
     if not isinstance(names, list):
-        return Problem("bad image field", "image", f"is {_short(image)}: give a path or a list of paths"), []
-    for k, name in enumerate(names):
-        where = "image" if isinstance(image, str) else f"image[{k}]"
+        return Problem(field_problem, kind, f"is {_short(value)}: give a path or a list of paths"), []
+    wheres = [kind if isinstance(value, str) else f"{kind}[{k}]" for k in range(len(names))]
+    for name, where in zip(names, wheres):
         if not isinstance(name, str) or not name.strip() or "\0" in name or _text_problem(name, ()):
-            return Problem("bad image field", where, f"is {_short(name)}: give a path (a string) relative to "
-                                                     "the image folder"), []
+            return Problem(field_problem, where, f"is {_short(name)}: give a path (a string) relative to "
+                                                 "the image folder"), []
         normal = posixpath.normpath(name)
         if os.path.isabs(name) or normal == ".." or normal.startswith("../"):
             # A dataset names files of its own folder: it cannot make a run read files elsewhere.
-            return Problem("image outside folder", where, f"is {_short(name)}, outside the image folder "
-                                                          f"{image_folder or ''}: paths outside it are refused; give "
-                                                          "a path relative to the folder (move or link the file "
-                                                          "under it)"), []
+            return Problem(f"{kind} outside folder", where, f"is {_short(name)}, outside the image folder "
+                                                            f"{image_folder or ''}: paths outside it are refused; give "
+                                                            "a path relative to the folder (move or link the file "
+                                                            "under it)"), []
     if n_markers != len(names):
-        return Problem("bad marker", "conversations", f"has {n_markers} {IMAGE_TOKEN} markers but the record has "
-                                                      f"{len(names)} images: put one '{IMAGE_TOKEN}\\n' in the human "
-                                                      "turns per image, in the order of 'image'"), []
-    if names and not images_allowed:
-        return Problem("bad image field", "image", f"lists {len(names)} images but the model is text-only: "
-                                                   "leave out the images and their markers"), []
+        return Problem("bad marker", "conversations", f"has {n_markers} {marker} markers but the record has "
+                                                      f"{len(names)} {kind}s: put one '{marker}\\n' in the human "
+                                                      f"turns per {kind}, in the order of '{kind}'"), []
+    if names and not allowed:
+        what = "text-only" if kind == "image" else "without video"
+        return Problem(field_problem, kind, f"lists {len(names)} {kind}s but the model is {what}: "
+                                            f"leave out the {kind}s and their markers"), []
     if image_folder is None:
         return None, [Path(name) for name in names]
     paths = [Path(image_folder) / name for name in names]
-    for k, (name, path) in enumerate(zip(names, paths)):
-        if not path.is_file():
+    for name, path, where in zip(names, paths, wheres):
+        # A video may be a folder of frames; an image is a file.
+        if not (path.is_file() or (kind == "video" and path.is_dir())):
             what = "a folder" if path.is_dir() else "not a file"
-            return Problem("missing image", "image" if isinstance(image, str) else f"image[{k}]",
-                           f"{_short(name)} is {what} under {image_folder}: check the path and the image folder"), []
+            return Problem(f"missing {kind}", where, f"{_short(name)} is {what} under {image_folder}: check the "
+                                                     "path and the image folder"), []
     return None, paths
 
 
@@ -407,9 +442,10 @@ class LlavaDataset(Dataset):
     (`BadRecord`s) and counted in one warning. `records[i]` is the i-th kept record as it stands
     in the file (extra fields included). `max_length` bounds the tokenized length, image tokens
     included; `check(record, image_paths) -> Problem | None` adds a test of the caller's.
-    `cache_images` keeps preprocessed images in memory, filled as the check decodes them. Token
-    ids and labels are always kept once computed (a few hundred bytes a record, and a training
-    run reads every record once an epoch).
+    `cache_images` keeps preprocessed images (and videos' sampled frames, as uint8) in memory,
+    filled as the check decodes them. Token ids and labels are always kept once computed (a few
+    hundred bytes a record, and a training run reads every record once an epoch), and so is which
+    frames each video gives (not the frames themselves, which are decoded again when read).
     """
 
     def __init__(
@@ -433,7 +469,9 @@ class LlavaDataset(Dataset):
         self.records: list[dict] = []
         self.ids: list = []
         self._images: list[list[Path]] = []  # per record, in marker order
+        self._videos: list[list[Path]] = []
         self._cache: dict[Path, torch.Tensor] = {}  # path -> (3, H, W)
+        self._video_cache: dict[Path, Video] = {}  # path -> its sampled frames (none kept without cache_images)
         self._encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kept index -> (input_ids, labels)
 
         encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(record) -> its tokens, from the length check
@@ -441,7 +479,8 @@ class LlavaDataset(Dataset):
         def fits(record: dict, paths: list[Path]) -> Problem | None:
             problem = check(record, paths) if check is not None else None
             if problem is None and max_length is not None:
-                encoded[id(record)] = self._encode(record["conversations"])
+                videos = _media_paths(record, "video", VIDEO_TOKEN, 0, None, True)[1]
+                encoded[id(record)] = self._encode(record["conversations"], [self.image_folder / v for v in videos])
                 n_tokens = len(encoded[id(record)][0])
                 if n_tokens > max_length:
                     images = f" ({len(paths)} images of {processor.image_seq_len} tokens each)" if paths else ""
@@ -457,14 +496,15 @@ class LlavaDataset(Dataset):
         raw = read_records(self.json_path)
         checked = check_records(raw, self.image_folder, processor=processor, tasks=tasks, skip_tasks=skip_tasks,
                                 skip_bad=skip_bad, check=fits, load=load if cache_images else None,
-                                source=self.json_path)
-        for index, paths in zip(checked.kept, checked.images):
+                                load_video=self._video, source=self.json_path)
+        for index, paths, videos in zip(checked.kept, checked.images, checked.videos):
             record = raw[index]
             if id(record) in encoded:
                 self._encoded[len(self.records)] = encoded[id(record)]
             self.records.append(record)
             self.ids.append(record["id"])
             self._images.append(paths)
+            self._videos.append(videos)
         self.skipped: list[BadRecord] = checked.skipped
         if checked.skipped:
             warnings.warn(checked.report(), stacklevel=2)
@@ -478,22 +518,47 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         """`input_ids` (T,) and `labels` (T,) long, `pixel_values` (N, 3, H, W) float32 in
-        marker order or None, and the record's `id`."""
+        marker order or None, `pixel_values_videos` a list of (F, 3, H, W) float32, one per video in
+        marker order (empty without videos), and the record's `id`."""
         input_ids, labels = self._encoded_at(i)
         return {
             "input_ids": input_ids,
             "labels": labels,
             "pixel_values": self.pixel_values(i),
+            "pixel_values_videos": self.video_pixels(i),
             "id": self.ids[i],
         }
+
+    def video_pixels(self, i: int) -> list[torch.Tensor]:
+        """Record i's videos, their sampled frames preprocessed: a list of (F, 3, H, W)."""
+        out = []
+        for path in self._videos[i]:
+            try:
+                video = self._video(path)
+                if not len(video.frames):  # only which frames were kept: decode them again
+                    video = self.processor.read_video(path)
+            except OmniInputError as e:  # a file changed since the check: say which record it belongs to
+                raise OmniInputError(f"{self.json_path}: record id {self.ids[i]!r}: {e}") from None
+            if len(video.indices) != len(self._video_cache[path].indices):
+                raise OmniInputError(f"{self.json_path}: record id {self.ids[i]!r}: {path} changed since it was "
+                                     "checked; restart the run")
+            out.append(self.processor.video_pixels([video])[0])
+        return out
 
     def _encoded_at(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Records are tokenized once, when first needed (validation may have done it already).
         if i not in self._encoded:
-            self._encoded[i] = self._encode(self.records[i]["conversations"])
+            self._encoded[i] = self._encode(self.records[i]["conversations"], self._videos[i])
         return self._encoded[i]
 
-    def _encode(self, conversations: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _video(self, path: Path) -> Video:
+        """`path`'s sampled frames (read once; the frames kept with `cache_images`, else only which)."""
+        if path not in self._video_cache:
+            video = self.processor.read_video(path)
+            self._video_cache[path] = video if self.cache_images else replace(video, frames=video.frames[:0])
+        return self._video_cache[path]
+
+    def _encode(self, conversations: list[dict], videos: list[Path] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         segments = render_turns(conversations, add_generation_prompt=False, system=tokenizer.system_prompt)
         text = "".join(segment for segment, _ in segments)
@@ -507,13 +572,13 @@ class LlavaDataset(Dataset):
         # One tokenization of the whole text, as at inference: tokenizing pieces separately
         # would change BPE merges at their boundaries.
         ids, offsets = tokenizer.encode_with_offsets(text, add_bos=True)
-        image_id = tokenizer.image_token_id
+        markers = (tokenizer.image_token_id, tokenizer.video_token_id)
         labels = [
-            token if token != image_id and end > begin and any(begin < hi and end > lo for lo, hi in supervised)
+            token if token not in markers and end > begin and any(begin < hi and end > lo for lo, hi in supervised)
             else IGNORE_INDEX
             for token, (begin, end) in zip(ids, offsets)
         ]
-        ids, labels = expand_image_tokens(ids, image_id, self.processor.image_seq_len, labels)
+        ids, labels = self.processor.expand(ids, [self._video(path) for path in videos], labels)
         return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
     def pixel_values(self, i: int) -> torch.Tensor | None:

@@ -1,7 +1,7 @@
 """Text <-> token ids: a thin wrapper over a Hugging Face `tokenizers` tokenizer.json.
 
 The wrapper owns three conventions the rest of omnilm relies on: `<image>` is one special
-token that never merges with its neighbours, BOS is added by `encode(add_bos=True)` and by
+token that never merges with its neighbours (and so is `<video>`, where the tokenizer has it), BOS is added by `encode(add_bos=True)` and by
 nothing else, and a saved folder loads in transformers' `AutoTokenizer` to the same ids.
 """
 
@@ -18,6 +18,7 @@ from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, read_json, write_json
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 # Used when neither tokenizer_config.json nor special_tokens_map.json names a token.
 _CONVENTIONAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -116,6 +117,11 @@ class Tokenizer:
         return self._backend.token_to_id(IMAGE_TOKEN)
 
     @property
+    def video_token_id(self) -> int | None:
+        """The id of `<video>`, None where the tokenizer has no such token (a model without video)."""
+        return self._backend.token_to_id(VIDEO_TOKEN)
+
+    @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
@@ -179,16 +185,18 @@ def _bos_template(bos: str | None, bos_id: int | None) -> processors.TemplatePro
     )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, system_prompt: str | None = None) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, system_prompt: str | None = None,
+                    video: bool = False) -> Tokenizer:
     """Train a byte-level BPE tokenizer whose special tokens are `<pad>`=0, `<s>`=1, `</s>`=2,
-    `<image>`=3, prepending `<s>` like LLaMA. The same texts give the same tokenizer. It keeps
-    `system_prompt` for the chats it will render (render `texts` with the same one)."""
-    specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN]
+    `<image>`=3 (and with `video`, `<video>`=4), prepending `<s>` like LLaMA. The same texts give the
+    same tokenizer. It keeps `system_prompt` for the chats it will render (render `texts` with the
+    same one)."""
+    specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN] + ([VIDEO_TOKEN] if video else [])
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(specials) + len(alphabet):
         raise OmniInputError(
             f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
-            f"{len(specials) + len(alphabet)} (4 special tokens + 256 bytes)"
+            f"{len(specials) + len(alphabet)} ({len(specials)} special tokens + 256 bytes)"
         )
     backend = BackendTokenizer(models.BPE())
     # Byte-level: every string is encodable (no <unk>), and decoding is exact.

@@ -73,22 +73,27 @@ def sample_indices(total_frames: int, num_frames: int | None = None, fps: float 
 
 
 def read_video(source, num_frames: int | None = None, fps: float | None = None,
-               limits: VideoLimits = VideoLimits()) -> Video:
+               limits: VideoLimits = VideoLimits(), up_to: bool = False) -> Video:
     """The frames of `source` (a video file's path, a folder of frame images in name order, or a
-    list of images: paths, bytes or PIL images), sampled by `sample_indices`."""
+    list of images: paths, bytes or PIL images), sampled by `sample_indices`. With `up_to`,
+    `num_frames` is a ceiling, and a shorter clip gives all its frames (transformers refuses it)."""
     if isinstance(source, (list, tuple)):
-        return _from_images(list(source), "the list of frames", num_frames, fps)
+        return _from_images(list(source), "the list of frames", num_frames, fps, up_to)
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
-        return _from_images(files, str(path), num_frames, fps)
-    return _decode(path, num_frames, fps, limits)
+        return _from_images(files, str(path), num_frames, fps, up_to)
+    return _decode(path, num_frames, fps, limits, up_to)
 
 
-def _from_images(images: list, name: str, num_frames: int | None, fps: float | None) -> Video:
+def _ceiling(num_frames: int | None, total: int, up_to: bool) -> int | None:
+    return min(num_frames, total) if up_to and isinstance(num_frames, int) and num_frames > 0 else num_frames
+
+
+def _from_images(images: list, name: str, num_frames: int | None, fps: float | None, up_to: bool) -> Video:
     if not images:
         raise OmniInputError(f"{name} holds no frames: give at least one image ({', '.join(FRAME_SUFFIXES)})")
-    indices = sample_indices(len(images), num_frames, fps)
+    indices = sample_indices(len(images), _ceiling(num_frames, len(images), up_to), fps)
     frames = [np.asarray(load_image(images[i]).convert("RGB")) for i in indices]
     if len({f.shape for f in frames}) > 1:
         sizes = sorted({f"{f.shape[1]}x{f.shape[0]}" for f in frames})
@@ -104,7 +109,7 @@ def _av():
     return av
 
 
-def _decode(path: Path, num_frames: int | None, fps: float | None, limits: VideoLimits) -> Video:
+def _decode(path: Path, num_frames: int | None, fps: float | None, limits: VideoLimits, up_to: bool) -> Video:
     av = _av()
     if not path.is_file():
         raise OmniInputError(f"{path}: no such video file")
@@ -131,7 +136,7 @@ def _decode(path: Path, num_frames: int | None, fps: float | None, limits: Video
             declared = _declared_frames(stream, container, rate)
             if declared is not None and total < declared - 1:  # one frame of slack for rounding
                 raise OmniInputError(f"{path} is truncated: {total} frames of the {declared} its header declares")
-            indices = sample_indices(total, num_frames, fps, rate)
+            indices = sample_indices(total, _ceiling(num_frames, total, up_to), fps, rate)
             container.seek(0)
             frames = _decode_frames(container, stream, set(indices))
     except OmniInputError:

@@ -7,14 +7,18 @@ usually scored), and answers greedily. A prediction is right when it equals the 
 
 Records are checked by `omnilm.data.llava_json.check_records`, the validator training uses, over
 the whole file and before anything is generated: structure, that every question fits the
-model's context with its answer, and that every image decodes.
+model's context with its answer, and that every image and video decodes.
+
+Videos can be shown as they are, with their frames shuffled, or by their first frame alone
+(`frames`): the controls that tell a model reading time from one reading a single picture.
 """
 
 from __future__ import annotations
 
 import json
+import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +27,28 @@ import torch
 from omnilm.data.chat import render_chat
 from omnilm.data.collate import to_device
 from omnilm.data.llava_json import Problem, check_records
-from omnilm.data.tokenizer import IMAGE_TOKEN
+from omnilm.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from omnilm.data.video import Video
 from omnilm.infer import generate
 from omnilm.model.layers import resolve_device
 from omnilm.settings import check_output_file, check_range, setting
+
+
+FRAME_CONTROLS = ("all", "shuffled", "first")
+
+
+def control_frames(video: Video, frames: str, seed: str) -> Video:
+    """`video` as a control shows it: "all" as it is, "shuffled" in an order drawn from `seed` (never
+    the true one, for two or more frames), "first" its first frame alone."""
+    if frames == "all":
+        return video
+    if frames == "first":
+        return replace(video, frames=video.frames[:1], indices=video.indices[:1])
+    order = list(range(len(video.frames)))
+    rng = random.Random(seed)
+    while len(order) > 1 and order == sorted(order):
+        rng.shuffle(order)
+    return replace(video, frames=video.frames[order], indices=[video.indices[i] for i in order])
 
 
 @dataclass(kw_only=True)
@@ -41,6 +63,9 @@ class EvalArgs:
     max_new_tokens: int = setting(16, "longest answer generated")
     device: str = setting("auto", "auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     skip_bad: bool = setting(False, "leave out (and count) malformed records instead of stopping at the first")
+    frames: str = setting("all", "what the model sees of each video: all its sampled frames in order, the same "
+                                 "frames shuffled, or the first frame only (controls: a model that reads time falls "
+                                 "to chance on motion without the order)", choices=FRAME_CONTROLS)
 
     def __post_init__(self) -> None:
         check_range(self, ("batch_size", "max_new_tokens"), low=1)
@@ -64,15 +89,20 @@ def _questions(records: list[dict]) -> list[dict]:
         turns = rec["conversations"]  # a leading system turn stays part of every question's chat
         answers = [i for i, t in enumerate(turns) if t["from"] in ("gpt", "assistant")]
         turn_tasks = rec.get("turn_tasks") or [rec.get("task") or "all"] * len(answers)
-        images = rec.get("image")
-        images = [] if images is None else [images] if isinstance(images, str) else list(images)
+        images, videos = (_listed(rec.get(kind)) for kind in ("image", "video"))
         for n, i in enumerate(answers):
             shown = sum(t["value"].count(IMAGE_TOKEN) for t in turns[:i])
-            question = " ".join(line for line in turns[i - 1]["value"].split("\n") if line.strip() != IMAGE_TOKEN)
+            seen = sum(t["value"].count(VIDEO_TOKEN) for t in turns[:i])
+            question = " ".join(line for line in turns[i - 1]["value"].split("\n")
+                                if line.strip() not in (IMAGE_TOKEN, VIDEO_TOKEN))
             out.append({"id": rec.get("id"), "task": turn_tasks[n], "question": question.strip(),
                         "answer": turns[i]["value"], "chat": turns[:i], "images": images[:shown],
-                        "n_objects": rec.get("n_objects")})
+                        "videos": videos[:seen], "n_objects": rec.get("n_objects")})
     return out
+
+
+def _listed(value) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 _ANSWER_SYNONYMS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
@@ -90,14 +120,15 @@ def normalize_answer(text: str) -> str:
 
 @torch.inference_mode()
 def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path, batch_size: int = 64,
-                 max_new_tokens: int = 8, progress: bool = True,
-                 skip_bad: bool = False) -> tuple[dict[str, Any], list[dict]]:
+                 max_new_tokens: int = 8, progress: bool = True, skip_bad: bool = False,
+                 frames: str = "all") -> tuple[dict[str, Any], list[dict]]:
     """Accuracy per task family and overall, and one prediction per question.
 
     Every non-caption record is checked before anything is generated, its images decoded: the
     first bad one raises OmniInputError naming the file (for `read_records` output), the record
     and the field. With `skip_bad` bad records are left out instead and counted in the
-    summary's "skipped" (which `format_vqa_results` prints)."""
+    summary's "skipped" (which `format_vqa_results` prints). `frames` shows videos whole or as a
+    control (`control_frames`)."""
     from tqdm import tqdm
 
     folder = Path(image_folder)
@@ -109,7 +140,10 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
     predictions = []
     for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", disable=not progress):
         chunk = items[start:start + batch_size]
-        batch = processor([q["chat"] for q in chunk], images=[[str(folder / p) for p in q["images"]] for q in chunk])
+        videos = [[control_frames(processor.read_video(folder / p), frames, f"{q['id']}/{k}")
+                   for k, p in enumerate(q["videos"])] for q in chunk]
+        batch = processor([q["chat"] for q in chunk], images=[[str(folder / p) for p in q["images"]] for q in chunk],
+                          videos=videos if any(videos) else None)
         batch = to_device(batch, device)
         new = generate(model, **batch, max_new_tokens=max_new_tokens, stop_token_ids=[eos])
         for q, ids in zip(chunk, new.tolist()):

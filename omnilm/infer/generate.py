@@ -45,30 +45,42 @@ class Sampling:
 
 
 def prefill(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-            attention_mask: torch.Tensor | None, cache: KVCache, chunk: int | None = None) -> torch.Tensor:
+            attention_mask: torch.Tensor | None, cache: KVCache, chunk: int | None = None,
+            pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
     """Run a prompt (or the next part of one) through the model, filling `cache`.
 
     `attention_mask` (B, S) covers the cached positions and these T new ones. Returns the
     logits of the last position (B, V): the distribution of the first new token. With `chunk`,
-    the prompt goes through `chunk` tokens at a time (a chunk grows to the end of an image it would
-    cut): the same logits, with the activations of one chunk at a time, so that a long prompt fits
-    in memory (attention itself stays linear: `omnilm.model.layers.causal_attention`).
+    the prompt goes through `chunk` tokens at a time (a chunk grows to the end of an image or video
+    frame it would cut): the same logits, with the activations of one chunk at a time, so that a
+    long prompt fits in memory (attention itself stays linear: `omnilm.model.layers.causal_attention`).
     """
     T = input_ids.shape[1]
     if chunk is None or T <= chunk:
-        return model(input_ids, pixel_values, attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
-    if pixel_values is not None and input_ids.shape[0] > 1:
-        raise OmniInputError("a prompt with images is prefilled in chunks one at a time (batch 1): drop prefill_chunk "
-                             "or pass one prompt")
+        return model(input_ids, pixel_values, attention_mask, cache=cache, logits_to_keep=1,
+                     pixel_values_videos=pixel_values_videos).logits[:, -1]
+    if (pixel_values is not None or pixel_values_videos is not None) and input_ids.shape[0] > 1:
+        raise OmniInputError("a prompt with images or videos is prefilled in chunks one at a time (batch 1): drop "
+                             "prefill_chunk or pass one prompt")
     cfg, past = model.config, cache.seen  # positions cached before this prompt
-    prompt, offset, images = input_ids[0].tolist(), 0, 0
+    # Frames, like images, are encoded whole: each chunk takes the frames whose tokens it holds.
+    frames = None
+    if pixel_values_videos is not None:
+        frames = (torch.cat(list(pixel_values_videos)) if isinstance(pixel_values_videos, (list, tuple))
+                  else pixel_values_videos.flatten(0, 1))
+    video_id, frame_len = cfg.video_token_id, (cfg.video_frame_len if cfg.video_token_id is not None else 0)
+    prompt, offset, images, seen_frames = input_ids[0].tolist(), 0, 0, 0
     while offset < T:
         end = chunk_end(prompt, offset, chunk, cfg.image_token_id, cfg.image_seq_len)
+        if frames is not None:  # an image's end is no frame's: at most one of the two moves `end`
+            end = max(end, chunk_end(prompt, offset, end - offset, video_id, frame_len))
         n = prompt[offset:end].count(cfg.image_token_id) // cfg.image_seq_len if pixel_values is not None else 0
+        f = prompt[offset:end].count(video_id) // frame_len if frames is not None else 0
         mask = attention_mask[:, :past + end] if attention_mask is not None else None
         logits = model(input_ids[:, offset:end], pixel_values[images:images + n] if n else None, mask,
-                       cache=cache, logits_to_keep=1).logits[:, -1]
-        offset, images = end, images + n
+                       cache=cache, logits_to_keep=1,
+                       pixel_values_videos=[frames[seen_frames:seen_frames + f]] if f else None).logits[:, -1]
+        offset, images, seen_frames = end, images + n, seen_frames + f
     return logits
 
 
@@ -194,7 +206,8 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
                 do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, stop_token_ids: int | list[int] | None = None,
                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
-                prefill_chunk: int | None = None) -> Iterator[torch.Tensor]:
+                prefill_chunk: int | None = None,
+                pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) one step at a time; the single loop behind `generate` and `stream`.
 
     Arguments as `generate`. A row that has emitted a stop token yields `pad_token_id` from then
@@ -218,7 +231,8 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
 
     with eval_mode(model):
         cache = model.new_cache(B, T + max_new_tokens)
-        logits = prefill(model, input_ids, pixel_values, attention_mask, cache, prefill_chunk)  # (B, V)
+        logits = prefill(model, input_ids, pixel_values, attention_mask, cache, prefill_chunk,
+                         pixel_values_videos)  # (B, V)
         for step in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad_token_id)
@@ -235,11 +249,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, stop_token_ids: int | list[int] | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             prefill_chunk: int | None = None) -> torch.Tensor:
+             prefill_chunk: int | None = None,
+             pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` ids after each prompt; returns the new ids only, (B, n).
 
     input_ids (B, T): prompts, left-padded when their lengths differ, with `attention_mask`
-        (B, T) 0 on the padding; image tokens expanded, one image in `pixel_values` per run.
+        (B, T) 0 on the padding; image tokens expanded, one image in `pixel_values` per run; video
+        tokens too, their videos in `pixel_values_videos` (see `OmniModel.forward`).
     do_sample: False for greedy argmax; True to draw after `temperature`, `top_k`, `top_p`.
     stop_token_ids: a row ends after emitting one; default `model.config.text.eos_token_id`.
     pad_token_id: fills a row after it ends; default the config's pad, else the first stop id.
@@ -250,7 +266,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
     n < max_new_tokens when every row stopped early.
     """
     steps = list(iter_tokens(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample,
-                             temperature, top_k, top_p, stop_token_ids, pad_token_id, generator, prefill_chunk))
+                             temperature, top_k, top_p, stop_token_ids, pad_token_id, generator, prefill_chunk,
+                             pixel_values_videos))
     if not steps:
         return input_ids.new_empty(input_ids.shape[0], 0)
     return torch.stack(steps, dim=1)

@@ -162,17 +162,20 @@ class OmniModel(nn.Module):
         """Videos as the decoder takes them, (V, F, 3, H, W) -> (V, F * (g / s)^2, D): each frame's
         grid of g x g vision features averaged over s x s patches (s = `video_pool_stride`), then
         projected, the frames in order (LLaVA-NeXT-Video)."""
-        if self.config.video_token_id is None:
-            raise OmniInputError(NO_VIDEO)
-        if pixel_values_videos.ndim != 5:
-            raise OmniInputError(f"pixel_values_videos are {tuple(pixel_values_videos.shape)}: give (videos, frames, "
-                                 "3, height, width)")
+        frames = _video_frames(pixel_values_videos, self.config)  # checks the model and the shape
+        if not isinstance(pixel_values_videos, torch.Tensor):
+            raise OmniInputError("encode_videos takes one (videos, frames, 3, height, width) tensor; videos of "
+                                 "different lengths go to forward as a list")
         n_videos, n_frames = pixel_values_videos.shape[:2]
-        feats = self.image_features(pixel_values_videos.flatten(0, 1))  # (V*F, g*g, Dv)
+        return self.encode_frames(frames).unflatten(0, (n_videos, n_frames)).flatten(1, 2)
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """Video frames (N, 3, H, W) -> (N, (g / s)^2, D): `encode_videos` frame by frame."""
+        feats = self.image_features(frames)  # (N, g*g, Dv)
         side = self.config.vision.image_size // self.config.vision.patch_size
-        grid = feats.transpose(1, 2).unflatten(2, (side, side))  # (V*F, Dv, g, g)
+        grid = feats.transpose(1, 2).unflatten(2, (side, side))  # (N, Dv, g, g)
         pooled = F.avg_pool2d(grid, self.config.video_pool_stride).flatten(2).transpose(1, 2)
-        return self.projector(pooled).unflatten(0, (n_videos, n_frames)).flatten(1, 2)
+        return self.projector(pooled)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               pixel_values_videos: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,13 +197,16 @@ class OmniModel(nn.Module):
                 x = _scatter(x, is_marker, encode(pixels), what)
         return x
 
+    def _encode_video_frames(self, pixel_values_videos) -> torch.Tensor:
+        return self.encode_frames(_video_frames(pixel_values_videos, self.config))
+
     def _markers(self, pixel_values: torch.Tensor | None, pixel_values_videos: torch.Tensor | None) -> list[tuple]:
         """(marker id, its media or None, their encoder, their name) for images and, in a video model,
         videos; videos given to any other model are refused."""
         c = self.config
         markers = [(c.image_token_id, pixel_values, self.encode_images, "image")]
         if c.video_token_id is not None:
-            markers.append((c.video_token_id, pixel_values_videos, self.encode_videos, "video"))
+            markers.append((c.video_token_id, pixel_values_videos, self._encode_video_frames, "video frame"))
         elif pixel_values_videos is not None:
             raise OmniInputError(NO_VIDEO)
         return markers
@@ -215,7 +221,7 @@ class OmniModel(nn.Module):
 
         `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the batch;
         `pixel_values_videos` (V, F, 3, H, W) the videos in the order of theirs (each marker expanded to
-        F * `config.video_frame_len` tokens). With a `cache`, `input_ids` are the new tokens and
+        F * `config.video_frame_len` tokens), or a list of (F_i, 3, H, W), videos of different lengths. With a `cache`, `input_ids` are the new tokens and
         `attention_mask` covers the cached ones too. `logits_to_keep=n` computes logits for the last n
         positions only (prefill needs one row, not a (B, T, V) tensor); `logits_at` (B,) computes one
         position per row, (B, 1, V): the last real token of each prompt in a right-padded batch. An MoE
@@ -227,6 +233,7 @@ class OmniModel(nn.Module):
                                                          ("pixel_values", "pixel_values_videos")):
                 n_markers = int((input_ids == token).sum()) if media is None else 0
                 if n_markers:
+                    what = what.split()[0]  # "video frame": the marker is a video's
                     raise OmniInputError(f"input_ids hold {n_markers} {what} tokens but no {argument} were given: "
                                          f"pass the {what}s")
         x = self.embed(input_ids, pixel_values, pixel_values_videos)
@@ -286,13 +293,30 @@ class OmniModel(nn.Module):
                        conv_dim=t.dim if t.token_conv else 0)
 
 
+def _video_frames(videos, config) -> torch.Tensor:
+    """All frames of `videos`, (V, F, 3, H, W) or a list of (F_i, 3, H, W), as one (sum F_i, 3, H, W)."""
+    if config.video_token_id is None:
+        raise OmniInputError(NO_VIDEO)
+    if isinstance(videos, (list, tuple)) and videos and all(isinstance(v, torch.Tensor) and v.ndim == 4
+                                                             for v in videos):
+        return torch.cat(list(videos))
+    if isinstance(videos, torch.Tensor) and videos.ndim == 5:
+        return videos.flatten(0, 1)
+    shape = tuple(videos.shape) if isinstance(videos, torch.Tensor) else f"a {type(videos).__name__}"
+    raise OmniInputError(f"pixel_values_videos are {shape}: give (videos, frames, 3, height, width), or a list of "
+                         "(frames, 3, height, width) for videos of different lengths")
+
+
 def _scatter(x: torch.Tensor, is_marker: torch.Tensor, feats: torch.Tensor, what: str) -> torch.Tensor:
-    """Write `feats` (N, L, D), N images or videos of L tokens, into the positions `is_marker` (B, T)
-    of x (B, T, D), in row-major order: item i fills the i-th run of marker tokens across the batch."""
+    """Write `feats` (N, L, D), N images (or video frames) of L tokens, into the positions `is_marker`
+    (B, T) of x (B, T, D), in row-major order: item i fills the i-th run of L marker tokens."""
     n_tokens, (N, L) = int(is_marker.sum()), feats.shape[:2]
     if n_tokens != N * L:
+        marker = "<video> marker to" if what == "video frame" else f"<{what}> marker to"
+        per = f"{L} tokens a frame and pass every frame of each video" if what == "video frame" else (
+            f"{L} tokens and pass one {what} per marker")
         raise OmniInputError(
-            f"input_ids hold {n_tokens} {what} tokens, room for {n_tokens / L:g} {what}(s) of {L} tokens, but "
-            f"{N} {what}(s) were given: expand each <{what}> marker to {L} tokens and pass one {what} per marker"
+            f"input_ids hold {n_tokens} {what.split()[0]} tokens, room for {n_tokens / L:g} {what}(s) of {L} tokens, "
+            f"but {N} {what}(s) were given: expand each {marker} {per}"
         )
     return x.masked_scatter(is_marker[..., None], feats.to(x.dtype))

@@ -60,7 +60,7 @@ def lm_loss(model, batch, random_positions: int = 0, position_chunks: int = 0):
     positions = (spread_positions(batch["attention_mask"], random_positions, position_chunks)
                  if random_positions else None)
     out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
-                position_ids=positions)
+                pixel_values_videos=batch.get("pixel_values_videos"), position_ids=positions)
     if not out.routing:
         return out.loss, {}
     return out.loss, {"lm_loss": round(out.lm_loss.item(), 6), **summarize_routing(out.routing)}
@@ -115,8 +115,11 @@ def resolve_tokenizer(args, *folders: Path | None) -> Tokenizer:
 def chat_tokenizer(json_path: Path, system_prompt: str | None = None) -> Tokenizer:
     """A BPE trained on a dataset's chats as the model will read them, rendered with
     `system_prompt` (None: Vicuna's), which the tokenizer keeps and saves, so that training,
-    evaluation and chat render prompts exactly as the tokenizer was trained on them."""
-    return train_tokenizer(corpus(json_path, system_prompt), system_prompt=system_prompt)
+    evaluation and chat render prompts exactly as the tokenizer was trained on them. Data with
+    videos gets a `<video>` token."""
+    records = read_records(Path(json_path))
+    video = any(isinstance(r, dict) and r.get("video") is not None for r in records)
+    return train_tokenizer(corpus(json_path, system_prompt), system_prompt=system_prompt, video=video)
 
 
 def corpus(json_path: Path, system_prompt: str | None = None) -> list[str]:
@@ -253,6 +256,8 @@ def build_llava_stage(args, resume_from: Path | None):
         overrides = dict(args.model_overrides)
         overrides["text"] = dict(overrides.get("text", {}), vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        if tokenizer.video_token_id is not None:  # a tokenizer with <video>: the model reads videos
+            overrides.setdefault("video_token_id", tokenizer.video_token_id)
         model = OmniModel.from_preset(args.preset, image_token_id=tokenizer.image_token_id, **overrides)
     if model.vision is None and (args.vision is not None or args.train_vision):
         flag = "--vision" if args.vision is not None else "--train-vision"
