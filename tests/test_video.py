@@ -316,3 +316,158 @@ def test_chunked_prefill_cuts_no_frame_and_generates_the_same(tmp_path):
     whole = generate(ours, **batch, max_new_tokens=6)
     for chunk in (1, 3, 5, 17):
         assert torch.equal(generate(ours, **batch, max_new_tokens=6, prefill_chunk=chunk), whole), chunk
+
+
+# --- LLaVA-format records with videos --------------------------------------------------------------
+
+
+def video_records(tmp_path):
+    """A video model's processor (4 tokens a frame, timestamps on) and a JSON of three records: a
+    clip of 5 frames as PNGs, one of 3 frames and an image, and text only."""
+    import json
+
+    from omnilm import OmniConfig
+    from omnilm.data import Processor, train_tokenizer
+    from omnilm.data.processor import VideoSampling
+
+    tokenizer = train_tokenizer(["USER: Which way does it move? ASSISTANT: left</s> the red circle"] * 4,
+                                vocab_size=300, video=True, system_prompt="Answer.")
+    config = OmniConfig.from_preset("tiny", text=dict(vocab_size=300, n_layers=1), vision=dict(n_layers=1, patch_size=16),
+                                    video_token_id=4, video_pool_stride=3)
+    processor = Processor.for_model(config, tokenizer=tokenizer)
+    processor.video = VideoSampling(num_frames=8, timestamps=True)
+    for name, n in (("a", 5), ("b", 3)):
+        (tmp_path / name).mkdir()
+        for i, f in enumerate(frames(n, 40, 40, seed=n)):
+            Image.fromarray(f).save(tmp_path / name / f"{i:02d}.png")
+    Image.fromarray(frames(1, 40, 40)[0]).save(tmp_path / "still.png")
+    records = [
+        {"id": "a", "video": "a", "conversations": [{"from": "human", "value": "<video>\nWhich way does it move?"},
+                                                    {"from": "gpt", "value": "left"}]},
+        {"id": "b", "video": ["b"], "image": "still.png",
+         "conversations": [{"from": "human", "value": "<image>\nand <video>\nWhich way?"},
+                           {"from": "gpt", "value": "right"}]},
+        {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "left"}]},
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    return processor, tmp_path / "data.json", records
+
+
+@pytest.mark.parametrize("max_length", [None, 500])
+def test_video_records_train_as_the_processor_prompts(tmp_path, max_length):
+    """Each video record's tokens are what the processor makes of the same chat (its answer
+    supervised, no video token), its frames come in order, and a batch carries every video."""
+    import torch
+
+    from omnilm.data import LlavaDataset, collate, render_chat
+
+    processor, path, records = video_records(tmp_path)
+    assert processor.video_frame_len == 4
+    dataset = LlavaDataset(path, tmp_path, processor, max_length=max_length)
+    for i, (record, n_frames) in enumerate(zip(records, (5, 3, 0))):
+        sample = dataset[i]
+        ids, labels = sample["input_ids"], sample["labels"]
+        assert int((ids == 4).sum()) == 4 * n_frames and not (labels == 4).any()
+        chat = record["conversations"][:1]
+        media = {"videos": [[str(tmp_path / v) for v in ([record["video"]] if isinstance(record["video"], str)
+                                                         else record["video"])]]} if "video" in record else {}
+        if "image" in record:
+            media["images"] = [[str(tmp_path / record["image"])]]
+        prompt = processor([chat], **media)["input_ids"][0]
+        assert torch.equal(ids[:len(prompt)], prompt)  # the prompt, then the supervised answer
+        supervised = labels[labels != -100].tolist()
+        assert processor.tokenizer.decode(supervised).strip() == record["conversations"][1]["value"]
+        assert [len(v) for v in sample["pixel_values_videos"]] == ([n_frames] if n_frames else [])
+    batch = collate([dataset[i] for i in range(3)], processor.tokenizer.pad_id)
+    assert [len(v) for v in batch["pixel_values_videos"]] == [5, 3] and batch["pixel_values"].shape[0] == 1
+    assert collate([dataset[2]], 0)["pixel_values_videos"] is None
+
+
+def test_bad_video_records_are_one_line(tmp_path):
+    import json
+
+    from omnilm.data import LlavaDataset, Processor
+
+    processor, path, records = video_records(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.mp4").write_bytes(b"\x00" * 100)
+    cases = {
+        "no file": ({"video": "nope.mp4"}, r"video \"nope.mp4\" is not a file"),
+        "marker without video": ({"video": None}, "1 <video> markers but the record has 0 videos"),
+        "outside": ({"video": "../a"}, "outside the image folder"),
+        "no frames": ({"video": "empty"}, r"video .*empty holds no frames"),
+        "odd marker": ({"conversations": [{"from": "human", "value": "<Video>\nx"}, {"from": "gpt", "value": "y"}]},
+                       "which is not the video marker"),
+        "in answer": ({"conversations": [{"from": "human", "value": "<video>\nx"}, {"from": "gpt", "value": "<video>"}]},
+                      "holds a <video> marker in a 'gpt' turn"),
+    }
+    if pytest.importorskip("av", reason="decoding video files needs PyAV (the [media] extra)"):
+        cases["broken"] = ({"video": "broken.mp4"}, "broken.mp4 cannot be read as video")
+    for name, (change, says) in cases.items():
+        record = {**records[0], **change}
+        record = {k: v for k, v in record.items() if v is not None}
+        path.write_text(json.dumps([records[2], record]))
+        one_line_error(lambda: LlavaDataset(path, tmp_path, processor), match="record 1 .*" + says)
+    # An image model's processor refuses video records by name.
+    path.write_text(json.dumps(records))
+    image_only = Processor(processor.tokenizer, processor.image_processor, 9)
+    one_line_error(lambda: LlavaDataset(path, tmp_path, image_only), match="record 0.*model is without video")
+
+
+# --- the command line: data, chat, the video haystack ----------------------------------------------
+
+
+def video_checkpoint(folder):
+    """A tiny random video model (96 px frames in 16 px patches, 2 x 2 pooled: 9 tokens a frame)
+    saved with its tokenizer and frame sampling, as `omnilm chat` and `eval niah` load one."""
+    import torch
+    from conftest import randomize_
+
+    from omnilm import OmniModel
+    from omnilm.data import Processor, train_tokenizer
+    from omnilm.data.processor import VideoSampling
+
+    tokenizer = train_tokenizer(["What colour is the cross? red green blue yellow purple orange"] * 4,
+                                vocab_size=300, video=True, system_prompt="Answer.")
+    model = OmniModel.from_preset("tiny", text=dict(vocab_size=300, n_layers=1, dim=32, n_heads=4, n_kv_heads=2,
+                                                    mlp_dim=64), vision=dict(n_layers=1, patch_size=16, dim=32,
+                                                                             n_heads=4, mlp_dim=64),
+                                  image_token_id=3, video_token_id=4)
+    torch.manual_seed(0)
+    randomize_(model.eval())
+    model.save_pretrained(folder)
+    processor = Processor.for_model(model, tokenizer=tokenizer)
+    processor.video = VideoSampling(num_frames=8, timestamps=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_video_haystack_grid_and_chat_on_the_command_line(tmp_path, capsys):
+    import csv
+    import json
+
+    from conftest import cli_error, run_cli
+
+    ckpt = video_checkpoint(tmp_path / "model")
+    code, out, err = run_cli(["eval", "niah", ckpt, "--needle", "video", "--lengths", "4,12", "--depths", "3",
+                              "--samples", "2", "--max-new-tokens", "2", "--out", tmp_path / "niah"], capsys)
+    assert code == 0, err
+    rows = list(csv.DictReader((tmp_path / "niah" / "niah.csv").open()))
+    assert [(r["length"], r["depth"], r["samples"]) for r in rows] == [
+        (n, d, "2") for n in ("4", "12") for d in ("0.0", "0.5", "1.0")]
+    predictions = [json.loads(line) for line in (tmp_path / "niah" / "predictions.jsonl").read_text().splitlines()]
+    # The needle sits at the cell's depth; every frame is in the prompt (9 tokens each, plus its time).
+    assert [p["needle_frame"] for p in predictions[:6]] == [0, 0, 2, 2, 3, 3]
+    assert all(p["tokens"] > 9 * p["length"] for p in predictions) and (tmp_path / "niah" / "niah.png").is_file()
+    assert "video needle in a haystack" in out and "clip length" not in out
+    cli_error(*run_cli(["eval", "niah", ckpt, "--needle", "video", "--lengths", "2x"], capsys)[::2],
+              "with --needle video give frames per clip")
+    # chat --video: the answer to a question about a clip file; a text-only model refuses before loading.
+    clip = tmp_path / "clip.mp4"
+    pytest.importorskip("av", reason="writing the clip needs PyAV (the [media] extra)")
+    write_video(clip, frames(5, 96, 96))
+    code, out, err = run_cli(["chat", ckpt, "What colour is the cross?", "--video", clip, "--max-new-tokens", "3"],
+                             capsys)
+    assert code == 0 and out.strip(), err
+    code, _, err = run_cli(["chat", ckpt, "Hi", "--video", tmp_path / "nope.mp4"], capsys)
+    cli_error(code, err, "nope.mp4: no such video file")

@@ -418,9 +418,9 @@ def check_image_needles(settings) -> None:
     check_range(settings, ("objects",), 1, MAX_OBJECTS)
 
 
-def check_choices(settings, fillers: tuple[str, ...] = FILLERS) -> None:
-    """`settings.needle` is one of NEEDLES and `settings.filler` one of `fillers`."""
-    for name, choices in (("needle", NEEDLES), ("filler", fillers)):
+def check_choices(settings, fillers: tuple[str, ...] = FILLERS, needles: tuple[str, ...] = NEEDLES) -> None:
+    """`settings.needle` is one of `needles` and `settings.filler` one of `fillers`."""
+    for name, choices in (("needle", needles), ("filler", fillers)):
         if getattr(settings, name) not in choices:
             raise OmniInputError(f"--{name} {getattr(settings, name)!r}: use one of {', '.join(choices)}")
 

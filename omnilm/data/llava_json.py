@@ -479,7 +479,8 @@ class LlavaDataset(Dataset):
         def fits(record: dict, paths: list[Path]) -> Problem | None:
             problem = check(record, paths) if check is not None else None
             if problem is None and max_length is not None:
-                videos = _media_paths(record, "video", VIDEO_TOKEN, 0, None, True)[1]
+                video = record.get("video")  # checked by now: a path or a list of them
+                videos = [video] if isinstance(video, str) else video or []
                 encoded[id(record)] = self._encode(record["conversations"], [self.image_folder / v for v in videos])
                 n_tokens = len(encoded[id(record)][0])
                 if n_tokens > max_length:

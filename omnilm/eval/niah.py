@@ -16,6 +16,10 @@ samples and the same flags give the same prompts. Written to the output folder:
 and printed: recall per length with its 95% Wilson score interval (answers of one prompt count
 as independent, which makes the interval a little narrow with --questions above 1).
 
+Video needles (`--needle video`, a model that reads video): the lengths are clips' frame counts,
+each frame one or two still ShapeWorld shapes; the frame at the cell's depth also shows a cross,
+and the question asks its colour (`omnilm.data.shapeworld.video.make_video_needle`).
+
 Past the training length. Plain RoPE reads no length, so the checkpoint's `max_seq_len` (which
 `generate` will not run past) is raised to the longest prompt; a YaRN or Llama 3 scaling that does
 not name its original length gets the checkpoint's, so that raising it changes nothing else.
@@ -43,6 +47,7 @@ from omnilm.data.collate import to_device
 from omnilm.data.haystack import (FILLERS, MAX_IMAGE_QUESTIONS, NEEDLE_HELP, NEEDLES, OBJECTS_HELP, TokenCount,
                                   build_haystack, check_choices, check_image_needles)
 from omnilm.data.processor import Processor
+from omnilm.data.shapeworld.video import MAX_NEEDLE_FRAMES, make_video_needle
 from omnilm.errors import OmniInputError
 from omnilm.eval.vqa import normalize_answer
 from omnilm.infer import generate
@@ -53,6 +58,7 @@ from omnilm.model.layers import resolve_device
 from omnilm.settings import check_output_folder, check_range, check_seed, setting
 
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
+NIAH_NEEDLES = (*NEEDLES, "video")
 AUTO = "auto"  # --rope-scaling TYPE:auto: the factor of each length is length / trained length (at least 1)
 MAX_DEPTHS = 101  # 1% apart: needles are placed between sentences, so finer steps would repeat places
 
@@ -70,7 +76,9 @@ class NiahArgs:
     depths: int = setting(11, "needle depths, evenly spaced from 0 (start of the haystack) to 1 (just before the "
                               "question): 11 is every 10%")
     samples: int = setting(20, "prompts per length and depth, each with its own key (or images) and filler")
-    needle: str = setting("text", NEEDLE_HELP + " (models with a vision tower)", choices=NEEDLES)
+    needle: str = setting("text", NEEDLE_HELP + " (models with a vision tower); video: clips of --lengths frames "
+                                                "(a number each), one frame of which also shows a cross, asked 'What "
+                                                "colour is the cross?' (video models)", choices=NIAH_NEEDLES)
     keys: int = setting(1, "text needles per prompt, each with its own key: the unasked ones are distractors")
     questions: int = setting(1, "needles asked per prompt, one a turn, each turn after the model's own earlier "
                                 "answers; every answer is scored (text: at most --keys; image: at most "
@@ -99,7 +107,12 @@ class NiahArgs:
     dtype: str | None = setting(None, "weight dtype (default: float32)", choices=("float32", "bfloat16", "float16"))
 
     def __post_init__(self) -> None:
-        check_choices(self, ("auto", *FILLERS))
+        check_choices(self, ("auto", *FILLERS), needles=NIAH_NEEDLES)
+        if self.needle == "video":  # frames, not tokens; the other settings shape text and image needles
+            frames = [int(n) if str(n).isdigit() else 0 for n in self.lengths]
+            if not all(1 <= n <= MAX_NEEDLE_FRAMES for n in frames):
+                raise OmniInputError(f"--lengths {','.join(map(str, self.lengths))}: with --needle video give frames "
+                                     f"per clip, 1 to {MAX_NEEDLE_FRAMES} each, e.g. --lengths 8,16,32")
         check_range(self, ("samples", "prefill_chunk", "max_new_tokens"), low=1)
         check_range(self, ("depths",), 2, MAX_DEPTHS, what=" (1% apart at most)")
         if self.needle == "image":
@@ -190,9 +203,15 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
     if run.needle == "image" and config.vision is None:
         raise OmniInputError(f"--needle image needs a model that reads images; {run.checkpoint} is text-only: "
                              "use --needle text")
+    if run.needle == "video" and config.video_token_id is None:
+        raise OmniInputError(f"--needle video needs a model that reads videos; {run.checkpoint} has no video_token_id: "
+                             "use --needle text or image")
     processor = Processor.for_model(config, run.checkpoint)
     trained = config.text.max_seq_len
     filler = default_filler(run.checkpoint) if run.filler == "auto" else run.filler
+    if run.needle == "video":
+        model = OmniModel.from_pretrained(run.checkpoint, device=resolve_device(run.device), dtype=run.dtype).eval()
+        return video_niah(model, processor, run, progress)[0]
     grid = Grid(run, filler, TokenCount(processor.tokenizer, processor.image_seq_len), trained)
     grid.check()
     lengths = grid.lengths
@@ -222,6 +241,61 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
     plot_heatmap(rows, out / "niah.png", title)
     return "\n".join([title, "", format_niah(rows), "", f"wrote {out / 'niah.csv'}, {out / 'niah.png'} and "
                                                         f"{out / 'predictions.jsonl'}"])
+
+
+def video_niah(model, processor: Processor, run: NiahArgs, progress: bool = True) -> tuple[str, list[dict]]:
+    """`run`'s video haystack grid on `model`, written to `run.out` (niah.csv, niah.png,
+    predictions.jsonl): the printed report, and the rows."""
+    grid = VideoGrid(run)
+    predictions = grid.evaluate(model, processor, progress)
+    rows = cells(predictions, grid.lengths, grid.depths)
+    out = Path(run.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "niah.csv")
+    write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+    title = video_niah_title(predictions, processor)
+    plot_heatmap(rows, out / "niah.png", title, xlabel="clip length (frames)")
+    report = "\n".join([title, "", format_niah(rows), "", f"wrote {out / 'niah.csv'}, {out / 'niah.png'} and "
+                                                          f"{out / 'predictions.jsonl'}"])
+    return report, rows
+
+
+def video_niah_title(predictions: list[dict], processor: Processor) -> str:
+    return (f"video needle in a haystack (a cross in one frame, its colour asked), {processor.video_frame_len} tokens "
+            f"a frame: recall {sum(p['correct'] for p in predictions) / len(predictions):.1%}")
+
+
+class VideoGrid:
+    """The clips of every (frames, depth, sample) for `--needle video`, each from a generator of its own."""
+
+    def __init__(self, run: NiahArgs):
+        self.run = run
+        self.lengths = sorted({int(n) for n in run.lengths})
+        self.depths = depth_grid(run.depths)
+
+    def evaluate(self, model, processor: Processor, progress: bool = True) -> list[dict]:
+        """Greedy answers to every clip's question, scored; in grid order (frames, depth, sample)."""
+        from tqdm import tqdm
+
+        device = next(model.parameters()).device
+        eos = processor.tokenizer.eos_id
+        keys = [(n, depth, s) for n in self.lengths for depth in self.depths for s in range(self.run.samples)]
+        predictions = []
+        for i, (n, depth, sample) in enumerate(tqdm(keys, desc="video niah", unit="clip", disable=not progress)):
+            clip = make_video_needle(i, self.run.seed, "niah", n_frames=n, depth=depth)
+            record = clip.records[0]
+            chat = record["conversations"][:1]
+            batch = to_device(processor([chat], videos=[[clip.frames]]), device)
+            new = generate(model, **batch, max_new_tokens=self.run.max_new_tokens, stop_token_ids=[eos],
+                           prefill_chunk=self.run.prefill_chunk)[0].tolist()
+            prediction = processor.decode(new[:new.index(eos)] if eos in new else new).strip()
+            answer = record["conversations"][1]["value"]
+            predictions.append({"length": n, "depth": round(depth, 4), "sample": sample,
+                                "tokens": batch["input_ids"].shape[1], "needle_frame": record["needle_frame"],
+                                "question": chat[0]["value"].split("\n", 1)[1], "answer": answer,
+                                "prediction": prediction,
+                                "correct": normalize_answer(prediction) == normalize_answer(answer)})
+        return predictions
 
 
 def _shown_scaling(scaling: dict | None) -> str:
@@ -333,7 +407,7 @@ def format_niah(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmap(rows: list[dict], png: str | Path, title: str) -> None:
+def plot_heatmap(rows: list[dict], png: str | Path, title: str, xlabel: str = "context length (tokens)") -> None:
     """Recall per cell, x context length, y depth (0% at the top), green 100% to red 0%, as Gemini's."""
     import matplotlib
 
@@ -352,7 +426,7 @@ def plot_heatmap(rows: list[dict], png: str | Path, title: str) -> None:
             ax.text(j, i, f"{recall[i, j]:.0%}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(lengths)), labels=[str(x) for x in lengths])
     ax.set_yticks(range(len(depths)), labels=[f"{d:.0%}" for d in depths])
-    ax.set_xlabel("context length (tokens)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("needle depth")
     ax.set_title(textwrap.fill(title, 90), fontsize=8)
     fig.colorbar(image, ax=ax, label="recall")

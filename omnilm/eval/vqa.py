@@ -39,7 +39,8 @@ FRAME_CONTROLS = ("all", "shuffled", "first")
 
 def control_frames(video: Video, frames: str, seed: str) -> Video:
     """`video` as a control shows it: "all" as it is, "shuffled" in an order drawn from `seed` (never
-    the true one, for two or more frames), "first" its first frame alone."""
+    the true one, for two or more frames), "first" its first frame alone. Shuffled frames keep the
+    times of the places they are shown at: timestamps say nothing of the true order."""
     if frames == "all":
         return video
     if frames == "first":
@@ -48,7 +49,7 @@ def control_frames(video: Video, frames: str, seed: str) -> Video:
     rng = random.Random(seed)
     while len(order) > 1 and order == sorted(order):
         rng.shuffle(order)
-    return replace(video, frames=video.frames[order], indices=[video.indices[i] for i in order])
+    return replace(video, frames=video.frames[order])
 
 
 @dataclass(kw_only=True)

@@ -15,7 +15,8 @@ def answer(model, processor, messages: list[dict], sampling: Sampling) -> str:
     batch = to_device(processor(messages), next(model.parameters()).device)
     pieces = []
     for piece in stream(model, processor.tokenizer, batch["input_ids"], batch["pixel_values"],
-                        batch["attention_mask"], **sampling.generate_kwargs()):
+                        batch["attention_mask"], pixel_values_videos=batch.get("pixel_values_videos"),
+                        **sampling.generate_kwargs()):
         if not pieces:
             piece = piece.lstrip()  # the first token carries the space after "ASSISTANT:"
         print(piece, end="", flush=True)
@@ -24,23 +25,25 @@ def answer(model, processor, messages: list[dict], sampling: Sampling) -> str:
     return "".join(pieces).strip()
 
 
-def user_message(text: str, images: list[str]) -> dict:
+def user_message(text: str, images: list[str], videos: list[str] = ()) -> dict:
     return {"role": "user", "content": [*({"type": "image", "image": p} for p in images),
+                                        *({"type": "video", "video": p} for p in videos),
                                         {"type": "text", "text": text}]}
 
 
 REPL_HELP = """/image PATH   add an image to your next message
-/reset        start over (the --image files stay for the first message)
+/video PATH   add a video (a file, or a folder of frames) to your next message
+/reset        start over (the --image and --video files stay for the first message)
 /help         this list
 /quit         leave (or Ctrl-D); a message that starts with / begins with //"""
 
 
-def chat_repl(model, processor, sampling: Sampling, images: list[str]) -> None:
+def chat_repl(model, processor, sampling: Sampling, images: list[str], videos: list[str] = ()) -> None:
     print("omnilm chat: type a message; /help lists the commands.")
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")  # bytes that are not UTF-8 become U+FFFD, not a crash
     messages: list[dict] = []
-    pending = list(images)
+    pending, pending_videos = list(images), list(videos)
     while True:
         try:
             line = input("you> ").strip()
@@ -56,7 +59,7 @@ def chat_repl(model, processor, sampling: Sampling, images: list[str]) -> None:
             print(REPL_HELP)
             continue
         if command == "/reset":
-            messages, pending = [], list(images)
+            messages, pending, pending_videos = [], list(images), list(videos)
             print("(conversation cleared)")
             continue
         if command == "/image":
@@ -68,16 +71,25 @@ def chat_repl(model, processor, sampling: Sampling, images: list[str]) -> None:
             pending.append(rest.strip())
             print(f"(image {rest.strip()} will go with your next message)")
             continue
+        if command == "/video":
+            try:
+                processor.read_video(rest.strip())
+            except OmniInputError as e:
+                print(f"(error: {e}; the video was not added)")
+                continue
+            pending_videos.append(rest.strip())
+            print(f"(video {rest.strip()} will go with your next message)")
+            continue
         if line.startswith("/") and not line.startswith("//"):
             print(f"(unknown command {command}: /help lists the commands; start a message with // to send a /)")
             continue
-        turn = user_message(line.removeprefix("/"), pending)
+        turn = user_message(line.removeprefix("/"), pending, pending_videos)
         print("assistant> ", end="", flush=True)
         try:
             reply = answer(model, processor, messages + [turn], sampling)
         except OmniInputError as e:
-            print(f"\n(error: {e}; the message and its images were dropped)")
-            pending = []
+            print(f"\n(error: {e}; the message and its images and videos were dropped)")
+            pending, pending_videos = [], []
             continue
         messages += [turn, {"role": "assistant", "content": reply}]
-        pending = []
+        pending, pending_videos = [], []

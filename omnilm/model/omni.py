@@ -171,11 +171,15 @@ class OmniModel(nn.Module):
 
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Video frames (N, 3, H, W) -> (N, (g / s)^2, D): `encode_videos` frame by frame."""
+        return self.projector(self.frame_features(frames))
+
+    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
+        """What the projector reads of video frames (N, 3, H, W): the tower's g x g grid of features
+        averaged over s x s patches, (N, (g / s)^2, Dv)."""
         feats = self.image_features(frames)  # (N, g*g, Dv)
         side = self.config.vision.image_size // self.config.vision.patch_size
         grid = feats.transpose(1, 2).unflatten(2, (side, side))  # (N, Dv, g, g)
-        pooled = F.avg_pool2d(grid, self.config.video_pool_stride).flatten(2).transpose(1, 2)
-        return self.projector(pooled)
+        return F.avg_pool2d(grid, self.config.video_pool_stride).flatten(2).transpose(1, 2)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               pixel_values_videos: torch.Tensor | None = None) -> torch.Tensor:

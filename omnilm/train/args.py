@@ -124,6 +124,10 @@ class TrainArgs(LoraSettings, Hyperparams):
     skip_bad: bool = setting(False, "skip (and count) malformed records instead of stopping")
     cache_images: bool = setting(True, "keep decoded images in memory (--no-cache-images decodes them every time, "
                                        "for datasets larger than RAM)")
+    video_frames: int = setting(8, "frames read from each video: up to N spread evenly over it, as transformers "
+                                   "samples them (0: every frame)")
+    video_timestamps: bool = setting(False, "each video frame's time as text before its tokens ('3s'); saved with "
+                                            "the model, so chat and eval read videos the same way")
     resume: bool = setting(False, "continue exactly from OUT/checkpoints/latest")
     stop_after: int | None = setting(None, SUPPRESS)  # stop (and checkpoint) early, as if interrupted: for tests
     progress: bool = setting(True, "progress bar (--no-progress: none)")
@@ -145,6 +149,7 @@ class TrainArgs(LoraSettings, Hyperparams):
             if value is not None:
                 setattr(self, name, Path(value))
         check_range(self, ("log_every",), low=1)
+        check_range(self, ("video_frames",), low=0)
         check_range(self, ("save_every",), low=0)
         check_range(self, ("stop_after",), low=1)
         check_seed(self)

@@ -21,7 +21,7 @@ from omnilm.config import IGNORE_INDEX, ClipConfig, OmniConfig
 from omnilm.data import ImageProcessor, LlavaDataset, Processor, Tokenizer, collate, render_turns, train_tokenizer
 from omnilm.data.captions import check_caption_tokenizer, text_ids_for, tokenize_captions
 from omnilm.data.llava_json import Problem, check_records, read_records
-from omnilm.data.processor import check_tokenizer_fits
+from omnilm.data.processor import VideoSampling, check_tokenizer_fits
 from omnilm.errors import OmniInputError
 from omnilm.interpret.routing import summarize_routing
 from omnilm.model import OmniModel
@@ -138,24 +138,30 @@ def _tasks(args) -> set[str] | None:
 
 def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: int = 250,
                     pool: bool = False) -> torch.Tensor:
-    """The projector's inputs, (M, Dv), for the images of the first records of `dataset`, up to
-    `n_images` (an image that several records share counts each time): every vision token, or
-    with `pool` one mean token per image (what late fusion's MLP reads)."""
-    pixels, seen = [], 0
+    """The projector's inputs, (M, Dv), for the images (and video frames) of the first records of
+    `dataset`, up to `n_images` (an image that several records share counts each time): every
+    vision token (a frame's pooled tokens), or with `pool` one mean token per image (what late
+    fusion's MLP reads)."""
+    pixels, frames, seen = [], [], 0
     for i in range(len(dataset)):
         p = dataset.pixel_values(i)
         if p is not None:
             pixels.append(p)
             seen += p.shape[0]
+        for video in dataset.video_pixels(i):
+            frames.append(video)
+            seen += video.shape[0]
         if seen >= n_images:
             break
-    if not pixels:
-        raise OmniInputError("--whiten-projector needs images, and the dataset's records have none")
-    pixels = torch.cat(pixels)[:n_images]
+    if not pixels and not frames:
+        raise OmniInputError("--whiten-projector needs images or videos, and the dataset's records have none")
+    feats = []
     with torch.no_grad(), eval_mode(model):
-        feats = [model.image_features(pixels[s:s + batch]) for s in range(0, len(pixels), batch)]
-    feats = torch.cat(feats)
-    return feats.mean(1) if pool else feats.flatten(0, 1)
+        for media, encode in ((pixels, model.image_features), (frames, model.frame_features)):
+            if media:
+                media = torch.cat(media)[:n_images]
+                feats += [encode(media[s:s + batch]) for s in range(0, len(media), batch)]
+    return torch.cat([f.mean(1) if pool else f.flatten(0, 1) for f in feats])
 
 
 def _dataset(args, processor: Processor, max_length: int | None = None, check=None) -> LlavaDataset:
@@ -279,6 +285,7 @@ def build_llava_stage(args, resume_from: Path | None):
         model.vision.eval()  # frozen: no dropout today, but keep its mode honest
 
     processor = Processor.for_model(model, tokenizer=tokenizer)
+    processor.video = VideoSampling(num_frames=args.video_frames or None, timestamps=args.video_timestamps)
     dataset = _dataset(args, processor, max_length=model.config.text.max_seq_len)
     if args.whiten_projector and resume_from is None:  # a resumed run has it in its weights already
         fusion = model.config.fusion

@@ -3,6 +3,7 @@
     example = make_example(index, seed, split)     # scene, image and two LLaVA records
     path    = write_shapeworld(out_dir, n, seed, split)
     path    = ShapeWorldSpec(out=out_dir, n=n, split="test").write()   # `omnilm data shapeworld`
+                                                 # (video=True: clips, `write_shapeworld_video`)
 
 An example's generator (`example_rng`) is consumed in a fixed order: scene, render, caption
 prompt, questions; so its text depends on neither `image_size` nor `jitter`. With
@@ -24,6 +25,7 @@ from omnilm.data.shapeworld.multi import is_multi_image, make_multi_example
 from omnilm.data.shapeworld.questions import QUESTION_MIXES, ask, pick_families
 from omnilm.data.shapeworld.scenes import (IMAGE_SIZE, JITTER, MAX_OBJECTS, Scene, caption, example_rng, generate_scene,
                                            render)
+from omnilm.data.shapeworld.video import DEFAULT_FRAMES, FRAME_RANGE, FRAMES_AS, write_shapeworld_video
 from omnilm.errors import OmniInputError
 from omnilm.settings import setting
 
@@ -123,17 +125,38 @@ class ShapeWorldSpec:
                           "one: one record)")
     seed: int = setting(0, "seed of the scenes")
     split: str = setting("train", "train, test, or any other name: each split has its own scene seeds")
-    image_size: int = setting(IMAGE_SIZE, "pixels per side, 64-128 (the tiny preset's input)")
+    image_size: int = setting(IMAGE_SIZE, "pixels per side, 64-128 (the tiny preset's input; frames 64-256)")
     jitter: float = setting(JITTER, "how far shapes stray from their cell's centre: 0 centred, 1 anywhere in the cell")
     questions: str = setting("mixed", "per image, a conversation of 1 to 4 question families (mixed: the demo's test "
                                       "split) or of all of them (all: its training split); all also follows each "
-                                      "multi-image question with every other multi-image family its images answer",
+                                      "multi-image question with every other multi-image family its images answer; with "
+                             "--video, mixed writes a record per question, all one conversation of every question "
+                             "a clip answers",
                              choices=QUESTION_MIXES)
     n_objects: int | None = setting(None, f"objects per scene, 1-{MAX_OBJECTS} (default: a mix of 1 to {MAX_OBJECTS})")
     multi_image: float = setting(0.0, "fraction of examples with 2 to 4 interleaved images and multi-image questions",
                                  metavar="P")
+    video: bool = setting(False, "clips instead of images: 1 to 3 shapes moving, appearing and disappearing, with "
+                                 "questions on direction, appearance, counts, order and time (--image-size is the "
+                                 "frame size, up to 256)")
+    frames_as: str = setting("mp4", "with --video: mp4, one lossless (FFV1) file a clip (needs PyAV, the [media] "
+                                    "extra); png, a folder of frames a clip", choices=FRAMES_AS)
+    n_frames: int | None = setting(None, f"with --video: frames per clip, {FRAME_RANGE[0]}-{FRAME_RANGE[1]} "
+                                         f"(default: a mix of {DEFAULT_FRAMES[0]} to {DEFAULT_FRAMES[1]})")
 
     def write(self, progress: bool = True) -> Path:
+        if self.video:
+            image_only = [flag for flag, value, default in (
+                ("--jitter", self.jitter, JITTER), ("--n-objects", self.n_objects, None), ("--multi-image", self.multi_image, 0.0)) if value != default]
+            if image_only:
+                verb = "shapes" if len(image_only) == 1 else "shape"
+                raise OmniInputError(f"{', '.join(image_only)} {verb} still images; clips draw their own objects "
+                                     "and questions: drop it with --video")
+            return write_shapeworld_video(self.out, self.n, self.seed, self.split, frame_size=self.image_size,
+                                          frames_as=self.frames_as, n_frames=self.n_frames, progress=progress,
+                                          questions="all" if self.questions == "all" else "one")
+        if self.frames_as != "mp4" or self.n_frames is not None:
+            raise OmniInputError("--frames-as and --n-frames shape clips: add --video, or drop them")
         return write_shapeworld(self.out, self.n, self.seed, self.split, image_size=self.image_size,
                                 jitter=self.jitter, questions=self.questions, n_objects=self.n_objects,
                                 multi_image=self.multi_image, progress=progress)

@@ -1,0 +1,163 @@
+"""ShapeWorld in time, end to end: clips -> tokenizer -> instruct -> every family, the controls and
+the video haystack.
+
+`omnilm demo-video` runs it (about 15 minutes on 2 CPU cores). The model is LLaVA-NeXT-Video's
+design at toy scale: each frame through the tiny preset's ViT (96 px in 16 px patches), its 6 x 6
+grid averaged 2 x 2 (9 tokens a frame), the projector, the frames in order at the `<video>`
+marker. The tower stays frozen at its random initialisation and the projector starts whitened,
+as the image recipe's instruct-only arm (docs/shapeworld-recipe.md); every clip is one
+conversation of every question it answers (dense targets); why each default is what it is:
+docs/video.md. Everything lands under `out/`:
+
+    out/data/       train.json (one conversation a clip, plus the haystack clips), test.json (a
+                    record a question), videos/, tokenizer/
+    out/instruct/   the training run: metrics.jsonl, loss.png, checkpoints/, model/
+    out/model/      the final model (transformers' LlavaNextVideoForConditionalGeneration loads it)
+    out/eval.json   accuracy per family with the frames in order, shuffled and the first alone
+    out/niah/       the video haystack: niah.csv, niah.png, predictions.jsonl
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omnilm.data.llava_json import read_records, write_records
+from omnilm.data.tokenizer import Tokenizer
+from omnilm.data.shapeworld.video import CHANCE, VIDEO_FAMILIES, write_shapeworld_video
+from omnilm.errors import OmniInputError
+from omnilm.eval.niah import NiahArgs, video_niah
+from omnilm.eval.vqa import FRAME_CONTROLS, evaluate_vqa, write_predictions
+from omnilm.io import write_json
+from omnilm.settings import check_output_folder, check_range, check_seed, setting, to_dict
+from omnilm.train import Hyperparams, TrainArgs, train
+from omnilm.train.stages import chat_tokenizer
+
+PRESET = "tiny"
+
+
+@dataclass(kw_only=True)
+class VideoRecipe:
+    """What `omnilm demo-video` trains and measures."""
+
+    seed: int = setting(0, "seed of the data, the weights and the batch order")
+    n_train: int = setting(6000, "training clips of 4 to 8 frames, each one conversation of every question it answers")
+    n_needles: int = setting(1000, "training haystack clips (a cross in one frame, its colour asked)")
+    needle_frames: int = setting(16, "frames per training haystack clip (the haystack is measured at --haystack-frames)")
+    n_test: int = setting(300, "held-out clips, a record per question (about 1,100 questions)")
+    system_prompt: str = setting("Answer about the video.", "the chat's system prompt, saved with the tokenizer")
+    llm_layers: int = setting(2, "decoder layers (the tiny preset has 4)")
+    patch_size: int = setting(16, "the ViT's patch side: 96 px frames in 16 px patches are a 6 x 6 grid")
+    pool_stride: int = setting(2, "frames' grids averaged over stride x stride patches (LLaVA-NeXT-Video's 2)")
+    token_conv: int = setting(0, "a causal convolution over the last K tokens before each attention (0: none); "
+                                 "K above a frame's tokens reaches the same place in the frame before")
+    timestamps: bool = setting(False, "each frame's time as text before its tokens ('3s')")
+    instruct: Hyperparams = setting(
+        help="the one training stage", factory=lambda: Hyperparams(steps=1000, batch_size=32, lr=2e-3, warmup=50,
+                                                                  optimizer="muon", whiten_projector=True))
+    haystack_frames: tuple[int, ...] = setting((32,), "video haystack clip lengths in frames, comma-separated")
+    haystack_depths: int = setting(11, "video haystack depths, 0 to 100%")
+    haystack_samples: int = setting(10, "video haystack clips per length and depth")
+    progress: bool = setting(True, "progress bars (--no-progress: none)")
+
+    def __post_init__(self) -> None:
+        check_seed(self)
+        check_range(self, ("n_train", "n_test", "llm_layers", "patch_size", "pool_stride", "haystack_samples"), low=1)
+        check_range(self, ("n_needles", "token_conv"), low=0)
+        check_range(self, ("needle_frames",), 4, 32)
+        check_range(self, ("haystack_depths",), 2, 101)
+        self.haystack_frames = tuple(int(n) for n in self.haystack_frames)
+        if 96 % self.patch_size or (96 // self.patch_size) % self.pool_stride:
+            raise OmniInputError(f"--patch-size {self.patch_size} and --pool-stride {self.pool_stride}: the patch must "
+                                 "divide the 96 px frame, and the stride the grid of patches")
+
+    def architecture(self, video_token_id: int) -> dict[str, Any]:
+        """What the recipe changes of the tiny preset."""
+        return {"text": {"n_layers": self.llm_layers, "token_conv": self.token_conv},
+                "vision": {"patch_size": self.patch_size}, "video_token_id": video_token_id,
+                "video_pool_stride": self.pool_stride}
+
+
+def write_data(out: Path, recipe: VideoRecipe) -> tuple[Path, Path]:
+    """ShapeWorld clips under `out`: training conversations and haystack clips in one train.json,
+    a record a question in test.json; and the tokenizer in `out/tokenizer`."""
+    shared = dict(seed=recipe.seed, progress=recipe.progress)
+    train_json = write_shapeworld_video(out, recipe.n_train, split="train", questions="all", **shared)
+    records = read_records(train_json)
+    if recipe.n_needles:
+        needles = write_shapeworld_video(out, recipe.n_needles, split="needle", needles=True,
+                                         n_frames=recipe.needle_frames, **shared)
+        records += read_records(needles)
+        needles.unlink()
+    write_records(train_json, records)
+    test_json = write_shapeworld_video(out, recipe.n_test, split="test", **shared)
+    chat_tokenizer(train_json, recipe.system_prompt).save(out / "tokenizer")
+    return train_json, test_json
+
+
+def run_video_recipe(out: str | Path, recipe: VideoRecipe | None = None) -> dict[str, Any]:
+    """Run the recipe; returns timings, the evaluations (frames in order and the two controls, the
+    haystack) and the final model."""
+    recipe = recipe or VideoRecipe()
+    out = Path(out)
+    check_output_folder(out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data = out / "data"
+    train_json, test_json = write_data(data, recipe)
+    timings["data"] = time.perf_counter() - t0
+
+    for stage in ("instruct", "model", "niah"):  # the recipe owns out/: a rerun starts afresh
+        shutil.rmtree(out / stage, ignore_errors=True)
+    video_token_id = Tokenizer.from_file(data / "tokenizer").video_token_id
+    # Every frame of every clip (--video-frames 0): the haystack's needle must not be sampled away.
+    summary = train(TrainArgs(**{**vars(recipe.instruct), "stage": "instruct", "data": train_json,
+                                 "image_folder": data, "out": out / "instruct", "tokenizer": data / "tokenizer",
+                                 "preset": PRESET, "seed": recipe.seed, "progress": recipe.progress,
+                                 "config": recipe.architecture(video_token_id), "video_frames": 0,
+                                 "video_timestamps": recipe.timestamps}))
+    timings["instruct"] = summary["seconds"]
+    model, processor = summary["model"].eval(), summary["processor"]
+    shutil.copytree(out / "instruct" / "model", out / "model")
+
+    result: dict[str, Any] = {"recipe": to_dict(recipe), "chance": CHANCE}
+    evaluations = {}
+    for frames in FRAME_CONTROLS:
+        t = time.perf_counter()
+        evaluations[frames], predictions = evaluate_vqa(model, processor, read_records(test_json), data,
+                                                        progress=recipe.progress, frames=frames)
+        timings[f"eval ({frames})"] = time.perf_counter() - t
+        if frames == "all":
+            write_predictions(predictions, out / "predictions.jsonl")
+    write_json(out / "eval.json", evaluations)
+
+    t = time.perf_counter()
+    haystack = NiahArgs(checkpoint=out / "model", needle="video", lengths=recipe.haystack_frames,
+                        depths=recipe.haystack_depths, samples=recipe.haystack_samples, seed=recipe.seed,
+                        max_new_tokens=4, out=out / "niah")
+    haystack_report, rows = video_niah(model, processor, haystack, recipe.progress)
+    timings["haystack"] = time.perf_counter() - t
+    result.update(eval=evaluations, haystack=rows, haystack_report=haystack_report, timings=timings,
+                  model=out / "model", report=format_video_results(evaluations))
+    write_json(out / "results.json", {k: v for k, v in result.items() if k != "model"})
+    return result
+
+
+def format_video_results(evaluations: dict[str, dict]) -> str:
+    """Accuracy per family with the frames in order, shuffled and the first alone, beside chance."""
+    families = [f for f in VIDEO_FAMILIES if f in evaluations["all"]["tasks"]]
+    lines = ["| family | questions | frames in order | shuffled | first frame | chance |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for family in families:
+        cells_ = [f"{100 * evaluations[c]['tasks'][family]['accuracy']:.1f}%" for c in FRAME_CONTROLS]
+        lines.append(f"| {family} | {evaluations['all']['tasks'][family]['n']} | " + " | ".join(cells_)
+                     + f" | {100 * CHANCE[family]:.1f}% |")
+    overall = [f"{100 * evaluations[c]['accuracy']:.1f}%" for c in FRAME_CONTROLS]
+    lines.append(f"| **overall** | {evaluations['all']['n']} | " + " | ".join(f"**{o}**" for o in overall) + " | |")
+    return "\n".join(lines)
+
+
