@@ -269,7 +269,8 @@ def repl(world, capsys, monkeypatch, lines, images=()):
 
 
 @pytest.mark.parametrize("lines, expected", [
-    (["/help"], ["/image PATH", "/reset", "/quit"]),
+    (["/help"], ["/image PATH", "/video PATH", "/reset", "/quit"]),
+    (["/video clip.mp4", "hi"], ["takes no video", "the video was not added", "assistant>"]),
     (["/frobnicate"], ["unknown command /frobnicate"]),
     (["/image missing.png", "hi"], ["cannot read image missing.png", "the image was not added"]),
     (["/image broken.png", "hi"], ["broken.png", "the image was not added"]),
@@ -305,7 +306,7 @@ def test_repl_reset_keeps_the_command_line_images(world, capsys, monkeypatch):
 
 def test_repl_error_drops_the_message_and_its_images(world, capsys, monkeypatch):
     out = repl(world, capsys, monkeypatch, ["/image red.png", "<image> and another <image>", "fine now"])
-    assert "the message and its images were dropped" in out and out.count("assistant>") == 2
+    assert "the message and its images and videos were dropped" in out and out.count("assistant>") == 2
 
 
 # --- settings objects refuse as the command line does -------------------------------------------------

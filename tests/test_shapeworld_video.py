@@ -172,6 +172,49 @@ def test_pixels_show_the_tracks_and_answer_the_questions():
     assert checked > 500
 
 
+def test_one_conversation_asks_every_question_and_the_pixels_agree():
+    """questions="all": one multi-turn record per clip, every mover's direction, every count and
+    event, each answer what the frames show; the first turn holds the marker."""
+    checked = 0
+    for index in range(80):
+        every = make_video_example(index, 4, "test", questions="all")
+        (record,) = every.records
+        turns = record["conversations"]
+        assert record["task"] == "multi_turn" and len(record["turn_tasks"]) == len(turns) // 2
+        assert turns[0]["value"].startswith("<video>\n") and all("<video>" not in t["value"] for t in turns[1:])
+        movers = [t for t in every.objects if t.motion != "still" and t.first_frame == 0
+                  and t.last_frame == every.n_frames - 1]
+        assert record["turn_tasks"].count("direction") == len(movers) and record["turn_tasks"].count("count") == 3
+        assert set(record["turn_tasks"]) <= set(VIDEO_FAMILIES)
+        rgbs = [t.rgb for t in every.objects]
+        if len(set(rgbs)) < len(rgbs):
+            continue
+        for question, answer in zip(turns[::2], turns[1::2]):
+            assert answer_from_pixels(question["value"].removeprefix("<video>\n"), every) == answer["value"]
+            checked += 1
+    assert checked > 400
+
+
+def test_haystack_clips_show_the_cross_once():
+    from omnilm.data.shapeworld.video import make_video_needle
+
+    for index, (n, depth) in enumerate([(32, 0.0), (32, 0.5), (32, 1.0), (8, None), (1, None)]):
+        clip = make_video_needle(index, 0, "test", n_frames=n, depth=depth)
+        (record,) = clip.records
+        (cross,) = clip.objects
+        at = record["needle_frame"]
+        assert clip.frames.shape == (n, 96, 96, 3) and record["conversations"][1]["value"] == cross.colour
+        assert depth is None or at == round(depth * (n - 1))
+        rgb = np.array(COLOUR_RGB[cross.colour], np.uint8)
+        assert (cross.shape, cross.first_frame, cross.last_frame) == ("cross", at, at)
+        x, y = cross.centre(at)
+        assert (clip.frames[at, y, x] == rgb).all()  # a cross covers its centre
+        # A cross's corners are background: the box's corner pixels differ from its centre's colour.
+        assert not (clip.frames[at, cross.positions[at][1], cross.positions[at][0]] == rgb).all()
+    with pytest.raises(OmniInputError, match="1 to 256 frames"):
+        make_video_needle(0, 0, "test", n_frames=300)
+
+
 # --- no single frame gives away the direction -----------------------------------------------------
 
 

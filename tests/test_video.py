@@ -101,8 +101,10 @@ def test_unusable_files_get_one_line_errors(tmp_path):
     one_line_error(lambda: read_video(tmp_path / "notes.mp4"), match="notes.mp4 cannot be read as video.*not a video")
     one_line_error(lambda: read_video(tmp_path / "missing.mp4"), match="missing.mp4: no such video file")
     clip = tmp_path / "clip.mp4"
-    for limits, match in ((VideoLimits(max_side=32), "64x48, over the 32 px"), (VideoLimits(max_frames=5), "12 frames, over the 5"),
-                          (VideoLimits(max_seconds=1), "lasts 3 s, over the 1 s"), (VideoLimits(max_bytes=100), "over the 0 MiB")):
+    for limits, match in ((VideoLimits(max_side=32), "64x48, over the 32 px"),
+                          (VideoLimits(max_frames=5), "12 frames, over the 5"),
+                          (VideoLimits(max_seconds=1), "lasts 3 s, over the 1 s"),
+                          (VideoLimits(max_bytes=100), "over the 0 MiB")):
         one_line_error(lambda: read_video(clip, limits=limits), match=match)
     one_line_error(lambda: read_video(clip, num_frames=13), match="13 frames asked of a clip of 12")
     (tmp_path / "none").mkdir()
@@ -321,7 +323,7 @@ def test_chunked_prefill_cuts_no_frame_and_generates_the_same(tmp_path):
 # --- LLaVA-format records with videos --------------------------------------------------------------
 
 
-def video_records(tmp_path):
+def video_records(tmp_path, timestamps: bool = True):
     """A video model's processor (4 tokens a frame, timestamps on) and a JSON of three records: a
     clip of 5 frames as PNGs, one of 3 frames and an image, and text only."""
     import json
@@ -335,7 +337,7 @@ def video_records(tmp_path):
     config = OmniConfig.from_preset("tiny", text=dict(vocab_size=300, n_layers=1), vision=dict(n_layers=1, patch_size=16),
                                     video_token_id=4, video_pool_stride=3)
     processor = Processor.for_model(config, tokenizer=tokenizer)
-    processor.video = VideoSampling(num_frames=8, timestamps=True)
+    processor.video = VideoSampling(num_frames=8, timestamps=timestamps)
     for name, n in (("a", 5), ("b", 3)):
         (tmp_path / name).mkdir()
         for i, f in enumerate(frames(n, 40, 40, seed=n)):
@@ -353,17 +355,18 @@ def video_records(tmp_path):
     return processor, tmp_path / "data.json", records
 
 
-@pytest.mark.parametrize("max_length", [None, 500])
-def test_video_records_train_as_the_processor_prompts(tmp_path, max_length):
+@pytest.mark.parametrize("max_length, timestamps, cache", [(None, True, False), (500, True, True),
+                                                       (None, False, False), (500, False, True)])
+def test_video_records_train_as_the_processor_prompts(tmp_path, max_length, timestamps, cache):
     """Each video record's tokens are what the processor makes of the same chat (its answer
     supervised, no video token), its frames come in order, and a batch carries every video."""
     import torch
 
     from omnilm.data import LlavaDataset, collate, render_chat
 
-    processor, path, records = video_records(tmp_path)
+    processor, path, records = video_records(tmp_path, timestamps)
     assert processor.video_frame_len == 4
-    dataset = LlavaDataset(path, tmp_path, processor, max_length=max_length)
+    dataset = LlavaDataset(path, tmp_path, processor, max_length=max_length, cache_images=cache)
     for i, (record, n_frames) in enumerate(zip(records, (5, 3, 0))):
         sample = dataset[i]
         ids, labels = sample["input_ids"], sample["labels"]
@@ -471,3 +474,68 @@ def test_video_haystack_grid_and_chat_on_the_command_line(tmp_path, capsys):
     assert code == 0 and out.strip(), err
     code, _, err = run_cli(["chat", ckpt, "Hi", "--video", tmp_path / "nope.mp4"], capsys)
     cli_error(code, err, "nope.mp4: no such video file")
+
+
+def test_the_video_recipe_runs_end_to_end(tmp_path):
+    """demo-video at toy size: data, one training stage, every family with the two controls, the
+    haystack grid, and a model folder transformers reads as LLaVA-NeXT-Video."""
+    import json
+
+    pytest.importorskip("av", reason="the recipe writes its clips as mp4 (PyAV, the [media] extra)")
+    from omnilm.recipes.video import VideoRecipe, format_video_results, run_video_recipe
+    from omnilm.train import Hyperparams
+
+    recipe = VideoRecipe(n_train=24, n_needles=6, needle_frames=4, n_test=6, haystack_frames=(4, 6),
+                         haystack_depths=2, haystack_samples=1, progress=False,
+                         instruct=Hyperparams(steps=2, batch_size=4, lr=1e-3, warmup=1, whiten_projector=True))
+    result = run_video_recipe(tmp_path / "run", recipe)
+    assert set(result["eval"]) == {"all", "shuffled", "first"}
+    n = result["eval"]["all"]["n"]
+    assert n == len(json.loads((tmp_path / "run" / "data" / "test.json").read_text())) and n > 6
+    assert [(r["length"], r["depth"]) for r in result["haystack"]] == [(4, 0.0), (4, 1.0), (6, 0.0), (6, 1.0)]
+    table = format_video_results(result["eval"])
+    assert table.count("\n") == 2 + len(result["eval"]["all"]["tasks"]) and "| direction |" in table
+    model = tmp_path / "run" / "model"
+    assert json.loads((model / "config.json").read_text())["model_type"] == "llava_next_video"
+    assert json.loads((model / "video_preprocessor_config.json").read_text())["num_frames"] is None
+    assert (tmp_path / "run" / "niah" / "niah.png").is_file() and (tmp_path / "run" / "results.json").is_file()
+    with pytest.raises(OmniInputError, match="--patch-size 20"):
+        VideoRecipe(patch_size=20)
+
+
+def test_controls_shuffle_or_cut_the_frames_but_keep_the_times():
+    from omnilm.data.video import Video
+    from omnilm.eval.vqa import control_frames
+
+    clip = frames(6)
+    video = Video(clip, [0, 2, 4, 6, 8, 10], 12, 2.0)
+    assert control_frames(video, "all", "x") is video
+    for seed in map(str, range(20)):
+        shuffled = control_frames(video, "shuffled", seed)
+        order = [next(i for i in range(6) if (clip[i] == f).all()) for f in shuffled.frames]
+        assert sorted(order) == list(range(6)) and order != list(range(6))
+        assert shuffled.timestamps == video.timestamps  # the times of the places shown, not of the frames
+    first = control_frames(video, "first", "x")
+    assert (first.frames == clip[:1]).all() and first.timestamps == [0.0]
+    one = Video(clip[:1], [0], 1, None)
+    assert (control_frames(one, "shuffled", "x").frames == clip[:1]).all()
+
+
+def test_data_shapeworld_video_on_the_command_line(tmp_path, capsys):
+    import json
+
+    from conftest import cli_error, run_cli
+
+    code, out, err = run_cli(["data", "shapeworld", "--video", "--out", tmp_path, "--n", "3", "--frames-as", "png",
+                              "--questions", "all", "--split", "test"], capsys)
+    assert code == 0, err
+    records = json.loads((tmp_path / "test.json").read_text())
+    assert "wrote 3 examples (3 videos, 3 records)" in out and len(records) == 3
+    for r in records:
+        assert r["task"] == "multi_turn" and len(r["turn_tasks"]) == len(r["conversations"]) // 2 >= 3
+        assert r["conversations"][0]["value"].startswith("<video>\n") and (tmp_path / r["video"]).is_dir()
+        assert len(list((tmp_path / r["video"]).glob("*.png"))) == r["n_frames"]
+    cli_error(*run_cli(["data", "shapeworld", "--video", "--out", tmp_path, "--n", "1", "--multi-image", "0.5"],
+                       capsys)[::2], "--multi-image shapes still images")
+    cli_error(*run_cli(["data", "shapeworld", "--out", tmp_path, "--n", "1", "--n-frames", "5"], capsys)[::2],
+              "--frames-as and --n-frames shape clips")

@@ -17,7 +17,8 @@ with an id (a string or an integer; duplicates are allowed, as derived LLaVA mix
 and messages name a record by its index too), `conversations` going [system,] human, gpt,
 human, gpt, ... and ending on an answer, every value a non-empty string, as many `<image>`
 markers (spelt exactly, in human turns) as images, and images that are relative paths inside
-the image folder to files that decode (and likewise `<video>` markers and videos). The first bad record raises a one-line
+the image folder to files that decode (and likewise `<video>` markers and videos). The first
+bad record raises a one-line
 `OmniInputError` naming the file, the record's index and id, and the field; with `skip_bad`
 every bad record is left out and counted instead.
 
@@ -135,8 +136,9 @@ def check_records(
     adds the caller's own test (token lengths). Each image file is loaded once, by `load(path)`,
     which may keep what it made; by default the processor's image preprocessing (what training
     and generation will run on it), or without one `load_image`; each video by `load_video`, by
-    default the processor's frame sampling (`Processor.read_video`), or without one `read_video`. Cheap checks run over every
-    record first, so a typo late in a large file is reported before any image is decoded. Without `skip_bad` the first bad record
+    default the processor's frame sampling (`Processor.read_video`), or without one `read_video`.
+    Cheap checks run over every record first, so a typo late in a large file is reported before
+    any image is decoded. Without `skip_bad` the first bad record
     raises `OmniInputError`; with it, bad records are left out and listed in `skipped`. No
     considered record, or none usable, raises too. Warns about nothing: callers report.
     """

@@ -163,7 +163,7 @@ class Processor:
         `timestamps` is on, then `video_frame_len` video tokens."""
         marker = [self.tokenizer.video_token_id] * self.video_frame_len
         if not self.video.timestamps:
-            return marker * len(video.frames)
+            return marker * len(video.indices)
         times = video.timestamps or [float(i) for i in video.indices]
         return [i for t in times for i in self.tokenizer.encode(f"{round(t, 2):g}s", add_bos=False) + marker]
 

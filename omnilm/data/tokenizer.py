@@ -1,8 +1,9 @@
 """Text <-> token ids: a thin wrapper over a Hugging Face `tokenizers` tokenizer.json.
 
 The wrapper owns three conventions the rest of omnilm relies on: `<image>` is one special
-token that never merges with its neighbours (and so is `<video>`, where the tokenizer has it), BOS is added by `encode(add_bos=True)` and by
-nothing else, and a saved folder loads in transformers' `AutoTokenizer` to the same ids.
+token that never merges with its neighbours (and so is `<video>`, where the tokenizer has it),
+BOS is added by `encode(add_bos=True)` and by nothing else, and a saved folder loads in
+transformers' `AutoTokenizer` to the same ids.
 """
 
 from __future__ import annotations

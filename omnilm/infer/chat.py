@@ -62,23 +62,15 @@ def chat_repl(model, processor, sampling: Sampling, images: list[str], videos: l
             messages, pending, pending_videos = [], list(images), list(videos)
             print("(conversation cleared)")
             continue
-        if command == "/image":
+        if command in ("/image", "/video"):
+            kind, path = command[1:], rest.strip()
             try:
-                load_image(rest.strip())
+                load_image(path) if kind == "image" else processor.read_video(path)
             except OmniInputError as e:
-                print(f"(error: {e}; the image was not added)")
+                print(f"(error: {e}; the {kind} was not added)")
                 continue
-            pending.append(rest.strip())
-            print(f"(image {rest.strip()} will go with your next message)")
-            continue
-        if command == "/video":
-            try:
-                processor.read_video(rest.strip())
-            except OmniInputError as e:
-                print(f"(error: {e}; the video was not added)")
-                continue
-            pending_videos.append(rest.strip())
-            print(f"(video {rest.strip()} will go with your next message)")
+            (pending if kind == "image" else pending_videos).append(path)
+            print(f"({kind} {path} will go with your next message)")
             continue
         if line.startswith("/") and not line.startswith("//"):
             print(f"(unknown command {command}: /help lists the commands; start a message with // to send a /)")

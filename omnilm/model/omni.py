@@ -182,7 +182,7 @@ class OmniModel(nn.Module):
         return F.avg_pool2d(grid, self.config.video_pool_stride).flatten(2).transpose(1, 2)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              pixel_values_videos: torch.Tensor | None = None) -> torch.Tensor:
+              pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D) with image features written at the image-token positions (joint,
         early), and video features at the video-token positions; late and cross-attention fusion
         keep each image marker as a text token."""
@@ -204,7 +204,8 @@ class OmniModel(nn.Module):
     def _encode_video_frames(self, pixel_values_videos) -> torch.Tensor:
         return self.encode_frames(_video_frames(pixel_values_videos, self.config))
 
-    def _markers(self, pixel_values: torch.Tensor | None, pixel_values_videos: torch.Tensor | None) -> list[tuple]:
+    def _markers(self, pixel_values: torch.Tensor | None,
+                 pixel_values_videos: torch.Tensor | list[torch.Tensor] | None) -> list[tuple]:
         """(marker id, its media or None, their encoder, their name) for images and, in a video model,
         videos; videos given to any other model are refused."""
         c = self.config
@@ -217,7 +218,7 @@ class OmniModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
-                pixel_values_videos: torch.Tensor | None = None,
+                pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | RaggedKVCache | None = None,
                 logits_to_keep: int = 0, logits_at: torch.Tensor | None = None,
                 output_routing: bool = False) -> ModelOutput:
@@ -225,7 +226,8 @@ class OmniModel(nn.Module):
 
         `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the batch;
         `pixel_values_videos` (V, F, 3, H, W) the videos in the order of theirs (each marker expanded to
-        F * `config.video_frame_len` tokens), or a list of (F_i, 3, H, W), videos of different lengths. With a `cache`, `input_ids` are the new tokens and
+        F * `config.video_frame_len` tokens), or a list of (F_i, 3, H, W) for videos of different
+        lengths. With a `cache`, `input_ids` are the new tokens and
         `attention_mask` covers the cached ones too. `logits_to_keep=n` computes logits for the last n
         positions only (prefill needs one row, not a (B, T, V) tensor); `logits_at` (B,) computes one
         position per row, (B, 1, V): the last real token of each prompt in a right-padded batch. An MoE

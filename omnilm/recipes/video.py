@@ -1,7 +1,8 @@
 """ShapeWorld in time, end to end: clips -> tokenizer -> instruct -> every family, the controls and
 the video haystack.
 
-`omnilm demo-video` runs it (about 15 minutes on 2 CPU cores). The model is LLaVA-NeXT-Video's
+`omnilm demo-video` runs it. Its defaults are still being tuned: at them the model learns counts
+and time but not yet motion or shape names (docs/video.md, "Results"). The model is LLaVA-NeXT-Video's
 design at toy scale: each frame through the tiny preset's ViT (96 px in 16 px patches), its 6 x 6
 grid averaged 2 x 2 (9 tokens a frame), the projector, the frames in order at the `<video>`
 marker. The tower stays frozen at its random initialisation and the projector starts whitened,
@@ -136,7 +137,7 @@ def run_video_recipe(out: str | Path, recipe: VideoRecipe | None = None) -> dict
     write_json(out / "eval.json", evaluations)
 
     t = time.perf_counter()
-    haystack = NiahArgs(checkpoint=out / "model", needle="video", lengths=recipe.haystack_frames,
+    haystack = NiahArgs(checkpoint=out / "model", needle="video", lengths=tuple(map(str, recipe.haystack_frames)),
                         depths=recipe.haystack_depths, samples=recipe.haystack_samples, seed=recipe.seed,
                         max_new_tokens=4, out=out / "niah")
     haystack_report, rows = video_niah(model, processor, haystack, recipe.progress)

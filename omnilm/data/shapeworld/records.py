@@ -147,7 +147,8 @@ class ShapeWorldSpec:
     def write(self, progress: bool = True) -> Path:
         if self.video:
             image_only = [flag for flag, value, default in (
-                ("--jitter", self.jitter, JITTER), ("--n-objects", self.n_objects, None), ("--multi-image", self.multi_image, 0.0)) if value != default]
+                ("--jitter", self.jitter, JITTER), ("--n-objects", self.n_objects, None),
+                ("--multi-image", self.multi_image, 0.0)) if value != default]
             if image_only:
                 verb = "shapes" if len(image_only) == 1 else "shape"
                 raise OmniInputError(f"{', '.join(image_only)} {verb} still images; clips draw their own objects "

@@ -56,8 +56,8 @@ AXIS_OPTIONS = {"left": ("left", "right"), "right": ("left", "right"), "up": ("u
 _STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 
 FPS = 1.0  # frame k is at second k
-FRAMES_AS = ("mp4", "png")
-VIDEO_QUESTIONS = ("one", "all")  # a record per family, or one multi-turn record of every question  # a clip on disk: one lossless video file, or a folder of PNG frames
+FRAMES_AS = ("mp4", "png")  # a clip on disk: one lossless video file, or a folder of PNG frames
+VIDEO_QUESTIONS = ("one", "all")  # a record per family, or one multi-turn record of every question
 FRAME_SIZE = 96
 FRAME_SIZES = (64, 256)  # smallest and largest frame side allowed
 DEFAULT_FRAMES = (4, 8)  # frames per clip, uniform, when n_frames is not given
@@ -455,8 +455,8 @@ def write_shapeworld_video(out_dir: str | Path, n: int, seed: int, split: str, f
     """Write `n` clips to `out_dir/videos/`: lossless FFV1 `{split}_{index:06d}.mp4` files (PyAV, the
     `[media]` extra) or, with `frames_as="png"`, folders `{split}_{index:06d}/` of 000.png, 001.png,
     ...; and all their records to `out_dir/{split}.json` (replaced atomically; video paths relative
-    to `out_dir`). Returns the JSON path. `questions` as `make_video_example`. With `needles`, haystack clips (`make_video_needle`) of
-    `n_frames` frames (default 32) instead. A progress bar shows for 500 clips or more, unless
+    to `out_dir`). Returns the JSON path. `questions` as `make_video_example`. With `needles`,
+    haystack clips (`make_video_needle`) of `n_frames` frames (default 32) instead. A progress bar shows for 500 clips or more, unless
     `progress` is False."""
     from tqdm import tqdm
 
