@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw
 
 from omnilm.data.llava_json import write_records
 from omnilm.data.shapeworld.scenes import COLOUR_RGB, COLOURS, SHAPES, _draw_shape
+from omnilm.data.video import write_video
 from omnilm.errors import OmniInputError
 
 VIDEO_FAMILIES = ("direction", "appear", "disappear", "count", "order", "when")
@@ -459,8 +460,6 @@ def write_shapeworld_video(out_dir: str | Path, n: int, seed: int, split: str, f
     haystack clips (`make_video_needle`) of `n_frames` frames (default 32) instead. A progress bar shows for 500 clips or more, unless
     `progress` is False."""
     from tqdm import tqdm
-
-    from omnilm.data.video import write_video
 
     if not _is_int(n) or n < 0:
         raise OmniInputError(f"n is {n!r}: ask for zero or more clips")
