@@ -36,7 +36,7 @@ from omnilm.data import Processor
 from omnilm.data.collate import to_device
 from omnilm.data.haystack import CHARS_PER_TOKEN, HaystackSpec
 from omnilm.data.image import load_image
-from omnilm.data.llava_json import read_records
+from omnilm.data.llava_json import media_names, read_records
 from omnilm.data.shapeworld import ShapeWorldSpec
 from omnilm.errors import OmniInputError
 from omnilm.eval.clip import evaluate_clip_checkpoint, format_clip_results
@@ -84,7 +84,7 @@ def cmd_data(args) -> None:
     # Multi-image examples write one record each, and a clip one per question: count what was written.
     records = json.loads(path.read_text())
     kind = "video" if spec.video else "image"
-    n_media = len({name for r in records for name in ([r[kind]] if isinstance(r[kind], str) else r[kind])})
+    n_media = len({name for r in records for name in media_names(r, kind)})
     print(f"wrote {spec.n} examples ({n_media} {kind}s, {len(records)} records) to {path} "
           f"in {time.perf_counter() - t0:.1f}s")
 

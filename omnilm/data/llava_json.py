@@ -305,11 +305,17 @@ def check_record(record, image_folder: Path | None = None, reserved: tuple[str, 
     return None, media["image"], media["video"]
 
 
+def media_names(record: dict, kind: str = "image") -> list:
+    """A record's `image` (or `video`) field as a list: none, one path, or its list of paths."""
+    value = record.get(kind)
+    return [] if value is None else [value] if isinstance(value, str) else value
+
+
 def _media_paths(record: dict, kind: str, marker: str, n_markers: int, image_folder: Path | None,
                  allowed: bool) -> tuple[Problem | None, list[Path]]:
     """A record's `image` (or `video`) field checked: paths inside the folder, one per marker."""
     value = record.get(kind)
-    names = [] if value is None else [value] if isinstance(value, str) else value
+    names = media_names(record, kind)
     field_problem = f"bad {kind} field"
     if not isinstance(names, list):
         return Problem(field_problem, kind, f"is {_short(value)}: give a path or a list of paths"), []
@@ -481,9 +487,8 @@ class LlavaDataset(Dataset):
         def fits(record: dict, paths: list[Path]) -> Problem | None:
             problem = check(record, paths) if check is not None else None
             if problem is None and max_length is not None:
-                video = record.get("video")  # checked by now: a path or a list of them
-                videos = [video] if isinstance(video, str) else video or []
-                encoded[id(record)] = self._encode(record["conversations"], [self.image_folder / v for v in videos])
+                videos = [self.image_folder / v for v in media_names(record, "video")]  # checked by now
+                encoded[id(record)] = self._encode(record["conversations"], videos)
                 n_tokens = len(encoded[id(record)][0])
                 if n_tokens > max_length:
                     images = f" ({len(paths)} images of {processor.image_seq_len} tokens each)" if paths else ""

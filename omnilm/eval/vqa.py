@@ -26,7 +26,7 @@ import torch
 
 from omnilm.data.chat import render_chat
 from omnilm.data.collate import to_device
-from omnilm.data.llava_json import Problem, check_records
+from omnilm.data.llava_json import Problem, check_records, media_names
 from omnilm.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
 from omnilm.data.video import Video
 from omnilm.infer import generate
@@ -90,7 +90,7 @@ def _questions(records: list[dict]) -> list[dict]:
         turns = rec["conversations"]  # a leading system turn stays part of every question's chat
         answers = [i for i, t in enumerate(turns) if t["from"] in ("gpt", "assistant")]
         turn_tasks = rec.get("turn_tasks") or [rec.get("task") or "all"] * len(answers)
-        images, videos = (_listed(rec.get(kind)) for kind in ("image", "video"))
+        images, videos = (list(media_names(rec, kind)) for kind in ("image", "video"))
         for n, i in enumerate(answers):
             shown = sum(t["value"].count(IMAGE_TOKEN) for t in turns[:i])
             seen = sum(t["value"].count(VIDEO_TOKEN) for t in turns[:i])
@@ -100,10 +100,6 @@ def _questions(records: list[dict]) -> list[dict]:
                         "answer": turns[i]["value"], "chat": turns[:i], "images": images[:shown],
                         "videos": videos[:seen], "n_objects": rec.get("n_objects")})
     return out
-
-
-def _listed(value) -> list:
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 _ANSWER_SYNONYMS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",

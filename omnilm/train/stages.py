@@ -119,13 +119,14 @@ def chat_tokenizer(json_path: Path, system_prompt: str | None = None) -> Tokeniz
     videos gets a `<video>` token."""
     records = read_records(Path(json_path))
     video = any(isinstance(r, dict) and r.get("video") is not None for r in records)
-    return train_tokenizer(corpus(json_path, system_prompt), system_prompt=system_prompt, video=video)
+    return train_tokenizer(corpus(records, system_prompt), system_prompt=system_prompt, video=video)
 
 
-def corpus(json_path: Path, system_prompt: str | None = None) -> list[str]:
-    """The text the model will read: every record rendered with the chat template (system prompt
-    and role tags included, so they compress to a few tokens), for training a tokenizer on it."""
-    records = read_records(Path(json_path))
+def corpus(data: Path | list, system_prompt: str | None = None) -> list[str]:
+    """The text the model will read: every record (of a LLaVA JSON file, or as `read_records` gave
+    them) rendered with the chat template (system prompt and role tags included, so they compress
+    to a few tokens), for training a tokenizer on it."""
+    records = data if isinstance(data, list) else read_records(Path(data))
     # Bad records are left out here and reported by the dataset, which knows about --skip-bad.
     usable = check_records(records, None, skip_bad=True).kept
     return ["".join(segment for segment, _ in render_turns(records[i]["conversations"], False, system_prompt))
