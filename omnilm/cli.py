@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, HaystackRecipe)
     p.set_defaults(func=cmd_demo_haystack)
     p = sub.add_parser("demo-video", help="a small model learns to read ShapeWorld clips: motion, appearance, "
-                                          "counts, order and time, and a video haystack (being tuned)",
+                                          "counts, order and time, and a video haystack (motion: not yet)",
                        description="Video on ShapeWorld: clips of 4 to 8 frames (omnilm data shapeworld --video), a "
                                    "BPE, LLaVA-NeXT-Video's design at toy scale trained in one instruct stage, then "
                                    "held-out accuracy per family with the frames in order, shuffled and the first "

@@ -653,3 +653,62 @@ def test_serve_stops_with_one_error_line_when_the_model_cannot_load(tmp_path, ca
     code, out, err = run_cli(["serve", tmp_path / "missing", "--port", "0"], capsys)
     last = err.strip().splitlines()[-1]
     assert code == 2 and last.startswith("error: ") and "missing" in last, err
+
+
+# --- video (an omnilm extension: video_url parts) ----------------------------------------------------
+
+
+def with_video(*urls: str, question: str = "What colour is the cross?", **fields) -> dict:
+    parts = [{"type": "video_url", "video_url": {"url": u}} for u in urls] + [{"type": "text", "text": question}]
+    return chat(messages=[{"role": "user", "content": parts}], **fields)
+
+
+def test_a_video_url_reaches_a_video_model_and_bad_videos_get_their_4xx(tmp_path, client, main):
+    """A data:video/mp4 URL and a local file are read as the model's processor samples them: the
+    answer is greedy `generate` on the same frames. Too many, too large, not a video, not a video
+    type, a text-only part's shape, and a model without video each get their one-line 4xx."""
+    pytest.importorskip("av", reason="writing and reading the clip needs PyAV (the [media] extra)")
+    from test_video import frames, video_checkpoint
+
+    from omnilm.data import Processor
+    from omnilm.data.video import write_video
+    from omnilm.infer import generate
+
+    folder = video_checkpoint(tmp_path / "model")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    write_video(clips / "clip.mp4", frames(12, 96, 96), fps=4.0)  # 3 s
+    write_video(clips / "long.mp4", frames(12, 96, 96), fps=1.0)  # 12 s
+    mp4 = (clips / "clip.mp4").read_bytes()
+    (clips / "notes.mp4").write_text("not a video at all")
+    model = OmniModel.from_pretrained(folder).eval()
+    processor = Processor.for_model(model, folder)
+    batch = processor([{"role": "user", "content": [{"type": "video", "video": clips / "clip.mp4"},
+                                                    {"type": "text", "text": "What colour is the cross?"}]}])
+    assert batch["pixel_values_videos"].shape[:2] == (1, 8)  # the processor's 8 frames of the clip's 12
+    new = generate(model, **batch, max_new_tokens=6)[0].tolist()
+    eos = model.config.text.eos_token_id
+    expected = processor.decode(new[:new.index(eos)] if eos in new else new)
+    server = settings(folder, max_body_bytes=2_000_000, media=dict(allowed_local_media_path=clips, max_video_seconds=5,
+                                                                   max_video_bytes=len(mp4) + 10))
+    with live(server) as video:
+        url = video.url + "/v1/chat/completions"
+        for source in (data_url(mp4, "video/mp4"), "clip.mp4"):
+            response = client.post(url, json=with_video(source, max_tokens=6, temperature=0))
+            assert response.status_code == 200, response.text
+            answer = response.json()["choices"][0]["message"]["content"]
+            assert answer.strip() == expected.strip() and expected.strip(), (answer, expected)
+        for body, status, says in [
+            (with_video("clip.mp4", "clip.mp4"), 400, "2 videos, over the server's limit of 1 (--max-videos)"),
+            (with_video(data_url(mp4 + b"\0" * 20, "video/mp4")), 413, "(--max-video-bytes)"),
+            (with_video(data_url(png())), 400, "not a video type: send data:video/mp4;base64"),
+            (with_video("notes.mp4"), 400, "video notes.mp4 cannot be read as video"),
+            (with_video("long.mp4"), 413, "video long.mp4 lasts 12 s, over the 5 s"),
+            (with_video("../secret.mp4"), 403, "'..' path component"),
+            (chat(messages=[{"role": "user", "content": [{"type": "video_url"}]}]), 400, "needs 'video_url'"),
+        ]:
+            error = assert_openai_error(client.post(url, json=body), status, says)
+            assert error["param"] and error["param"].startswith("messages"), error
+        assert client.post(url, json=with_video("clip.mp4", max_tokens=2)).status_code == 200  # still serving
+    assert_openai_error(client.post(main.url + "/v1/chat/completions", json=with_video(data_url(mp4, "video/mp4"))),
+                        400, "this model reads no video")

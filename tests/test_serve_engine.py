@@ -45,7 +45,8 @@ def alone(model, processor, messages, max_new_tokens: int, seed: int | None = No
     batch = processor(messages)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     new = generate(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                   max_new_tokens=max_new_tokens, generator=generator, **kw)[0].tolist()
+                   max_new_tokens=max_new_tokens, generator=generator,
+                   pixel_values_videos=batch.get("pixel_values_videos"), **kw)[0].tolist()
     stops = {model.config.text.eos_token_id}
     return next((new[:i + 1] for i, t in enumerate(new) if t in stops), new)
 
@@ -55,7 +56,8 @@ def serve(engine: Engine, processor, requests: list[tuple[list[dict], SamplingPa
     ids = {}
     for i, (messages, params) in enumerate(requests):
         batch = processor(messages)
-        ids[engine.add_request(batch["input_ids"][0].tolist(), batch["pixel_values"], params)] = i
+        ids[engine.add_request(batch["input_ids"][0].tolist(), batch["pixel_values"], params,
+                               pixel_values_videos=batch.get("pixel_values_videos"))] = i
     got = [[] for _ in requests]
     while engine.has_work():
         for out in engine.step():
@@ -111,6 +113,63 @@ def test_each_image_is_encoded_once_with_chunked_prefill(joint, monkeypatch):
           [(c, SamplingParams(max_tokens=3)) for c in chats])
     n_images = sum(1 for c in chats for part in c[0]["content"] if part["type"] == "image")
     assert sum(encoded) == n_images and n_images == 6
+
+
+def video_prompts(n: int = 12) -> list[list[dict]]:
+    """Prompts with a video of 2 to 7 frames (two videos, or a video and an image, in some), and
+    text-only ones."""
+    import numpy as np
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        clip = lambda frames: rng.integers(0, 255, (frames, 96, 96, 3), dtype=np.uint8)  # noqa: E731
+        content = [{"type": "text", "text": "What colour is the cross? " * (1 + i % 3)}]
+        if i % 4 != 3:
+            content = [{"type": "video", "video": clip(2 + i % 6)}] + content
+        if i % 4 == 1:
+            content += [{"type": "video", "video": clip(3)}]
+        if i % 4 == 2:
+            content = [{"type": "image", "image": Image.new("RGB", (50, 40), COLOURS[i % 5])}] + content
+        out.append([{"role": "user", "content": content}])
+    return out
+
+
+@pytest.mark.parametrize("chunk", [512, 5])
+def test_videos_served_together_equal_generate_and_each_frame_is_encoded_once(tmp_path, monkeypatch, chunk):
+    """Video frames ride with their request: whole prompts of several rows prefill together, a
+    chunked one takes the frames whose tokens each chunk holds (a chunk never cuts a frame)."""
+    from test_video import video_checkpoint
+
+    folder = video_checkpoint(tmp_path / "m")
+    model, processor = load(folder)
+    chats = video_prompts()
+    expected = [alone(model, processor, c, 8) for c in chats]
+    encoded = []
+    original = model.encode_frames
+    monkeypatch.setattr(model, "encode_frames", lambda px: encoded.append(px.shape[0]) or original(px))
+    got = serve(Engine(model, processor.tokenizer, max_batch=4, prefill_chunk=chunk), processor,
+                [(c, SamplingParams(max_tokens=8)) for c in chats])
+    assert got == expected and len({tuple(g) for g in got}) > 3
+    n_frames = sum(len(part["video"]) for c in chats for part in c[0]["content"] if part["type"] == "video")
+    assert sum(encoded) == n_frames
+    # The doors: frames that do not match the prompt's video tokens, and frames of the wrong size.
+    engine = Engine(model, processor.tokenizer)
+    batch = processor(chats[0])
+    ids, videos = batch["input_ids"][0].tolist(), batch["pixel_values_videos"]
+    one_line_error(lambda: engine.add_request(ids, None, SamplingParams()), "video tokens but 0 frames")
+    one_line_error(lambda: engine.add_request(ids, None, SamplingParams(), pixel_values_videos=videos[:, :1]),
+                   "video tokens but 1 frames")
+    one_line_error(lambda: engine.add_request(ids, None, SamplingParams(), pixel_values_videos=videos[..., :48]),
+                   "preprocess the videos")
+
+
+def test_a_model_without_video_refuses_frames(joint):
+    model, processor = joint
+    batch = processor(prompts(1)[0])
+    one_line_error(lambda: Engine(model, processor.tokenizer).add_request(
+        batch["input_ids"][0].tolist(), None, SamplingParams(), pixel_values_videos=torch.zeros(1, 2, 3, 32, 32)),
+        "reads no video")
 
 
 def test_ragged_rows_see_only_their_own_positions():

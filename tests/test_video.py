@@ -485,7 +485,7 @@ def test_the_video_recipe_runs_end_to_end(tmp_path):
     from omnilm.recipes.video import VideoRecipe, format_video_results, run_video_recipe
     from omnilm.train import Hyperparams
 
-    recipe = VideoRecipe(n_train=24, n_needles=6, needle_frames=4, n_test=6, haystack_frames=(4, 6),
+    recipe = VideoRecipe(n_train=24, n_needles=6, needle_frames=(4, 6), n_test=6, haystack_frames=(4, 6),
                          haystack_depths=2, haystack_samples=1, progress=False,
                          instruct=Hyperparams(steps=2, batch_size=4, lr=1e-3, warmup=1, whiten_projector=True))
     result = run_video_recipe(tmp_path / "run", recipe)

@@ -28,6 +28,10 @@ FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 LOSSLESS_CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".avi": "avi"}
 
 
+class VideoTooLarge(OmniInputError):
+    """A video over one of its VideoLimits (a server answers 413)."""
+
+
 @dataclass(frozen=True)
 class VideoLimits:
     """What `read_video` accepts; a larger clip is refused before its frames are decoded."""
@@ -117,7 +121,7 @@ def _decode(path: Path, num_frames: int | None, fps: float | None, limits: Video
     if size == 0:
         raise OmniInputError(f"{path} is empty: give a video file")
     if size > limits.max_bytes:
-        raise OmniInputError(f"{path} is {size / 2**20:.0f} MiB, over the {limits.max_bytes / 2**20:.0f} MiB a video "
+        raise VideoTooLarge(f"{path} is {size / 2**20:.0f} MiB, over the {limits.max_bytes / 2**20:.0f} MiB a video "
                              "may be: cut or re-encode it")
     try:
         with av.open(str(path)) as container:
@@ -130,7 +134,7 @@ def _decode(path: Path, num_frames: int | None, fps: float | None, limits: Video
             if total == 0:
                 raise OmniInputError(f"{path} has no frames")
             if total > limits.max_frames:
-                raise OmniInputError(f"{path} has {total} frames, over the {limits.max_frames} a video may have: "
+                raise VideoTooLarge(f"{path} has {total} frames, over the {limits.max_frames} a video may have: "
                                      "cut it or lower its frame rate")
             rate = float(stream.average_rate) if stream.average_rate else None
             declared = _declared_frames(stream, container, rate)
@@ -155,11 +159,11 @@ def _check_header(path: Path, stream, container, limits: VideoLimits) -> None:
     if not width or not height:
         raise OmniInputError(f"{path}: its video stream declares no frame size")
     if max(width, height) > limits.max_side:
-        raise OmniInputError(f"{path} is {width}x{height}, over the {limits.max_side} px a frame's side may be: "
+        raise VideoTooLarge(f"{path} is {width}x{height}, over the {limits.max_side} px a frame's side may be: "
                              "scale it down")
     seconds = container.duration / 1e6 if container.duration else None  # microseconds (AV_TIME_BASE)
     if seconds is not None and seconds > limits.max_seconds:
-        raise OmniInputError(f"{path} lasts {seconds:.0f} s, over the {limits.max_seconds:.0f} s a video may last: "
+        raise VideoTooLarge(f"{path} lasts {seconds:.0f} s, over the {limits.max_seconds:.0f} s a video may last: "
                              "cut it")
 
 

@@ -64,16 +64,11 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tenso
                              "prefill_chunk or pass one prompt")
     cfg, past = model.config, cache.seen  # positions cached before this prompt
     # Frames, like images, are encoded whole: each chunk takes the frames whose tokens it holds.
-    frames = None
-    if pixel_values_videos is not None:
-        frames = (torch.cat(list(pixel_values_videos)) if isinstance(pixel_values_videos, (list, tuple))
-                  else pixel_values_videos.flatten(0, 1))
+    frames = flat_frames(pixel_values_videos)
     video_id, frame_len = cfg.video_token_id, (cfg.video_frame_len if cfg.video_token_id is not None else 0)
     prompt, offset, images, seen_frames = input_ids[0].tolist(), 0, 0, 0
     while offset < T:
-        end = chunk_end(prompt, offset, chunk, cfg.image_token_id, cfg.image_seq_len)
-        if frames is not None:  # an image's end is no frame's: at most one of the two moves `end`
-            end = max(end, chunk_end(prompt, offset, end - offset, video_id, frame_len))
+        end = media_chunk_end(prompt, offset, chunk, cfg)
         n = prompt[offset:end].count(cfg.image_token_id) // cfg.image_seq_len if pixel_values is not None else 0
         f = prompt[offset:end].count(video_id) // frame_len if frames is not None else 0
         mask = attention_mask[:, :past + end] if attention_mask is not None else None
@@ -100,6 +95,25 @@ def chunk_end(prompt: list[int], start: int, budget: int, image_id: int, span: i
     before = sum(1 for i in prompt[:first_of_run] if i == image_id) % span  # tokens of an image begun earlier
     inside = (before + run) % span
     return end if inside == 0 else min(end + span - inside, len(prompt))
+
+
+def media_chunk_end(prompt: list[int], start: int, budget: int, config) -> int:
+    """`chunk_end` for a prompt of images and video frames (`config` an OmniConfig): grown to the end
+    of the image or frame it would cut (an image's end is no frame's: at most one of them moves it)."""
+    end = chunk_end(prompt, start, budget, config.image_token_id, config.image_seq_len)
+    if config.video_token_id is not None:
+        end = max(end, chunk_end(prompt, start, end - start, config.video_token_id, config.video_frame_len))
+    return end
+
+
+def flat_frames(pixel_values_videos: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | None:
+    """Every frame of every video in marker order, (N, 3, H, W), as chunks hand them out: from a
+    (V, F, 3, H, W) tensor or a list of (F_i, 3, H, W); None for no videos."""
+    if pixel_values_videos is None or (isinstance(pixel_values_videos, (list, tuple)) and not pixel_values_videos):
+        return None
+    if isinstance(pixel_values_videos, (list, tuple)):
+        return torch.cat(list(pixel_values_videos))
+    return pixel_values_videos.flatten(0, 1)
 
 
 def decode_one_token(model: nn.Module, token: torch.Tensor, attention_mask: torch.Tensor | None,

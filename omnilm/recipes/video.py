@@ -1,14 +1,15 @@
 """ShapeWorld in time, end to end: clips -> tokenizer -> instruct -> every family, the controls and
 the video haystack.
 
-`omnilm demo-video` runs it. Its defaults are still being tuned: at them the model learns counts
-and time but not yet motion or shape names (docs/video.md, "Results"). The model is LLaVA-NeXT-Video's
-design at toy scale: each frame through the tiny preset's ViT (96 px in 16 px patches), its 6 x 6
-grid averaged 2 x 2 (9 tokens a frame), the projector, the frames in order at the `<video>`
-marker. The tower stays frozen at its random initialisation and the projector starts whitened,
-as the image recipe's instruct-only arm (docs/shapeworld-recipe.md); every clip is one
-conversation of every question it answers (dense targets); why each default is what it is:
-docs/video.md. Everything lands under `out/`:
+`omnilm demo-video` runs it. At its defaults the model names what appears and disappears, counts,
+orders events, tells their times and finds a cross in a 32-frame haystack, but does not yet tell
+which way a shape moves (docs/video.md, "Results"). The model is LLaVA-NeXT-Video's design at toy
+scale: each frame through the tiny preset's ViT (96 px in 16 px patches), its 6 x 6 grid averaged
+2 x 2 (9 tokens a frame), the projector, the frames in order at the `<video>` marker. The tower
+stays frozen at its random initialisation and the projector starts whitened, as the image
+recipe's instruct-only arm (docs/shapeworld-recipe.md); every clip is one conversation of every
+question it answers (dense targets), and haystack clips of 1 to 32 frames teach the look-up on
+short ones first; why each default is what it is: docs/video.md. Everything lands under `out/`:
 
     out/data/       train.json (one conversation a clip, plus the haystack clips), test.json (a
                     record a question), videos/, tokenizer/
@@ -47,7 +48,9 @@ class VideoRecipe:
     seed: int = setting(0, "seed of the data, the weights and the batch order")
     n_train: int = setting(6000, "training clips of 4 to 8 frames, each one conversation of every question it answers")
     n_needles: int = setting(1000, "training haystack clips (a cross in one frame, its colour asked)")
-    needle_frames: int = setting(16, "frames per training haystack clip (the haystack is measured at --haystack-frames)")
+    needle_frames: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "frames per training haystack clip, comma-"
+                                             "separated: the clips split evenly among these lengths, short ones first "
+                                             "to learn the look-up where the needle is one object of few")
     n_test: int = setting(300, "held-out clips, a record per question (about 1,100 questions)")
     system_prompt: str = setting("Answer about the video.", "the chat's system prompt, saved with the tokenizer")
     llm_layers: int = setting(2, "decoder layers (the tiny preset has 4)")
@@ -57,18 +60,22 @@ class VideoRecipe:
                                  "K above a frame's tokens reaches the same place in the frame before")
     timestamps: bool = setting(False, "each frame's time as text before its tokens ('3s')")
     instruct: Hyperparams = setting(
-        help="the one training stage", factory=lambda: Hyperparams(steps=1000, batch_size=32, lr=2e-3, warmup=50,
-                                                                  optimizer="muon", whiten_projector=True))
+        help="the one training stage", factory=lambda: Hyperparams(steps=1250, batch_size=32, lr=2e-3, warmup=50,
+                                                                  optimizer="muon", whiten_projector=True,
+                                                                  group_by_length=True))
     haystack_frames: tuple[int, ...] = setting((32,), "video haystack clip lengths in frames, comma-separated")
     haystack_depths: int = setting(11, "video haystack depths, 0 to 100%")
-    haystack_samples: int = setting(10, "video haystack clips per length and depth")
+    haystack_samples: int = setting(20, "video haystack clips per length and depth")
     progress: bool = setting(True, "progress bars (--no-progress: none)")
 
     def __post_init__(self) -> None:
         check_seed(self)
         check_range(self, ("n_train", "n_test", "llm_layers", "patch_size", "pool_stride", "haystack_samples"), low=1)
         check_range(self, ("n_needles", "token_conv"), low=0)
-        check_range(self, ("needle_frames",), 4, 32)
+        self.needle_frames = tuple(int(n) for n in self.needle_frames)
+        if not self.needle_frames or not all(1 <= n <= 32 for n in self.needle_frames):
+            raise OmniInputError(f"--needle-frames {','.join(map(str, self.needle_frames))}: give clip lengths of 1 to "
+                                 "32 frames, comma-separated")
         check_range(self, ("haystack_depths",), 2, 101)
         self.haystack_frames = tuple(int(n) for n in self.haystack_frames)
         if 96 % self.patch_size or (96 // self.patch_size) % self.pool_stride:
@@ -88,11 +95,14 @@ def write_data(out: Path, recipe: VideoRecipe) -> tuple[Path, Path]:
     shared = dict(seed=recipe.seed, progress=recipe.progress)
     train_json = write_shapeworld_video(out, recipe.n_train, split="train", questions="all", **shared)
     records = read_records(train_json)
-    if recipe.n_needles:
-        needles = write_shapeworld_video(out, recipe.n_needles, split="needle", needles=True,
-                                         n_frames=recipe.needle_frames, **shared)
-        records += read_records(needles)
-        needles.unlink()
+    lengths = recipe.needle_frames
+    for k, n_frames in enumerate(lengths):  # an even share of the haystack clips at each length
+        share = recipe.n_needles // len(lengths) + (k < recipe.n_needles % len(lengths))
+        if share:
+            needles = write_shapeworld_video(out, share, split=f"needle_{n_frames}", needles=True, n_frames=n_frames,
+                                             **shared)
+            records += read_records(needles)
+            needles.unlink()
     write_records(train_json, records)
     test_json = write_shapeworld_video(out, recipe.n_test, split="test", **shared)
     chat_tokenizer(train_json, recipe.system_prompt).save(out / "tokenizer")

@@ -19,15 +19,18 @@ OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and a one-
       fields are accepted and ignored), the message naming the field         400
     the model's name                                                         404
     n = 1, stream_options only with stream, no logprobs                      400
-    at most --max-images images; each fetched under omnilm.serve.media's
-      rules (data: URLs; local files and http(s) only where allowed)         400, 403, 413
+    at most --max-images images and --max-videos videos; each fetched
+      under omnilm.serve.media's rules (data: URLs; local files and http(s)
+      only where allowed)                                                    400, 403, 413
     the prompt, built by the model's processor                               400
     prompt + max_tokens within the context, queued on the engine             400; 429 + Retry-After
                                                                              when the queue is full
 
 A client that disconnects, streamed or not, has its request aborted on the engine.
 
-Departures from OpenAI: one choice per request (n > 1 is refused), no logprobs, no tools (tools and
+Departures from OpenAI: `video_url` parts (`{"type": "video_url", "video_url": {"url": ...}}`, as
+vLLM's) for models that read video, their frames sampled as the model's processor samples them;
+one choice per request (n > 1 is refused), no logprobs, no tools (tools and
 response_format are ignored, as every unknown field); vLLM's extensions top_k and ignore_eos (for
 benchmarks: decoding runs to max_tokens). As OpenAI, temperature defaults to 1; max_tokens
 defaults to what the context leaves after the prompt.
@@ -38,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -55,7 +59,6 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -63,10 +66,11 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from omnilm.data import Processor
+from omnilm.data.video import VideoLimits
 from omnilm.errors import OmniInputError
 from omnilm.model import OmniModel
 from omnilm.serve.engine import AsyncEngine, Engine, EngineStats, Output, QueueFull, SamplingParams
-from omnilm.serve.media import MediaError, fetch_image, shown
+from omnilm.serve.media import MediaError, fetch_image, fetch_video, shown
 from omnilm.serve.settings import ServeSettings
 
 log = logging.getLogger("uvicorn.error")  # the server's own log, in its format
@@ -119,9 +123,10 @@ class ImageURL(_Open):
 
 
 class ContentPart(_Open):
-    type: Literal["text", "image_url"]
+    type: Literal["text", "image_url", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: ImageURL | None = None  # an omnilm extension (as vLLM's): {"url": ...}, like an image's
 
     @model_validator(mode="after")
     def _has_its_field(self) -> ContentPart:
@@ -129,6 +134,8 @@ class ContentPart(_Open):
             raise PydanticCustomError("text_part", "a text part needs a 'text' string")
         if self.type == "image_url" and self.image_url is None:
             raise PydanticCustomError("image_part", "an image_url part needs 'image_url': {'url': ...}")
+        if self.type == "video_url" and self.video_url is None:
+            raise PydanticCustomError("video_part", "a video_url part needs 'video_url': {'url': ...}")
         return self
 
 
@@ -453,11 +460,13 @@ class _Service:
         chat = _parse(await _body(request, self.settings.max_body_bytes))
         self._check_model(chat.model)
         _check_supported(chat)
-        n_images = sum(part.type == "image_url" for m in chat.messages for part in m.content)
-        if n_images > self.settings.media.max_images:
-            raise ApiError(400, f"the messages hold {n_images} images, over the server's limit of "
-                                f"{self.settings.media.max_images} (--max-images): send fewer", param="messages")
-        input_ids, pixel_values = await asyncio.to_thread(self._prompt, backend.processor, chat.messages)
+        media = self.settings.media
+        for kind, limit in (("image", media.max_images), ("video", media.max_videos)):
+            n = sum(part.type == f"{kind}_url" for m in chat.messages for part in m.content)
+            if n > limit:
+                raise ApiError(400, f"the messages hold {n} {kind}s, over the server's limit of {limit} "
+                                    f"(--max-{kind}s): send fewer", param="messages")
+        input_ids, pixel_values, videos = await asyncio.to_thread(self._prompt, backend.processor, chat.messages)
         room = max(1, backend.engine.engine.max_len - len(input_ids))  # the default max_tokens
         params = SamplingParams(max_tokens=chat.max_completion_tokens or chat.max_tokens or room,
                                 temperature=1.0 if chat.temperature is None else chat.temperature,
@@ -466,7 +475,7 @@ class _Service:
         reply = _Reply(self.settings.model_name, bool(chat.stream_options and chat.stream_options.include_usage))
         async with contextlib.AsyncExitStack() as cleanup:
             outputs = await cleanup.enter_async_context(
-                contextlib.aclosing(backend.engine.generate(input_ids, pixel_values, params)))
+                contextlib.aclosing(backend.engine.generate(input_ids, pixel_values, params, videos)))
             first = await _unless_gone(request, anext(outputs))  # the engine's refusals raise here
             self.metrics.ttft.observe(time.perf_counter() - arrived)
             if (failure := _failure(first)) is not None:  # failed at once: an error status, not a stream
@@ -479,21 +488,31 @@ class _Service:
             raise failure
         return JSONResponse(reply.completion(answer))
 
-    def _prompt(self, processor: Processor, messages: list[Message]) -> tuple[list[int], torch.Tensor | None]:
-        """The prompt's token ids and pixel values (run in a worker thread: it fetches and decodes images)."""
+    def _prompt(self, processor: Processor, messages: list[Message]) -> tuple[list[int], torch.Tensor | None, Any]:
+        """The prompt's token ids, pixel values and videos' pixel values (run in a worker thread: it
+        fetches and decodes images and videos)."""
         chat = [{"role": "system" if m.role == "developer" else m.role,
-                 "content": [{"type": "text", "text": part.text} if part.type == "text" else
-                             {"type": "image", "image": self._image(f"messages[{i}].content[{j}].image_url.url",
-                                                                    part.image_url.url)}
+                 "content": [self._part(processor, part, f"messages[{i}].content[{j}]")
                              for j, part in enumerate(m.content)]}
                 for i, m in enumerate(messages)]
         batch = processor(chat)
-        return batch["input_ids"][0].tolist(), batch["pixel_values"]
+        return batch["input_ids"][0].tolist(), batch["pixel_values"], batch.get("pixel_values_videos")
 
-    def _image(self, param: str, url: str) -> Image.Image:
+    def _part(self, processor: Processor, part: ContentPart, param: str) -> dict:
+        """A content part as the processor takes it, its image or video fetched and decoded."""
+        if part.type == "text":
+            return {"type": "text", "text": part.text}
+        media = self.settings.media
         try:
-            return fetch_image(url, self.settings.media)
+            if part.type == "image_url":
+                return {"type": "image", "image": fetch_image(part.image_url.url, media)}
+            if processor.video_frame_len is None:  # before fetching: no bytes move for a model without video
+                raise MediaError("this model reads no video: send images or text")
+            limits = VideoLimits(max_bytes=media.max_video_bytes, max_seconds=media.max_video_seconds)
+            sampling = dataclasses.replace(processor.video, limits=limits)
+            return {"type": "video", "video": fetch_video(part.video_url.url, media, sampling.read)}
         except MediaError as e:
+            param += f".{part.type}.url"
             raise ApiError(e.status, f"{param}: {e}", param=param) from None
 
 

@@ -3,7 +3,7 @@ leaving the running batch between decoding steps (iteration-level scheduling, Or
 
     add_request --> waiting (a FIFO queue, at most max_queue)
                        |  free rows: prefill up to `prefill_chunk` prompt tokens per step, images
-                       v  encoded once; each newcomer samples its first token
+                       v  and video frames encoded once; each newcomer samples its first token
                     running rows [0, n) of the KV store --> one token per row per `step()`
                        |  stop id, stop string, max_tokens or abort
                        v
@@ -15,7 +15,7 @@ request's tokens are those it would get alone (its own sampling settings and ran
 inside one batch). Prefill is interleaved with the decoding steps, `prefill_chunk` tokens per
 step: newcomers whose whole prompts fit go together in one right-padded forward pass (straight
 into their rows); a longer prompt goes alone into a scratch row, in chunks that never split an
-image, so that it delays the running streams by one chunk per step, not by its whole length.
+image or a video frame, so that it delays the running streams by one chunk per step, not by its whole length.
 
 `Engine` is synchronous and single-threaded: `step()` does one iteration and returns what each
 request gained. `add_request` and `abort` may be called from any thread. `AsyncEngine` runs the
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from omnilm.errors import OmniInputError
-from omnilm.infer.generate import as_id_list, chunk_end, sample
+from omnilm.infer.generate import as_id_list, flat_frames, media_chunk_end, sample
 from omnilm.model.fusion import Media
 from omnilm.model.layers import RaggedKVCache
 from omnilm.settings import check_range
@@ -108,15 +108,16 @@ class _Request:
     """One request's state, from the queue to its last token."""
 
     def __init__(self, request_id: str, prompt: list[int], pixel_values: torch.Tensor | None,
-                 params: SamplingParams, stop_ids: set[int], device: torch.device):
+                 frames: torch.Tensor | None, params: SamplingParams, stop_ids: set[int], device: torch.device):
         self.id, self.prompt, self.pixel_values, self.params = request_id, prompt, pixel_values, params
+        self.frames = frames  # every video frame of the prompt in marker order, (N, 3, H, W)
         self.stop_ids = (set() if params.ignore_eos else stop_ids) | set(params.stop_token_ids)
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device).manual_seed(
                 params.seed if params.seed is not None else secrets.randbits(63))
         self.prefilled = 0  # prompt tokens in the cache so far
-        self.images_used = 0
+        self.images_used = self.frames_used = 0
         self.media: Media | None = None  # late and cross-attention fusion: this request's images
         self.output_ids: list[int] = []
         self.text_ids: list[int] = []  # output_ids without a final stop id
@@ -203,9 +204,11 @@ class Engine:
     # --- the door ------------------------------------------------------------------------------
 
     def add_request(self, input_ids: list[int], pixel_values: torch.Tensor | None, params: SamplingParams,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt (token ids with image tokens expanded, as the processor makes them) and its
-        images (N, 3, H, W) in marker order; returns the request id."""
+                    request_id: str | None = None,
+                    pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> str:
+        """Queue a prompt (token ids with image and video tokens expanded, as the processor makes
+        them), its images (N, 3, H, W) in marker order and its videos as the processor gives them
+        ((V, F, 3, H, W), or a list of (F_i, 3, H, W)); returns the request id."""
         if not isinstance(params, SamplingParams):
             raise OmniInputError(f"params must be SamplingParams, not {type(params).__name__}")
         if not input_ids:
@@ -215,7 +218,9 @@ class Engine:
             raise OmniInputError(f"the prompt is {len(input_ids)} tokens and max_tokens is {params.max_tokens}: "
                                  f"{total} > the context of {self.max_len}; shorten the prompt or lower max_tokens")
         self._check_images(input_ids, pixel_values)
-        request = _Request(request_id or uuid.uuid4().hex, list(input_ids), pixel_values, params, self.eos, self.device)
+        frames = self._check_videos(input_ids, pixel_values_videos)
+        request = _Request(request_id or uuid.uuid4().hex, list(input_ids), pixel_values, frames, params, self.eos,
+                           self.device)
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are waiting already; retry in a moment")
@@ -235,6 +240,28 @@ class Engine:
             if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
                 raise OmniInputError(f"pixel_values are {tuple(pixel_values.shape)} but the model takes (N, "
                                      f"{', '.join(map(str, want))}): preprocess the images with the model's processor")
+
+    def _check_videos(self, input_ids: list[int], pixel_values_videos) -> torch.Tensor | None:
+        """The videos' frames in marker order, once their count matches the prompt's video tokens."""
+        config = self.model.config
+        frames = flat_frames(pixel_values_videos)
+        if config.video_token_id is None:
+            if frames is not None:
+                raise OmniInputError("this model reads no video (its config has no video_token_id): send images "
+                                     "or text")
+            return None
+        n_tokens, n_frames = input_ids.count(config.video_token_id), 0 if frames is None else frames.shape[0]
+        if n_tokens != n_frames * config.video_frame_len:
+            raise OmniInputError(f"the prompt holds {n_tokens} video tokens but {n_frames} frames of "
+                                 f"{config.video_frame_len} tokens came with it: build the prompt with the model's "
+                                 "processor")
+        if frames is not None:
+            v = config.vision
+            want = (v.n_channels, v.image_size, v.image_size)
+            if tuple(frames.shape[1:]) != want:
+                raise OmniInputError(f"video frames are {tuple(frames.shape[1:])} but the model takes "
+                                     f"({', '.join(map(str, want))}): preprocess the videos with the model's processor")
+        return frames
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is (the next step frees its row); unknown ids are ignored."""
@@ -374,16 +401,19 @@ class Engine:
             ids[b, :lengths[b]] = torch.tensor(r.prompt)
         images = [r.pixel_values for r in group if r.pixel_values is not None]
         pixels = torch.cat(images).to(self.device) if images else None
+        videos = [r.frames.to(self.device) for r in group if r.frames is not None] or None  # a row's frames as one
         cache = _cache(self.stores, slice(n, n + len(group)), [0] * len(group))
         last = torch.tensor(lengths, device=self.device) - 1
         try:
-            logits = self.model(ids.to(self.device), pixels, None, cache=cache, logits_at=last).logits[:, -1]
+            logits = self.model(ids.to(self.device), pixels, None, cache=cache, logits_at=last,
+                                pixel_values_videos=videos).logits[:, -1]
         except OmniInputError as e:
             if len(group) > 1:
                 return [out for r in group for out in self._prefill_whole([r])]
             return [Output(group[0].id, "", [], "error", lengths[0], 0, error=e)]
         for b, r in enumerate(group):
             r.prefilled, r.images_used = lengths[b], 0 if r.pixel_values is None else len(r.pixel_values)
+            r.frames_used = 0 if r.frames is None else len(r.frames)
             if cache.media is not None:  # this row's images (late, cross-attention)
                 r.media = Media(cache.media.features[b:b + 1], cache.media.positions[b:b + 1])
         return self._join(group, logits)
@@ -400,18 +430,20 @@ class Engine:
 
     def _prefill_chunk(self, r: _Request, budget: int) -> tuple[torch.Tensor, int]:
         """Run the next chunk of `r`'s prompt (at most `budget` tokens, unless that would split an
-        image) through the model into the scratch row; returns the last logits (1, V) and its length."""
-        start = r.prefilled
-        end = chunk_end(r.prompt, start, budget, self.model.config.image_token_id, self.image_span)
+        image or a video frame) through the model into the scratch row; returns the last logits
+        (1, V) and its length."""
+        config, start = self.model.config, r.prefilled
+        end = media_chunk_end(r.prompt, start, budget, config)
         chunk = r.prompt[start:end]
-        n_images = sum(1 for i in chunk if i == self.model.config.image_token_id) // self.image_span
-        pixels = None
-        if n_images:
-            pixels = r.pixel_values[r.images_used:r.images_used + n_images].to(self.device)
+        n_images = sum(1 for i in chunk if i == config.image_token_id) // self.image_span if self.image_span else 0
+        n_frames = chunk.count(config.video_token_id) // config.video_frame_len if r.frames is not None else 0
+        pixels = r.pixel_values[r.images_used:r.images_used + n_images].to(self.device) if n_images else None
+        frames = [r.frames[r.frames_used:r.frames_used + n_frames].to(self.device)] if n_frames else None
         cache = _cache(self.scratch, slice(0, 1), [start], r.media)
         ids = torch.tensor([chunk], device=self.device)
-        logits = self.model(ids, pixels, None, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = self.model(ids, pixels, None, cache=cache, logits_to_keep=1, pixel_values_videos=frames).logits[:, -1]
         r.prefilled, r.images_used, r.media = end, r.images_used + n_images, cache.media
+        r.frames_used += n_frames
         return logits, end - start
 
 
@@ -480,8 +512,8 @@ class AsyncEngine:
         except Exception:
             pass
 
-    async def generate(self, input_ids: list[int], pixel_values: torch.Tensor | None,
-                       params: SamplingParams) -> AsyncIterator[Output]:
+    async def generate(self, input_ids: list[int], pixel_values: torch.Tensor | None, params: SamplingParams,
+                       pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> AsyncIterator[Output]:
         """This request's Outputs until it finishes: one per step, or when the consumer is slower
         than the steps, everything since it last looked, as one. The request is queued on the first
         iteration (its errors raise there); leaving the loop early aborts it."""
@@ -490,7 +522,7 @@ class AsyncEngine:
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
         finished = False
         try:
-            self.engine.add_request(input_ids, pixel_values, params, request_id)
+            self.engine.add_request(input_ids, pixel_values, params, request_id, pixel_values_videos)
             self._wake.set()
             while not finished:
                 out = await queue.get()

@@ -18,8 +18,8 @@ from omnilm.settings import check_range, setting
 
 @dataclass(kw_only=True)
 class MediaSettings:
-    """Where the images of a request's `image_url` parts may come from, and how large they may be
-    (omnilm.serve.media applies them)."""
+    """Where the images of a request's `image_url` parts (and the videos of its `video_url` parts)
+    may come from, and how large they may be (omnilm.serve.media applies them)."""
 
     allowed_local_media_path: Path | None = setting(
         None, "folder whose images requests may name by path or file:// URL (default: no local files)", metavar="DIR")
@@ -28,11 +28,14 @@ class MediaSettings:
     max_images: int = setting(4, "most images in one request")
     max_image_bytes: int = setting(10_000_000, "most bytes of one image as sent (decoded from base64)")
     max_image_pixels: int = setting(25_000_000, "most pixels of one image, read from its header before decoding")
-    remote_timeout: float = setting(5.0, "seconds a remote image may take to fetch, redirects included")
+    max_videos: int = setting(1, "most videos in one request (video_url parts, for models that read video)")
+    max_video_bytes: int = setting(20_000_000, "most bytes of one video as sent (decoded from base64)")
+    max_video_seconds: float = setting(600.0, "longest video, read from its header before decoding")
+    remote_timeout: float = setting(5.0, "seconds a remote image or video may take to fetch, redirects included")
 
     def __post_init__(self) -> None:
-        check_range(self, ("max_images", "max_image_bytes", "max_image_pixels"), low=1)
-        check_range(self, ("remote_timeout",), above=0)
+        check_range(self, ("max_images", "max_image_bytes", "max_image_pixels", "max_videos", "max_video_bytes"), low=1)
+        check_range(self, ("remote_timeout", "max_video_seconds"), above=0)
         if self.allowed_local_media_path is not None:
             self.allowed_local_media_path = Path(self.allowed_local_media_path)
             if not self.allowed_local_media_path.is_dir():

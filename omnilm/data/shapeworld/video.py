@@ -7,17 +7,20 @@ questions whose short answers are exact.
 The world. A clip is T frames (4 to 8, uniform, unless `n_frames` fixes it) at FPS = 1, so frame
 k is second k. It holds 1 to 3 objects on a plain light background, each a different shape (so
 "the red circle" and "the circle" name one object) in one of the image world's colours, drawn
-with `scenes`' shapes in a box of about a fifth of the frame side. Each object is still or moves
-left, right, up or down at a constant speed, 14% to 18% of the frame side over the clip.
-An object is present throughout, or appears at frame a >= 1, or disappears after frame d <= T-2
-(gone from d+1 on); a clip has at most one of each, and something in frame 0.
+with `scenes`' shapes centred in the cells of a LATTICE x LATTICE grid (16 px cells at 96 px, the
+tiny ViT's patches: an object is whole in one patch, as the image world keeps its objects in
+their cells; a linear probe on a frozen random tower's tokens then reads the shape exactly, where
+shapes straddling patches are read at about 40%). Two objects never share a cell in a frame.
+Each object is still or moves left, right, up or down: one step of one cell, between frames
+j - 1 and j, j uniform over 1..T-1. An object is present throughout, or appears at frame a >= 1,
+or disappears after frame d <= T-2 (gone from d+1 on); a clip has at most one of each, and
+something in frame 0.
 
-Only the ORDER of the frames tells where a mover goes. Its path's midpoint is drawn uniformly
-from where the whole path fits, whatever the direction, so a left mover's set of positions is
-distributed exactly as a right mover's: the frames shuffled say nothing about the direction. Its
-first frame says little: the path is short (about a quarter of the room the midpoint has), so
-only a start near the frame's edge hints at the way it goes (a perfect guesser from frame 0
-alone would score about 63% on direction, against 50% by chance).
+Only the ORDER of the frames tells where a mover goes. The lower of its two cells is uniform
+over the five where both fit, and the step's frame uniform, whatever the direction, so a left
+mover's frames, shuffled, are distributed exactly as a right mover's. Its first frame says
+little: only a start in an edge cell hints at the way it goes (a perfect guesser from frame 0
+alone scores 60% on direction, against 50% by chance).
 
 The families (VIDEO_FAMILIES), each asked once per clip where the clip allows it, one record
 each; `chance` is a uniform guess among the answers the question allows:
@@ -64,12 +67,7 @@ FRAME_SIZES = (64, 256)  # smallest and largest frame side allowed
 DEFAULT_FRAMES = (4, 8)  # frames per clip, uniform, when n_frames is not given
 FRAME_RANGE = (4, 32)  # what n_frames may be
 MAX_VIDEO_OBJECTS = 3
-BOX_FRACTION = 0.22  # a shape's box side over the frame side: 21 px at 96 px
-MARGIN = 1  # pixels kept clear at the frame's edge
-# A mover's displacement over the clip, over the frame side: large enough to see in 32 px patches
-# (14 to 17 px at 96 px), small against the room its path has, so that frame 0 tells little.
-SHIFT_RANGE = (0.14, 0.18)
-MAX_OVERLAP = 0.25  # of a box's area, between two objects visible in the same frame
+LATTICE = 6  # cells a side: objects sit in cells, as the image world's do (16 px at 96 px)
 LAYOUT_TRIES = 1000
 P_STILL = 0.2  # each object; the four directions share the rest evenly
 P_APPEAR = 0.75  # clips of 2 or more objects (a lone object must be in frame 0): half of all clips
@@ -183,47 +181,41 @@ def _draw_tracks(rng: random.Random, n_frames: int) -> tuple[Track, ...]:
                  for s, c, rgb, m, (first, last) in zip(shapes, colours, rgbs, motions, lifetimes))
 
 
-def _box(frame_size: int) -> int:
-    d = round(BOX_FRACTION * frame_size)
-    return d - (1 - d % 2)  # odd, so shapes have a centre pixel (as `render` draws them)
+def _lattice(frame_size: int) -> tuple[int, int, int]:
+    """The lattice objects sit on: (cell side, pixel where cell 0 starts, box side). LATTICE x
+    LATTICE cells centred in the frame (16 px at 96 px: the tiny ViT's patches); a shape's box is
+    the largest odd side at least 2 px under the cell's, centred in it."""
+    cell = frame_size // LATTICE
+    box = cell - 2 - (1 - cell % 2)
+    return cell, (frame_size - LATTICE * cell) // 2, box
 
 
-def _shift_range(frame_size: int) -> tuple[int, int]:
-    """Smallest and largest displacement of a mover over the clip, in pixels."""
-    return math.ceil(SHIFT_RANGE[0] * frame_size), math.floor(SHIFT_RANGE[1] * frame_size)
+def _pixel(cell_index: int, frame_size: int) -> int:
+    """The top-left pixel, along one axis, of the box of a shape in cell `cell_index`."""
+    cell, origin, box = _lattice(frame_size)
+    return origin + cell * cell_index + (cell - box) // 2
 
 
 def _place(track: Track, rng: random.Random, frame_size: int, n_frames: int) -> Track:
-    """Positions in every frame. A mover's path, along its axis, is [p, p + shift] with p uniform
-    over where it fits, the same for left and right movers (and up and down ones): only
-    the direction it is walked in differs. Its displacement is a multiple of T-1 where one is in
-    range (a whole number of pixels a frame), else the nearest pixel of a constant speed."""
-    d = _box(frame_size)
-    lo, hi = MARGIN, frame_size - MARGIN - d  # top-left coordinates that keep the box inside
+    """Cells in every frame. A mover steps one cell along its axis between frames j - 1 and j (j
+    uniform over 1..T-1); the lower of its two cells is uniform over where both fit, the same for
+    left and right movers (and up and down ones): only the way the step goes differs."""
     sx, sy = _STEP[track.motion]
     if track.motion == "still":
-        x0, y0, shift = rng.randint(lo, hi), rng.randint(lo, hi), 0
+        cells = [(rng.randrange(LATTICE), rng.randrange(LATTICE))] * n_frames
     else:
-        low, high = _shift_range(frame_size)
-        steady = [s for s in range(low, high + 1) if s % (n_frames - 1) == 0]
-        shift = rng.choice(steady or range(low, high + 1))
-        first, across = rng.randint(lo, hi - shift), rng.randint(lo, hi)  # the path's lower end
-        along = first if sx + sy > 0 else first + shift  # right and down walk the path up, left and up down
-        x0, y0 = (along, across) if sx else (across, along)
-    offsets = [round(k * shift / (n_frames - 1)) for k in range(n_frames)]
-    return replace(track, size=d, positions=tuple((x0 + sx * o, y0 + sy * o) for o in offsets))
+        lower, across, j = rng.randrange(LATTICE - 1), rng.randrange(LATTICE), rng.randint(1, n_frames - 1)
+        forward = sx + sy > 0  # right and down step from the lower cell up, left and up down
+        along = [lower + (k >= j if forward else k < j) for k in range(n_frames)]
+        cells = [(a, across) if sx else (across, a) for a in along]
+    positions = tuple((_pixel(cx, frame_size), _pixel(cy, frame_size)) for cx, cy in cells)
+    return replace(track, size=_lattice(frame_size)[2], positions=positions)
 
 
 def _too_close(tracks: tuple[Track, ...], n_frames: int) -> bool:
-    """Whether two objects visible in the same frame share more than MAX_OVERLAP of a box."""
-    d = tracks[0].size
-    for k in range(n_frames):
-        shown = [t.positions[k] for t in tracks if t.visible(k)]
-        for i, (xa, ya) in enumerate(shown):
-            for xb, yb in shown[i + 1:]:
-                if max(0, d - abs(xa - xb)) * max(0, d - abs(ya - yb)) > MAX_OVERLAP * d * d:
-                    return True
-    return False
+    """Whether two objects visible in the same frame share a cell."""
+    return any(len(shown) != len(set(shown)) for shown in
+               ([t.positions[k] for t in tracks if t.visible(k)] for k in range(n_frames)))
 
 
 def _layout(tracks: tuple[Track, ...], rng: random.Random, frame_size: int, n_frames: int) -> tuple[Track, ...]:
@@ -357,25 +349,21 @@ def make_video_needle(index: int, seed: int, split: str, n_frames: int = 32, dep
     frame, 1: the last; default uniform) one frame that also shows a cross. One record, task
     "needle", with the needle's `depth` and `needle_frame`."""
     _check(split, frame_size, None, frames_as)
-    if not (_is_int(n_frames) and 1 <= n_frames <= MAX_NEEDLE_FRAMES):
-        raise OmniInputError(f"n_frames is {n_frames!r}: a haystack clip has 1 to {MAX_NEEDLE_FRAMES} frames")
+    _check_needle_frames(n_frames)
     if depth is not None and not 0 <= depth <= 1:
         raise OmniInputError(f"depth is {depth!r}: give a place in the clip from 0 (first frame) to 1 (last)")
     rng = random.Random(f"shapeworld-video-needle:{split}:{seed}:{index}")
     at = rng.randrange(n_frames) if depth is None else round(depth * (n_frames - 1))
     colour = rng.choice(COLOURS)
     background = tuple(rng.randint(220, 250) for _ in range(3))
-    d = _box(frame_size)
-    lo, hi = MARGIN, frame_size - MARGIN - d
+    d = _lattice(frame_size)[2]
     others = [shape for shape in SHAPES if shape != NEEDLE_SHAPE]
     frames, tracks = [], []
     for k in range(n_frames):
         shapes = rng.sample(others, rng.randint(1, 2)) + ([NEEDLE_SHAPE] if k == at else [])
         colours = [colour if shape == NEEDLE_SHAPE else rng.choice(COLOURS) for shape in shapes]
-        for _ in range(LAYOUT_TRIES):  # apart, so the cross is never hidden
-            boxes = [(rng.randint(lo, hi), rng.randint(lo, hi)) for _ in shapes]
-            if all(abs(a[0] - b[0]) >= d or abs(a[1] - b[1]) >= d for i, a in enumerate(boxes) for b in boxes[i + 1:]):
-                break
+        cells = rng.sample(range(LATTICE * LATTICE), len(shapes))  # apart, so the cross is never hidden
+        boxes = [(_pixel(c % LATTICE, frame_size), _pixel(c // LATTICE, frame_size)) for c in cells]
         image = Image.new("RGB", (frame_size, frame_size), background)
         draw = ImageDraw.Draw(image)
         for shape, c, (x, y) in zip(shapes, colours, boxes):
@@ -405,6 +393,11 @@ def _check(split: str, frame_size: int, n_frames: int | None, frames_as: str) ->
     if frames_as not in FRAMES_AS:
         raise OmniInputError(f"frames_as={frames_as!r}: use 'mp4' (a lossless video file a clip) or 'png' (a folder "
                              "of frames a clip)")
+
+
+def _check_needle_frames(n_frames) -> None:
+    if not (_is_int(n_frames) and 1 <= n_frames <= MAX_NEEDLE_FRAMES):
+        raise OmniInputError(f"n_frames is {n_frames!r}: a haystack clip has 1 to {MAX_NEEDLE_FRAMES} frames")
 
 
 def _is_int(value) -> bool:
@@ -463,7 +456,9 @@ def write_shapeworld_video(out_dir: str | Path, n: int, seed: int, split: str, f
 
     if not _is_int(n) or n < 0:
         raise OmniInputError(f"n is {n!r}: ask for zero or more clips")
-    _check(split, frame_size, n_frames, frames_as)
+    _check(split, frame_size, None if needles else n_frames, frames_as)  # a haystack clip checks its own length
+    if needles and n_frames is not None:
+        _check_needle_frames(n_frames)
     out_dir = Path(out_dir)
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     records = []
