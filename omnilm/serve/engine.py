@@ -15,7 +15,8 @@ request's tokens are those it would get alone (its own sampling settings and ran
 inside one batch). Prefill is interleaved with the decoding steps, `prefill_chunk` tokens per
 step: newcomers whose whole prompts fit go together in one right-padded forward pass (straight
 into their rows); a longer prompt goes alone into a scratch row, in chunks that never split an
-image or a video frame, so that it delays the running streams by one chunk per step, not by its whole length.
+image or a video frame, so that it delays the running streams by one chunk per step, not by its
+whole length.
 
 `Engine` is synchronous and single-threaded: `step()` does one iteration and returns what each
 request gained. `add_request` and `abort` may be called from any thread. `AsyncEngine` runs the

@@ -111,7 +111,8 @@ def fetch_video(url: str, settings: MediaSettings, read: Callable[[Path], T],
     local file, a public http(s) URL) and at most max_video_bytes; `read` decodes it from a
     temporary file (e.g. `Processor.read_video` under the server's VideoLimits), its one-line
     errors answered 400 (413 for a limit)."""
-    data, name = _fetch(url, _Kind("video", settings.max_video_bytes, "--max-video-bytes", "mp4"), settings, address_check)
+    kind = _Kind("video", settings.max_video_bytes, "--max-video-bytes", "mp4")
+    data, name = _fetch(url, kind, settings, address_check)
     with tempfile.TemporaryDirectory(prefix="omnilm-video-") as folder:
         path = Path(folder) / "video"
         path.write_bytes(data)
@@ -260,7 +261,8 @@ def _pinned(url: str, kind: _Kind, address_check: Callable[[IPAddress], bool]) -
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
-        raise MediaError(f"cannot fetch {kind.noun} {shown(url)}: host {host!r} does not resolve; check the URL") from None
+        raise MediaError(f"cannot fetch {kind.noun} {shown(url)}: host {host!r} does not resolve; "
+                         "check the URL") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     refused = [ip for ip in addresses if not address_check(ip)]
     if refused:

@@ -40,7 +40,6 @@ depend on `frame_size`.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass, field, replace
