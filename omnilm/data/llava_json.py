@@ -18,9 +18,8 @@ and messages name a record by its index too), `conversations` going [system,] hu
 human, gpt, ... and ending on an answer, every value a non-empty string, as many `<image>`
 markers (spelt exactly, in human turns) as images, and images that are relative paths inside
 the image folder to files that decode (and likewise `<video>` markers and videos). The first
-bad record raises a one-line
-`OmniInputError` naming the file, the record's index and id, and the field; with `skip_bad`
-every bad record is left out and counted instead.
+bad record raises a one-line `OmniInputError` naming the file, the record's index and id, and
+the field; with `skip_bad` every bad record is left out and counted instead.
 
 Labels (visual instruction tuning, Liu et al. 2023): the prompt is rendered with the Vicuna
 template and tokenized once; a token is supervised when it is part of what the model must
@@ -138,9 +137,9 @@ def check_records(
     and generation will run on it), or without one `load_image`; each video by `load_video`, by
     default the processor's frame sampling (`Processor.read_video`), or without one `read_video`.
     Cheap checks run over every record first, so a typo late in a large file is reported before
-    any image is decoded. Without `skip_bad` the first bad record
-    raises `OmniInputError`; with it, bad records are left out and listed in `skipped`. No
-    considered record, or none usable, raises too. Warns about nothing: callers report.
+    any image is decoded. Without `skip_bad` the first bad record raises `OmniInputError`; with
+    it, bad records are left out and listed in `skipped`. No considered record, or none usable,
+    raises too. Warns about nothing: callers report.
     """
     source = str(source if source is not None else getattr(records, "path", "records"))
     if not isinstance(records, list):

@@ -109,11 +109,9 @@ def media_chunk_end(prompt: list[int], start: int, budget: int, config) -> int:
 def flat_frames(pixel_values_videos: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | None:
     """Every frame of every video in marker order, (N, 3, H, W), as chunks hand them out: from a
     (V, F, 3, H, W) tensor or a list of (F_i, 3, H, W); None for no videos."""
-    if pixel_values_videos is None or (isinstance(pixel_values_videos, (list, tuple)) and not pixel_values_videos):
-        return None
     if isinstance(pixel_values_videos, (list, tuple)):
-        return torch.cat(list(pixel_values_videos))
-    return pixel_values_videos.flatten(0, 1)
+        return torch.cat(list(pixel_values_videos)) if pixel_values_videos else None
+    return None if pixel_values_videos is None else pixel_values_videos.flatten(0, 1)
 
 
 def decode_one_token(model: nn.Module, token: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -227,8 +227,8 @@ class OmniModel(nn.Module):
         `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the batch;
         `pixel_values_videos` (V, F, 3, H, W) the videos in the order of theirs (each marker expanded to
         F * `config.video_frame_len` tokens), or a list of (F_i, 3, H, W) for videos of different
-        lengths. With a `cache`, `input_ids` are the new tokens and
-        `attention_mask` covers the cached ones too. `logits_to_keep=n` computes logits for the last n
+        lengths. With a `cache`, `input_ids` are the new tokens and `attention_mask` covers the
+        cached ones too. `logits_to_keep=n` computes logits for the last n
         positions only (prefill needs one row, not a (B, T, V) tensor); `logits_at` (B,) computes one
         position per row, (B, 1, V): the last real token of each prompt in a right-padded batch. An MoE
         model reports each layer's routing in `.routing` when there are labels (its losses join the

@@ -29,7 +29,7 @@ from typing import Any
 
 from omnilm.data.llava_json import read_records, write_records
 from omnilm.data.tokenizer import Tokenizer
-from omnilm.data.shapeworld.video import CHANCE, VIDEO_FAMILIES, write_shapeworld_video
+from omnilm.data.shapeworld.video import CHANCE, VIDEO_FAMILIES, write_shapeworld_video, write_video_clips
 from omnilm.errors import OmniInputError
 from omnilm.eval.niah import NiahArgs, video_niah
 from omnilm.eval.vqa import FRAME_CONTROLS, evaluate_vqa, write_predictions
@@ -93,16 +93,13 @@ def write_data(out: Path, recipe: VideoRecipe) -> tuple[Path, Path]:
     """ShapeWorld clips under `out`: training conversations and haystack clips in one train.json,
     a record a question in test.json; and the tokenizer in `out/tokenizer`."""
     shared = dict(seed=recipe.seed, progress=recipe.progress)
-    train_json = write_shapeworld_video(out, recipe.n_train, split="train", questions="all", **shared)
-    records = read_records(train_json)
+    records = write_video_clips(out, recipe.n_train, split="train", questions="all", **shared)
     lengths = recipe.needle_frames
     for k, n_frames in enumerate(lengths):  # an even share of the haystack clips at each length
         share = recipe.n_needles // len(lengths) + (k < recipe.n_needles % len(lengths))
-        if share:
-            needles = write_shapeworld_video(out, share, split=f"needle_{n_frames}", needles=True, n_frames=n_frames,
-                                             **shared)
-            records += read_records(needles)
-            needles.unlink()
+        records += write_video_clips(out, share, split=f"needle_{n_frames}", needles=True, n_frames=n_frames,
+                                     **shared)
+    train_json = out / "train.json"
     write_records(train_json, records)
     test_json = write_shapeworld_video(out, recipe.n_test, split="test", **shared)
     chat_tokenizer(train_json, recipe.system_prompt).save(out / "tokenizer")

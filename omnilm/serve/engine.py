@@ -236,11 +236,7 @@ class Engine:
             raise OmniInputError(f"the prompt holds {n_tokens} image tokens but {n_images} images of {self.image_span} "
                                  "tokens came with it: build the prompt with the model's processor")
         if pixel_values is not None:
-            v = config.vision
-            want = (v.n_channels, v.image_size, v.image_size)
-            if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
-                raise OmniInputError(f"pixel_values are {tuple(pixel_values.shape)} but the model takes (N, "
-                                     f"{', '.join(map(str, want))}): preprocess the images with the model's processor")
+            self._check_pixels(pixel_values, "pixel_values", "images")
 
     def _check_videos(self, input_ids: list[int], pixel_values_videos) -> torch.Tensor | None:
         """The videos' frames in marker order, once their count matches the prompt's video tokens."""
@@ -257,12 +253,16 @@ class Engine:
                                  f"{config.video_frame_len} tokens came with it: build the prompt with the model's "
                                  "processor")
         if frames is not None:
-            v = config.vision
-            want = (v.n_channels, v.image_size, v.image_size)
-            if tuple(frames.shape[1:]) != want:
-                raise OmniInputError(f"video frames are {tuple(frames.shape[1:])} but the model takes "
-                                     f"({', '.join(map(str, want))}): preprocess the videos with the model's processor")
+            self._check_pixels(frames, "the videos' frames", "videos")
         return frames
+
+    def _check_pixels(self, pixels: torch.Tensor, name: str, what: str) -> None:
+        """`pixels` (N, 3, H, W) at the size the model's vision tower takes."""
+        v = self.model.config.vision
+        want = (v.n_channels, v.image_size, v.image_size)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want:
+            raise OmniInputError(f"{name} are {tuple(pixels.shape)} but the model takes (N, {', '.join(map(str, want))}"
+                                 f"): preprocess the {what} with the model's processor")
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is (the next step frees its row); unknown ids are ignored."""

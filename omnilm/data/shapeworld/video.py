@@ -445,12 +445,24 @@ def make_video_example(index: int, seed: int, split: str, frame_size: int = FRAM
 def write_shapeworld_video(out_dir: str | Path, n: int, seed: int, split: str, frame_size: int = FRAME_SIZE,
                            frames_as: str = "mp4", n_frames: int | None = None, progress: bool = True,
                            needles: bool = False, questions: str = "one") -> Path:
+    """Write `n` clips to `out_dir/videos/` (`write_video_clips`) and all their records to
+    `out_dir/{split}.json` (replaced atomically; video paths relative to `out_dir`). Returns the
+    JSON path."""
+    records = write_video_clips(out_dir, n, seed, split, frame_size, frames_as, n_frames, progress, needles,
+                                questions)
+    path = Path(out_dir) / f"{split}.json"
+    write_records(path, records)
+    return path
+
+
+def write_video_clips(out_dir: str | Path, n: int, seed: int, split: str, frame_size: int = FRAME_SIZE,
+                      frames_as: str = "mp4", n_frames: int | None = None, progress: bool = True,
+                      needles: bool = False, questions: str = "one") -> list[dict]:
     """Write `n` clips to `out_dir/videos/`: lossless FFV1 `{split}_{index:06d}.mp4` files (PyAV, the
     `[media]` extra) or, with `frames_as="png"`, folders `{split}_{index:06d}/` of 000.png, 001.png,
-    ...; and all their records to `out_dir/{split}.json` (replaced atomically; video paths relative
-    to `out_dir`). Returns the JSON path. `questions` as `make_video_example`. With `needles`,
-    haystack clips (`make_video_needle`) of `n_frames` frames (default 32) instead. A progress bar shows for 500 clips or more, unless
-    `progress` is False."""
+    ...; returns their LLaVA records. `questions` as `make_video_example`. With `needles`, haystack
+    clips (`make_video_needle`) of `n_frames` frames (default 32) instead. A progress bar shows for
+    500 clips or more, unless `progress` is False."""
     from tqdm import tqdm
 
     if not _is_int(n) or n < 0:
@@ -476,6 +488,4 @@ def write_shapeworld_video(out_dir: str | Path, n: int, seed: int, split: str, f
             for name, frame in zip(names, clip.frames):
                 Image.fromarray(frame).save(target / name, format="PNG")
         records += clip.records
-    path = out_dir / f"{split}.json"
-    write_records(path, records)
-    return path
+    return records
