@@ -164,6 +164,29 @@ def test_videos_served_together_equal_generate_and_each_frame_is_encoded_once(tm
                    "preprocess the videos")
 
 
+def test_a_text_only_model_prefills_in_chunks(tmp_path):
+    """A model without vision (image_seq_len 0: a LLaMA folder) prefilled in chunks answers as
+    `generate` does (before 1be8c38 the chunk's image count divided by zero)."""
+    from conftest import randomize_
+    from omnilm import OmniConfig
+    from omnilm.data import train_tokenizer
+
+    tokenizer = train_tokenizer(["What colour is the circle? a red circle and a blue square"] * 4, vocab_size=300)
+    config = OmniConfig(text=dict(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                                  eos_token_id=tokenizer.eos_id, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                  mlp_dim=64, max_seq_len=256), vision=None)
+    model = randomize_(OmniModel.from_config(config), 0).eval()
+    prompts = [tokenizer.encode("What colour is the circle? " * (1 + i)) for i in range(4)]
+    engine = Engine(model, tokenizer, max_batch=2, prefill_chunk=8)
+    ids = {engine.add_request(p, None, SamplingParams(max_tokens=5, ignore_eos=True)): i for i, p in enumerate(prompts)}
+    got = [[] for _ in prompts]
+    while engine.has_work():
+        for out in engine.step():
+            got[ids[out.request_id]] += out.token_ids
+    assert all(len(p) > 8 for p in prompts[1:])  # these go through chunked prefill
+    assert got == [generate(model, torch.tensor([p]), max_new_tokens=5)[0].tolist() for p in prompts]
+
+
 def test_a_model_without_video_refuses_frames(joint):
     model, processor = joint
     batch = processor(prompts(1)[0])
