@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 FUSIONS = ("joint", "early", "late", "cross_attention")
+VIDEO_POOL_MODES = ("average", "max", "concat")  # OmniConfig.video_pool_mode
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # The activations omnilm.model.layers.ACTIVATIONS implements (this module imports no model code).
 ACTIVATION_NAMES = ("gelu", "quick_gelu", "silu")
@@ -341,10 +342,21 @@ class OmniConfig:
     #                      ("previous") or every one so far ("all")
     fusion: str = "joint"
     # Video (LLaVA-NeXT-Video, Zhang et al. 2024): the frames go through the vision tower one by one,
-    # each frame's grid of features is averaged over video_pool_stride x video_pool_stride patches
+    # each frame's grid of features is pooled over video_pool_stride x video_pool_stride patches
     # before the projector, and the frames' tokens stand in order at the video marker. None: no video.
+    #   video_pool_mode  "average" or "max" (LLaVA-NeXT-Video's weightless spatial_pool_mode), or
+    #                    "concat": the s x s patches' features side by side, s^2 times as wide (Qwen2-VL's
+    #                    patch merger), so that a token still says which of its patches holds what
+    #   video_motion     each frame's tokens joined by the change of their s x s patches since the
+    #                    video's frame before (zero for its first), side by side (s^2 Dv more): a token
+    #                    sees motion, and where in it, as a frame alone does not (two-stream networks'
+    #                    frame differences; averaged, the change would not say which way: docs/video.md)
+    # A video wider than an image gets a projector of its own (`video_projector`); only the default
+    # (average or max, no motion) is LLaVA-NeXT-Video's.
     video_token_id: int | None = None
     video_pool_stride: int = 2
+    video_pool_mode: str = "average"
+    video_motion: bool = False
     n_latents: int = 8
     resampler_layers: int = 2
     cross_attention_every: int = 2
@@ -404,6 +416,8 @@ class OmniConfig:
     def _check_video(self) -> None:
         _check_int("video_token_id", self.video_token_id, lo=0, hi=MAX_VOCAB, optional=True)
         _check_int("video_pool_stride", self.video_pool_stride, hi=MAX_COUNT)
+        _check_choice("video_pool_mode", self.video_pool_mode, VIDEO_POOL_MODES)
+        _check_bool("video_motion", self.video_motion)
         if self.video_token_id is None:
             return
         if self.vision is None or self.fusion != "joint":
@@ -428,6 +442,21 @@ class OmniConfig:
         if self.video_token_id is None:
             return 0
         return (self.vision.image_size // self.vision.patch_size // self.video_pool_stride) ** 2
+
+    @property
+    def video_feature_dim(self) -> int:
+        """Width of what the projector reads of a video frame's token: the vision width (s^2 times
+        it for "concat" pooling), then with motion s^2 times the vision width more (its motion
+        features, `video_motion_dim`); 0 for a model without video."""
+        if self.video_token_id is None:
+            return 0
+        looks = self.vision.dim * (self.video_pool_stride ** 2 if self.video_pool_mode == "concat" else 1)
+        return looks + self.video_motion_dim
+
+    @property
+    def video_motion_dim(self) -> int:
+        """Width of a video token's motion features, the last of `video_feature_dim` (0 without)."""
+        return self.vision.dim * self.video_pool_stride ** 2 if self.video_motion and self.video_token_id is not None else 0
 
     @property
     def image_seq_len(self) -> int:

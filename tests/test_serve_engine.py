@@ -135,24 +135,28 @@ def video_prompts(n: int = 12) -> list[list[dict]]:
     return out
 
 
-@pytest.mark.parametrize("chunk", [512, 5])
-def test_videos_served_together_equal_generate_and_each_frame_is_encoded_once(tmp_path, monkeypatch, chunk):
+@pytest.mark.parametrize("chunk, motion", [(512, False), (5, False), (5, True)])
+def test_videos_served_together_equal_generate_and_each_frame_is_encoded_once(tmp_path, monkeypatch, chunk, motion):
     """Video frames ride with their request: whole prompts of several rows prefill together, a
-    chunked one takes the frames whose tokens each chunk holds (a chunk never cuts a frame)."""
+    chunked one takes the frames whose tokens each chunk holds (a chunk never cuts a frame), or
+    for a motion model, whose frames read the one before, the whole videos it touches."""
     from test_video import video_checkpoint
 
-    folder = video_checkpoint(tmp_path / "m")
+    folder = video_checkpoint(tmp_path / "m", **(dict(video_pool_mode="concat", video_motion=True) if motion else {}))
     model, processor = load(folder)
     chats = video_prompts()
     expected = [alone(model, processor, c, 8) for c in chats]
     encoded = []
-    original = model.encode_frames
-    monkeypatch.setattr(model, "encode_frames", lambda px: encoded.append(px.shape[0]) or original(px))
+    original = model.video_features
+    monkeypatch.setattr(model, "video_features", lambda videos: encoded.append([len(v) for v in videos])
+                        or original(videos))
     got = serve(Engine(model, processor.tokenizer, max_batch=4, prefill_chunk=chunk), processor,
                 [(c, SamplingParams(max_tokens=8)) for c in chats])
     assert got == expected and len({tuple(g) for g in got}) > 3
-    n_frames = sum(len(part["video"]) for c in chats for part in c[0]["content"] if part["type"] == "video")
-    assert sum(encoded) == n_frames
+    lengths = [len(part["video"]) for c in chats for part in c[0]["content"] if part["type"] == "video"]
+    assert sum(map(sum, encoded)) == sum(lengths)
+    if motion:  # whole videos only, each in one call
+        assert sorted(n for call in encoded for n in call) == sorted(lengths)
     # The doors: frames that do not match the prompt's video tokens, and frames of the wrong size.
     engine = Engine(model, processor.tokenizer)
     batch = processor(chats[0])
@@ -204,7 +208,7 @@ def test_ragged_rows_see_only_their_own_positions():
     assert RaggedKVCache(k, k.clone(), [2, 2]).mask(1) is None  # equal lengths: no mask, as generate
 
 
-def test_chunks_never_split_an_image():
+def test_chunks_never_split_an_image_or_a_motion_models_video():
     img = 9
     prompt = [1, 2, img, img, img, img, 3, img, img, img, img, 4]  # two images of 4 tokens
     assert chunk_end(prompt, 0, 4, img, 4) == 6  # would cut the first image: to its end
@@ -213,6 +217,12 @@ def test_chunks_never_split_an_image():
     assert chunk_end(prompt, 0, 100, img, 4) == len(prompt)
     back_to_back = [1, img, img, img, img, img, img, img, img, 2]
     assert chunk_end(back_to_back, 0, 6, img, 4) == 9 and chunk_end(back_to_back, 0, 5, img, 4) == 5
+    # Items of their own lengths, text between their tokens (a motion model's videos with timestamps).
+    video = 7
+    prompt = [1, video, video, 2, video, video, 3, video, 4, 5]  # a video of 4 tokens, then one of 1
+    assert chunk_end(prompt, 0, 1, video, [4, 1]) == 1  # before the first video: no move
+    assert chunk_end(prompt, 0, 2, video, [4, 1]) == 6  # into the first: to its last token
+    assert chunk_end(prompt, 0, 6, video, [4, 1]) == 6 and chunk_end(prompt, 6, 2, video, [4, 1]) == 8
 
 
 # --- finishing --------------------------------------------------------------------------------------

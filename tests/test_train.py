@@ -287,6 +287,42 @@ def test_whitened_projector_starts_with_unit_covariance(shapeworld, tmp_path):
     one_line_error(lambda: args(shapeworld, tmp_path, whiten_projector=True, init=tmp_path), "--whiten-projector")
 
 
+def test_a_projector_narrower_than_its_features_standardises_each_one():
+    """Fewer outputs than input features: PCA whitening would drop the weakest directions (a video's
+    motion features), so each feature is standardised instead, the layer's random weights kept."""
+    from omnilm.model.connector import whiten_
+    from omnilm.model.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(12, 4, 4, "gelu", bias=True)
+    feats = torch.randn(500, 12) * torch.logspace(-1, 1, 12) + torch.arange(12.0)
+    w, b = mlp.fc1.weight.clone(), mlp.fc1.bias.clone()
+    whiten_(mlp, feats)
+    standard = (feats - feats.mean(0)) / feats.std(0)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp.fc1(feats), standard @ w.T + b, atol=1e-4, rtol=1e-4)
+
+
+def test_motion_features_are_standardised_beside_the_whitened_ones():
+    """With `standardize_from`, the first features are whitened into the first outputs, the rest
+    (a video's motion features) standardised into the outputs left, neither reading the other."""
+    from omnilm.model.connector import whiten_
+    from omnilm.model.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(9, 8, 4, "gelu", bias=True)
+    mix = torch.eye(5) + torch.triu(torch.ones(5, 5), 1)  # correlated features: whitening is not standardising
+    feats = torch.cat([torch.randn(2000, 5) @ mix + 3, torch.randn(2000, 4) * torch.tensor([0.1, 1, 5, 20])], 1)
+    w, b = mlp.fc1.weight.clone(), mlp.fc1.bias.clone()
+    whiten_(mlp, feats, standardize_from=5)
+    with torch.no_grad():
+        h = mlp.fc1(feats)
+        torch.testing.assert_close(torch.cov(h[:, :5].T), torch.eye(5), atol=1e-3, rtol=0)
+        motion = (feats[:, 5:] - feats[:, 5:].mean(0)) / feats[:, 5:].std(0)
+        torch.testing.assert_close(h[:, 5:], motion @ w[5:, 5:].T + b[5:], atol=1e-4, rtol=1e-4)
+    assert mlp.fc1.weight[:5, 5:].abs().max() == 0 and mlp.fc1.weight[5:, :5].abs().max() == 0
+
+
 def test_resume_accepts_a_checkpoint_older_than_a_new_setting(tmp_path):
     from omnilm.train.loop import _check_same_run
 

@@ -118,9 +118,9 @@ def test_unusable_files_get_one_line_errors(tmp_path):
 # --- the model: LLaVA-NeXT-Video's video path ----------------------------------------------------------
 
 
-def llava_next_video(tmp_path, seed: int = 0, video_token: int = 298, image_token: int = 299):
+def llava_next_video(tmp_path, seed: int = 0, video_token: int = 298, image_token: int = 299, pool: str = "average"):
     """A tiny random transformers LlavaNextVideo (frames of 32 px in 8 px patches: a 4 x 4 grid, 4
-    tokens a frame after the 2 x 2 pool), saved by transformers, and omnilm's model loaded from that
+    tokens a frame after the 2 x 2 `pool`), saved by transformers, and omnilm's model loaded from that
     folder (its `image_newline`, for LLaVA-NeXT's anyres images, left out)."""
     import torch
     from conftest import randomize_, tiny_hf_configs
@@ -130,13 +130,13 @@ def llava_next_video(tmp_path, seed: int = 0, video_token: int = 298, image_toke
     tf = pytest.importorskip("transformers")
     text_cfg, vision_cfg, _ = tiny_hf_configs()
     config = tf.LlavaNextVideoConfig(vision_config=vision_cfg, text_config=text_cfg, video_token_index=video_token,
-                                     image_token_index=image_token, spatial_pool_mode="average", spatial_pool_stride=2)
+                                     image_token_index=image_token, spatial_pool_mode=pool, spatial_pool_stride=2)
     torch.manual_seed(seed)
     theirs = randomize_(tf.LlavaNextVideoForConditionalGeneration(config), seed).eval()
     theirs.save_pretrained(tmp_path / "hf")
     ours = OmniModel.from_pretrained(tmp_path / "hf").eval()
-    assert (ours.config.video_token_id, ours.config.image_token_id, ours.config.video_pool_stride) == (
-        video_token, image_token, 2)
+    assert (ours.config.video_token_id, ours.config.image_token_id, ours.config.video_pool_stride,
+            ours.config.video_pool_mode) == (video_token, image_token, 2, pool)
     return theirs, ours
 
 
@@ -166,11 +166,12 @@ def max_logit_gap(a, b, ids, mask, videos) -> float:
     return (x[real] - y[real]).abs().max().item()
 
 
-@pytest.mark.parametrize("n_frames", [1, 3, 8])
-def test_video_logits_equal_transformers_llava_next_video(tmp_path, n_frames):
+@pytest.mark.parametrize("n_frames,pool", [(1, "average"), (3, "average"), (8, "average"), (3, "max")])
+def test_video_logits_equal_transformers_llava_next_video(tmp_path, n_frames, pool):
     """A batch of two chats, the second left-padded, each with one video of n_frames among text
-    (a turn before it, a text-only turn after): logits equal at every real position."""
-    theirs, ours = llava_next_video(tmp_path)
+    (a turn before it, a text-only turn after): logits equal at every real position, with frames
+    averaged (LLaVA-NeXT-Video's trained mode) or max-pooled."""
+    theirs, ours = llava_next_video(tmp_path, pool=pool)
     assert ours.config.video_frame_len == 4
     ids, mask, videos = video_chat(n_frames, ours.config.video_frame_len)
     assert max_logit_gap(theirs, ours, ids, mask, videos) <= 1e-5
@@ -195,11 +196,53 @@ def test_a_saved_video_model_loads_in_transformers_and_back(tmp_path):
     back = OmniModel.from_pretrained(tmp_path / "back")
     assert back.config == ours.config
     assert max_logit_gap(back, ours, ids, mask, videos) == 0.0
-    # The other pooling modes are refused by name (max is weightless but not what the model learnt;
-    # conv has weights omnilm does not have).
+    # The conv pooling mode is refused by name: it has weights omnilm does not have.
     config = json.loads((tmp_path / "back" / "config.json").read_text())
-    (tmp_path / "back" / "config.json").write_text(json.dumps({**config, "spatial_pool_mode": "max"}))
-    one_line_error(lambda: OmniModel.from_pretrained(tmp_path / "back"), match="spatial_pool_mode='max'.*average")
+    (tmp_path / "back" / "config.json").write_text(json.dumps({**config, "spatial_pool_mode": "conv"}))
+    one_line_error(lambda: OmniModel.from_pretrained(tmp_path / "back"), match="spatial_pool_mode='conv'.*average")
+
+
+@pytest.mark.parametrize("mode", ["concat", "average"])
+def test_pooling_modes_and_motion_features(tmp_path, mode):
+    """video_pool_mode="concat" lays a token's s x s patches side by side (row-major), "average"
+    averages them; video_motion joins each frame's tokens by the change of their patches, side by
+    side, since the same video's frame before (zero for a video's first frame). The wider frames
+    get a projector of their own; the model has no transformers class and saves as omnilm's own."""
+    import torch
+
+    from omnilm import OmniModel
+    from omnilm.model.hf_config import hf_incompatibility
+
+    model = OmniModel.from_preset("tiny", text=dict(n_layers=1), vision=dict(patch_size=16, n_layers=1),
+                                  video_token_id=4, video_pool_mode=mode, video_motion=True).eval()
+    dv = model.config.vision.dim
+    looks_dim = 4 * dv if mode == "concat" else dv
+    assert (model.config.video_feature_dim, model.config.video_motion_dim) == (looks_dim + 4 * dv, 4 * dv)
+    assert model.video_projector.fc1.in_features == looks_dim + 4 * dv and model.projector.fc1.in_features == dv
+    assert ("concat" if mode == "concat" else "motion") in hf_incompatibility(model.config)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 3, 96, 96, generator=g), torch.randn(2, 3, 96, 96, generator=g)
+    with torch.no_grad():
+        grid = model.image_features(a).view(3, 6, 6, dv)
+        blocks = torch.stack([torch.stack([grid[:, 2 * i + di, 2 * j + dj] for di in (0, 1) for dj in (0, 1)], 1)
+                              for i in range(3) for j in range(3)], 1)  # (3 frames, 9 tokens, 4 patches, dv)
+        looks = blocks.flatten(2) if mode == "concat" else blocks.mean(2)
+        torch.testing.assert_close(model.frame_features(a), looks)
+        both = model.video_features([a, b])
+        torch.testing.assert_close(both, torch.cat([model.video_features([a]), model.video_features([b])]))
+        got_looks, change = both.split([looks_dim, 4 * dv], dim=-1)
+        assert change[0].abs().max() == 0 and change[3].abs().max() == 0  # each video's first frame
+        torch.testing.assert_close(change[1:3], (blocks[1:] - blocks[:-1]).flatten(2))
+        torch.testing.assert_close(got_looks[:3], looks)
+    model.save_pretrained(tmp_path / "m")
+    again = OmniModel.from_pretrained(tmp_path / "m").eval()
+    assert (again.config.video_pool_mode, again.config.video_motion) == (mode, True)
+    ids = torch.tensor([[5] + [4] * 27 + [6] + [4] * 18 + [7]])
+    with torch.no_grad():
+        x, y = (m(ids, pixel_values_videos=[a, b]).logits for m in (model, again))
+    assert torch.equal(x, y)
+    plain = OmniModel.from_preset("tiny", vision=dict(patch_size=16), video_token_id=4, video_pool_mode="concat")
+    assert "concat" in hf_incompatibility(plain.config) and plain.config.video_motion_dim == 0
 
 
 def test_video_markers_and_configs_are_checked_in_one_line(tmp_path):
@@ -227,6 +270,8 @@ def test_video_markers_and_configs_are_checked_in_one_line(tmp_path):
         OmniConfig.from_preset("tiny", video_token_id=OmniConfig.from_preset("tiny").image_token_id, video_pool_stride=3)
     with pytest.raises(ConfigError, match="video_token_id.*fusion='joint'"):
         OmniConfig.from_preset("tiny", video_token_id=5, video_pool_stride=3, fusion="late")
+    with pytest.raises(ConfigError, match="video_pool_mode='mean' must be one of 'average', 'max', 'concat'"):
+        OmniConfig.from_preset("tiny", video_token_id=5, video_pool_stride=3, video_pool_mode="mean")
 
 
 # --- the processor, chats and generation ----------------------------------------------------------
@@ -420,9 +465,10 @@ def test_bad_video_records_are_one_line(tmp_path):
 # --- the command line: data, chat, the video haystack ----------------------------------------------
 
 
-def video_checkpoint(folder):
-    """A tiny random video model (96 px frames in 16 px patches, 2 x 2 pooled: 9 tokens a frame)
-    saved with its tokenizer and frame sampling, as `omnilm chat` and `eval niah` load one."""
+def video_checkpoint(folder, **config):
+    """A tiny random video model (96 px frames in 16 px patches, 2 x 2 pooled: 9 tokens a frame;
+    `config` changes more) saved with its tokenizer and frame sampling, as `omnilm chat` and
+    `eval niah` load one."""
     import torch
     from conftest import randomize_
 
@@ -435,7 +481,7 @@ def video_checkpoint(folder):
     model = OmniModel.from_preset("tiny", text=dict(vocab_size=300, n_layers=1, dim=32, n_heads=4, n_kv_heads=2,
                                                     mlp_dim=64), vision=dict(n_layers=1, patch_size=16, dim=32,
                                                                              n_heads=4, mlp_dim=64),
-                                  image_token_id=3, video_token_id=4)
+                                  image_token_id=3, video_token_id=4, **config)
     torch.manual_seed(0)
     randomize_(model.eval())
     model.save_pretrained(folder)

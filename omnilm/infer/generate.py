@@ -9,6 +9,7 @@ they arrive. Shape letters: B batch, T prompt length, V vocabulary.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -64,54 +65,68 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tenso
                              "prefill_chunk or pass one prompt")
     cfg, past = model.config, cache.seen  # positions cached before this prompt
     # Frames, like images, are encoded whole: each chunk takes the frames whose tokens it holds.
-    frames = flat_frames(pixel_values_videos)
-    video_id, frame_len = cfg.video_token_id, (cfg.video_frame_len if cfg.video_token_id is not None else 0)
+    videos = video_list(pixel_values_videos)
     prompt, offset, images, seen_frames = input_ids[0].tolist(), 0, 0, 0
     while offset < T:
-        end = media_chunk_end(prompt, offset, chunk, cfg)
+        end = media_chunk_end(prompt, offset, chunk, cfg, [len(v) for v in videos])
         n = prompt[offset:end].count(cfg.image_token_id) // cfg.image_seq_len if pixel_values is not None else 0
-        f = prompt[offset:end].count(video_id) // frame_len if frames is not None else 0
+        f = prompt[offset:end].count(cfg.video_token_id) // cfg.video_frame_len if videos else 0
         mask = attention_mask[:, :past + end] if attention_mask is not None else None
         logits = model(input_ids[:, offset:end], pixel_values[images:images + n] if n else None, mask,
                        cache=cache, logits_to_keep=1,
-                       pixel_values_videos=[frames[seen_frames:seen_frames + f]] if f else None).logits[:, -1]
+                       pixel_values_videos=take_frames(videos, seen_frames, f) if f else None).logits[:, -1]
         offset, images, seen_frames = end, images + n, seen_frames + f
     return logits
 
 
-def chunk_end(prompt: list[int], start: int, budget: int, image_id: int, span: int) -> int:
-    """Where a chunk from `start` of at most `budget` tokens ends: moved to the end of an image
-    (`span` image tokens) that it would otherwise cut, so each image is encoded exactly once."""
+def chunk_end(prompt: list[int], start: int, budget: int, marker: int, span: int | list[int]) -> int:
+    """Where a chunk from `start` of at most `budget` tokens ends: moved to the end of the item it
+    would otherwise cut, so each item is encoded exactly once. An item is `span` `marker` tokens (an
+    image; 0 for a text-only model), or with a list, item i is span[i] of them (a motion model's
+    videos, whose frames may have text between them)."""
     end = min(start + budget, len(prompt))
-    if end == len(prompt) or span <= 1:  # to the end, images of one token, or a text-only model (0)
+    if end == len(prompt) or span in (0, 1):
         return end
-    run = 0  # image tokens before `end` since the last image boundary
-    for i in range(end - 1, -1, -1):
-        if prompt[i] != image_id:
-            break
-        run += 1
-    # Image tokens come in whole images of `span`; a run of them may hold several back to back.
-    first_of_run = end - run
-    before = sum(1 for i in prompt[:first_of_run] if i == image_id) % span  # tokens of an image begun earlier
-    inside = (before + run) % span
-    return end if inside == 0 else min(end + span - inside, len(prompt))
-
-
-def media_chunk_end(prompt: list[int], start: int, budget: int, config) -> int:
-    """`chunk_end` for a prompt of images and video frames (`config` an OmniConfig): grown to the end
-    of the image or frame it would cut (an image's end is no frame's: at most one of them moves it)."""
-    end = chunk_end(prompt, start, budget, config.image_token_id, config.image_seq_len)
-    if config.video_token_id is not None:
-        end = max(end, chunk_end(prompt, start, end - start, config.video_token_id, config.video_frame_len))
+    seen = prompt[:end].count(marker)  # marker tokens before `end`
+    if isinstance(span, int):
+        missing = -seen % span  # the cut item's tokens after `end`
+    else:
+        bounds = itertools.accumulate(span, initial=0)
+        missing = next((b - seen for b in bounds if b >= seen), 0)
+    while missing and end < len(prompt):  # past the cut item's last token
+        missing -= prompt[end] == marker
+        end += 1
     return end
 
 
-def flat_frames(pixel_values_videos: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | None:
-    """Every frame of every video in marker order, (N, 3, H, W), as chunks hand them out: from a
-    (V, F, 3, H, W) tensor or a list of (F_i, 3, H, W); None for no videos."""
-    if isinstance(pixel_values_videos, (list, tuple)):
-        return torch.cat(list(pixel_values_videos)) if pixel_values_videos else None
-    return None if pixel_values_videos is None else pixel_values_videos.flatten(0, 1)
+def media_chunk_end(prompt: list[int], start: int, budget: int, config, video_lengths: list[int] = ()) -> int:
+    """`chunk_end` for a prompt of images and videos (`config` an OmniConfig; `video_lengths` each
+    video's frame count): grown to the end of the image or frame it would cut, or, for a model with
+    `video_motion` (a frame's tokens read the frame before), to the end of the video (an image's end
+    is no frame's: at most one of them moves it)."""
+    end = chunk_end(prompt, start, budget, config.image_token_id, config.image_seq_len)
+    if config.video_token_id is not None:
+        span = [n * config.video_frame_len for n in video_lengths] if config.video_motion else config.video_frame_len
+        end = max(end, chunk_end(prompt, start, end - start, config.video_token_id, span))
+    return end
+
+
+def video_list(pixel_values_videos: torch.Tensor | list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Each video's frames, (F_i, 3, H, W), in marker order: from a (V, F, 3, H, W) tensor or a list
+    of (F_i, 3, H, W); empty for no videos."""
+    return [] if pixel_values_videos is None else list(pixel_values_videos)
+
+
+def take_frames(videos: list[torch.Tensor], start: int, count: int) -> list[torch.Tensor]:
+    """Frames start .. start + count - 1 of `videos` (counted through them in order), as the parts
+    of each video they hold: what a prefill chunk passes as `pixel_values_videos`."""
+    parts, offset = [], 0
+    for video in videos:
+        lo, hi = max(start - offset, 0), min(start + count - offset, len(video))
+        if lo < hi:
+            parts.append(video[lo:hi])
+        offset += len(video)
+    return parts
 
 
 def decode_one_token(model: nn.Module, token: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -56,7 +56,8 @@ VISION_KEYS = dict(n_channels="num_channels", dim="hidden_size", n_layers="num_h
                    n_heads="num_attention_heads", mlp_dim="intermediate_size", norm_eps="layer_norm_eps", act="hidden_act")
 LLAVA_KEYS = dict(image_token_id="image_token_index", vision_feature_select="vision_feature_select_strategy",
                   projector_act="projector_hidden_act", projector_bias="multimodal_projector_bias",
-                  video_token_id="video_token_index", video_pool_stride="spatial_pool_stride")
+                  video_token_id="video_token_index", video_pool_stride="spatial_pool_stride",
+                  video_pool_mode="spatial_pool_mode")
 LLAVA_MODEL_TYPES = ("llava", "llava_next_video")
 CLIP_TEXT_KEYS = {**VISION_KEYS, "max_len": "max_position_embeddings"}
 CLIP_KEYS = dict(embed_dim="projection_dim", logit_scale_init="logit_scale_init_value")
@@ -196,9 +197,9 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> OmniConfig:
         raise OmniInputError(f"{where} has model_type {model_type!r}; omnilm loads llava, llava_next_video, llama "
                              "and mixtral (and clip / clip_vision_model with load_vision_encoder)")
     video = model_type == "llava_next_video"
-    if video and d.get("spatial_pool_mode", "average") != "average":
+    if video and d.get("spatial_pool_mode", "average") not in ("average", "max"):
         raise OmniInputError(f"{where}: spatial_pool_mode={d['spatial_pool_mode']!r}; omnilm pools video frames "
-                             "by averaging (\"average\"), the mode LLaVA-NeXT-Video was trained with")
+                             "without weights, by \"average\" (the mode LLaVA-NeXT-Video was trained with) or \"max\"")
     text = d.get("text_config")
     text = dict(_object(text if text is not None else {}, where, "text_config"))
     text.setdefault("model_type", "llama")
@@ -233,6 +234,7 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> OmniConfig:
         image_token_id=d.get(image_key, 32001 if video else 32000),
         video_token_id=d.get(video_key, 32000) if video else None,
         video_pool_stride=d.get("spatial_pool_stride", 2) if video else 2,
+        video_pool_mode=d.get("spatial_pool_mode", "average") if video else "average",
         vision_feature_layer=layer,
         vision_feature_select=d.get("vision_feature_select_strategy", "default"),
         projector_act=act,
@@ -245,6 +247,10 @@ def hf_incompatibility(cfg: OmniConfig) -> str | None:
     """Why transformers has no class for `cfg` (None when LLaVA, LLaMA or Mixtral describes it)."""
     if cfg.fusion != "joint":
         return f"LLaVA fuses jointly; transformers has no class for fusion={cfg.fusion!r}"
+    if cfg.video_token_id is not None and cfg.video_pool_mode == "concat":
+        return "LLaVA-NeXT-Video pools video frames by average or max, not video_pool_mode='concat'"
+    if cfg.video_token_id is not None and cfg.video_motion:
+        return "LLaVA-NeXT-Video reads no motion features (video_motion)"
     t = cfg.text
     if t.logn_attention:
         return "LLaMA has no log-n attention scaling (text.logn_attention)"
@@ -333,7 +339,7 @@ def config_to_hf(cfg: OmniConfig, dtype: torch.dtype = torch.float32) -> dict[st
         "architectures": ["LlavaNextVideoForConditionalGeneration"],
         "model_type": "llava_next_video",
         "video_token_index": cfg.video_token_id,
-        "spatial_pool_mode": "average",
+        "spatial_pool_mode": cfg.video_pool_mode,
         "spatial_pool_stride": cfg.video_pool_stride,
     }
     return {

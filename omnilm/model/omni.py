@@ -22,7 +22,7 @@ from torch import nn
 from omnilm.config import IGNORE_INDEX, OmniConfig
 from omnilm.errors import OmniInputError
 from omnilm.model import hf
-from omnilm.model.connector import build_projector
+from omnilm.model.connector import build_projector, build_video_projector
 from omnilm.model.fusion import Media, build_fusion
 from omnilm.model.layers import KVCache, RaggedKVCache, build_initialised
 from omnilm.model.llm import LlamaDecoder
@@ -49,6 +49,7 @@ class OmniModel(nn.Module):
         # Early fusion has no vision encoder: its projector embeds raw patches.
         self.vision = VisionTransformer(config.vision) if config.vision is not None and config.fusion != "early" else None
         self.projector = build_projector(config)
+        self.video_projector = build_video_projector(config)  # None where frames share the image projector
         self.fusion = build_fusion(config)  # late and cross_attention only
         self.llm = LlamaDecoder(config.text)
         self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
@@ -110,8 +111,9 @@ class OmniModel(nn.Module):
             lines.append(f"vision: CLIP ViT {v.n_layers} layers, dim {v.dim}, {v.image_size}px / {v.patch_size}px "
                          f"patches, feature layer {c.vision_feature_layer}, {c.image_seq_len} tokens per image")
         if c.video_token_id is not None:
-            lines.append(f"video:  frames through the vision tower, {c.video_pool_stride}x{c.video_pool_stride} average "
-                         f"pooled, {c.video_frame_len} tokens per frame")
+            motion = ", with their change since the frame before" if c.video_motion else ""
+            lines.append(f"video:  frames through the vision tower, {c.video_pool_stride}x{c.video_pool_stride} "
+                         f"{c.video_pool_mode} pooled{motion}, {c.video_frame_len} tokens per frame")
         if c.fusion == "late":
             lines.append("fusion: late: pooled images join the last hidden states through a gate (the marker is 1 token)")
         elif c.fusion == "cross_attention":
@@ -160,26 +162,45 @@ class OmniModel(nn.Module):
 
     def encode_videos(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
         """Videos as the decoder takes them, (V, F, 3, H, W) -> (V, F * (g / s)^2, D): each frame's
-        grid of g x g vision features averaged over s x s patches (s = `video_pool_stride`), then
+        grid of g x g vision features pooled over s x s patches (s = `video_pool_stride`), then
         projected, the frames in order (LLaVA-NeXT-Video)."""
-        frames = _video_frames(pixel_values_videos, self.config)  # checks the model and the shape
         if not isinstance(pixel_values_videos, torch.Tensor):
             raise OmniInputError("encode_videos takes one (videos, frames, 3, height, width) tensor; videos of "
                                  "different lengths go to forward as a list")
-        n_videos, n_frames = pixel_values_videos.shape[:2]
-        return self.encode_frames(frames).unflatten(0, (n_videos, n_frames)).flatten(1, 2)
+        feats = self._encode_video_frames(pixel_values_videos)  # checks the model and the shape
+        return feats.unflatten(0, tuple(pixel_values_videos.shape[:2])).flatten(1, 2)
 
-    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
-        """Video frames (N, 3, H, W) -> (N, (g / s)^2, D): `encode_videos` frame by frame."""
-        return self.projector(self.frame_features(frames))
+    def video_features(self, pixel_values_videos: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """What the projector reads of videos ((V, F, 3, H, W), or a list of (F_i, 3, H, W)): every
+        frame's pooled tokens (`frame_features`), with `video_motion` joined by the change of each
+        token's s x s patches (side by side, as "concat" lays them) since the video's frame before,
+        zero for a video's first frame; (sum F_i, (g / s)^2, video_feature_dim)."""
+        frames, lengths = _video_frames(pixel_values_videos, self.config)
+        patches = self.image_features(frames)
+        looks = self._pool(patches, self.config.video_pool_mode)
+        if not self.config.video_motion:
+            return looks
+        blocks = looks if self.config.video_pool_mode == "concat" else self._pool(patches, "concat")
+        change = []
+        for video in blocks.split(lengths):  # a video's first frame has no frame before it
+            change += [torch.zeros_like(video[:1]), video[1:] - video[:-1]]
+        return torch.cat([looks, torch.cat(change)], dim=-1)
 
     def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
-        """What the projector reads of video frames (N, 3, H, W): the tower's g x g grid of features
-        averaged over s x s patches, (N, (g / s)^2, Dv)."""
-        feats = self.image_features(frames)  # (N, g*g, Dv)
-        side = self.config.vision.image_size // self.config.vision.patch_size
-        grid = feats.transpose(1, 2).unflatten(2, (side, side))  # (N, Dv, g, g)
-        return F.avg_pool2d(grid, self.config.video_pool_stride).flatten(2).transpose(1, 2)
+        """Video frames (N, 3, H, W), each on its own: the tower's g x g grid of features pooled over
+        s x s patches as `video_pool_mode` says, (N, (g / s)^2, Dv), or (N, (g / s)^2, s^2 Dv) for
+        "concat" (each token's patches in row-major order, side by side)."""
+        return self._pool(self.image_features(frames), self.config.video_pool_mode)
+
+    def _pool(self, patches: torch.Tensor, mode: str) -> torch.Tensor:
+        """(N, g*g, Dv) patch features -> (N, (g/s)^2, Dv), or (N, (g/s)^2, s*s*Dv) for "concat"."""
+        side, s = self.config.vision.image_size // self.config.vision.patch_size, self.config.video_pool_stride
+        grid = patches.transpose(1, 2).unflatten(2, (side, side))  # (N, Dv, g, g)
+        if mode == "concat":  # (N, Dv, g/s, s, g/s, s) -> (N, g/s, g/s, s, s, Dv)
+            blocks = grid.unflatten(2, (side // s, s)).unflatten(4, (side // s, s)).permute(0, 2, 4, 3, 5, 1)
+            return blocks.flatten(3).flatten(1, 2)
+        pool = F.avg_pool2d if mode == "average" else F.max_pool2d
+        return pool(grid, s).flatten(2).transpose(1, 2)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -202,7 +223,9 @@ class OmniModel(nn.Module):
         return x
 
     def _encode_video_frames(self, pixel_values_videos) -> torch.Tensor:
-        return self.encode_frames(_video_frames(pixel_values_videos, self.config))
+        """Every frame of `pixel_values_videos` as the decoder takes it, (sum F_i, (g / s)^2, D)."""
+        projector = self.video_projector if self.video_projector is not None else self.projector
+        return projector(self.video_features(pixel_values_videos))
 
     def _markers(self, pixel_values: torch.Tensor | None,
                  pixel_values_videos: torch.Tensor | list[torch.Tensor] | None) -> list[tuple]:
@@ -299,15 +322,16 @@ class OmniModel(nn.Module):
                        conv_dim=t.dim if t.token_conv else 0)
 
 
-def _video_frames(videos, config) -> torch.Tensor:
-    """All frames of `videos`, (V, F, 3, H, W) or a list of (F_i, 3, H, W), as one (sum F_i, 3, H, W)."""
+def _video_frames(videos, config) -> tuple[torch.Tensor, list[int]]:
+    """All frames of `videos`, (V, F, 3, H, W) or a list of (F_i, 3, H, W), as one (sum F_i, 3, H, W),
+    and each video's frame count."""
     if config.video_token_id is None:
         raise OmniInputError(NO_VIDEO)
     if isinstance(videos, (list, tuple)) and videos and all(isinstance(v, torch.Tensor) and v.ndim == 4
                                                              for v in videos):
-        return torch.cat(list(videos))
+        return torch.cat(list(videos)), [len(v) for v in videos]
     if isinstance(videos, torch.Tensor) and videos.ndim == 5:
-        return videos.flatten(0, 1)
+        return videos.flatten(0, 1), [videos.shape[1]] * videos.shape[0]
     shape = tuple(videos.shape) if isinstance(videos, torch.Tensor) else f"a {type(videos).__name__}"
     raise OmniInputError(f"pixel_values_videos are {shape}: give (videos, frames, 3, height, width), or a list of "
                          "(frames, 3, height, width) for videos of different lengths")

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omnilm.config import VIDEO_POOL_MODES
 from omnilm.data.llava_json import read_records, write_records
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.data.shapeworld.video import CHANCE, VIDEO_FAMILIES, write_shapeworld_video, write_video_clips
@@ -55,7 +56,13 @@ class VideoRecipe:
     system_prompt: str = setting("Answer about the video.", "the chat's system prompt, saved with the tokenizer")
     llm_layers: int = setting(2, "decoder layers (the tiny preset has 4)")
     patch_size: int = setting(16, "the ViT's patch side: 96 px frames in 16 px patches are a 6 x 6 grid")
-    pool_stride: int = setting(2, "frames' grids averaged over stride x stride patches (LLaVA-NeXT-Video's 2)")
+    pool_stride: int = setting(2, "frames' grids pooled over stride x stride patches (LLaVA-NeXT-Video's 2)")
+    pool_mode: str = setting("average", "how a frame's stride x stride patches become one token: 'average' "
+                                        "(LLaVA-NeXT-Video), 'max', or 'concat' (side by side, Qwen2-VL's patch "
+                                        "merger: a token says which of its patches holds what)",
+                             choices=VIDEO_POOL_MODES)
+    motion: bool = setting(False, "each frame's tokens joined by their change since the frame before (with "
+                                  "--pool-mode concat, what makes direction learnable: docs/video.md)")
     token_conv: int = setting(0, "a causal convolution over the last K tokens before each attention (0: none); "
                                  "K above a frame's tokens reaches the same place in the frame before")
     timestamps: bool = setting(False, "each frame's time as text before its tokens ('3s')")
@@ -86,7 +93,7 @@ class VideoRecipe:
         """What the recipe changes of the tiny preset."""
         return {"text": {"n_layers": self.llm_layers, "token_conv": self.token_conv},
                 "vision": {"patch_size": self.patch_size}, "video_token_id": video_token_id,
-                "video_pool_stride": self.pool_stride}
+                "video_pool_stride": self.pool_stride, "video_pool_mode": self.pool_mode, "video_motion": self.motion}
 
 
 def write_data(out: Path, recipe: VideoRecipe) -> tuple[Path, Path]:

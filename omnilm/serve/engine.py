@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from omnilm.errors import OmniInputError
-from omnilm.infer.generate import as_id_list, flat_frames, media_chunk_end, sample
+from omnilm.infer.generate import as_id_list, media_chunk_end, sample, take_frames, video_list
 from omnilm.model.fusion import Media
 from omnilm.model.layers import RaggedKVCache
 from omnilm.settings import check_range
@@ -109,9 +109,9 @@ class _Request:
     """One request's state, from the queue to its last token."""
 
     def __init__(self, request_id: str, prompt: list[int], pixel_values: torch.Tensor | None,
-                 frames: torch.Tensor | None, params: SamplingParams, stop_ids: set[int], device: torch.device):
+                 videos: list[torch.Tensor], params: SamplingParams, stop_ids: set[int], device: torch.device):
         self.id, self.prompt, self.pixel_values, self.params = request_id, prompt, pixel_values, params
-        self.frames = frames  # every video frame of the prompt in marker order, (N, 3, H, W)
+        self.videos = videos  # each video of the prompt in marker order, (F_i, 3, H, W)
         self.stop_ids = (set() if params.ignore_eos else stop_ids) | set(params.stop_token_ids)
         self.generator = None
         if params.temperature > 0:
@@ -219,8 +219,8 @@ class Engine:
             raise OmniInputError(f"the prompt is {len(input_ids)} tokens and max_tokens is {params.max_tokens}: "
                                  f"{total} > the context of {self.max_len}; shorten the prompt or lower max_tokens")
         self._check_images(input_ids, pixel_values)
-        frames = self._check_videos(input_ids, pixel_values_videos)
-        request = _Request(request_id or uuid.uuid4().hex, list(input_ids), pixel_values, frames, params, self.eos,
+        videos = self._check_videos(input_ids, pixel_values_videos)
+        request = _Request(request_id or uuid.uuid4().hex, list(input_ids), pixel_values, videos, params, self.eos,
                            self.device)
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.max_queue:
@@ -238,23 +238,23 @@ class Engine:
         if pixel_values is not None:
             self._check_pixels(pixel_values, "pixel_values", "images")
 
-    def _check_videos(self, input_ids: list[int], pixel_values_videos) -> torch.Tensor | None:
-        """The videos' frames in marker order, once their count matches the prompt's video tokens."""
+    def _check_videos(self, input_ids: list[int], pixel_values_videos) -> list[torch.Tensor]:
+        """Each video's frames in marker order, once their count matches the prompt's video tokens."""
         config = self.model.config
-        frames = flat_frames(pixel_values_videos)
+        videos = video_list(pixel_values_videos)
         if config.video_token_id is None:
-            if frames is not None:
+            if videos:
                 raise OmniInputError("this model reads no video (its config has no video_token_id): send images "
                                      "or text")
-            return None
-        n_tokens, n_frames = input_ids.count(config.video_token_id), 0 if frames is None else frames.shape[0]
+            return []
+        n_tokens, n_frames = input_ids.count(config.video_token_id), sum(len(v) for v in videos)
         if n_tokens != n_frames * config.video_frame_len:
             raise OmniInputError(f"the prompt holds {n_tokens} video tokens but {n_frames} frames of "
                                  f"{config.video_frame_len} tokens came with it: build the prompt with the model's "
                                  "processor")
-        if frames is not None:
-            self._check_pixels(frames, "the videos' frames", "videos")
-        return frames
+        for video in videos:
+            self._check_pixels(video, "the videos' frames", "videos")
+        return videos
 
     def _check_pixels(self, pixels: torch.Tensor, name: str, what: str) -> None:
         """`pixels` (N, 3, H, W) at the size the model's vision tower takes."""
@@ -402,7 +402,7 @@ class Engine:
             ids[b, :lengths[b]] = torch.tensor(r.prompt)
         images = [r.pixel_values for r in group if r.pixel_values is not None]
         pixels = torch.cat(images).to(self.device) if images else None
-        videos = [r.frames.to(self.device) for r in group if r.frames is not None] or None  # a row's frames as one
+        videos = [v.to(self.device) for r in group for v in r.videos] or None
         cache = _cache(self.stores, slice(n, n + len(group)), [0] * len(group))
         last = torch.tensor(lengths, device=self.device) - 1
         try:
@@ -414,7 +414,7 @@ class Engine:
             return [Output(group[0].id, "", [], "error", lengths[0], 0, error=e)]
         for b, r in enumerate(group):
             r.prefilled, r.images_used = lengths[b], 0 if r.pixel_values is None else len(r.pixel_values)
-            r.frames_used = 0 if r.frames is None else len(r.frames)
+            r.frames_used = sum(len(v) for v in r.videos)
             if cache.media is not None:  # this row's images (late, cross-attention)
                 r.media = Media(cache.media.features[b:b + 1], cache.media.positions[b:b + 1])
         return self._join(group, logits)
@@ -434,12 +434,12 @@ class Engine:
         image or a video frame) through the model into the scratch row; returns the last logits
         (1, V) and its length."""
         config, start = self.model.config, r.prefilled
-        end = media_chunk_end(r.prompt, start, budget, config)
+        end = media_chunk_end(r.prompt, start, budget, config, [len(v) for v in r.videos])
         chunk = r.prompt[start:end]
         n_images = sum(1 for i in chunk if i == config.image_token_id) // self.image_span if self.image_span else 0
-        n_frames = chunk.count(config.video_token_id) // config.video_frame_len if r.frames is not None else 0
+        n_frames = chunk.count(config.video_token_id) // config.video_frame_len if r.videos else 0
         pixels = r.pixel_values[r.images_used:r.images_used + n_images].to(self.device) if n_images else None
-        frames = [r.frames[r.frames_used:r.frames_used + n_frames].to(self.device)] if n_frames else None
+        frames = [v.to(self.device) for v in take_frames(r.videos, r.frames_used, n_frames)] if n_frames else None
         cache = _cache(self.scratch, slice(0, 1), [start], r.media)
         ids = torch.tensor([chunk], device=self.device)
         logits = self.model(ids, pixels, None, cache=cache, logits_to_keep=1, pixel_values_videos=frames).logits[:, -1]

@@ -137,32 +137,39 @@ def _tasks(args) -> set[str] | None:
     return set(args.tasks) if args.tasks else DEFAULT_TASKS[args.stage]
 
 
-def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: int = 250,
-                    pool: bool = False) -> torch.Tensor:
+def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: int = 250, pool: bool = False,
+                    split: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The projector's inputs, (M, Dv), for the images (and video frames) of the first records of
     `dataset`, up to `n_images` (an image that several records share counts each time): every
-    vision token (a frame's pooled tokens), or with `pool` one mean token per image (what late
-    fusion's MLP reads)."""
-    pixels, frames, seen = [], [], 0
+    vision token (a frame's pooled tokens, as `OmniModel.video_features` gives them), or with `pool`
+    one mean token per image (what late fusion's MLP reads). With `split`, the images' and the
+    frames' apart, (M_images, Dv) and (M_frames, video_feature_dim), either maybe empty."""
+    pixels, videos, seen = [], [], 0
     for i in range(len(dataset)):
         p = dataset.pixel_values(i)
         if p is not None:
             pixels.append(p)
             seen += p.shape[0]
         for video in dataset.video_pixels(i):
-            frames.append(video)
+            videos.append(video)
             seen += video.shape[0]
         if seen >= n_images:
             break
-    if not pixels and not frames:
+    if not pixels and not videos:
         raise OmniInputError("--whiten-projector needs images or videos, and the dataset's records have none")
-    feats = []
+    images, frames = [], []
     with torch.no_grad(), eval_mode(model):
-        for media, encode in ((pixels, model.image_features), (frames, model.frame_features)):
-            if media:
-                media = torch.cat(media)[:n_images]
-                feats += [encode(media[s:s + batch]) for s in range(0, len(media), batch)]
-    return torch.cat([f.mean(1) if pool else f.flatten(0, 1) for f in feats])
+        if pixels:
+            pixels = torch.cat(pixels)[:n_images]
+            images = [model.image_features(pixels[s:s + batch]) for s in range(0, len(pixels), batch)]
+        for s in range(0, len(videos), 8):  # whole videos: a frame's motion features need the one before
+            frames.append(model.video_features(videos[s:s + 8]))
+    images, frames = ([f.mean(1) if pool else f.flatten(0, 1) for f in feats] for feats in (images, frames))
+    if split:
+        width = model.config.video_feature_dim
+        return (torch.cat(images) if images else torch.zeros(0, model.config.vision.dim),
+                torch.cat(frames) if frames else torch.zeros(0, width))
+    return torch.cat(images + frames)
 
 
 def _dataset(args, processor: Processor, max_length: int | None = None, check=None) -> LlavaDataset:
@@ -298,11 +305,19 @@ def build_llava_stage(args, resume_from: Path | None):
                                  "not to the perceiver resampler: drop the flag for fusion=cross_attention")
         if fusion == "late":
             whiten_(model.fusion.pool, _image_features(model, dataset, pool=True))
-        else:
+        elif model.video_projector is None:  # images and frames share the projector
             whiten_(model.projector, _image_features(model, dataset))
+        else:
+            images, frames = _image_features(model, dataset, split=True)
+            if len(images):
+                whiten_(model.projector, images)
+            if len(frames):  # a video's motion features are standardised, not whitened
+                config = model.config
+                whiten_(model.video_projector, frames, standardize_from=config.video_feature_dim - config.video_motion_dim)
     # Late and cross-attention fusion's own modules are their connector: they take the projector's rate.
-    group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("fusion", args.projector_lr),
-                                           ("vision", args.vision_lr)) if lr is not None} | _patch_lr(args)
+    group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("video_projector", args.projector_lr),
+                                           ("fusion", args.projector_lr), ("vision", args.vision_lr))
+                 if lr is not None} | _patch_lr(args)
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
                  loss=functools.partial(lm_loss, random_positions=args.random_positions,
                                            position_chunks=args.position_chunks), n_targets=lm_targets, group_lrs=group_lrs | _gate_lr(args, model), processor=processor)
@@ -311,7 +326,8 @@ def build_llava_stage(args, resume_from: Path | None):
 # Stage 1 trains the projector alone; stage 2 the projector and the LLM (Liu et al. 2023). The other
 # fusion modes' connectors (late's pooling and gate, the resampler and gated blocks of cross-attention)
 # train where the projector does. By top-level module.
-STAGE_TRAINS = {"align": ("projector", "fusion"), "instruct": ("projector", "fusion", "llm", "lm_head")}
+STAGE_TRAINS = {"align": ("projector", "video_projector", "fusion"),
+                "instruct": ("projector", "video_projector", "fusion", "llm", "lm_head")}
 
 
 def mark_trainable(model: nn.Module, stage: str, train_vision: bool = False) -> None:
