@@ -456,7 +456,9 @@ class OmniConfig:
     @property
     def video_motion_dim(self) -> int:
         """Width of a video token's motion features, the last of `video_feature_dim` (0 without)."""
-        return self.vision.dim * self.video_pool_stride ** 2 if self.video_motion and self.video_token_id is not None else 0
+        if not self.video_motion or self.video_token_id is None:
+            return 0
+        return self.vision.dim * self.video_pool_stride ** 2
 
     @property
     def image_seq_len(self) -> int:

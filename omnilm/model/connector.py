@@ -33,7 +33,8 @@ def build_video_projector(cfg: OmniConfig) -> nn.Module | None:
 
 
 @torch.no_grad()
-def whiten_(projector: nn.Module, features: torch.Tensor, eps: float = 1e-6, standardize_from: int | None = None) -> None:
+def whiten_(projector: nn.Module, features: torch.Tensor, eps: float = 1e-6,
+            standardize_from: int | None = None) -> None:
     """Initialise the projector's first layer to PCA-whiten `features` (M, Dv): its first Dv
     outputs become the features' principal components scaled to unit variance (and centred, when
     the layer has a bias); the remaining outputs keep their initialisation. Directions with under

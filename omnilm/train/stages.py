@@ -140,7 +140,8 @@ def _tasks(args) -> set[str] | None:
 def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: int = 250, pool: bool = False,
                     split: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The projector's inputs, (M, Dv), for the images (and video frames) of the first records of
-    `dataset`, up to `n_images` (an image that several records share counts each time): every
+    `dataset`, up to `n_images` (an image that several records share counts each time; a video's
+    frames all count, so the last video may take the frames past it): every
     vision token (a frame's pooled tokens, as `OmniModel.video_features` gives them), or with `pool`
     one mean token per image (what late fusion's MLP reads). With `split`, the images' and the
     frames' apart, (M_images, Dv) and (M_frames, video_feature_dim), either maybe empty."""
@@ -162,7 +163,7 @@ def _image_features(model, dataset: LlavaDataset, n_images: int = 1000, batch: i
         if pixels:
             pixels = torch.cat(pixels)[:n_images]
             images = [model.image_features(pixels[s:s + batch]) for s in range(0, len(pixels), batch)]
-        for s in range(0, len(videos), 8):  # whole videos: a frame's motion features need the one before
+        for s in range(0, len(videos), 8):  # whole videos: a frame's motion features read the one before
             frames.append(model.video_features(videos[s:s + 8]))
     images, frames = ([f.mean(1) if pool else f.flatten(0, 1) for f in feats] for feats in (images, frames))
     if split:
@@ -312,8 +313,8 @@ def build_llava_stage(args, resume_from: Path | None):
             if len(images):
                 whiten_(model.projector, images)
             if len(frames):  # a video's motion features are standardised, not whitened
-                config = model.config
-                whiten_(model.video_projector, frames, standardize_from=config.video_feature_dim - config.video_motion_dim)
+                looks = model.config.video_feature_dim - model.config.video_motion_dim
+                whiten_(model.video_projector, frames, standardize_from=looks)
     # Late and cross-attention fusion's own modules are their connector: they take the projector's rate.
     group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("video_projector", args.projector_lr),
                                            ("fusion", args.projector_lr), ("vision", args.vision_lr))
