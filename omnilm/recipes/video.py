@@ -47,8 +47,8 @@ class VideoRecipe:
     """What `omnilm demo-video` trains and measures."""
 
     seed: int = setting(0, "seed of the data, the weights and the batch order")
-    n_train: int = setting(5500, "training clips of 4 to 8 frames, each one conversation of every question it answers")
-    n_needles: int = setting(1500, "training haystack clips (a cross in one frame, its colour asked)")
+    n_train: int = setting(5000, "training clips of 4 to 8 frames, each one conversation of every question it answers")
+    n_needles: int = setting(2000, "training haystack clips (a cross in one frame, its colour asked)")
     needle_frames: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "frames per training haystack clip, comma-"
                                              "separated: the clips split evenly among these lengths, short ones first "
                                              "to learn the look-up where the needle is one object of few")
