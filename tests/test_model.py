@@ -197,3 +197,38 @@ def test_config_names_agree_with_the_model_code():
     from omnilm.model.layers import ACTIVATIONS
 
     assert set(ACTIVATION_NAMES) == set(ACTIVATIONS)
+
+
+def test_the_feature_cache_runs_a_frozen_tower_once_per_image_until_its_weights_change():
+    from omnilm.model.vision import FeatureCache
+
+    model = small_model().requires_grad_(False)
+    size = model.config.vision.image_size
+    images = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    batch = images[[0, 1, 0, 2]]
+    plain = model.image_features(batch)
+    runs = []
+    model.vision.register_forward_hook(lambda module, inputs, output: runs.append(len(inputs[0])))
+    model.feature_cache = FeatureCache(2**30)
+    torch.testing.assert_close(model.image_features(batch), plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.image_features(batch[[3, 2, 1, 0]]), plain[[3, 2, 1, 0]], rtol=0, atol=1e-6)
+    assert runs == [4] and len(model.feature_cache) == 3  # the second batch came from the cache alone
+    model.image_features(images[[3, 0]])
+    assert runs == [4, 1] and (model.feature_cache.hits, model.feature_cache.misses) == (5, 5)
+
+    with torch.no_grad():  # new weights (a load, a step): the cache starts again
+        model.vision.pre_layrnorm.weight.mul_(2.0)
+    model.feature_cache, cached = None, model.feature_cache
+    changed = model.image_features(batch)
+    model.feature_cache = cached
+    assert (changed - plain).abs().max() > 1e-3
+    torch.testing.assert_close(model.image_features(batch), changed, rtol=0, atol=1e-6)
+    assert runs[-1] == 4 and len(cached) == 3
+
+    row = plain[0].numel() * plain.element_size() + model.config.vision.dim * plain.element_size()
+    model.feature_cache = FeatureCache(max_bytes=row)  # room for one image: the rest are encoded each time
+    torch.testing.assert_close(model.image_features(batch), changed, rtol=0, atol=1e-6)
+    assert len(model.feature_cache) == 1 and model.feature_cache.bytes <= row
+    model.vision.train()
+    with pytest.raises(RuntimeError, match="this tower trains"):
+        model.image_features(batch)

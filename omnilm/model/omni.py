@@ -27,7 +27,7 @@ from omnilm.model.fusion import Media, build_fusion
 from omnilm.model.layers import KVCache, RaggedKVCache, build_initialised
 from omnilm.model.llm import LlamaDecoder
 from omnilm.model.moe import Routing
-from omnilm.model.vision import VisionTransformer
+from omnilm.model.vision import FeatureCache, VisionTransformer
 
 
 NO_VIDEO = "this model takes no video (its config has no video_token_id): pass frames as images, or use a video model"
@@ -48,6 +48,7 @@ class OmniModel(nn.Module):
         self.config = config
         # Early fusion has no vision encoder: its projector embeds raw patches.
         self.vision = VisionTransformer(config.vision) if config.vision is not None and config.fusion != "early" else None
+        self.feature_cache: FeatureCache | None = None  # a frozen tower's features, remembered (not saved)
         self.projector = build_projector(config)
         self.video_projector = build_video_projector(config)  # None where frames share the image projector
         self.fusion = build_fusion(config)  # late and cross_attention only
@@ -155,7 +156,9 @@ class OmniModel(nn.Module):
         if self.vision is None and self.config.vision is not None:
             raise OmniInputError("an early-fusion model has no vision encoder: its projector reads raw patches")
         self._check_pixels(pixel_values)
-        feats = self.vision(pixel_values, layer=self.config.vision_feature_layer)  # (N, 1+P, Dv)
+        layer = self.config.vision_feature_layer
+        feats = (self.feature_cache(self.vision, pixel_values, layer) if self.feature_cache is not None
+                 else self.vision(pixel_values, layer=layer))  # (N, 1+P, Dv)
         if self.config.vision_feature_select == "default":
             feats = feats[:, 1:]  # drop the class token
         return feats

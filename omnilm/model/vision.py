@@ -5,6 +5,8 @@ Weight-compatible with HF `CLIPVisionModel`. Shape letters: N images, P patches,
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -77,3 +79,62 @@ class VisionTransformer(nn.Module):
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Post-LayerNorm class token (N, D): CLIP's image representation."""
         return self.post_layernorm(self.forward(pixel_values)[:, 0])
+
+
+class FeatureCache:
+    """A frozen tower's hidden states of each distinct image, remembered by its pixels.
+
+    A stage that trains everything but the vision tower (LLaVA's stage 2, the video recipe) meets
+    every frame once an epoch and gets the same features each time: with this cache it runs the
+    tower on each distinct image once. Keys are a digest of the preprocessed pixels and the layer,
+    so nothing about where an image came from needs to reach the model. The cache refuses a tower
+    that trains, and empties itself when the tower's weights change in place (a load, an optimizer
+    step): the sum of the parameters' version counters is part of what it checks. Entries are kept
+    until `max_bytes` is reached; images beyond it are encoded every time.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes is {max_bytes}: give zero or more bytes")
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.hits = self.misses = 0
+        self._entries: dict[bytes, torch.Tensor] = {}
+        self._weights_version: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __call__(self, tower: VisionTransformer, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """`tower(pixel_values, layer=layer)`, each image's row from the cache where it is there."""
+        if tower.training or torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters()):
+            raise RuntimeError("FeatureCache holds a frozen tower's features: this tower trains (set it to eval "
+                               "mode and requires_grad False, or drop the cache)")
+        version = sum(p._version for p in tower.parameters())
+        if version != self._weights_version:
+            self.clear()
+            self._weights_version = version
+        keys = [self._key(image, layer) for image in pixel_values]
+        missing = [i for i, key in enumerate(keys) if key not in self._entries]
+        self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        if not missing:
+            return torch.stack([self._entries[key] for key in keys])
+        with torch.no_grad():
+            fresh = tower(pixel_values[missing], layer=layer)
+        rows = dict(zip(missing, fresh))
+        for i, row in rows.items():
+            size = row.numel() * row.element_size()
+            if keys[i] not in self._entries and self.bytes + size <= self.max_bytes:
+                self._entries[keys[i]] = row.clone()  # not a view: the batch it came from can go
+                self.bytes += size
+        return torch.stack([rows[i] if i in rows else self._entries[key] for i, key in enumerate(keys)])
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    @staticmethod
+    def _key(image: torch.Tensor, layer: int) -> bytes:
+        pixels = image.detach().to("cpu", copy=False).contiguous()
+        digest = hashlib.blake2b(pixels.view(torch.uint8).numpy().tobytes(), digest_size=16)
+        digest.update(f"{layer}:{pixels.dtype}:{tuple(pixels.shape)}".encode())
+        return digest.digest()

@@ -124,6 +124,10 @@ class TrainArgs(LoraSettings, Hyperparams):
     skip_bad: bool = setting(False, "skip (and count) malformed records instead of stopping")
     cache_images: bool = setting(True, "keep decoded images in memory (--no-cache-images decodes them every time, "
                                        "for datasets larger than RAM)")
+    cache_features: float = setting(
+        0.0, "keep up to GIB gibibytes of the frozen vision tower's features, one entry per distinct image or video "
+             "frame, so the tower runs on each once rather than once an epoch (0: none). Worth it where the tower is "
+             "much of a step, as in `omnilm demo-video`", metavar="GIB")
     video_frames: int = setting(8, "frames read from each video: up to N spread evenly over it, as transformers "
                                    "samples them (0: every frame)")
     video_timestamps: bool = setting(False, "each video frame's time as text before its tokens ('3s'); saved with "
@@ -149,7 +153,7 @@ class TrainArgs(LoraSettings, Hyperparams):
             if value is not None:
                 setattr(self, name, Path(value))
         check_range(self, ("log_every",), low=1)
-        check_range(self, ("video_frames",), low=0)
+        check_range(self, ("video_frames", "cache_features"), low=0)
         check_range(self, ("save_every",), low=0)
         check_range(self, ("stop_after",), low=1)
         check_seed(self)
@@ -163,8 +167,9 @@ class TrainArgs(LoraSettings, Hyperparams):
         resolve_device(self.device)
         check_output_folder(self.out, "--out")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
-        ignored = {"clip": ("vision", "train_vision", "projector_lr", "vision_lr", "whiten_projector", "gate_lr",
-                            "group_by_length", "fusion", "attend", "lora_r", "random_positions", "position_chunks"),
+        ignored = {"clip": ("vision", "train_vision", "cache_features", "projector_lr", "vision_lr", "whiten_projector",
+                            "gate_lr", "group_by_length", "fusion", "attend", "lora_r", "random_positions",
+                            "position_chunks"),
                    "align": ("train_vision", "vision_lr", "patch_lr", "lora_r"), "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]
         if given:
@@ -180,6 +185,9 @@ class TrainArgs(LoraSettings, Hyperparams):
                      if f.name != "lora_r" and getattr(self, f.name) != f.default]
         if not self.lora_r and lora_only:
             raise OmniInputError(f"{', '.join(lora_only)} shape LoRA updates: add --lora-r R, or drop them")
+        if self.cache_features and self.train_vision:
+            raise OmniInputError("--cache-features keeps a frozen vision tower's features, and --train-vision trains "
+                                 "the tower: drop one")
         if self.lora_r and self.train_vision:
             raise OmniInputError("--lora-r trains LoRA updates of the language model with the vision encoder frozen: "
                                  "drop --train-vision")

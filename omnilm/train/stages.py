@@ -30,6 +30,7 @@ from omnilm.model.connector import whiten_
 from omnilm.model.hf import load_vision_encoder
 from omnilm.model.hf_config import hf_incompatibility
 from omnilm.model.layers import eval_mode
+from omnilm.model.vision import FeatureCache
 from omnilm.train.lora import apply_lora, load_adapter, lora_layers, lora_trainable
 
 # Which records each stage reads by default, by their `task` field. A record without one (real
@@ -292,6 +293,8 @@ def build_llava_stage(args, resume_from: Path | None):
     model.train()
     if model.vision is not None and not args.train_vision:
         model.vision.eval()  # frozen: no dropout today, but keep its mode honest
+        if args.cache_features:
+            model.feature_cache = FeatureCache(int(args.cache_features * 2**30))
 
     processor = Processor.for_model(model, tokenizer=tokenizer)
     processor.video = VideoSampling(num_frames=args.video_frames or None, timestamps=args.video_timestamps)
