@@ -549,6 +549,37 @@ def test_the_video_recipe_runs_end_to_end(tmp_path):
         VideoRecipe(patch_size=20)
 
 
+def test_motion_conversations_keep_only_their_families_and_the_marker_first(tmp_path):
+    """--n-motion's extra clips: each conversation cut to its motion and event turns (questions and
+    answers kept together), the video marker before the first; --n-direction's a direction
+    question each; both in train.json."""
+    pytest.importorskip("av", reason="the recipe writes its clips as mp4 (PyAV, the [media] extra)")
+    from omnilm.data.llava_json import read_records
+    from omnilm.data.shapeworld.video import make_video_example
+    from omnilm.recipes.video import MOTION_FAMILIES, VideoRecipe, keep_turns, write_data
+
+    for index in range(20):
+        record = make_video_example(index, 0, "motion", questions="all").records[0]
+        cut = keep_turns(record, MOTION_FAMILIES)
+        pairs = list(zip(record["turn_tasks"], record["conversations"][::2], record["conversations"][1::2]))
+        kept = [(task, q["value"].removeprefix("<video>\n"), a["value"]) for task, q, a in pairs
+                if task in MOTION_FAMILIES]
+        if not kept:
+            assert cut is None
+            continue
+        assert cut["turn_tasks"] == [task for task, _, _ in kept] and cut["video"] == record["video"]
+        questions, answers = cut["conversations"][::2], cut["conversations"][1::2]
+        assert [q["value"] for q in questions] == ["<video>\n" + kept[0][1]] + [q for _, q, _ in kept[1:]]
+        assert [a["value"] for a in answers] == [a for _, _, a in kept]
+    records = read_records(write_data(tmp_path, VideoRecipe(n_train=4, n_direction=6, n_motion=6, n_needles=0,
+                                                            n_test=1, progress=False))[0])
+    motion = [r for r in records if r["id"].startswith("motion-")]
+    assert 0 < len(motion) <= 6 and all(set(r["turn_tasks"]) <= set(MOTION_FAMILIES) for r in motion)
+    direction = [r for r in records if r["id"].startswith("direction-")]
+    assert 0 < len(direction) <= 6 and all(r["task"] == "direction" for r in direction)
+    assert all((tmp_path / r["video"]).is_file() for r in motion + direction)
+
+
 def test_controls_shuffle_or_cut_the_frames_but_keep_the_times():
     from omnilm.data.video import Video
     from omnilm.eval.vqa import control_frames

@@ -40,6 +40,8 @@ from omnilm.train import Hyperparams, TrainArgs, train
 from omnilm.train.stages import chat_tokenizer
 
 PRESET = "tiny"
+# What --n-motion's conversations ask: the families a frame alone does not answer.
+MOTION_FAMILIES = ("direction", "appear", "disappear", "order", "when")
 
 
 @dataclass(kw_only=True)
@@ -49,6 +51,10 @@ class VideoRecipe:
     seed: int = setting(0, "seed of the data, the weights and the batch order")
     n_train: int = setting(5000, "training clips of 4 to 8 frames, each one conversation of every question it answers")
     n_needles: int = setting(2000, "training haystack clips (a cross in one frame, its colour asked)")
+    n_direction: int = setting(0, "extra training clips, each a record of one question: which way a shape moves "
+                                  "(the clips with a mover, about 60%)")
+    n_motion: int = setting(0, "extra training clips, each one conversation of only its questions about motion "
+                               "and events: direction, appear, disappear, order, when")
     needle_frames: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "frames per training haystack clip, comma-"
                                              "separated: the clips split evenly among these lengths, short ones first "
                                              "to learn the look-up where the needle is one object of few")
@@ -61,8 +67,8 @@ class VideoRecipe:
                                         "(LLaVA-NeXT-Video), 'max', or 'concat' (side by side, Qwen2-VL's patch "
                                         "merger: a token says which of its patches holds what)",
                              choices=VIDEO_POOL_MODES)
-    motion: bool = setting(False, "each frame's tokens joined by their change since the frame before (with "
-                                  "--pool-mode concat, what makes direction learnable: docs/video.md)")
+    motion: bool = setting(False, "each frame's tokens joined by the change of their patches since the frame "
+                                  "before (what lets a model tell which way a shape moves: docs/video.md)")
     token_conv: int = setting(0, "a causal convolution over the last K tokens before each attention (0: none); "
                                  "K above a frame's tokens reaches the same place in the frame before")
     timestamps: bool = setting(False, "each frame's time as text before its tokens ('3s')")
@@ -73,12 +79,16 @@ class VideoRecipe:
     haystack_frames: tuple[int, ...] = setting((32,), "video haystack clip lengths in frames, comma-separated")
     haystack_depths: int = setting(11, "video haystack depths, 0 to 100%")
     haystack_samples: int = setting(20, "video haystack clips per length and depth")
+    cache_features: float = setting(0.0, "keep up to GIB gibibytes of the frozen tower's features, so that each "
+                                         "frame runs through it once (train --cache-features; about 2 GB holds the "
+                                         "default clips' frames); 0: none (as the defaults' results in docs/video.md)",
+                                    metavar="GIB")
     progress: bool = setting(True, "progress bars (--no-progress: none)")
 
     def __post_init__(self) -> None:
         check_seed(self)
         check_range(self, ("n_train", "n_test", "llm_layers", "patch_size", "pool_stride", "haystack_samples"), low=1)
-        check_range(self, ("n_needles", "token_conv"), low=0)
+        check_range(self, ("n_needles", "n_direction", "n_motion", "token_conv", "cache_features"), low=0)
         self.needle_frames = tuple(int(n) for n in self.needle_frames)
         if not self.needle_frames or not all(1 <= n <= 32 for n in self.needle_frames):
             raise OmniInputError(f"--needle-frames {','.join(map(str, self.needle_frames))}: give clip lengths of 1 to "
@@ -97,10 +107,17 @@ class VideoRecipe:
 
 
 def write_data(out: Path, recipe: VideoRecipe) -> tuple[Path, Path]:
-    """ShapeWorld clips under `out`: training conversations and haystack clips in one train.json,
-    a record a question in test.json; and the tokenizer in `out/tokenizer`."""
+    """ShapeWorld clips under `out`: training conversations (with --n-direction and --n-motion their
+    extra records too) and haystack clips in one train.json, a record a question in test.json; and
+    the tokenizer in `out/tokenizer`."""
     shared = dict(seed=recipe.seed, progress=recipe.progress)
     records = write_video_clips(out, recipe.n_train, split="train", questions="all", **shared)
+    if recipe.n_direction:  # one record a clip: its direction question (each family's are drawn apart)
+        extra = write_video_clips(out, recipe.n_direction, split="direction", **shared)
+        records += [record for record in extra if record["task"] == "direction"]
+    if recipe.n_motion:
+        extra = write_video_clips(out, recipe.n_motion, split="motion", questions="all", **shared)
+        records += [cut for record in extra if (cut := keep_turns(record, MOTION_FAMILIES)) is not None]
     lengths = recipe.needle_frames
     for k, n_frames in enumerate(lengths):  # an even share of the haystack clips at each length
         share = recipe.n_needles // len(lengths) + (k < recipe.n_needles % len(lengths))
@@ -111,6 +128,21 @@ def write_data(out: Path, recipe: VideoRecipe) -> tuple[Path, Path]:
     test_json = write_shapeworld_video(out, recipe.n_test, split="test", **shared)
     chat_tokenizer(train_json, recipe.system_prompt).save(out / "tokenizer")
     return train_json, test_json
+
+
+def keep_turns(record: dict, families: tuple[str, ...]) -> dict | None:
+    """A clip's conversation (`questions="all"`) cut to the turns of `families`, the video marker
+    before the first question left; None where none is left."""
+    turns = record["conversations"]
+    kept = [(dict(turns[2 * k]), dict(turns[2 * k + 1]), task) for k, task in enumerate(record["turn_tasks"])
+            if task in families]
+    if not kept:
+        return None
+    for question, _, _ in kept:
+        question["value"] = question["value"].removeprefix("<video>\n")
+    kept[0][0]["value"] = "<video>\n" + kept[0][0]["value"]
+    return {**record, "turn_tasks": [task for _, _, task in kept],
+            "conversations": [turn for question, answer, _ in kept for turn in (question, answer)]}
 
 
 def run_video_recipe(out: str | Path, recipe: VideoRecipe | None = None) -> dict[str, Any]:
@@ -134,7 +166,8 @@ def run_video_recipe(out: str | Path, recipe: VideoRecipe | None = None) -> dict
                                  "image_folder": data, "out": out / "instruct", "tokenizer": data / "tokenizer",
                                  "preset": PRESET, "seed": recipe.seed, "progress": recipe.progress,
                                  "config": recipe.architecture(video_token_id), "video_frames": 0,
-                                 "video_timestamps": recipe.timestamps}))
+                                 "video_timestamps": recipe.timestamps,
+                                 "cache_features": recipe.cache_features}))
     timings["instruct"] = summary["seconds"]
     model, processor = summary["model"].eval(), summary["processor"]
     shutil.copytree(out / "instruct" / "model", out / "model")
