@@ -164,6 +164,62 @@ class VisionConfig:
 
 
 @dataclass
+class AudioConfig:
+    """Whisper's audio encoder (Radford et al. 2022), as in HF `WhisperConfig`'s encoder_* fields
+    and Voxtral's `audio_config`; defaults: Voxtral's (Whisper large-v3's encoder)."""
+
+    n_mels: int = 128  # num_mel_bins
+    dim: int = 1280  # d_model
+    n_layers: int = 32  # encoder_layers
+    n_heads: int = 20  # encoder_attention_heads
+    mlp_dim: int = 5120  # encoder_ffn_dim
+    # Encoder frames per window (Whisper's 30 s at 50 a second); the log-mel window is twice as
+    # long, since the second convolution has stride 2.
+    max_source_positions: int = 1500
+    norm_eps: float = 1e-5  # transformers' Whisper leaves nn.LayerNorm's default; no config field
+    act: str = "gelu"  # activation_function, of the feed-forward only (the convolutions' GELU is fixed)
+    # Consecutive encoder frames Voxtral's projector joins into one audio token (12.5 a second).
+    # transformers reads it as audio_config.intermediate_size // d_model, tied to encoder_ffn_dim.
+    frames_per_token: int = 4
+
+    def __post_init__(self) -> None:
+        a = "audio."
+        for name, hi in (("n_mels", MAX_WIDTH), ("dim", MAX_WIDTH), ("n_layers", MAX_COUNT), ("n_heads", MAX_COUNT),
+                         ("mlp_dim", MAX_WIDTH), ("max_source_positions", MAX_WIDTH),  # rows of positions
+                         ("frames_per_token", MAX_COUNT)):
+            _check_int(a + name, getattr(self, name), hi=hi)
+        _check_heads(a, self.dim, self.n_heads)
+        if self.dim % 2 or self.dim < 4:
+            raise ConfigError(a + "dim", self.dim, "must be even and at least 4: positions start as a sine and a "
+                                                   "cosine of each of dim/2 >= 2 frequencies")
+        if self.max_source_positions % self.frames_per_token:
+            raise ConfigError(a + "max_source_positions", self.max_source_positions,
+                              f"is not a multiple of frames_per_token={self.frames_per_token}: an audio token must "
+                              "not join frames of two windows")
+        self.norm_eps = _check_number(a + "norm_eps", self.norm_eps, positive=True)
+        _check_choice(a + "act", self.act, ACTIVATION_NAMES)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AudioConfig:
+        _check_fields(cls, d, "audio config")
+        return cls(**d)
+
+    @property
+    def window_frames(self) -> int:
+        """Log-mel frames the encoder takes per window (3000 = 30 s at Whisper's hop of 10 ms)."""
+        return 2 * self.max_source_positions
+
+    @property
+    def tokens_per_window(self) -> int:
+        """Audio tokens one window becomes after Voxtral's projector (375 for 30 s)."""
+        return self.max_source_positions // self.frames_per_token
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
 class TextConfig:
     """LLaMA decoder (Touvron et al. 2023), as in HF `LlamaConfig`."""
 
