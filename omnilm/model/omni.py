@@ -175,9 +175,10 @@ class OmniModel(nn.Module):
 
     def video_features(self, pixel_values_videos: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """What the projector reads of videos ((V, F, 3, H, W), or a list of (F_i, 3, H, W)): every
-        frame's pooled tokens (`frame_features`), with `video_motion` joined by the change of each
-        token's s x s patches (side by side, as "concat" lays them) since the video's frame before,
-        zero for a video's first frame; (sum F_i, (g / s)^2, video_feature_dim)."""
+        frame's g x g grid of tower features pooled over s x s patches as `video_pool_mode` says
+        (for "concat" the patches side by side, row-major), with `video_motion` joined by the change
+        of each token's s x s patches (side by side, as "concat" lays them) since the video's frame
+        before, zero for a video's first frame; (sum F_i, (g / s)^2, video_feature_dim)."""
         frames, lengths = _video_frames(pixel_values_videos, self.config)
         patches = self.image_features(frames)
         looks = self._pool(patches, self.config.video_pool_mode)
@@ -188,12 +189,6 @@ class OmniModel(nn.Module):
         for video in blocks.split(lengths):  # a video's first frame has no frame before it
             change += [torch.zeros_like(video[:1]), video[1:] - video[:-1]]
         return torch.cat([looks, torch.cat(change)], dim=-1)
-
-    def frame_features(self, frames: torch.Tensor) -> torch.Tensor:
-        """Video frames (N, 3, H, W), each on its own: the tower's g x g grid of features pooled over
-        s x s patches as `video_pool_mode` says, (N, (g / s)^2, Dv), or (N, (g / s)^2, s^2 Dv) for
-        "concat" (each token's patches in row-major order, side by side)."""
-        return self._pool(self.image_features(frames), self.config.video_pool_mode)
 
     def _pool(self, patches: torch.Tensor, mode: str) -> torch.Tensor:
         """(N, g*g, Dv) patch features -> (N, (g/s)^2, Dv), or (N, (g/s)^2, s*s*Dv) for "concat"."""
