@@ -413,6 +413,12 @@ class OmniConfig:
     video_pool_stride: int = 2
     video_pool_mode: str = "average"
     video_motion: bool = False
+    # Audio (Voxtral, Mistral AI 2025): a Whisper encoder (`audio`) reads each window of log-mel
+    # frames; Voxtral's projector joins `audio.frames_per_token` frames into one token, through
+    # audio_projector_act, and the windows' tokens stand in order at the audio marker. None: no audio.
+    audio: AudioConfig | None = None
+    audio_token_id: int | None = None
+    audio_projector_act: str = "gelu"
     n_latents: int = 8
     resampler_layers: int = 2
     cross_attention_every: int = 2
@@ -423,6 +429,8 @@ class OmniConfig:
             self.text = TextConfig.from_dict(self.text)
         if isinstance(self.vision, dict):
             self.vision = VisionConfig.from_dict(self.vision)
+        if isinstance(self.audio, dict):
+            self.audio = AudioConfig.from_dict(self.audio)
         if not isinstance(self.text, TextConfig):
             raise ConfigError("text", self.text, "must be an object of text (decoder) settings")
         if self.vision is not None and not isinstance(self.vision, VisionConfig):
@@ -440,6 +448,7 @@ class OmniConfig:
                                                                    "channels")
         self._check_fusion()
         self._check_video()
+        self._check_audio()
         if self.vision_feature_select not in ("default", "full"):
             raise ValueError(
                 f"vision_feature_select={self.vision_feature_select!r}: use 'default' (drop the class token) or 'full'"
@@ -492,6 +501,32 @@ class OmniConfig:
                               f"does not divide the frames' grid of {side} x {side} patches: give a stride that "
                               f"does (LLaVA-NeXT-Video's is 2), or images of another size")
 
+    def _check_audio(self) -> None:
+        if self.audio is not None and not isinstance(self.audio, AudioConfig):
+            raise ConfigError("audio", self.audio, "must be an object of audio encoder settings, or null (no audio)")
+        _check_int("audio_token_id", self.audio_token_id, lo=0, hi=MAX_VOCAB, optional=True)
+        _check_choice("audio_projector_act", self.audio_projector_act, ACTIVATION_NAMES)
+        if (self.audio is None) != (self.audio_token_id is None):
+            has, lacks = ("audio", "audio_token_id") if self.audio is not None else ("audio_token_id", "audio")
+            raise ConfigError(lacks, None, f"must be set too, since {has} is: an audio model needs both its encoder "
+                                           "and the id of its <audio> marker")
+        if self.audio is None:
+            return
+        if self.fusion != "joint":
+            raise ConfigError("fusion", self.fusion, "must be 'joint' in a model with audio: audio tokens stand in the "
+                                                     "sequence at their marker")
+        others = {"image_token_id": self.image_token_id if self.vision is not None else None,
+                  "video_token_id": self.video_token_id}
+        for name, token in others.items():
+            if token == self.audio_token_id:
+                raise ConfigError("audio_token_id", self.audio_token_id, f"is the {name} too: give audio a marker of "
+                                                                         "its own")
+
+    @property
+    def audio_seq_len(self) -> int:
+        """Number of sequence tokens one audio window becomes (0 for a model without audio)."""
+        return self.audio.tokens_per_window if self.audio is not None else 0
+
     @property
     def video_frame_len(self) -> int:
         """Number of sequence tokens one video frame becomes: its pooled grid of vision tokens."""
@@ -542,6 +577,8 @@ class OmniConfig:
         _check_fields(cls, d, "omnilm config")
         if d.get("vision") is not None:
             d["vision"] = VisionConfig.from_dict(_check_object(d["vision"], "vision"))
+        if d.get("audio") is not None:
+            d["audio"] = AudioConfig.from_dict(_check_object(d["audio"], "audio"))
         if "text" in d:
             d["text"] = TextConfig.from_dict(_check_object(d["text"], "text"))
         return cls(**d)
@@ -555,7 +592,7 @@ class OmniConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> OmniConfig:
-        """Build a preset; `overrides` set top-level fields, and `text=`/`vision=` dicts update the towers.
+        """Build a preset; `overrides` set top-level fields, and `text=`/`vision=`/`audio=` dicts update the towers.
 
         >>> OmniConfig.from_preset("tiny", text=dict(n_layers=2), image_token_id=3)
         """
@@ -563,7 +600,7 @@ class OmniConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
         d = json.loads(json.dumps(PRESETS[name]))  # deep copy
         for key, value in overrides.items():
-            if key in ("text", "vision") and isinstance(value, dict) and d.get(key) is not None:
+            if key in ("text", "vision", "audio") and isinstance(value, dict) and d.get(key) is not None:
                 d[key].update(value)
             else:
                 d[key] = value

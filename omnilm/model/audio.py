@@ -93,10 +93,15 @@ class WhisperEncoder(nn.Module):
         # Sinusoids, frozen, as OpenAI's Whisper keeps them; an nn.Embedding because transformers stores them so.
         self.embed_positions = nn.Embedding(cfg.max_source_positions, cfg.dim)
         self.embed_positions.requires_grad_(False)
-        with torch.no_grad():
-            self.embed_positions.weight.copy_(sinusoids(cfg.max_source_positions, cfg.dim))
+        self.reset_positions()
         self.layers = nn.ModuleList(WhisperEncoderLayer(cfg) for _ in range(cfg.n_layers))
         self.layer_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+
+    @torch.no_grad()
+    def reset_positions(self) -> None:
+        """Write the sinusoids into the positions (a no-op on the meta device)."""
+        if not self.embed_positions.weight.is_meta:
+            self.embed_positions.weight.copy_(sinusoids(self.config.max_source_positions, self.config.dim))
 
     def forward(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, M, F) log-mel windows, F = cfg.window_frames -> (B, T, D) frames, T = F / 2."""

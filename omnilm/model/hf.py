@@ -1,15 +1,17 @@
-"""Hugging Face interop: read and write LLaVA, LLaVA-NeXT-Video, LLaMA and CLIP folders (safetensors
-only, never pickle).
+"""Hugging Face interop: read and write LLaVA, LLaVA-NeXT-Video, Voxtral, LLaMA and CLIP folders
+(safetensors only, never pickle), and read Whisper's encoder.
 
 `OmniModel.from_pretrained` and `OmniModel.save_pretrained` call `load_pretrained` and
 `save_pretrained` here, `ClipModel`'s call `load_clip` and `save_clip`; `load_vision_encoder`
-reads a CLIP (or LLaVA) folder's vision tower. Weights and configs only: the tokenizer files
+reads a CLIP (or LLaVA) folder's vision tower, `load_audio_encoder` a Whisper (or Voxtral) folder's
+audio encoder. Weights and configs only: the tokenizer files
 beside them are the processor's (`omnilm.data.Processor`).
 
 A folder's config is `omnilm.json` when present (our exact config, written by us), else its
 `config.json` converted: model_type "llava" (CLIP + projector + LLaMA), "llava_next_video" (the
-same, with a video marker and pooled frames; saved so when the model reads videos), "llama" (text-only),
-"clip_vision_model" or "clip" (vision tower only). Weights are `model.safetensors` or the shards
+same, with a video marker and pooled frames; saved so when the model reads videos), "voxtral" (a
+Whisper encoder + projector + LLaMA: an audio model), "llama" (text-only), "clip_vision_model" or
+"clip" (vision tower only), "whisper" (its encoder only). Weights are `model.safetensors` or the shards
 listed in `model.safetensors.index.json`; every known key layout loads (see KEYS_FROM_HF).
 
 We write the layout of the llava-hf hub checkpoints (the transformers 4.x names). Every
@@ -28,11 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from omnilm.config import ClipConfig, OmniConfig, VisionConfig
+from omnilm.config import AudioConfig, ClipConfig, OmniConfig, VisionConfig
 from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, read_json, write_json
-from omnilm.model.hf_config import (build_config, clip_config_from_hf, clip_config_to_hf, config_from_hf, config_to_hf,
-                                    hf_incompatibility, vision_config_from_hf)
+from omnilm.model.audio import WhisperEncoder
+from omnilm.model.hf_config import (audio_config_from_hf, build_config, clip_config_from_hf, clip_config_to_hf,
+                                    config_from_hf, config_to_hf, hf_incompatibility, vision_config_from_hf)
 from omnilm.model.vision import VisionTransformer
 
 # --- key layouts ------------------------------------------------------------------------------
@@ -53,6 +56,10 @@ from omnilm.model.vision import VisionTransformer
 #           the same without `vision_model.` (5.x CLIPVisionModel)
 #   CLIP, both towers ("clip_model", omnilm.model.clip): vision_model.*, text_model.{embeddings,
 #           encoder.layers,final_layer_norm}, visual_projection, text_projection, logit_scale
+#   Voxtral audio_tower.{conv1,conv2,embed_positions,layers,layer_norm}, multi_modal_projector.linear_{1,2},
+#           language_model.model.*, language_model.lm_head (on disk; model.audio_tower... in memory)
+#   Whisper model.encoder.* (WhisperForConditionalGeneration), encoder.* (WhisperModel): the encoder is
+#           read alone (`load_audio_encoder`), its decoder left out
 
 KEYS_FROM_HF: dict[str, list[tuple[str, str]]] = {
     "llava": [
@@ -61,6 +68,15 @@ KEYS_FROM_HF: dict[str, list[tuple[str, str]]] = {
         (r"(model\.)?multi_modal_projector\.linear_2\.", "projector.fc2."),
         (r"(language_model\.)?lm_head\.", "lm_head."),
         (r"(model\.)?language_model\.(model\.)?", "llm."),
+    ],
+    "voxtral": [
+        (r"(model\.)?audio_tower\.", "audio."),
+        (r"(model\.)?multi_modal_projector\.", "audio_projector."),
+        (r"(language_model\.)?lm_head\.", "lm_head."),
+        (r"(model\.)?language_model\.(model\.)?", "llm."),
+    ],
+    "whisper": [
+        (r"(model\.)?encoder\.", "audio."),
     ],
     "llama": [
         (r"model\.", "llm."),
@@ -75,7 +91,8 @@ KEYS_FROM_HF: dict[str, list[tuple[str, str]]] = {
 }
 LAYER_RULES = [
     (r"^(vision|text)\.encoder\.layers\.", r"\1.layers."),  # CLIP keeps its blocks under `encoder.`
-    (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."),  # CLIP's name for the output projection
+    # CLIP's name for the output projection (Whisper's too, which omnilm keeps)
+    (r"^((?:vision|text)\.layers\.\d+\.self_attn)\.out_proj\.", r"\1.o_proj."),
     (r"\.block_sparse_moe\.", ".mlp."),  # Mixtral's MoE block (then _stack_experts merges its experts)
 ]
 # Mixtral on disk keeps one SwiGLU per expert: block_sparse_moe.experts.E.{w1 (gate), w2 (down),
@@ -85,6 +102,8 @@ EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
 # Harmless keys some checkpoints carry: buffers transformers recomputes, and CLIP's text side
 # (kept only when both CLIP towers are read, kind "clip_model").
 IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|position_ids)$")
+# Whisper's text decoder, beside the encoder `load_audio_encoder` reads.
+WHISPER_DECODER_KEYS = re.compile(r"^(model\.)?decoder\.|^proj_out\.")
 CLIP_TEXT_KEYS = re.compile(r"^(text_model\.|text_projection\.|visual_projection\.|logit_scale$)")
 # LLaVA-NeXT's row separator for its "anyres" image tiles: omnilm reads images as LLaVA-1.5 does.
 ANYRES_KEYS = re.compile(r"^(model\.)?image_newline$")
@@ -103,6 +122,12 @@ KEYS_TO_HF: dict[str, list[tuple[str, str]]] = {
         (r"llm\.", "language_model.model."),
         (r"lm_head\.", "language_model.lm_head."),
     ],
+    "voxtral": [
+        (r"audio\.", "audio_tower."),
+        (r"audio_projector\.", "multi_modal_projector."),
+        (r"llm\.", "language_model.model."),
+        (r"lm_head\.", "language_model.lm_head."),
+    ],
     "llama": [
         (r"llm\.", "model."),
     ],
@@ -115,7 +140,8 @@ KEYS_TO_HF: dict[str, list[tuple[str, str]]] = {
 
 
 def key_from_hf(key: str, kind: str) -> str:
-    """The omnilm name of checkpoint key `key` in a folder of `kind` ("llava", "llama", "clip", "clip_model")."""
+    """The omnilm name of checkpoint key `key` in a folder of `kind` ("llava", "voxtral", "llama", "clip",
+    "clip_model", "whisper")."""
     for pattern, repl in KEYS_FROM_HF[kind]:
         new = re.sub("^" + pattern, repl, key, count=1)
         if new != key:
@@ -157,13 +183,16 @@ def _json_object(file: Path) -> dict:
 
 
 def hf_kind(cfg: OmniConfig) -> str:
-    """The transformers class a model of `cfg` is saved as: "llava" with a vision tower, else "llama"."""
+    """The transformers class a model of `cfg` is saved as: "voxtral" with an audio encoder (and no
+    vision tower), "llava" with a vision tower, else "llama"."""
+    if cfg.audio is not None and cfg.vision is None:
+        return "voxtral"
     return "llava" if cfg.vision is not None else "llama"
 
 
-def read_config(path: str | Path) -> tuple[OmniConfig | VisionConfig, str, str]:
-    """(config, kind, source) of a model folder. kind is "llava", "llama" or "clip" (a
-    VisionConfig); source is the file the config came from. Every problem with the config file
+def read_config(path: str | Path) -> tuple[OmniConfig | VisionConfig | AudioConfig, str, str]:
+    """(config, kind, source) of a model folder. kind is "llava", "voxtral", "llama", "clip" (a
+    VisionConfig) or "whisper" (an AudioConfig); source is the file the config came from. Every problem with the config file
     is a one-line OmniInputError naming the file and the field."""
     folder = _folder(path)
     if (folder / "omnilm.json").is_file():
@@ -181,6 +210,8 @@ def read_config(path: str | Path) -> tuple[OmniConfig | VisionConfig, str, str]:
         cfg: OmniConfig | VisionConfig = vision_config_from_hf(vision if vision is not None else {}, where=str(file),
                                                                section="vision_config." if clip else "")
         kind = "clip"
+    elif d.get("model_type") in ("whisper", "voxtral_encoder"):
+        return audio_config_from_hf(d, str(file)), "whisper", "config.json"
     else:
         cfg = config_from_hf(d, str(file))
         kind = hf_kind(cfg)
@@ -248,7 +279,8 @@ def read_weights(folder: Path, kind: str, dtype: torch.dtype | str | None,
             with safe_open(file, framework="pt") as f:
                 for key in f.keys():
                     if (IGNORED_KEYS.search(key) or (kind != "clip_model" and CLIP_TEXT_KEYS.search(key))
-                            or (kind == "llava" and ANYRES_KEYS.match(key))):
+                            or (kind == "llava" and ANYRES_KEYS.match(key))
+                            or (kind == "whisper" and WHISPER_DECODER_KEYS.match(key))):
                         continue
                     name = key_from_hf(key, kind)
                     if name in state:
@@ -386,6 +418,9 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
     if kind == "clip":
         raise OmniInputError(f"{folder} holds a CLIP encoder, not a language model: "
                              "read it with omnilm.model.hf.load_vision_encoder(path)")
+    if kind == "whisper":
+        raise OmniInputError(f"{folder} holds a Whisper model, whose encoder omnilm reads alone: "
+                             "read it with omnilm.model.hf.load_audio_encoder(path)")
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(cfg)
@@ -406,9 +441,9 @@ def load_vision_encoder(path: str | Path, device: str | torch.device | None = No
     pretrained encoder). `dtype` as in `load_pretrained`."""
     folder = _folder(path)
     cfg, kind, source = read_config(folder)
-    vision_cfg = cfg if isinstance(cfg, VisionConfig) else cfg.vision
+    vision_cfg = cfg if isinstance(cfg, VisionConfig) else getattr(cfg, "vision", None)
     if vision_cfg is None:
-        raise OmniInputError(f"{folder} holds a text-only model; it has no vision encoder")
+        raise OmniInputError(f"{folder} holds a model without a vision encoder")
     with torch.device("meta"):
         encoder = VisionTransformer(vision_cfg)
     state, origin = read_weights(folder, kind, dtype, torch.device(device or "cpu"))
@@ -416,6 +451,24 @@ def load_vision_encoder(path: str | Path, device: str | torch.device | None = No
         state = {k: v for k, v in state.items() if k.startswith("vision.")}
     state = {k.removeprefix("vision."): v for k, v in state.items()}
     origin = {k.removeprefix("vision."): v for k, v in origin.items()}
+    assign_weights(encoder, state, origin, folder, source)
+    return encoder.eval()
+
+
+def load_audio_encoder(path: str | Path, device: str | torch.device | None = None,
+                       dtype: torch.dtype | str | None = None) -> WhisperEncoder:
+    """The Whisper encoder of a Whisper, Voxtral or omnilm audio model folder (e.g. to start an audio
+    model from a pretrained encoder). `dtype` as in `load_pretrained`."""
+    folder = _folder(path)
+    cfg, kind, source = read_config(folder)
+    audio_cfg = cfg if isinstance(cfg, AudioConfig) else getattr(cfg, "audio", None)
+    if audio_cfg is None:
+        raise OmniInputError(f"{folder} holds a model without an audio encoder")
+    with torch.device("meta"):
+        encoder = WhisperEncoder(audio_cfg)
+    state, origin = read_weights(folder, kind, dtype, torch.device(device or "cpu"))
+    state = {k.removeprefix("audio."): v for k, v in state.items() if k.startswith("audio.")}
+    origin = {k.removeprefix("audio."): v for k, v in origin.items() if k.startswith("audio.")}
     assign_weights(encoder, state, origin, folder, source)
     return encoder.eval()
 

@@ -3,7 +3,8 @@
 LLaVA (`LlavaConfig`: text_config + vision_config), LLaVA-NeXT-Video (`LlavaNextVideoConfig`:
 LLaVA plus a video marker and a spatial pool), LLaMA (`LlamaConfig`), Mixtral (`MixtralConfig`, as
 a text model or as LLaVA's language model), CLIP vision (`CLIPVisionConfig`) and both CLIP towers
-(`CLIPConfig`); and the processor files beside them (`preprocessor_config.json`,
+(`CLIPConfig`), Voxtral (`VoxtralConfig`: a Whisper encoder's audio_config + text_config) and a
+Whisper encoder (`WhisperConfig`, `VoxtralEncoderConfig`); and the processor files beside them (`preprocessor_config.json`,
 `processor_config.json`). Fields a config.json leaves out take transformers' defaults.
 
 A LLaVA-NeXT-Video folder is read for its video path, which is LLaVA-1.5's tower and projector on
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from omnilm.config import ROPE_TYPES, ClipConfig, ClipTextConfig, ConfigError, OmniConfig, TextConfig, VisionConfig
+from omnilm.config import ROPE_TYPES, AudioConfig, ClipConfig, ClipTextConfig, ConfigError, OmniConfig, TextConfig, VisionConfig
 from omnilm.errors import OmniInputError
 from omnilm.model.layers import ACTIVATIONS
 
@@ -60,6 +61,23 @@ LLAVA_KEYS = dict(image_token_id="image_token_index", vision_feature_select="vis
                   video_pool_mode="spatial_pool_mode")
 LLAVA_MODEL_TYPES = ("llava", "llava_next_video")
 CLIP_TEXT_KEYS = {**VISION_KEYS, "max_len": "max_position_embeddings"}
+# What VoxtralConfig puts under a text_config that leaves them out (Voxtral-Mini-3B's decoder).
+VOXTRAL_TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=131072, hidden_size=3072, intermediate_size=8192, num_hidden_layers=30, num_key_value_heads=8,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=1e8, head_dim=128,
+)
+# VoxtralEncoderConfig's defaults (Whisper large-v3's encoder); WhisperConfig spells the fields
+# d_model, encoder_layers, encoder_attention_heads, encoder_ffn_dim, which VoxtralEncoderConfig maps.
+WHISPER_ENCODER_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, num_mel_bins=128,
+    max_source_positions=1500, activation_function="gelu",
+)
+WHISPER_ALIASES = dict(d_model="hidden_size", encoder_layers="num_hidden_layers",
+                       encoder_attention_heads="num_attention_heads", encoder_ffn_dim="intermediate_size")
+AUDIO_KEYS = dict(n_mels="num_mel_bins", dim="hidden_size", n_layers="num_hidden_layers",
+                  n_heads="num_attention_heads", mlp_dim="intermediate_size", act="activation_function",
+                  frames_per_token="intermediate_size")
+VOXTRAL_KEYS = dict(audio_token_id="audio_token_id", audio_projector_act="projector_hidden_act")
 CLIP_KEYS = dict(embed_dim="projection_dim", logit_scale_init="logit_scale_init_value")
 
 
@@ -193,9 +211,11 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> OmniConfig:
     if model_type in TEXT_MODEL_TYPES:
         text_cfg = text_config_from_hf(d, where)
         return build_config(lambda: OmniConfig(text=text_cfg, vision=None), where, nested={"text": ("", TEXT_KEYS)})
+    if model_type == "voxtral":
+        return voxtral_config_from_hf(d, where)
     if model_type not in LLAVA_MODEL_TYPES:
-        raise OmniInputError(f"{where} has model_type {model_type!r}; omnilm loads llava, llava_next_video, llama "
-                             "and mixtral (and clip / clip_vision_model with load_vision_encoder)")
+        raise OmniInputError(f"{where} has model_type {model_type!r}; omnilm loads llava, llava_next_video, voxtral, "
+                             "llama and mixtral (and clip / clip_vision_model with load_vision_encoder)")
     video = model_type == "llava_next_video"
     if video and d.get("spatial_pool_mode", "average") not in ("average", "max"):
         raise OmniInputError(f"{where}: spatial_pool_mode={d['spatial_pool_mode']!r}; omnilm pools video frames "
@@ -243,8 +263,50 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> OmniConfig:
         nested={"text": ("text_config.", TEXT_KEYS), "vision": ("vision_config.", VISION_KEYS)})
 
 
+def audio_config_from_hf(d: dict[str, Any], where: str = "config.json", section: str = "") -> AudioConfig:
+    """A VoxtralEncoderConfig (or WhisperConfig) dict -> AudioConfig; Voxtral's projector joins
+    intermediate_size // hidden_size frames, so the encoder's feed-forward width must be a multiple
+    of its width."""
+    d = _object(d, where, section.rstrip(".") or "the config")
+    d = {WHISPER_ALIASES.get(k, k): v for k, v in d.items()}
+    get = _getter(d, WHISPER_ENCODER_DEFAULTS)
+    dim, ffn = get("hidden_size"), get("intermediate_size")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (dim, ffn)) or ffn % dim:
+        raise OmniInputError(f"{where}: {section}intermediate_size={ffn!r} must be a multiple of hidden_size={dim!r}: "
+                             "Voxtral joins intermediate_size / hidden_size encoder frames into one audio token")
+    return build_config(lambda: AudioConfig(
+        n_mels=get("num_mel_bins"), dim=dim, n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
+        mlp_dim=ffn, max_source_positions=get("max_source_positions"), act=get("activation_function"),
+        frames_per_token=ffn // dim,
+    ), where, section, AUDIO_KEYS)
+
+
+def voxtral_config_from_hf(d: dict[str, Any], where: str = "config.json") -> OmniConfig:
+    """A VoxtralConfig dict -> OmniConfig: no vision tower, the Whisper encoder and a LLaMA decoder."""
+    text = d.get("text_config")
+    text = {**VOXTRAL_TEXT_DEFAULTS, **_object(text if text is not None else {}, where, "text_config")}
+    text.setdefault("model_type", "llama")
+    if text["model_type"] not in TEXT_MODEL_TYPES:
+        raise OmniInputError(f"{where}: this Voxtral's language model is {text['model_type']!r}; omnilm's decoder is "
+                             "LLaMA or Mixtral")
+    audio = d.get("audio_config")
+    audio_cfg = audio_config_from_hf(audio if audio is not None else {}, where, "audio_config.")
+    text_cfg = text_config_from_hf(text, where, "text_config.")
+    return build_config(lambda: OmniConfig(
+        text=text_cfg, vision=None, audio=audio_cfg,
+        audio_token_id=d.get("audio_token_id", 24),  # VoxtralConfig's default id (Voxtral-Mini's [AUDIO])
+        audio_projector_act=d.get("projector_hidden_act", "gelu"),
+    ), where, "", VOXTRAL_KEYS, nested={"text": ("text_config.", TEXT_KEYS), "audio": ("audio_config.", AUDIO_KEYS)})
+
+
 def hf_incompatibility(cfg: OmniConfig) -> str | None:
-    """Why transformers has no class for `cfg` (None when LLaVA, LLaMA or Mixtral describes it)."""
+    """Why transformers has no class for `cfg` (None when LLaVA, LLaVA-NeXT-Video, Voxtral, LLaMA or
+    Mixtral describes it)."""
+    if cfg.audio is not None and cfg.vision is not None:
+        return "transformers has no class that reads both images and audio (Voxtral hears, LLaVA sees)"
+    if cfg.audio is not None and cfg.audio.mlp_dim != cfg.audio.frames_per_token * cfg.audio.dim:
+        return ("Voxtral reads audio.frames_per_token from the encoder's feed-forward width: it needs audio.mlp_dim "
+                "== frames_per_token * audio.dim")
     if cfg.fusion != "joint":
         return f"LLaVA fuses jointly; transformers has no class for fusion={cfg.fusion!r}"
     if cfg.video_token_id is not None and cfg.video_pool_mode == "concat":
@@ -324,12 +386,26 @@ def vision_config_to_hf(v: VisionConfig) -> dict[str, Any]:
     }
 
 
+def audio_config_to_hf(a: AudioConfig) -> dict[str, Any]:
+    """AudioConfig -> a VoxtralEncoderConfig dict (the encoder's feed-forward width is also the
+    projector's input, frames_per_token * hidden_size: hf_incompatibility checks it)."""
+    return {"model_type": "voxtral_encoder", "num_mel_bins": a.n_mels, "hidden_size": a.dim,
+            "num_hidden_layers": a.n_layers, "num_attention_heads": a.n_heads, "intermediate_size": a.mlp_dim,
+            "max_source_positions": a.max_source_positions, "activation_function": a.act, "scale_embedding": False,
+            "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0}
+
+
 def config_to_hf(cfg: OmniConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """OmniConfig -> a transformers config.json dict: LlavaForConditionalGeneration (or
-    LlavaNextVideoForConditionalGeneration with video), or LlamaForCausalLM (MixtralForCausalLM)
-    for a text-only model."""
+    LlavaNextVideoForConditionalGeneration with video), VoxtralForConditionalGeneration with audio,
+    or LlamaForCausalLM (MixtralForCausalLM) for a text-only model."""
     dtype_name = str(dtype).removeprefix("torch.")
     text = text_config_to_hf(cfg.text)
+    if cfg.audio is not None:  # hf_incompatibility has checked that Voxtral describes it
+        return {"architectures": ["VoxtralForConditionalGeneration"], "model_type": "voxtral",
+                "audio_config": audio_config_to_hf(cfg.audio), "text_config": text,
+                "audio_token_id": cfg.audio_token_id, "projector_hidden_act": cfg.audio_projector_act,
+                "hidden_size": cfg.text.dim, "dtype": dtype_name}
     if cfg.vision is None:
         arch = "MixtralForCausalLM" if cfg.text.n_experts else "LlamaForCausalLM"
         return {"architectures": [arch], **text, "dtype": dtype_name}

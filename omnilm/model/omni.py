@@ -5,8 +5,9 @@ This is the one module that knows both towers: it decides where images go (for j
 fusion exactly at the image-token positions, any number of images per sequence and per batch;
 for late and cross-attention fusion beside the sequence, readable from their markers on), where
 videos go (LLaVA-NeXT-Video: each frame through the tower, pooled, at the video-token positions)
-and computes the loss. Shape letters: B batch, T tokens, N images, L tokens per image, D text width,
-V vocab.
+where audio goes (Voxtral: each window of log-mel frames through the Whisper encoder, projected, at
+the audio-token positions) and computes the loss. Shape letters: B batch, T tokens, N images, L
+tokens per image, D text width, V vocab, W audio windows, M mel bins, F mel frames a window.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from omnilm.config import IGNORE_INDEX, OmniConfig
 from omnilm.errors import OmniInputError
 from omnilm.model import hf
+from omnilm.model.audio import VoxtralProjector, WhisperEncoder
 from omnilm.model.connector import build_projector, build_video_projector
 from omnilm.model.fusion import Media, build_fusion
 from omnilm.model.layers import KVCache, RaggedKVCache, build_initialised
@@ -31,6 +33,11 @@ from omnilm.model.vision import FeatureCache, VisionTransformer
 
 
 NO_VIDEO = "this model takes no video (its config has no video_token_id): pass frames as images, or use a video model"
+NO_AUDIO = "this model takes no audio (its config has no audio encoder): pass no input_features, or use an audio model"
+# How a marker's error names the media it stands for, and what to do when their counts differ.
+_MEDIA_HINTS = {"image": "expand each <image> marker to {L} tokens and pass one image per marker",
+                "video frame": "expand each <video> marker to {L} tokens a frame and pass every frame of each video",
+                "audio window": "expand each <audio> marker to {L} tokens a window and pass every window of each audio"}
 
 
 @dataclass
@@ -51,6 +58,10 @@ class OmniModel(nn.Module):
         self.feature_cache: FeatureCache | None = None  # a frozen tower's features, remembered (not saved)
         self.projector = build_projector(config)
         self.video_projector = build_video_projector(config)  # None where frames share the image projector
+        a = config.audio
+        self.audio = WhisperEncoder(a) if a is not None else None
+        self.audio_projector = (VoxtralProjector(a.dim, config.text.dim, a.frames_per_token, config.audio_projector_act)
+                                if a is not None else None)
         self.fusion = build_fusion(config)  # late and cross_attention only
         self.llm = LlamaDecoder(config.text)
         self.lm_head = nn.Linear(config.text.dim, config.text.vocab_size, bias=False)
@@ -66,6 +77,8 @@ class OmniModel(nn.Module):
         def finish(model: OmniModel) -> None:
             if config.text.tie_embeddings:  # to_empty re-creates parameters, which unties them
                 model.lm_head.weight = model.llm.embed_tokens.weight
+            if model.audio is not None:  # Whisper's positions are fixed sinusoids, not random weights
+                model.audio.reset_positions()
 
         return build_initialised(cls, config, device, dtype, finish)
 
@@ -115,6 +128,11 @@ class OmniModel(nn.Module):
             motion = ", with their change since the frame before" if c.video_motion else ""
             lines.append(f"video:  frames through the vision tower, {c.video_pool_stride}x{c.video_pool_stride} "
                          f"{c.video_pool_mode} pooled{motion}, {c.video_frame_len} tokens per frame")
+        if c.audio is not None:
+            a = c.audio
+            lines.append(f"audio:  Whisper encoder {a.n_layers} layers, dim {a.dim}, {a.n_mels} mel bins, windows of "
+                         f"{a.window_frames} frames ({a.window_frames / 100:g} s), {a.frames_per_token} frames a token, "
+                         f"{c.audio_seq_len} tokens per window")
         if c.fusion == "late":
             lines.append("fusion: late: pooled images join the last hidden states through a gate (the marker is 1 token)")
         elif c.fusion == "cross_attention":
@@ -200,12 +218,23 @@ class OmniModel(nn.Module):
         pool = F.avg_pool2d if mode == "average" else F.max_pool2d
         return pool(grid, s).flatten(2).transpose(1, 2)
 
+    def encode_audio(self, input_features: torch.Tensor) -> torch.Tensor:
+        """Audio windows as the decoder takes them, (W, M, F) log-mel windows -> (W, F / 2 / K, D):
+        each window through the Whisper encoder, K consecutive frames joined and projected (Voxtral)."""
+        if self.audio is None:
+            raise OmniInputError(NO_AUDIO)
+        if not isinstance(input_features, torch.Tensor):
+            raise OmniInputError(f"input_features are a {type(input_features).__name__}: give one (windows, mel bins, "
+                                 "frames) tensor, every audio's windows in marker order")
+        return self.audio_projector(self.audio(input_features))
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+              pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+              input_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, T, D) with image features written at the image-token positions (joint,
-        early), and video features at the video-token positions; late and cross-attention fusion
-        keep each image marker as a text token."""
-        markers = self._markers(pixel_values, pixel_values_videos)
+        early), video features at the video-token positions and audio at the audio-token positions;
+        late and cross-attention fusion keep each image marker as a text token."""
+        markers = self._markers(pixel_values, pixel_values_videos, input_features)
         where = [input_ids == token for token, *_ in markers]
         for (token, *_), is_marker in zip(markers, where):
             # A marker id may lie outside a text vocabulary (any row will do: features overwrite it);
@@ -215,7 +244,7 @@ class OmniModel(nn.Module):
         x = self.llm.embed_tokens(input_ids)
         if self.fusion is not None:  # late, cross_attention: the marker stays text
             return x
-        for (_, pixels, encode, what), is_marker in zip(markers, where):
+        for (_, pixels, encode, what, _), is_marker in zip(markers, where):
             if pixels is not None:
                 x = _scatter(x, is_marker, encode(pixels), what)
         return x
@@ -226,20 +255,30 @@ class OmniModel(nn.Module):
         return projector(self.video_features(pixel_values_videos))
 
     def _markers(self, pixel_values: torch.Tensor | None,
-                 pixel_values_videos: torch.Tensor | list[torch.Tensor] | None) -> list[tuple]:
-        """(marker id, its media or None, their encoder, their name) for images and, in a video model,
-        videos; videos given to any other model are refused."""
+                 pixel_values_videos: torch.Tensor | list[torch.Tensor] | None,
+                 input_features: torch.Tensor | None = None) -> list[tuple]:
+        """(marker id, its media or None, their encoder, their name, the forward argument) for images
+        (in a model with a vision tower, or given), videos in a video model and audio in an audio
+        model; videos or audio given to any other model are refused."""
         c = self.config
-        markers = [(c.image_token_id, pixel_values, self.encode_images, "image")]
+        markers = []
+        if c.vision is not None or pixel_values is not None:
+            markers.append((c.image_token_id, pixel_values, self.encode_images, "image", "pixel_values"))
         if c.video_token_id is not None:
-            markers.append((c.video_token_id, pixel_values_videos, self._encode_video_frames, "video frame"))
+            markers.append((c.video_token_id, pixel_values_videos, self._encode_video_frames, "video frame",
+                            "pixel_values_videos"))
         elif pixel_values_videos is not None:
             raise OmniInputError(NO_VIDEO)
+        if c.audio_token_id is not None:
+            markers.append((c.audio_token_id, input_features, self.encode_audio, "audio window", "input_features"))
+        elif input_features is not None:
+            raise OmniInputError(NO_AUDIO)
         return markers
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+                input_features: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | RaggedKVCache | None = None,
                 logits_to_keep: int = 0, logits_at: torch.Tensor | None = None,
                 output_routing: bool = False) -> ModelOutput:
@@ -248,22 +287,23 @@ class OmniModel(nn.Module):
         `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the batch;
         `pixel_values_videos` (V, F, 3, H, W) the videos in the order of theirs (each marker expanded to
         F * `config.video_frame_len` tokens), or a list of (F_i, 3, H, W) for videos of different
-        lengths. With a `cache`, `input_ids` are the new tokens and `attention_mask` covers the
+        lengths. `input_features` (W, M, F) lists the audio windows (log-mel, `omnilm.data.audio.log_mel`) in
+        the order of their markers, each window `config.audio_seq_len` tokens. With a `cache`, `input_ids` are the new tokens and `attention_mask` covers the
         cached ones too. `logits_to_keep=n` computes logits for the last n
         positions only (prefill needs one row, not a (B, T, V) tensor); `logits_at` (B,) computes one
         position per row, (B, 1, V): the last real token of each prompt in a right-padded batch. An MoE
         model reports each layer's routing in `.routing` when there are labels (its losses join the
         loss) or `output_routing` is set.
         """
-        if (cache is None or cache.seen == 0) and self.config.vision is not None:  # markers without their media
-            for (token, media, _, what), argument in zip(self._markers(pixel_values, pixel_values_videos),
-                                                         ("pixel_values", "pixel_values_videos")):
+        markers = self._markers(pixel_values, pixel_values_videos, input_features)
+        if cache is None or cache.seen == 0:  # markers without their media
+            for token, media, _, what, argument in markers:
                 n_markers = int((input_ids == token).sum()) if media is None else 0
                 if n_markers:
                     what = what.split()[0]  # "video frame": the marker is a video's
                     raise OmniInputError(f"input_ids hold {n_markers} {what} tokens but no {argument} were given: "
-                                         f"pass the {what}s")
-        x = self.embed(input_ids, pixel_values, pixel_values_videos)
+                                         f"pass the {what if what == 'audio' else what + 's'}")
+        x = self.embed(input_ids, pixel_values, pixel_values_videos, input_features)
         routing: list[Routing] | None = [] if labels is not None or output_routing else None
         start = cache.seen if cache is not None else 0
         T = input_ids.shape[1]
@@ -336,15 +376,12 @@ def _video_frames(videos, config) -> tuple[torch.Tensor, list[int]]:
 
 
 def _scatter(x: torch.Tensor, is_marker: torch.Tensor, feats: torch.Tensor, what: str) -> torch.Tensor:
-    """Write `feats` (N, L, D), N images (or video frames) of L tokens, into the positions `is_marker`
-    (B, T) of x (B, T, D), in row-major order: item i fills the i-th run of L marker tokens."""
+    """Write `feats` (N, L, D), N images (video frames, audio windows) of L tokens, into the positions
+    `is_marker` (B, T) of x (B, T, D), in row-major order: item i fills the i-th run of L marker tokens."""
     n_tokens, (N, L) = int(is_marker.sum()), feats.shape[:2]
     if n_tokens != N * L:
-        marker = "<video> marker to" if what == "video frame" else f"<{what}> marker to"
-        per = f"{L} tokens a frame and pass every frame of each video" if what == "video frame" else (
-            f"{L} tokens and pass one {what} per marker")
         raise OmniInputError(
             f"input_ids hold {n_tokens} {what.split()[0]} tokens, room for {n_tokens / L:g} {what}(s) of {L} tokens, "
-            f"but {N} {what}(s) were given: expand each {marker} {per}"
+            f"but {N} {what}(s) were given: " + _MEDIA_HINTS[what].format(L=L)
         )
     return x.masked_scatter(is_marker[..., None], feats.to(x.dtype))
