@@ -3,13 +3,14 @@
     omnilm demo                                   # ShapeWorld: CLIP -> align -> instruct -> eval, ~9 min on 2 cores
     omnilm demo-haystack [--needle image]         # long context: retrieval trained at 256 tokens, NIAH grids (~10 min)
     omnilm demo-video                             # ShapeWorld in time: clips, every family, controls, video haystack
-    omnilm data shapeworld --out DIR --n N --seed S --split train|test [--video]
+    omnilm demo-audio                             # ShapeWorld you can hear: tones, silence control, audio haystack
+    omnilm data shapeworld --out DIR --n N --seed S --split train|test [--video | --audio]
     omnilm data haystack OUT --length L [--tokenizer DIR] [--keys K --questions Q] [--needle text|image]
     omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
     omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE]
     omnilm eval-clip CKPT --data JSON --image-folder DIR
     omnilm eval niah CKPT [--lengths 1x,4x] [--depths 11] [--samples N] [--rope-scaling yarn:4] [--logn]  # = eval-niah
-    omnilm chat CKPT --image a.png "question"     # without a question: a multi-turn chat (--video clip.mp4 too)
+    omnilm chat CKPT --image a.png "question"     # without a question: a multi-turn chat (--video, --audio too)
     omnilm info CKPT | --preset NAME [--nproc N]  # architecture, parameter count, per-rank training memory
     omnilm inspect routing CKPT --image a.png "prompt"   # which experts each token of an MoE model went to
     omnilm bench fusion                           # the four fusion modes and a text-only baseline, compared
@@ -51,6 +52,7 @@ from omnilm.model.layers import resolve_device
 from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.haystack import HaystackRecipe, run_haystack
+from omnilm.recipes.audio import AudioRecipe, run_audio_recipe
 from omnilm.recipes.video import VideoRecipe, run_video_recipe
 from omnilm.recipes.recipe import Recipe
 from omnilm.serve.settings import SERVE_FLAGS, ServeSettings
@@ -83,7 +85,7 @@ def cmd_data(args) -> None:
     path = spec.write()
     # Multi-image examples write one record each, and a clip one per question: count what was written.
     records = json.loads(path.read_text())
-    kind = "video" if spec.video else "image"
+    kind = "audio" if spec.audio else "video" if spec.video else "image"
     n_media = len({name for r in records for name in media_names(r, kind)})
     print(f"wrote {spec.n} examples ({n_media} {kind}s, {len(records)} records) to {path} "
           f"in {time.perf_counter() - t0:.1f}s")
@@ -110,7 +112,7 @@ def cmd_eval(args) -> None:
     model = _load(run.checkpoint, run.device)
     summary, predictions = evaluate_vqa(model, Processor.for_model(model, run.checkpoint), read_records(run.data),
                                         run.image_folder, batch_size=run.batch_size, max_new_tokens=run.max_new_tokens,
-                                        skip_bad=run.skip_bad, frames=run.frames)
+                                        skip_bad=run.skip_bad, frames=run.frames, audio=run.audio)
     print(format_vqa_results(summary))
     if run.predictions:
         write_predictions(predictions, run.predictions)
@@ -131,17 +133,19 @@ def cmd_chat(args) -> None:
         raise OmniInputError("the question is empty: ask something, or leave it out for a chat")
     for image in args.image:  # before the model loads: a bad image costs nothing
         load_image(image)
-    if args.video:  # the same for videos, and a model without video says so now
+    if args.video or args.audio:  # the same for videos and audio, and a model without them says so now
         config, _, _ = read_config(args.checkpoint)
-        video_processor = Processor.for_model(config, args.checkpoint)
+        media_processor = Processor.for_model(config, args.checkpoint)
         for video in args.video:
-            video_processor.read_video(video)
+            media_processor.read_video(video)
+        for audio in args.audio:
+            media_processor.read_audio(audio)
     model = _load(args.checkpoint, args.device, args.dtype)
     processor = Processor.for_model(model, args.checkpoint)
     if args.question is not None:
-        answer(model, processor, [user_message(args.question, args.image, args.video)], sampling)
+        answer(model, processor, [user_message(args.question, args.image, args.video, args.audio)], sampling)
         return
-    chat_repl(model, processor, sampling, args.image, args.video)
+    chat_repl(model, processor, sampling, args.image, args.video, args.audio)
 
 
 def cmd_info(args) -> None:
@@ -233,6 +237,13 @@ def cmd_demo_video(args) -> None:
     print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()) + f". Model: {result['model']}")
 
 
+def cmd_demo_audio(args) -> None:
+    result = run_audio_recipe(args.out, from_flags(AudioRecipe, args))
+    print(result["report"])
+    print(f"\naudio haystack:\n{result['haystack_report']}")
+    print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()) + f". Model: {result['model']}")
+
+
 def cmd_serve(args) -> None:
     settings = from_flags(ServeSettings, args, **SERVE_FLAGS)
     if serve is None:
@@ -283,12 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/video", help="output folder (default runs/video)")
     add_flags(p, VideoRecipe)
     p.set_defaults(func=cmd_demo_video)
+    p = sub.add_parser("demo-audio", help="a small model learns to hear ShapeWorld tones: how many, the pitch of the "
+                                          "k-th, the melody's direction, the timbre; and an audio haystack",
+                       description="Audio on ShapeWorld: 2 s clips of tones (omnilm data shapeworld --audio), a BPE, "
+                                   "Voxtral's design at toy scale (a Whisper encoder trained from scratch, 4 frames a "
+                                   "token) trained in one instruct stage, then held-out accuracy per family with the "
+                                   "audio heard and with silence in its place (the control), the cross-modal questions "
+                                   "(--cross) and the audio haystack (omnilm eval niah --needle audio). See "
+                                   "docs/audio.md.")
+    p.add_argument("--out", default="runs/audio", help="output folder (default runs/audio)")
+    add_flags(p, AudioRecipe)
+    p.set_defaults(func=cmd_demo_audio)
 
     p = sub.add_parser("data", help="generate built-in datasets")
     data = p.add_subparsers(dest="dataset", required=True)
     q = data.add_parser("shapeworld", help="procedural shapes with exact answers, as LLaVA JSON + PNGs "
                                            "(single images, or 2 to 4 interleaved with --multi-image; clips with "
-                                           "--video)",
+                                           "--video; sounds with --audio)",
                         description="Without flags beyond --out and --n, the world the demo trains and tests on.")
     add_flags(q, ShapeWorldSpec)
     q.set_defaults(func=cmd_data)
@@ -332,13 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-folder", required=True)
     p.set_defaults(func=cmd_eval_clip)
 
-    p = sub.add_parser("chat", help="answer a question about images, or chat turn by turn")
+    p = sub.add_parser("chat", help="answer a question about images, videos or audio, or chat turn by turn")
     p.add_argument("checkpoint", help="model folder with tokenizer.json (omnilm or Hugging Face LLaVA / LLaMA)")
     p.add_argument("question", nargs="?", help="answer this once and exit; without it, a multi-turn chat")
     p.add_argument("--image", action="append", default=[], help="image file for the (first) message; repeatable")
     p.add_argument("--video", action="append", default=[],
                    help="video for the (first) message, a file (mp4, webm, gif, avi, ...) or a folder of frames, "
                         "sampled as the model's video_preprocessor_config.json says; repeatable (video models)")
+    p.add_argument("--audio", action="append", default=[],
+                   help="audio file for the (first) message (wav, flac, mp3, ogg; any rate, resampled to 16 kHz), "
+                        "cut into the encoder's windows; repeatable (audio models)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype (default float32)")
     add_flags(p, Sampling)

@@ -174,7 +174,12 @@ def test_errors(ours):
     one_line_error(lambda: ours("<image> a long prompt", images=images[:1], max_length=5), "max_length is 5", "tokens")
     user = {"role": "user", "content": "x"}
     one_line_error(lambda: normalize_messages([user, {"role": "robot", "content": "y"}]), "message 1", "robot")
-    one_line_error(lambda: normalize_messages([{"role": "user", "content": [{"type": "audio"}]}]), "message 0", "audio")
+    one_line_error(lambda: normalize_messages([{"role": "user", "content": [{"type": "document"}]}]), "message 0",
+                   "input_audio")
+    one_line_error(lambda: normalize_messages([{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "not base64!", "format": "wav"}}]}]), "message 0", "base64")
+    one_line_error(lambda: normalize_messages([{"role": "user", "content": [{"type": "input_audio"}]}]),
+                   "message 0", "without data")
     one_line_error(lambda: normalize_messages([user, {"role": "system", "content": "y"}]), "message 1", "first")
     web_image = [{"role": "user", "content": [{"type": "image", "image": "https://x.org/a.png"}]}]
     one_line_error(lambda: ours(web_image), "download")

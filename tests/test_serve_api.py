@@ -712,3 +712,55 @@ def test_a_video_url_reaches_a_video_model_and_bad_videos_get_their_4xx(tmp_path
         assert client.post(url, json=with_video("clip.mp4", max_tokens=2)).status_code == 200  # still serving
     assert_openai_error(client.post(main.url + "/v1/chat/completions", json=with_video(data_url(mp4, "video/mp4"))),
                         400, "this model reads no video")
+
+
+# --- audio (OpenAI's input_audio parts) ---------------------------------------------------------------
+
+
+def with_audio(*clips: bytes, question: str = "How many tones are there?", **fields) -> dict:
+    parts = [{"type": "input_audio", "input_audio": {"data": base64.b64encode(c).decode(), "format": "wav"}}
+             for c in clips] + [{"type": "text", "text": question}]
+    return chat(messages=[{"role": "user", "content": parts}], **fields)
+
+
+def test_input_audio_reaches_an_audio_model_and_bad_audio_gets_its_4xx(tmp_path, client, main):
+    """A WAV sent as base64 is heard as the model's processor hears it: the answer is greedy
+    `generate` on the same windows. Too many, too large, too long, not base64, not audio, a part
+    without its data, and a model that does not hear each get their one-line 4xx."""
+    pytest.importorskip("soundfile", reason="writing and reading the clip needs soundfile (the [media] extra)")
+    from test_audio_pipeline import audio_model, tone
+
+    from omnilm.data.audio import write_audio
+    from omnilm.infer import generate
+
+    model, processor = audio_model(tmp_path / "model")
+    write_audio(tmp_path / "a.wav", tone(3.0))
+    write_audio(tmp_path / "long.wav", tone(12.0))
+    wav, long = (tmp_path / "a.wav").read_bytes(), (tmp_path / "long.wav").read_bytes()
+    batch = processor([{"role": "user", "content": [{"type": "audio", "audio": wav},
+                                                    {"type": "text", "text": "How many tones are there?"}]}])
+    assert batch["input_features"].shape[0] == 2
+    new = generate(model, **batch, max_new_tokens=6)[0].tolist()
+    eos = model.config.text.eos_token_id
+    expected = processor.decode(new[:new.index(eos)] if eos in new else new).strip()
+    server = settings(tmp_path / "model", max_body_bytes=2_000_000,
+                      media=dict(max_audio_seconds=5, max_audio_bytes=len(long) + 10))
+    with live(server) as audio:
+        url = audio.url + "/v1/chat/completions"
+        response = client.post(url, json=with_audio(wav, max_tokens=6, temperature=0))
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"].strip() == expected and expected
+        for body, status, says in [
+            (with_audio(wav, wav), 400, "2 audio parts, over the server's limit of 1 (--max-audios)"),
+            (with_audio(long + b"\0" * 20), 413, "(--max-audio-bytes)"),
+            (with_audio(long), 413, "over the 5 s"),
+            (with_audio(b"not audio at all"), 400, "input_audio.data"),
+            (chat(messages=[{"role": "user", "content": [{"type": "input_audio",
+                                                          "input_audio": {"data": "%%%"}}]}]), 400, "not base64"),
+            (chat(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), 400, "needs 'input_audio'"),
+        ]:
+            error = assert_openai_error(client.post(url, json=body), status, says)
+            assert error["param"] and error["param"].startswith("messages"), error
+        assert client.post(url, json=with_audio(wav, max_tokens=2)).status_code == 200  # still serving
+    assert_openai_error(client.post(main.url + "/v1/chat/completions", json=with_audio(wav)), 400,
+                        "this model hears no audio")

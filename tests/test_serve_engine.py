@@ -46,7 +46,8 @@ def alone(model, processor, messages, max_new_tokens: int, seed: int | None = No
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     new = generate(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                    max_new_tokens=max_new_tokens, generator=generator,
-                   pixel_values_videos=batch.get("pixel_values_videos"), **kw)[0].tolist()
+                   pixel_values_videos=batch.get("pixel_values_videos"), input_features=batch.get("input_features"),
+                   **kw)[0].tolist()
     stops = {model.config.text.eos_token_id}
     return next((new[:i + 1] for i, t in enumerate(new) if t in stops), new)
 
@@ -57,7 +58,8 @@ def serve(engine: Engine, processor, requests: list[tuple[list[dict], SamplingPa
     for i, (messages, params) in enumerate(requests):
         batch = processor(messages)
         ids[engine.add_request(batch["input_ids"][0].tolist(), batch["pixel_values"], params,
-                               pixel_values_videos=batch.get("pixel_values_videos"))] = i
+                               pixel_values_videos=batch.get("pixel_values_videos"),
+                               input_features=batch.get("input_features"))] = i
     got = [[] for _ in requests]
     while engine.has_work():
         for out in engine.step():
@@ -166,6 +168,35 @@ def test_videos_served_together_equal_generate_and_each_frame_is_encoded_once(tm
                    "video tokens but 1 frames")
     one_line_error(lambda: engine.add_request(ids, None, SamplingParams(), pixel_values_videos=videos[..., :48]),
                    "preprocess the videos")
+
+
+@pytest.mark.parametrize("chunk", [512, 9])
+def test_audio_served_together_equals_generate_and_each_window_is_encoded_once(tmp_path, monkeypatch, chunk):
+    """Audio windows ride with their request: whole prompts prefill together, a chunked one takes the
+    windows whose tokens each chunk holds (a chunk never cuts a window)."""
+    pytest.importorskip("soundfile", reason="the audio processor reads through soundfile (the [media] extra)")
+    from test_audio_pipeline import audio_model, tone
+
+    model, processor = audio_model(tmp_path / "m")
+    chats = [[{"role": "user", "content": [{"type": "audio", "audio": tone(1.0 + i, 200.0 * (1 + i))}] * (1 + i % 2)
+               + [{"type": "text", "text": "How many tones are there? " * (1 + i % 3)}]}] for i in range(6)]
+    expected = [alone(model, processor, c, 8) for c in chats]
+    encoded = []
+    original = model.encode_audio
+    monkeypatch.setattr(model, "encode_audio", lambda f: encoded.append(len(f)) or original(f))
+    got = serve(Engine(model, processor.tokenizer, max_batch=4, prefill_chunk=chunk), processor,
+                [(c, SamplingParams(max_tokens=8)) for c in chats])
+    assert got == expected and len({tuple(g) for g in got}) > 1
+    windows = [processor(c)["input_features"].shape[0] for c in chats]
+    assert sum(encoded) == sum(windows)
+    engine = Engine(model, processor.tokenizer)
+    batch = processor(chats[1])
+    ids, features = batch["input_ids"][0].tolist(), batch["input_features"]
+    one_line_error(lambda: engine.add_request(ids, None, SamplingParams()), "audio tokens but 0 windows")
+    one_line_error(lambda: engine.add_request(ids, None, SamplingParams(), input_features=features[:1]),
+                   "audio tokens but 1 windows")
+    one_line_error(lambda: engine.add_request(ids, None, SamplingParams(), input_features=features[..., :100]),
+                   "build them with the model's processor")
 
 
 def test_a_text_only_model_prefills_in_chunks(tmp_path):

@@ -7,14 +7,17 @@ answer). Messages come in three dialects, all normalised to one form first: tran
 chat messages, OpenAI `image_url` parts, and LLaVA JSON (`{"from": "human", "value": ...}`).
 Each image part becomes an `<image>` marker followed by a newline, where it stands, and each
 video part (transformers' `{"type": "video"}`, or `video_url` as vLLM extends OpenAI's parts) a
-`<video>` marker and a newline.
+`<video>` marker and a newline, each audio part (transformers' `{"type": "audio"}`, OpenAI's
+`input_audio` with base64 data, or `audio_url`) an `<audio>` marker and a newline.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 
-from omnilm.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from omnilm.data.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 from omnilm.errors import OmniInputError
 
 DEFAULT_SYSTEM = (
@@ -22,17 +25,18 @@ DEFAULT_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-MARKERS = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}  # what each media part becomes in the text
+MARKERS = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN, "audio": AUDIO_TOKEN}  # what each media part becomes
 
 
 def normalize_messages(messages: list[dict]) -> list[dict]:
     """Bring any supported message dialect to `[{"role": "system"|"user"|"assistant",
     "content": [{"type": "text", "text": str} | {"type": "image", "image": source | None}
-    | {"type": "video", "video": source | None}]}]`.
+    | {"type": "video", "video": source | None} | {"type": "audio", "audio": source | None}]}]`.
 
-    `image` is anything `load_image` accepts, `video` anything `read_video` does, or None for a
+    `image` is anything `load_image` accepts, `video` anything `read_video` does, `audio` anything
+    `load_audio` does (OpenAI's base64 `input_audio` data becomes its bytes), or None for a
     placeholder whose media is passed separately (as in transformers' `{"type": "image"}`).
-    Literal `<image>` and `<video>` markers in text are kept as text; they count as slots all the same.
+    Literal `<image>`, `<video>` and `<audio>` markers in text are kept as text; they count as slots all the same.
     """
     if not isinstance(messages, list) or not messages:
         raise OmniInputError("a chat must be a non-empty list of messages like {'role': 'user', 'content': '...'}")
@@ -72,14 +76,31 @@ def _normalize_part(part, i: int) -> dict:
     if kind in MARKERS:
         source = next((part[key] for key in (kind, "path", "url") if part.get(key) is not None), None)
         return {"type": kind, kind: source}
-    if kind in ("image_url", "video_url"):  # OpenAI: {"image_url": {"url": ...}}, or just the URL string
+    if kind in ("image_url", "video_url", "audio_url"):  # OpenAI: {"image_url": {"url": ...}}, or the URL string
         url = part.get(kind)
         media = kind.removesuffix("_url")
         return {"type": media, media: url.get("url") if isinstance(url, dict) else url}
+    if kind == "input_audio":  # OpenAI: {"input_audio": {"data": base64, "format": "wav"}}
+        return {"type": "audio", "audio": _audio_bytes(part.get("input_audio"), i)}
     raise OmniInputError(
         f"message {i} has a content part {str(part)[:60]}: use {{'type': 'text', 'text': ...}}, "
-        "{'type': 'image', 'image': ...}, {'type': 'image_url', 'image_url': {'url': ...}} or the same for a video"
+        "{'type': 'image', 'image': ...}, {'type': 'image_url', 'image_url': {'url': ...}} or the same for a video "
+        "or an audio, or {'type': 'input_audio', 'input_audio': {'data': base64, 'format': 'wav'}}"
     )
+
+
+def _audio_bytes(payload, i: int) -> bytes:
+    """The file bytes of an OpenAI `input_audio` part's base64 `data` (its `format` is read from
+    the bytes themselves)."""
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, str) or not data:
+        raise OmniInputError(f"message {i} has an input_audio part without data: give {{'input_audio': {{'data': "
+                             "<the file, base64>, 'format': 'wav'}}")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise OmniInputError(f"message {i}'s input_audio data is not base64: encode the audio file's bytes with "
+                             "base64 (RFC 4648)") from None
 
 
 def render_turns(
@@ -135,6 +156,11 @@ def chat_videos(messages: list[dict]) -> list:
     return _sources(normalize_messages(messages), "video")
 
 
+def chat_audios(messages: list[dict]) -> list:
+    """The sources of a chat's audio parts, in order (placeholders excluded)."""
+    return _sources(normalize_messages(messages), "audio")
+
+
 def _sources(messages: list[dict], kind: str) -> list:
     parts = [part for message in messages for part in message["content"]]
     return [p[kind] for p in parts if p["type"] == kind and p[kind] is not None]
@@ -150,7 +176,8 @@ def hf_chat_template(system: str | None = None) -> str:
         "{%- if content is string -%}{{ content }}{%- else -%}{%- for part in content -%}"
         "{%- if part.type == 'text' -%}{{ part.text }}"
         "{%- elif part.type in ('image', 'image_url') -%}{{ '" + IMAGE_TOKEN + "\\n' }}"
-        "{%- elif part.type in ('video', 'video_url') -%}{{ '" + VIDEO_TOKEN + "\\n' }}{%- endif -%}"
+        "{%- elif part.type in ('video', 'video_url') -%}{{ '" + VIDEO_TOKEN + "\\n' }}"
+        "{%- elif part.type in ('audio', 'audio_url', 'input_audio') -%}{{ '" + AUDIO_TOKEN + "\\n' }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{%- endmacro -%}"
         "{%- set system = " + json.dumps(default) + " -%}"

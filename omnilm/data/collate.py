@@ -34,20 +34,23 @@ def collate(batch: list[dict], pad_id: int) -> dict:
     """Stack `LlavaDataset` samples. Returns `input_ids` (B, T) right-padded with `pad_id`,
     `labels` (B, T) padded with -100, `attention_mask` (B, T) 1 on real tokens, `pixel_values`
     (N, 3, H, W) with every sample's images in sample order (None when there are none),
-    `pixel_values_videos` a list of every sample's videos, (F_i, 3, H, W) each (None without), and
-    `ids`, the samples' ids."""
+    `pixel_values_videos` a list of every sample's videos, (F_i, 3, H, W) each (None without),
+    `input_features` (W, M, frames) with every sample's audio windows in sample order (None without),
+    and `ids`, the samples' ids."""
     input_ids, attention_mask = pad_rows([sample["input_ids"] for sample in batch], pad_id)
     labels, _ = pad_rows([sample["labels"] for sample in batch], IGNORE_INDEX)
     # The model fills image tokens with pixel_values in order across the batch, row by row.
     images = [sample["pixel_values"] for sample in batch if sample["pixel_values"] is not None]
     pixel_values = torch.cat(images) if images else None
     videos = [video for sample in batch for video in sample.get("pixel_values_videos", ())]
+    audio = [sample["input_features"] for sample in batch if sample.get("input_features") is not None]
     return {
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask,
         "pixel_values": pixel_values,
         "pixel_values_videos": videos or None,
+        "input_features": torch.cat(audio) if audio else None,
         "ids": [sample["id"] for sample in batch],
     }
 

@@ -9,7 +9,8 @@ A record, as haotian-liu/LLaVA's instruction data and our ShapeWorld generator w
      ...}                                              # other fields (task, ...) are kept
 
 and videos the same way: `"video": "clips/7.mp4"` (a file, or a folder of frames; or a list), each
-at a `<video>` marker in a human turn (LLaVA-NeXT-Video's data).
+at a `<video>` marker in a human turn (LLaVA-NeXT-Video's data); and audio: `"audio": "sounds/3.wav"`
+(WAV, FLAC, MP3, OGG; or a list), each at an `<audio>` marker.
 
 `check_records` runs over the whole file before any work, for training (`LlavaDataset`) and
 evaluation (`omnilm.eval.vqa`) alike. A file is a non-empty JSON list; a record is an object
@@ -17,7 +18,8 @@ with an id (a string or an integer; duplicates are allowed, as derived LLaVA mix
 and messages name a record by its index too), `conversations` going [system,] human, gpt,
 human, gpt, ... and ending on an answer, every value a non-empty string, as many `<image>`
 markers (spelt exactly, in human turns) as images, and images that are relative paths inside
-the image folder to files that decode (and likewise `<video>` markers and videos). The first
+the image folder to files that decode (and likewise `<video>` markers and videos, `<audio>` markers
+and audio). The first
 bad record raises a one-line `OmniInputError` naming the file, the record's index and id, and
 the field; with `skip_bad` every bad record is left out and counted instead.
 
@@ -47,10 +49,11 @@ import torch
 from torch.utils.data import Dataset
 
 from omnilm.config import IGNORE_INDEX
+from omnilm.data.audio import load_audio
 from omnilm.data.chat import render_turns
 from omnilm.data.image import load_image
 from omnilm.data.processor import Processor
-from omnilm.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from omnilm.data.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 from omnilm.data.video import Video, read_video
 from omnilm.errors import OmniInputError
 from omnilm.io import write_text
@@ -58,8 +61,10 @@ from omnilm.io import write_text
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _FORMAT = '{"from": "human"|"gpt", "value": "..."}'
 # Spellings a person means as the image marker but the tokenizer reads as plain text.
-_MARKER_LIKE = re.compile(r"<\s*(image|video)\s*>", re.IGNORECASE)
-_MEDIA = (("image", IMAGE_TOKEN), ("video", VIDEO_TOKEN))  # record field, its marker
+_MARKER_LIKE = re.compile(r"<\s*(image|video|audio)\s*>", re.IGNORECASE)
+_MEDIA = (("image", IMAGE_TOKEN), ("video", VIDEO_TOKEN), ("audio", AUDIO_TOKEN))  # record field, its marker
+_MARKERS = tuple(marker for _, marker in _MEDIA)
+_WITHOUT = {"image": "text-only", "video": "without video", "audio": "without audio"}
 _SKIP_HINT = "or pass --skip-bad (skip_bad=True) to skip bad records"
 
 
@@ -88,12 +93,13 @@ class BadRecord(NamedTuple):
 @dataclass
 class CheckedRecords:
     """`check_records`' answer: the usable records (indices into the list, in order) with their
-    image paths and video paths in marker order, and the records left out."""
+    image, video and audio paths in marker order, and the records left out."""
 
     source: str
     kept: list[int] = field(default_factory=list)
     images: list[list[Path]] = field(default_factory=list)
     videos: list[list[Path]] = field(default_factory=list)
+    audios: list[list[Path]] = field(default_factory=list)
     skipped: list[BadRecord] = field(default_factory=list)
     considered: int = 0
 
@@ -125,6 +131,7 @@ def check_records(
     check: Callable[[dict, list[Path]], Problem | None] | None = None,
     load: Callable[[Path], Any] | None = None,
     load_video: Callable[[Path], Any] | None = None,
+    load_audio_file: Callable[[Path], Any] | None = None,
     source: str | Path | None = None,
 ) -> CheckedRecords:
     """Check LLaVA records (as `read_records` returns them) before any work is done with them.
@@ -135,7 +142,8 @@ def check_records(
     adds the caller's own test (token lengths). Each image file is loaded once, by `load(path)`,
     which may keep what it made; by default the processor's image preprocessing (what training
     and generation will run on it), or without one `load_image`; each video by `load_video`, by
-    default the processor's frame sampling (`Processor.read_video`), or without one `read_video`.
+    default the processor's frame sampling (`Processor.read_video`), or without one `read_video`;
+    each audio by `load_audio_file`, by default `Processor.read_audio`, or without one `load_audio`.
     Cheap checks run over every record first, so a typo late in a large file is reported before
     any image is decoded. Without `skip_bad` the first bad record raises `OmniInputError`; with
     it, bad records are left out and listed in `skipped`. No considered record, or none usable,
@@ -154,11 +162,16 @@ def check_records(
         reserved = tuple(t for t in (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) if t)
     images_allowed = processor is None or processor.image_processor is not None
     videos_allowed = processor is None or processor.video_frame_len is not None
+    audios_allowed = processor is None or processor.audio_seq_len is not None
+    allowed = {"image": images_allowed, "video": videos_allowed, "audio": audios_allowed}
     if load is None:  # what training or generation will run on each image, so that it cannot fail later
         preprocess = processor.image_processor if processor is not None else None
         load = (lambda path: preprocess([path])) if preprocess is not None else load_image
     if load_video is None:
         load_video = processor.read_video if processor is not None and videos_allowed else read_video
+    if load_audio_file is None:
+        load_audio_file = processor.read_audio if processor is not None and audios_allowed else load_audio
+    readers = {"image": load, "video": load_video, "audio": load_audio_file}
     out = CheckedRecords(source)
 
     def reject(index: int, problem: Problem) -> None:
@@ -167,30 +180,33 @@ def check_records(
             raise OmniInputError(f"{source}: {_where(index, rid)}: {problem}; {_SKIP_HINT}")
         out.skipped.append(BadRecord(index, rid, problem))
 
-    candidates = []  # (index, image paths, video paths), in file order
+    candidates = []  # (index, {kind: its paths}), in file order
     for index, record in enumerate(records):
         if not _selected(record, tasks, skip_tasks):
             continue
         out.considered += 1
-        problem, paths, videos = check_record(record, folder, reserved, images_allowed, videos_allowed)
+        problem, media = check_record(record, folder, reserved, allowed)
         if problem is not None:
             reject(index, problem)
         else:
-            candidates.append((index, paths, videos))
+            candidates.append((index, media))
     if check is not None:
         survivors = []
-        for index, paths, videos in candidates:
-            problem = check(records[index], paths)
+        for index, media in candidates:
+            problem = check(records[index], media["image"])
             if problem is not None:
                 reject(index, problem)
             else:
-                survivors.append((index, paths, videos))
+                survivors.append((index, media))
         candidates = survivors
+    kept = candidates
     if folder is not None:
+        kept = []
         broken: dict[Path, str | None] = {}  # each file is decoded once, however many records share it
-        for index, paths, videos in candidates:
+        for index, media in candidates:
             problem = None
-            for kind, files, read in (("image", paths, load), ("video", videos, load_video)):
+            for kind, files in media.items():
+                read = readers[kind]
                 for k, path in enumerate(files):
                     if path not in broken:
                         try:
@@ -207,13 +223,9 @@ def check_records(
             if problem is not None:
                 reject(index, problem)
             else:
-                out.kept.append(index)
-                out.images.append(paths)
-                out.videos.append(videos)
-    else:
-        out.kept = [index for index, _, _ in candidates]
-        out.images = [paths for _, paths, _ in candidates]
-        out.videos = [videos for _, _, videos in candidates]
+                kept.append((index, media))
+    out.kept = [index for index, _ in kept]
+    out.images, out.videos, out.audios = ([media[kind] for _, media in kept] for kind in ("image", "video", "audio"))
 
     out.skipped.sort(key=lambda bad: bad.index)  # in file order, whichever pass found them
     if not out.considered:
@@ -227,92 +239,98 @@ def check_records(
 
 
 def check_record(record, image_folder: Path | None = None, reserved: tuple[str, ...] = (),
-                 images_allowed: bool = True, videos_allowed: bool = True
-                 ) -> tuple[Problem | None, list[Path], list[Path]]:
-    """What is wrong with one record (None if nothing), and its image and video paths in marker
-    order. Files are checked to exist under `image_folder` (when given), not decoded: that is
-    `check_records`' last pass."""
+                 allowed: dict[str, bool] | None = None) -> tuple[Problem | None, dict[str, list[Path]]]:
+    """What is wrong with one record (None if nothing), and its paths of each kind ("image", "video",
+    "audio") in marker order; `allowed` says which kinds the model takes (all by default). Files
+    are checked to exist under `image_folder` (when given), not decoded: that is `check_records`'
+    last pass."""
+    problem, media = _check_record(record, image_folder, reserved, allowed or {})
+    return problem, media if problem is None else {kind: [] for kind, _ in _MEDIA}
+
+
+def _check_record(record, image_folder: Path | None, reserved: tuple[str, ...],
+                  allowed: dict[str, bool]) -> tuple[Problem | None, dict[str, list[Path]] | None]:
     if not isinstance(record, dict):
         return Problem("not a record", "the record", f"is {_short(record)}, not an object "
-                                                     '{"id": ..., "conversations": [...]}'), [], []
+                                                     '{"id": ..., "conversations": [...]}'), None
     rid = record.get("id")
     if rid is None or rid == "" or isinstance(rid, bool) or not isinstance(rid, (str, int)):
         what = "is missing" if rid is None else f"is {_short(rid)}"
-        return Problem("bad id", "id", f"{what}: give every record an id, a string or an integer"), [], []
+        return Problem("bad id", "id", f"{what}: give every record an id, a string or an integer"), None
     for name, ok, want in (("task", lambda v: isinstance(v, str), "a string"),
                            ("n_objects", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                             "a count (an integer >= 0)")):
         if record.get(name) is not None and not ok(record[name]):
-            return Problem("bad field", name, f"is {_short(record[name])}: make it {want}, or leave it out"), [], []
+            return Problem("bad field", name, f"is {_short(record[name])}: make it {want}, or leave it out"), None
 
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         what = "is missing" if "conversations" not in record else f"is {_short(turns)}"
-        return Problem("bad conversations", "conversations", f"{what}: give a non-empty list of {_FORMAT} turns"), [], []
+        return Problem("bad conversations", "conversations", f"{what}: give a non-empty list of {_FORMAT} turns"), None
     offset = 1 if isinstance(turns[0], dict) and turns[0].get("from") == "system" else 0
-    n_markers = dict.fromkeys(("image", "video"), 0)
+    n_markers = dict.fromkeys((kind for kind, _ in _MEDIA), 0)
     for j, turn in enumerate(turns):
         where = f"conversations[{j}]"
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            return Problem("bad turn", where, f"is {_short(turn)}, not {_FORMAT}"), [], []
+            return Problem("bad turn", where, f"is {_short(turn)}, not {_FORMAT}"), None
         name, value = turn["from"], turn["value"]
         if not isinstance(name, str) or name not in _ROLES:
             return Problem("bad role", f"{where}.from", f"is {_short(name)}: use human or gpt (or user, assistant; "
-                                                        "system for a first turn)"), [], []
+                                                        "system for a first turn)"), None
         role = _ROLES[name]
         expected = "system" if j < offset else ("user", "assistant")[(j - offset) % 2]
         if role != expected:
             if role == "system":
                 return Problem("bad role", f"{where}.from", "is 'system' after the first turn: a system turn "
-                                                            "goes first, once"), [], []
+                                                            "goes first, once"), None
             wanted = "human" if expected == "user" else "gpt"
             return Problem("bad role", f"{where}.from", f"is {name!r} where a {wanted} turn belongs: turns go "
-                                                        "[system,] human, gpt, human, gpt, ..."), [], []
+                                                        "[system,] human, gpt, human, gpt, ..."), None
         if not isinstance(value, str):
-            return Problem("bad turn", f"{where}.value", f"is {_short(value)}, not a string: every value is text"), [], []
+            return Problem("bad turn", f"{where}.value", f"is {_short(value)}, not a string: every value is text"), None
         problem = _text_problem(value, reserved)
         if problem is not None:
-            return Problem("bad text", f"{where}.value", problem), [], []
-        odd = next((m for m in _MARKER_LIKE.finditer(value) if m.group(0) not in (IMAGE_TOKEN, VIDEO_TOKEN)), None)
+            return Problem("bad text", f"{where}.value", problem), None
+        odd = next((m for m in _MARKER_LIKE.finditer(value) if m.group(0) not in _MARKERS), None)
         if odd is not None:
             kind = odd.group(1).lower()
             return Problem("bad marker", f"{where}.value", f"holds {odd.group(0)!r}, which is not the {kind} marker: "
-                                                           f"write it exactly <{kind}>"), [], []
+                                                           f"write it exactly <{kind}>"), None
         for kind, marker in _MEDIA:
             markers = value.count(marker)
             if markers and role != "user":
-                article = "an" if kind == "image" else "a"
+                article = "a" if kind == "video" else "an"
                 return Problem("bad marker", f"{where}.value", f"holds {article} {marker} marker in a {name!r} "
-                                                               f"turn: put {kind}s in human turns"), [], []
+                                                               f"turn: put {kind}s in human turns"), None
             n_markers[kind] += markers
     n_answers = (len(turns) - offset) // 2
     if not n_answers or (len(turns) - offset) % 2:
         return Problem("no answer", "conversations", "ends without a gpt answer to its last human turn: "
-                                                     "every human turn needs an answer"), [], []
+                                                     "every human turn needs an answer"), None
     turn_tasks = record.get("turn_tasks")
     if turn_tasks is not None and (not isinstance(turn_tasks, list) or len(turn_tasks) != n_answers
                                    or not all(isinstance(t, str) for t in turn_tasks)):
         return Problem("bad field", "turn_tasks", f"is {_short(turn_tasks)}: give one task name (a string) per "
-                                                  f"gpt turn, {n_answers} here, or leave it out"), [], []
+                                                  f"gpt turn, {n_answers} here, or leave it out"), None
 
     media: dict[str, list[Path]] = {}
     for kind, marker in _MEDIA:
         problem, media[kind] = _media_paths(record, kind, marker, n_markers[kind], image_folder,
-                                            images_allowed if kind == "image" else videos_allowed)
+                                            allowed.get(kind, True))
         if problem is not None:
-            return problem, [], []
-    return None, media["image"], media["video"]
+            return problem, None
+    return None, media
 
 
 def media_names(record: dict, kind: str = "image") -> list:
-    """A record's `image` (or `video`) field as a list: none, one path, or its list of paths."""
+    """A record's `image` (`video`, `audio`) field as a list: none, one path, or its list of paths."""
     value = record.get(kind)
     return [] if value is None else [value] if isinstance(value, str) else value
 
 
 def _media_paths(record: dict, kind: str, marker: str, n_markers: int, image_folder: Path | None,
                  allowed: bool) -> tuple[Problem | None, list[Path]]:
-    """A record's `image` (or `video`) field checked: paths inside the folder, one per marker."""
+    """A record's `image` (`video`, `audio`) field checked: paths inside the folder, one per marker."""
     value = record.get(kind)
     names = media_names(record, kind)
     field_problem = f"bad {kind} field"
@@ -335,7 +353,7 @@ def _media_paths(record: dict, kind: str, marker: str, n_markers: int, image_fol
                                                       f"{len(names)} {kind}s: put one '{marker}\\n' in the human "
                                                       f"turns per {kind}, in the order of '{kind}'"), []
     if names and not allowed:
-        what = "text-only" if kind == "image" else "without video"
+        what = _WITHOUT[kind]
         return Problem(field_problem, kind, f"lists {len(names)} {kind}s but the model is {what}: "
                                             f"leave out the {kind}s and their markers"), []
     if image_folder is None:
@@ -452,7 +470,8 @@ class LlavaDataset(Dataset):
     `cache_images` keeps preprocessed images (and videos' sampled frames, as uint8) in memory,
     filled as the check decodes them. Token ids and labels are always kept once computed (a few
     hundred bytes a record, and a training run reads every record once an epoch), and so is which
-    frames each video gives (not the frames themselves, which are decoded again when read).
+    frames each video gives (not the frames themselves, which are decoded again when read) and how
+    many windows each audio fills (its samples are read again, and their log-mel computed, per sample).
     """
 
     def __init__(
@@ -477,6 +496,8 @@ class LlavaDataset(Dataset):
         self.ids: list = []
         self._images: list[list[Path]] = []  # per record, in marker order
         self._videos: list[list[Path]] = []
+        self._audios: list[list[Path]] = []
+        self._audio_windows: dict[Path, int] = {}  # path -> how many windows the audio fills
         self._cache: dict[Path, torch.Tensor] = {}  # path -> (3, H, W)
         self._video_cache: dict[Path, Video] = {}  # path -> its sampled frames (none kept without cache_images)
         self._encoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # kept index -> (input_ids, labels)
@@ -486,8 +507,9 @@ class LlavaDataset(Dataset):
         def fits(record: dict, paths: list[Path]) -> Problem | None:
             problem = check(record, paths) if check is not None else None
             if problem is None and max_length is not None:
-                videos = [self.image_folder / v for v in media_names(record, "video")]  # checked by now
-                encoded[id(record)] = self._encode(record["conversations"], videos)
+                videos, audios = ([self.image_folder / v for v in media_names(record, kind)]  # checked by now
+                                  for kind in ("video", "audio"))
+                encoded[id(record)] = self._encode(record["conversations"], videos, audios)
                 n_tokens = len(encoded[id(record)][0])
                 if n_tokens > max_length:
                     images = f" ({len(paths)} images of {processor.image_seq_len} tokens each)" if paths else ""
@@ -503,8 +525,8 @@ class LlavaDataset(Dataset):
         raw = read_records(self.json_path)
         checked = check_records(raw, self.image_folder, processor=processor, tasks=tasks, skip_tasks=skip_tasks,
                                 skip_bad=skip_bad, check=fits, load=load if cache_images else None,
-                                load_video=self._video, source=self.json_path)
-        for index, paths, videos in zip(checked.kept, checked.images, checked.videos):
+                                load_video=self._video, load_audio_file=self._audio, source=self.json_path)
+        for index, paths, videos, audios in zip(checked.kept, checked.images, checked.videos, checked.audios):
             record = raw[index]
             if id(record) in encoded:
                 self._encoded[len(self.records)] = encoded[id(record)]
@@ -512,6 +534,7 @@ class LlavaDataset(Dataset):
             self.ids.append(record["id"])
             self._images.append(paths)
             self._videos.append(videos)
+            self._audios.append(audios)
         self.skipped: list[BadRecord] = checked.skipped
         if checked.skipped:
             warnings.warn(checked.report(), stacklevel=2)
@@ -526,15 +549,34 @@ class LlavaDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         """`input_ids` (T,) and `labels` (T,) long, `pixel_values` (N, 3, H, W) float32 in
         marker order or None, `pixel_values_videos` a list of (F, 3, H, W) float32, one per video in
-        marker order (empty without videos), and the record's `id`."""
+        marker order (empty without videos), `input_features` (W, M, frames) float32, every audio's
+        log-mel windows in marker order (None without audio), and the record's `id`."""
         input_ids, labels = self._encoded_at(i)
         return {
             "input_ids": input_ids,
             "labels": labels,
             "pixel_values": self.pixel_values(i),
             "pixel_values_videos": self.video_pixels(i),
+            "input_features": self.audio_features(i),
             "id": self.ids[i],
         }
+
+    def audio_features(self, i: int) -> torch.Tensor | None:
+        """Record i's audio as the encoder reads it: (W, M, frames), every audio's windows in marker
+        order, or None."""
+        if not self._audios[i]:
+            return None
+        out = []
+        for path in self._audios[i]:
+            try:
+                features = self.processor.audio_features(self.processor.read_audio(path))
+            except OmniInputError as e:  # a file changed since the check: say which record it belongs to
+                raise OmniInputError(f"{self.json_path}: record id {self.ids[i]!r}: {e}") from None
+            if len(features) != self._audio_windows[path]:
+                raise OmniInputError(f"{self.json_path}: record id {self.ids[i]!r}: {path} changed since it was "
+                                     "checked; restart the run")
+            out.append(features)
+        return torch.cat(out)
 
     def video_pixels(self, i: int) -> list[torch.Tensor]:
         """Record i's videos, their sampled frames preprocessed: a list of (F, 3, H, W)."""
@@ -555,7 +597,7 @@ class LlavaDataset(Dataset):
     def _encoded_at(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Records are tokenized once, when first needed (validation may have done it already).
         if i not in self._encoded:
-            self._encoded[i] = self._encode(self.records[i]["conversations"], self._videos[i])
+            self._encoded[i] = self._encode(self.records[i]["conversations"], self._videos[i], self._audios[i])
         return self._encoded[i]
 
     def _video(self, path: Path) -> Video:
@@ -565,7 +607,15 @@ class LlavaDataset(Dataset):
             self._video_cache[path] = video if self.cache_images else replace(video, frames=video.frames[:0])
         return self._video_cache[path]
 
-    def _encode(self, conversations: list[dict], videos: list[Path] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    def _audio(self, path: Path) -> int:
+        """How many windows `path`'s audio fills (read once, to check it and to count them)."""
+        if path not in self._audio_windows:
+            samples = self.processor.read_audio(path)
+            self._audio_windows[path] = max(1, -(-len(samples) // self.processor.log_mel.window_samples))
+        return self._audio_windows[path]
+
+    def _encode(self, conversations: list[dict], videos: list[Path] = (),
+                audios: list[Path] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         segments = render_turns(conversations, add_generation_prompt=False, system=tokenizer.system_prompt)
         text = "".join(segment for segment, _ in segments)
@@ -579,13 +629,14 @@ class LlavaDataset(Dataset):
         # One tokenization of the whole text, as at inference: tokenizing pieces separately
         # would change BPE merges at their boundaries.
         ids, offsets = tokenizer.encode_with_offsets(text, add_bos=True)
-        markers = (tokenizer.image_token_id, tokenizer.video_token_id)
+        markers = (tokenizer.image_token_id, tokenizer.video_token_id, tokenizer.audio_token_id)
         labels = [
             token if token not in markers and end > begin and any(begin < hi and end > lo for lo, hi in supervised)
             else IGNORE_INDEX
             for token, (begin, end) in zip(ids, offsets)
         ]
-        ids, labels = self.processor.expand(ids, [self._video(path) for path in videos], labels)
+        ids, labels = self.processor.expand(ids, [self._video(path) for path in videos], labels,
+                                            audio_windows=[self._audio(path) for path in audios])
         return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
 
     def pixel_values(self, i: int) -> torch.Tensor | None:

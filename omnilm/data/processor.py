@@ -1,13 +1,15 @@
-"""Prompts, images and videos -> model inputs, as transformers' `LlavaProcessor` (and
-`LlavaNextVideoProcessor`) build them.
+"""Prompts, images, videos and audio -> model inputs, as transformers' `LlavaProcessor` (and
+`LlavaNextVideoProcessor`, `VoxtralProcessor`) build them.
 
 Every `<image>` marker becomes `image_seq_len` image-token ids where it stands, so the
 model can later overwrite exactly those positions with the image's features (one masked
 assignment). Every `<video>` marker becomes, for each of the video's sampled frames,
 `video_frame_len` video-token ids (with `VideoSampling.timestamps`, the frame's time as text
-before them, "1.5s"). Batches are left-padded so that every row's next token is at the same index.
+before them, "1.5s"). Every `<audio>` marker becomes, for each window of the audio (the encoder's
+window, 30 s in Whisper), `audio_seq_len` audio-token ids, and the windows' log-mel features go to
+`input_features`. Batches are left-padded so that every row's next token is at the same index.
 
-Shape letters: B prompts, T tokens, N images, V videos, F frames.
+Shape letters: B prompts, T tokens, N images, V videos, F frames, W audio windows, M mel bins.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from omnilm.data.chat import chat_videos, hf_chat_template, render_chat
+from omnilm.data.audio import AudioLimits, LogMelConfig, load_audio, log_mel
+from omnilm.data.chat import chat_audios, chat_videos, hf_chat_template, render_chat
 from omnilm.data.collate import pad_rows
 from omnilm.data.image import ImageProcessor
-from omnilm.data.tokenizer import VIDEO_TOKEN, Tokenizer
+from omnilm.data.tokenizer import AUDIO_TOKEN, VIDEO_TOKEN, Tokenizer
 from omnilm.data.video import Video, VideoLimits, read_video
 from omnilm.errors import OmniInputError
 from omnilm.io import read_json, write_json, write_text
@@ -85,24 +88,33 @@ class VideoSampling:
 
 
 class Processor:
-    """Tokenizer + image processor + the number of tokens each image (and each video frame) occupies.
+    """Tokenizer + image processor + the number of tokens each image (and each video frame, each
+    audio window) occupies.
 
     `image_processor` is None for a text-only model; such a processor refuses images.
     `llava_config`: what transformers' LlavaProcessor needs to expand images the same way
     (processor_config.json), where transformers has a class for the model; `for_model` sets it.
     `video_frame_len`: tokens per video frame, None for a model without video (which refuses them);
-    `video` how frames are sampled and marked.
+    `video` how frames are sampled and marked. `audio_seq_len`: tokens per audio window, None for a
+    model without audio (which refuses it); `log_mel` the front end that cuts audio into its
+    windows (Voxtral's: one normalisation over the whole clip); `audio_limits` bound what is read.
     """
 
     def __init__(self, tokenizer: Tokenizer, image_processor: ImageProcessor | None, image_seq_len: int,
                  llava_config: dict | None = None, video_frame_len: int | None = None,
-                 video: VideoSampling | None = None):
+                 video: VideoSampling | None = None, audio_seq_len: int | None = None,
+                 log_mel: LogMelConfig | None = None, audio_limits: AudioLimits = AudioLimits()):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.image_seq_len = image_seq_len
         self.llava_config = llava_config
         self.video_frame_len = video_frame_len
         self.video = video if video is not None else VideoSampling()
+        if (audio_seq_len is None) != (log_mel is None):
+            raise ValueError("give audio_seq_len and log_mel together (an audio model), or neither")
+        self.audio_seq_len = audio_seq_len
+        self.log_mel = log_mel
+        self.audio_limits = audio_limits
 
     def __call__(
         self,
@@ -111,17 +123,20 @@ class Processor:
         add_generation_prompt: bool = True,
         max_length: int | None = None,
         videos=None,
+        audios=None,
     ) -> dict:
         """Encode one chat (a list of messages), a list of chats, a prompt string or a list
         of strings. Returns `input_ids` (B, T) and `attention_mask` (B, T), left-padded,
         `pixel_values` (N, 3, H, W) with the images in marker order across the batch, or None, and
         `pixel_values_videos` (only where there are videos): the videos in marker order, (V, F, 3, H, W)
-        when they have the same number of frames, else a list of (F_i, 3, H, W).
+        when they have the same number of frames, else a list of (F_i, 3, H, W), and `input_features`
+        (only where there is audio): every audio's log-mel windows in marker order, (W, M, frames).
 
-        Images and videos ride inside chat messages, or come through `images` and `videos`: a flat
-        list in marker order across the batch, or one list per prompt. Not both.
+        Images, videos and audio ride inside chat messages, or come through `images`, `videos` and
+        `audios`: a flat list in marker order across the batch, or one list per prompt. Not both. An
+        audio is a file (path or bytes), 1-D samples at 16 kHz or a (samples, rate) pair.
         """
-        prompts, carried, carried_videos = self._render(conversations, add_generation_prompt)
+        prompts, carried, carried_videos, carried_audios = self._render(conversations, add_generation_prompt)
         rows = [self.tokenizer.encode(prompt) for prompt in prompts]
         counts = [row.count(self.tokenizer.image_token_id) for row in rows]
         per_prompt = _assign_media(counts, carried, images, "image")
@@ -129,14 +144,19 @@ class Processor:
         video_counts = [row.count(video_id) if video_id is not None else 0 for row in rows]
         per_prompt_videos = _assign_media(video_counts, carried_videos, videos, "video")
         read = [[self.read_video(v) for v in group] for group in per_prompt_videos]
-        rows = [self.expand(row, group) for row, group in zip(rows, read)]
+        audio_id = self.tokenizer.audio_token_id
+        audio_counts = [row.count(audio_id) if audio_id is not None else 0 for row in rows]
+        per_prompt_audios = _assign_media(audio_counts, carried_audios, audios, "audio")
+        heard = [[self.audio_features(self.read_audio(a)) for a in group] for group in per_prompt_audios]
+        rows = [self.expand(row, group, audio_windows=[len(f) for f in features])
+                for row, group, features in zip(rows, read, heard)]
         if max_length is not None:
             for i, (row, n_images) in enumerate(zip(rows, counts)):
                 if len(row) > max_length:
                     raise OmniInputError(
                         f"prompt {i} is {len(row)} tokens ({n_images} images of {self.image_seq_len} tokens each, "
-                        f"{len(read[i])} videos) but max_length is {max_length}: shorten it, use fewer images or "
-                        "frames, or raise max_length"
+                        f"{len(read[i])} videos, {len(heard[i])} audios) but max_length is {max_length}: shorten it, "
+                        "use fewer images, frames or seconds of audio, or raise max_length"
                     )
         # Padding sits under attention_mask 0, so with no pad or eos token any id would do.
         input_ids, attention_mask = pad_rows(rows, self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
@@ -148,7 +168,21 @@ class Processor:
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
         if any(read):  # as transformers: the key only where there are videos
             out["pixel_values_videos"] = self.video_pixels([v for group in read for v in group])
+        if any(heard):
+            out["input_features"] = torch.cat([f for group in heard for f in group])
         return out
+
+    def read_audio(self, source) -> np.ndarray:
+        """An audio as 16 kHz mono float32 samples (`omnilm.data.audio.load_audio`: a file's path or
+        bytes, samples, or a (samples, rate) pair); a one-line error for a model without audio."""
+        if self.log_mel is None:
+            raise OmniInputError("an audio was given but this model takes no audio: use an audio model")
+        return load_audio(source, self.audio_limits, self.log_mel.sampling_rate)
+
+    def audio_features(self, samples: np.ndarray) -> torch.Tensor:
+        """The log-mel windows of `samples` (16 kHz mono), (W, M, frames): padded with silence to
+        whole windows, normalised over the whole clip as Voxtral's processor does."""
+        return log_mel(samples, self.log_mel, per_window=False)
 
     def read_video(self, source) -> Video:
         """A video as this processor's model reads it (see `VideoSampling.read`); a one-line error for
@@ -174,17 +208,23 @@ class Processor:
         pixels = [self.image_processor([Image.fromarray(f) for f in v.frames]) for v in videos]
         return torch.stack(pixels) if len({len(p) for p in pixels}) == 1 else pixels
 
-    def expand(self, ids: list[int], videos: list[Video] = (), *aligned: list) -> list[list] | list[int]:
-        """`ids` with each `<image>` expanded to `image_seq_len` tokens and the k-th `<video>` to
-        `video_tokens(videos[k])`; lists in `aligned` (labels, offsets) stretched alike (each new
+    def expand(self, ids: list[int], videos: list[Video] = (), *aligned: list,
+               audio_windows: list[int] = ()) -> list[list] | list[int]:
+        """`ids` with each `<image>` expanded to `image_seq_len` tokens, the k-th `<video>` to
+        `video_tokens(videos[k])` and the k-th `<audio>` to `audio_windows[k]` windows of
+        `audio_seq_len` tokens; lists in `aligned` (labels, offsets) stretched alike (each new
         position takes its marker's value). Returns the ids, or `[ids, *aligned]` with `aligned`."""
         spans = {self.tokenizer.image_token_id: [[self.tokenizer.image_token_id] * self.image_seq_len]}
         if videos:
             spans[self.tokenizer.video_token_id] = [self.video_tokens(v) for v in videos]
+        if audio_windows:
+            audio_id = self.tokenizer.audio_token_id
+            spans[audio_id] = [[audio_id] * (n * self.audio_seq_len) for n in audio_windows]
         out = expand_markers(ids, spans, *aligned)
         return out if aligned else out[0]
 
-    def _render(self, conversations, add_generation_prompt: bool) -> tuple[list[str], list[list], list[list]]:
+    def _render(self, conversations, add_generation_prompt: bool) -> tuple[list[str], list[list], list[list],
+                                                                          list[list]]:
         # One prompt (a string, or a chat: a list of message dicts) becomes a batch of one.
         if isinstance(conversations, str) or (
             isinstance(conversations, list) and conversations and isinstance(conversations[0], dict)
@@ -194,20 +234,22 @@ class Processor:
             raise OmniInputError(
                 "nothing to encode: pass a prompt string, a chat (list of messages), or a list of either"
             )
-        prompts, carried, carried_videos = [], [], []
+        prompts, carried, carried_videos, carried_audios = [], [], [], []
         for i, item in enumerate(conversations):
             if isinstance(item, str):
                 prompts.append(item)
                 carried.append([])
                 carried_videos.append([])
+                carried_audios.append([])
             elif isinstance(item, list):
                 text, item_images = render_chat(item, add_generation_prompt, self.tokenizer.system_prompt)
                 prompts.append(text)
                 carried.append(item_images)
                 carried_videos.append(chat_videos(item))
+                carried_audios.append(chat_audios(item))
             else:
                 raise OmniInputError(f"prompt {i} is a {type(item).__name__}: pass a string or a list of messages")
-        return prompts, carried, carried_videos
+        return prompts, carried, carried_videos, carried_audios
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -218,7 +260,8 @@ class Processor:
         tokenizer files in the checkpoint `folder`; the image preprocessing of `folder`'s
         preprocessor_config.json when there is one, else the CLIP preprocessing the model's vision
         config implies; the model's tokens per image (and per video frame, with the frame sampling of
-        `folder`'s video_preprocessor_config.json, else `VideoSampling()`)."""
+        `folder`'s video_preprocessor_config.json, else `VideoSampling()`; per audio window, with the
+        log-mel front end its audio config implies: mel bins and window length)."""
         config = getattr(model, "config", model)
         if tokenizer is None:
             if folder is None or not (Path(folder) / "tokenizer.json").is_file():
@@ -231,7 +274,8 @@ class Processor:
             image_processor = _read_image_processor(folder) or ImageProcessor.from_vision_config(config.vision)
         llava = processor_config_to_hf(config) if config.vision is not None and not hf_incompatibility(config) else None
         frame_len = config.video_frame_len if config.video_token_id is not None else None
-        return cls(tokenizer, image_processor, config.image_seq_len, llava, frame_len, _read_video_sampling(folder))
+        return cls(tokenizer, image_processor, config.image_seq_len, llava, frame_len, _read_video_sampling(folder),
+                   config.audio_seq_len or None, log_mel_config(config))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, image_seq_len: int, video_frame_len: int | None = None) -> Processor:
@@ -265,6 +309,13 @@ def _read_image_processor(folder: str | Path | None) -> ImageProcessor | None:
     return ImageProcessor.from_hf_dict(read_json(file), source=file) if file is not None and file.is_file() else None
 
 
+def log_mel_config(config) -> LogMelConfig | None:
+    """The log-mel front end an OmniConfig's audio encoder reads (Whisper's STFT at 16 kHz: 100
+    frames a second, so a window of 2 * max_source_positions frames); None without audio."""
+    a = config.audio
+    return LogMelConfig(n_mels=a.n_mels, window_seconds=a.window_frames / 100) if a is not None else None
+
+
 def _read_video_sampling(folder: str | Path | None) -> VideoSampling:
     file = Path(folder) / VIDEO_CONFIG if folder is not None else None
     return VideoSampling.from_dict(read_json(file), file) if file is not None and file.is_file() else VideoSampling()
@@ -293,6 +344,13 @@ def check_tokenizer_fits(config, tokenizer: Tokenizer, where: str | Path) -> Non
         raise OmniInputError(
             f"{where}: the tokenizer's <image> is id {image} but the model's image_token_id is "
             f"{config.image_token_id}; set config image_token_id to the tokenizer's id"
+        )
+    audio = tokenizer.audio_token_id
+    if config.audio_token_id is not None and audio != config.audio_token_id:
+        has = f"is id {audio}" if audio is not None else "is missing"
+        raise OmniInputError(
+            f"{where}: the tokenizer's {AUDIO_TOKEN} {has} but the model's audio_token_id is "
+            f"{config.audio_token_id}; use the tokenizer the audio model was trained with"
         )
     video = tokenizer.video_token_id
     if config.video_token_id is not None and video != config.video_token_id:
@@ -338,9 +396,11 @@ def _assign_media(counts: list[int], carried: list[list], media, what: str) -> l
     elif any(carried):
         raise OmniInputError(f"{what}s came both inside the chat messages and as {what}s=: pass each {what} one way")
     else:
-        if not isinstance(media, (list, tuple)) or (what == "video" and _is_one_video(media)):
-            media = [media]  # a single image or video
-        if media and all(isinstance(group, (list, tuple)) for group in media):
+        if not isinstance(media, (list, tuple)) or (what == "video" and _is_one_video(media)) or (
+                what == "audio" and _is_one_audio(media)):
+            media = [media]  # a single image, video or audio
+        if media and all(isinstance(group, (list, tuple)) and not (what == "audio" and _is_one_audio(group))
+                         for group in media):  # one list per prompt (a (samples, rate) pair is one audio)
             if len(media) != len(counts):
                 raise OmniInputError(
                     f"{len(media)} {what} lists were given for {len(counts)} prompts: give one list per prompt"
@@ -359,6 +419,11 @@ def _assign_media(counts: list[int], carried: list[list], media, what: str) -> l
                 f"prompt {i} has {n_markers} <{what}> markers but {len(group)} {what}s were given: {hint}"
             )
     return per_prompt
+
+
+def _is_one_audio(media) -> bool:
+    # A (samples, rate) pair is one audio, not a list of two.
+    return isinstance(media, tuple) and len(media) == 2 and isinstance(media[1], int) and not isinstance(media[0], str)
 
 
 def _is_one_video(media) -> bool:

@@ -1,7 +1,8 @@
 """Text <-> token ids: a thin wrapper over a Hugging Face `tokenizers` tokenizer.json.
 
 The wrapper owns three conventions the rest of omnilm relies on: `<image>` is one special
-token that never merges with its neighbours (and so is `<video>`, where the tokenizer has it),
+token that never merges with its neighbours (and so are `<video>` and `<audio>`, where the tokenizer
+has them),
 BOS is added by `encode(add_bos=True)` and by nothing else, and a saved folder loads in
 transformers' `AutoTokenizer` to the same ids.
 """
@@ -20,6 +21,7 @@ from omnilm.io import atomic_write, read_json, write_json
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
+AUDIO_TOKEN = "<audio>"
 _SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 # Used when neither tokenizer_config.json nor special_tokens_map.json names a token.
 _CONVENTIONAL = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
@@ -123,6 +125,11 @@ class Tokenizer:
         return self._backend.token_to_id(VIDEO_TOKEN)
 
     @property
+    def audio_token_id(self) -> int | None:
+        """The id of `<audio>`, None where the tokenizer has no such token (a model without audio)."""
+        return self._backend.token_to_id(AUDIO_TOKEN)
+
+    @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
@@ -187,12 +194,12 @@ def _bos_template(bos: str | None, bos_id: int | None) -> processors.TemplatePro
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, system_prompt: str | None = None,
-                    video: bool = False) -> Tokenizer:
+                    video: bool = False, audio: bool = False) -> Tokenizer:
     """Train a byte-level BPE tokenizer whose special tokens are `<pad>`=0, `<s>`=1, `</s>`=2,
-    `<image>`=3 (and with `video`, `<video>`=4), prepending `<s>` like LLaMA. The same texts give the
+    `<image>`=3 (then with `video` `<video>`, with `audio` `<audio>`: 4, 5), prepending `<s>` like LLaMA. The same texts give the
     same tokenizer. It keeps `system_prompt` for the chats it will render (render `texts` with the
     same one)."""
-    specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN] + ([VIDEO_TOKEN] if video else [])
+    specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN] + [VIDEO_TOKEN] * video + [AUDIO_TOKEN] * audio
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(specials) + len(alphabet):
         raise OmniInputError(

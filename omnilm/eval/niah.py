@@ -18,7 +18,10 @@ as independent, which makes the interval a little narrow with --questions above 
 
 Video needles (`--needle video`, a model that reads video): the lengths are clips' frame counts,
 each frame one or two still ShapeWorld shapes; the frame at the cell's depth also shows a cross,
-and the question asks its colour (`omnilm.data.shapeworld.video.make_video_needle`).
+and the question asks its colour (`omnilm.data.shapeworld.video.make_video_needle`). Audio needles
+(`--needle audio`, a model that hears) are the same in sound: clips of that many 2 s windows of
+tones, the window at the cell's depth also holding a chirp whose direction is asked
+(`omnilm.data.shapeworld.audio.make_audio_needle`).
 
 Past the training length. Plain RoPE reads no length, so the checkpoint's `max_seq_len` (which
 `generate` will not run past) is raised to the longest prompt; a YaRN or Llama 3 scaling that does
@@ -47,6 +50,7 @@ from omnilm.data.collate import to_device
 from omnilm.data.haystack import (FILLERS, MAX_IMAGE_QUESTIONS, NEEDLE_HELP, NEEDLES, OBJECTS_HELP, TokenCount,
                                   build_haystack, check_choices, check_image_needles)
 from omnilm.data.processor import Processor
+from omnilm.data.shapeworld.audio import MAX_NEEDLE_WINDOWS, make_audio_needle
 from omnilm.data.shapeworld.video import MAX_NEEDLE_FRAMES, make_video_needle
 from omnilm.errors import OmniInputError
 from omnilm.eval.vqa import normalize_answer
@@ -58,7 +62,9 @@ from omnilm.model.layers import resolve_device
 from omnilm.settings import check_output_folder, check_range, check_seed, setting
 
 ROPE_SCALINGS = ("linear", "dynamic", "yarn")
-NIAH_NEEDLES = (*NEEDLES, "video")
+NIAH_NEEDLES = (*NEEDLES, "video", "audio")
+# Needles in a clip of --lengths frames or windows: the most each may have, and what a length counts.
+CLIP_NEEDLES = {"video": (MAX_NEEDLE_FRAMES, "frames"), "audio": (MAX_NEEDLE_WINDOWS, "windows")}
 AUTO = "auto"  # --rope-scaling TYPE:auto: the factor of each length is length / trained length (at least 1)
 MAX_DEPTHS = 101  # 1% apart: needles are placed between sentences, so finer steps would repeat places
 
@@ -78,7 +84,9 @@ class NiahArgs:
     samples: int = setting(20, "prompts per length and depth, each with its own key (or images) and filler")
     needle: str = setting("text", NEEDLE_HELP + " (models with a vision tower); video: clips of --lengths frames "
                                                 "(a number each), one frame of which also shows a cross, asked 'What "
-                                                "colour is the cross?' (video models)", choices=NIAH_NEEDLES)
+                                                "colour is the cross?' (video models); audio: clips of --lengths 2 s "
+                                                "windows of tones, one of which also holds a chirp, asked 'Does the "
+                                                "chirp go up or down?' (audio models)", choices=NIAH_NEEDLES)
     keys: int = setting(1, "text needles per prompt, each with its own key: the unasked ones are distractors")
     questions: int = setting(1, "needles asked per prompt, one a turn, each turn after the model's own earlier "
                                 "answers; every answer is scored (text: at most --keys; image: at most "
@@ -108,11 +116,12 @@ class NiahArgs:
 
     def __post_init__(self) -> None:
         check_choices(self, ("auto", *FILLERS), needles=NIAH_NEEDLES)
-        if self.needle == "video":  # frames, not tokens; the other settings shape text and image needles
-            frames = [int(n) if str(n).isdigit() else 0 for n in self.lengths]
-            if not all(1 <= n <= MAX_NEEDLE_FRAMES for n in frames):
-                raise OmniInputError(f"--lengths {','.join(map(str, self.lengths))}: with --needle video give frames "
-                                     f"per clip, 1 to {MAX_NEEDLE_FRAMES} each, e.g. --lengths 8,16,32")
+        if self.needle in CLIP_NEEDLES:  # frames or windows, not tokens; the other settings shape text and images
+            most, unit = CLIP_NEEDLES[self.needle]
+            counts = [int(n) if str(n).isdigit() else 0 for n in self.lengths]
+            if not all(1 <= n <= most for n in counts):
+                raise OmniInputError(f"--lengths {','.join(map(str, self.lengths))}: with --needle {self.needle} give "
+                                     f"{unit} per clip, 1 to {most} each, e.g. --lengths 2,4,8")
         check_range(self, ("samples", "prefill_chunk", "max_new_tokens"), low=1)
         check_range(self, ("depths",), 2, MAX_DEPTHS, what=" (1% apart at most)")
         if self.needle == "image":
@@ -206,12 +215,15 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
     if run.needle == "video" and config.video_token_id is None:
         raise OmniInputError(f"--needle video needs a model that reads videos; {run.checkpoint} has no video_token_id: "
                              "use --needle text or image")
+    if run.needle == "audio" and config.audio is None:
+        raise OmniInputError(f"--needle audio needs a model that hears; {run.checkpoint} has no audio encoder: "
+                             "use --needle text or image")
     processor = Processor.for_model(config, run.checkpoint)
     trained = config.text.max_seq_len
     filler = default_filler(run.checkpoint) if run.filler == "auto" else run.filler
-    if run.needle == "video":
+    if run.needle in CLIP_NEEDLES:
         model = OmniModel.from_pretrained(run.checkpoint, device=resolve_device(run.device), dtype=run.dtype).eval()
-        return video_niah(model, processor, run, progress)[0]
+        return clip_niah(model, processor, run, progress)[0]
     grid = Grid(run, filler, TokenCount(processor.tokenizer, processor.image_seq_len), trained)
     grid.check()
     lengths = grid.lengths
@@ -243,30 +255,33 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
                                                         f"{out / 'predictions.jsonl'}"])
 
 
-def video_niah(model, processor: Processor, run: NiahArgs, progress: bool = True) -> tuple[str, list[dict]]:
-    """`run`'s video haystack grid on `model`, written to `run.out` (niah.csv, niah.png,
+def clip_niah(model, processor: Processor, run: NiahArgs, progress: bool = True) -> tuple[str, list[dict]]:
+    """`run`'s video or audio haystack grid on `model`, written to `run.out` (niah.csv, niah.png,
     predictions.jsonl): the printed report, and the rows."""
-    grid = VideoGrid(run)
+    grid = ClipGrid(run)
     predictions = grid.evaluate(model, processor, progress)
     rows = cells(predictions, grid.lengths, grid.depths)
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "niah.csv")
     write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-    title = video_niah_title(predictions, processor)
-    plot_heatmap(rows, out / "niah.png", title, xlabel="clip length (frames)")
+    title = clip_niah_title(predictions, processor, run.needle)
+    plot_heatmap(rows, out / "niah.png", title, xlabel=f"clip length ({CLIP_NEEDLES[run.needle][1]})")
     report = "\n".join([title, "", format_niah(rows), "", f"wrote {out / 'niah.csv'}, {out / 'niah.png'} and "
                                                           f"{out / 'predictions.jsonl'}"])
     return report, rows
 
 
-def video_niah_title(predictions: list[dict], processor: Processor) -> str:
-    return (f"video needle in a haystack (a cross in one frame, its colour asked), {processor.video_frame_len} tokens "
-            f"a frame: recall {sum(p['correct'] for p in predictions) / len(predictions):.1%}")
+def clip_niah_title(predictions: list[dict], processor: Processor, needle: str = "video") -> str:
+    what = (f"a cross in one frame, its colour asked), {processor.video_frame_len} tokens a frame" if needle == "video"
+            else f"a chirp in one 2 s window, its direction asked), {processor.audio_seq_len} tokens a window")
+    return (f"{needle} needle in a haystack ({what}: "
+            f"recall {sum(p['correct'] for p in predictions) / len(predictions):.1%}")
 
 
-class VideoGrid:
-    """The clips of every (frames, depth, sample) for `--needle video`, each from a generator of its own."""
+class ClipGrid:
+    """The clips of every (frames or windows, depth, sample) for `--needle video` or `audio`, each
+    from a generator of its own."""
 
     def __init__(self, run: NiahArgs):
         self.run = run
@@ -281,17 +296,24 @@ class VideoGrid:
         eos = processor.tokenizer.eos_id
         keys = [(n, depth, s) for n in self.lengths for depth in self.depths for s in range(self.run.samples)]
         predictions = []
-        for i, (n, depth, sample) in enumerate(tqdm(keys, desc="video niah", unit="clip", disable=not progress)):
-            clip = make_video_needle(i, self.run.seed, "niah", n_frames=n, depth=depth)
-            record = clip.records[0]
+        needle = self.run.needle
+        where = "needle_frame" if needle == "video" else "needle_window"  # the needle's place, in the predictions
+        for i, (n, depth, sample) in enumerate(tqdm(keys, desc=f"{needle} niah", unit="clip", disable=not progress)):
+            if needle == "video":
+                clip = make_video_needle(i, self.run.seed, "niah", n_frames=n, depth=depth)
+                record, media = clip.records[0], {"videos": [[clip.frames]]}
+            else:
+                clip = make_audio_needle(i, self.run.seed, "niah", n_windows=n, depth=depth)
+                record, media = clip.record, {"audios": [[clip.samples]]}
             chat = record["conversations"][:1]
-            batch = to_device(processor([chat], videos=[[clip.frames]]), device)
+            batch = to_device(processor([chat], **media), device)
             new = generate(model, **batch, max_new_tokens=self.run.max_new_tokens, stop_token_ids=[eos],
                            prefill_chunk=self.run.prefill_chunk)[0].tolist()
             prediction = processor.decode(new[:new.index(eos)] if eos in new else new).strip()
             answer = record["conversations"][1]["value"]
             predictions.append({"length": n, "depth": round(depth, 4), "sample": sample,
-                                "tokens": batch["input_ids"].shape[1], "needle_frame": record["needle_frame"],
+                                "tokens": batch["input_ids"].shape[1],
+                                where: record[where],
                                 "question": chat[0]["value"].split("\n", 1)[1], "answer": answer,
                                 "prediction": prediction,
                                 "correct": normalize_answer(prediction) == normalize_answer(answer)})

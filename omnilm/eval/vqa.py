@@ -10,7 +10,9 @@ the whole file and before anything is generated: structure, that every question 
 model's context with its answer, and that every image and video decodes.
 
 Videos can be shown as they are, with their frames shuffled, or by their first frame alone
-(`frames`): the controls that tell a model reading time from one reading a single picture.
+(`frames`): the controls that tell a model reading time from one reading a single picture. Audio
+can be heard as it is or replaced by silence of the same length (`audio`): the control that tells
+a model that listens from one that guesses from the question.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from omnilm.data.chat import render_chat
 from omnilm.data.collate import to_device
 from omnilm.data.llava_json import Problem, check_records, media_names
-from omnilm.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN
+from omnilm.data.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 from omnilm.data.video import Video
 from omnilm.infer import generate
 from omnilm.model.layers import resolve_device
@@ -35,6 +38,8 @@ from omnilm.settings import check_output_file, check_range, setting
 
 
 FRAME_CONTROLS = ("all", "shuffled", "first")
+AUDIO_CONTROLS = ("heard", "silence")
+_MARKER_LINES = (IMAGE_TOKEN, VIDEO_TOKEN, AUDIO_TOKEN)
 
 
 def control_frames(video: Video, frames: str, seed: str) -> Video:
@@ -67,6 +72,8 @@ class EvalArgs:
     frames: str = setting("all", "what the model sees of each video: all its sampled frames in order, the same "
                                  "frames shuffled, or the first frame only (controls: a model that reads time falls "
                                  "to chance on motion without the order)", choices=FRAME_CONTROLS)
+    audio: str = setting("heard", "what the model hears of each audio: the audio, or silence as long (the control: "
+                                  "a model that listens falls to chance)", choices=AUDIO_CONTROLS)
 
     def __post_init__(self) -> None:
         check_range(self, ("batch_size", "max_new_tokens"), low=1)
@@ -90,15 +97,14 @@ def _questions(records: list[dict]) -> list[dict]:
         turns = rec["conversations"]  # a leading system turn stays part of every question's chat
         answers = [i for i, t in enumerate(turns) if t["from"] in ("gpt", "assistant")]
         turn_tasks = rec.get("turn_tasks") or [rec.get("task") or "all"] * len(answers)
-        images, videos = (list(media_names(rec, kind)) for kind in ("image", "video"))
+        images, videos, audios = (list(media_names(rec, kind)) for kind in ("image", "video", "audio"))
         for n, i in enumerate(answers):
-            shown = sum(t["value"].count(IMAGE_TOKEN) for t in turns[:i])
-            seen = sum(t["value"].count(VIDEO_TOKEN) for t in turns[:i])
+            shown, seen, heard = (sum(t["value"].count(marker) for t in turns[:i]) for marker in _MARKER_LINES)
             question = " ".join(line for line in turns[i - 1]["value"].split("\n")
-                                if line.strip() not in (IMAGE_TOKEN, VIDEO_TOKEN))
+                                if line.strip() not in _MARKER_LINES)
             out.append({"id": rec.get("id"), "task": turn_tasks[n], "question": question.strip(),
                         "answer": turns[i]["value"], "chat": turns[:i], "images": images[:shown],
-                        "videos": videos[:seen], "n_objects": rec.get("n_objects")})
+                        "videos": videos[:seen], "audios": audios[:heard], "n_objects": rec.get("n_objects")})
     return out
 
 
@@ -118,14 +124,14 @@ def normalize_answer(text: str) -> str:
 @torch.inference_mode()
 def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path, batch_size: int = 64,
                  max_new_tokens: int = 8, progress: bool = True, skip_bad: bool = False,
-                 frames: str = "all") -> tuple[dict[str, Any], list[dict]]:
+                 frames: str = "all", audio: str = "heard") -> tuple[dict[str, Any], list[dict]]:
     """Accuracy per task family and overall, and one prediction per question.
 
     Every non-caption record is checked before anything is generated, its images decoded: the
     first bad one raises OmniInputError naming the file (for `read_records` output), the record
     and the field. With `skip_bad` bad records are left out instead and counted in the
     summary's "skipped" (which `format_vqa_results` prints). `frames` shows videos whole or as a
-    control (`control_frames`)."""
+    control (`control_frames`); `audio` "silence" replaces every audio by as many zero samples."""
     from tqdm import tqdm
 
     folder = Path(image_folder)
@@ -139,8 +145,9 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
         chunk = items[start:start + batch_size]
         videos = [[control_frames(processor.read_video(folder / p), frames, f"{q['id']}/{k}")
                    for k, p in enumerate(q["videos"])] for q in chunk]
+        audios = [[_control_audio(processor.read_audio(folder / p), audio) for p in q["audios"]] for q in chunk]
         batch = processor([q["chat"] for q in chunk], images=[[str(folder / p) for p in q["images"]] for q in chunk],
-                          videos=videos if any(videos) else None)
+                          videos=videos if any(videos) else None, audios=audios if any(audios) else None)
         batch = to_device(batch, device)
         new = generate(model, **batch, max_new_tokens=max_new_tokens, stop_token_ids=[eos])
         for q, ids in zip(chunk, new.tolist()):
@@ -155,6 +162,11 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
     if checked.skipped:
         summary["skipped"] = checked.counts()
     return summary, predictions
+
+
+def _control_audio(samples: np.ndarray, audio: str) -> np.ndarray:
+    """`samples` as the control `audio` plays them: as they are ("heard"), or silence as long."""
+    return samples if audio == "heard" else np.zeros_like(samples)
 
 
 def _prompt_fits(model, processor, max_new_tokens: int):

@@ -47,35 +47,38 @@ class Sampling:
 
 def prefill(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
             attention_mask: torch.Tensor | None, cache: KVCache, chunk: int | None = None,
-            pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+            pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+            input_features: torch.Tensor | None = None) -> torch.Tensor:
     """Run a prompt (or the next part of one) through the model, filling `cache`.
 
     `attention_mask` (B, S) covers the cached positions and these T new ones. Returns the
     logits of the last position (B, V): the distribution of the first new token. With `chunk`,
-    the prompt goes through `chunk` tokens at a time (a chunk grows to the end of an image or video
-    frame it would cut): the same logits, with the activations of one chunk at a time, so that a
+    the prompt goes through `chunk` tokens at a time (a chunk grows to the end of an image, video
+    frame or audio window it would cut): the same logits, with the activations of one chunk at a time, so that a
     long prompt fits in memory (attention itself stays linear: `omnilm.model.layers.causal_attention`).
     """
     T = input_ids.shape[1]
     if chunk is None or T <= chunk:
         return model(input_ids, pixel_values, attention_mask, cache=cache, logits_to_keep=1,
-                     pixel_values_videos=pixel_values_videos).logits[:, -1]
-    if (pixel_values is not None or pixel_values_videos is not None) and input_ids.shape[0] > 1:
-        raise OmniInputError("a prompt with images or videos is prefilled in chunks one at a time (batch 1): drop "
-                             "prefill_chunk or pass one prompt")
+                     pixel_values_videos=pixel_values_videos, input_features=input_features).logits[:, -1]
+    if any(m is not None for m in (pixel_values, pixel_values_videos, input_features)) and input_ids.shape[0] > 1:
+        raise OmniInputError("a prompt with images, videos or audio is prefilled in chunks one at a time (batch 1): "
+                             "drop prefill_chunk or pass one prompt")
     cfg, past = model.config, cache.seen  # positions cached before this prompt
     # Frames, like images, are encoded whole: each chunk takes the frames whose tokens it holds.
     videos = video_list(pixel_values_videos)
-    prompt, offset, images, seen_frames = input_ids[0].tolist(), 0, 0, 0
+    prompt, offset, images, seen_frames, windows = input_ids[0].tolist(), 0, 0, 0, 0
     while offset < T:
         end = media_chunk_end(prompt, offset, chunk, cfg, [len(v) for v in videos])
         n = prompt[offset:end].count(cfg.image_token_id) // cfg.image_seq_len if pixel_values is not None else 0
         f = prompt[offset:end].count(cfg.video_token_id) // cfg.video_frame_len if videos else 0
+        w = prompt[offset:end].count(cfg.audio_token_id) // cfg.audio_seq_len if input_features is not None else 0
         mask = attention_mask[:, :past + end] if attention_mask is not None else None
         logits = model(input_ids[:, offset:end], pixel_values[images:images + n] if n else None, mask,
                        cache=cache, logits_to_keep=1,
-                       pixel_values_videos=take_frames(videos, seen_frames, f) if f else None).logits[:, -1]
-        offset, images, seen_frames = end, images + n, seen_frames + f
+                       pixel_values_videos=take_frames(videos, seen_frames, f) if f else None,
+                       input_features=input_features[windows:windows + w] if w else None).logits[:, -1]
+        offset, images, seen_frames, windows = end, images + n, seen_frames + f, windows + w
     return logits
 
 
@@ -100,14 +103,16 @@ def chunk_end(prompt: list[int], start: int, budget: int, marker: int, span: int
 
 
 def media_chunk_end(prompt: list[int], start: int, budget: int, config, video_lengths: list[int] = ()) -> int:
-    """`chunk_end` for a prompt of images and videos (`config` an OmniConfig; `video_lengths` each
-    video's frame count): grown to the end of the image or frame it would cut, or, for a model with
-    `video_motion` (a frame's tokens read the frame before), to the end of the video (an image's end
-    is no frame's: at most one of them moves it)."""
+    """`chunk_end` for a prompt of images, videos and audio (`config` an OmniConfig; `video_lengths`
+    each video's frame count): grown to the end of the image, frame or audio window it would cut, or,
+    for a model with `video_motion` (a frame's tokens read the frame before), to the end of the video
+    (an item's end is no other item's: at most one of them moves it)."""
     end = chunk_end(prompt, start, budget, config.image_token_id, config.image_seq_len)
     if config.video_token_id is not None:
         span = [n * config.video_frame_len for n in video_lengths] if config.video_motion else config.video_frame_len
         end = max(end, chunk_end(prompt, start, end - start, config.video_token_id, span))
+    if config.audio_token_id is not None:
+        end = max(end, chunk_end(prompt, start, end - start, config.audio_token_id, config.audio_seq_len))
     return end
 
 
@@ -234,7 +239,8 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
                 top_p: float | None = None, stop_token_ids: int | list[int] | None = None,
                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
                 prefill_chunk: int | None = None,
-                pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+                pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+                input_features: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) one step at a time; the single loop behind `generate` and `stream`.
 
     Arguments as `generate`. A row that has emitted a stop token yields `pad_token_id` from then
@@ -259,7 +265,7 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
     with eval_mode(model):
         cache = model.new_cache(B, T + max_new_tokens)
         logits = prefill(model, input_ids, pixel_values, attention_mask, cache, prefill_chunk,
-                         pixel_values_videos)  # (B, V)
+                         pixel_values_videos, input_features)  # (B, V)
         for step in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad_token_id)
@@ -277,12 +283,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
              top_p: float | None = None, stop_token_ids: int | list[int] | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
              prefill_chunk: int | None = None,
-             pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
+             pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+             input_features: torch.Tensor | None = None) -> torch.Tensor:
     """Generate up to `max_new_tokens` ids after each prompt; returns the new ids only, (B, n).
 
     input_ids (B, T): prompts, left-padded when their lengths differ, with `attention_mask`
         (B, T) 0 on the padding; image tokens expanded, one image in `pixel_values` per run; video
-        tokens too, their videos in `pixel_values_videos` (see `OmniModel.forward`).
+        tokens too, their videos in `pixel_values_videos`, and audio tokens, their windows in
+        `input_features` (see `OmniModel.forward`).
     do_sample: False for greedy argmax; True to draw after `temperature`, `top_k`, `top_p`.
     stop_token_ids: a row ends after emitting one; default `model.config.text.eos_token_id`.
     pad_token_id: fills a row after it ends; default the config's pad, else the first stop id.
@@ -294,7 +302,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
     """
     steps = list(iter_tokens(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample,
                              temperature, top_k, top_p, stop_token_ids, pad_token_id, generator, prefill_chunk,
-                             pixel_values_videos))
+                             pixel_values_videos, input_features))
     if not steps:
         return input_ids.new_empty(input_ids.shape[0], 0)
     return torch.stack(steps, dim=1)

@@ -32,7 +32,7 @@ from omnilm.data.llava_json import read_records, write_records
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.data.shapeworld.video import CHANCE, VIDEO_FAMILIES, write_shapeworld_video, write_video_clips
 from omnilm.errors import OmniInputError
-from omnilm.eval.niah import NiahArgs, video_niah
+from omnilm.eval.niah import NiahArgs, clip_niah
 from omnilm.eval.vqa import FRAME_CONTROLS, evaluate_vqa, write_predictions
 from omnilm.io import write_json
 from omnilm.settings import check_output_folder, check_range, check_seed, setting, to_dict
@@ -187,7 +187,7 @@ def run_video_recipe(out: str | Path, recipe: VideoRecipe | None = None) -> dict
     haystack = NiahArgs(checkpoint=out / "model", needle="video", lengths=tuple(map(str, recipe.haystack_frames)),
                         depths=recipe.haystack_depths, samples=recipe.haystack_samples, seed=recipe.seed,
                         max_new_tokens=4, out=out / "niah")
-    haystack_report, rows = video_niah(model, processor, haystack, recipe.progress)
+    haystack_report, rows = clip_niah(model, processor, haystack, recipe.progress)
     timings["haystack"] = time.perf_counter() - t
     result.update(eval=evaluations, haystack=rows, haystack_report=haystack_report, timings=timings,
                   model=out / "model", report=format_video_results(evaluations))

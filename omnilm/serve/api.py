@@ -19,14 +19,18 @@ OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and a one-
       fields are accepted and ignored), the message naming the field         400
     the model's name                                                         404
     n = 1, stream_options only with stream, no logprobs                      400
-    at most --max-images images and --max-videos videos; each fetched
-      under omnilm.serve.media's rules (data: URLs; local files and http(s)
-      only where allowed)                                                    400, 403, 413
+    at most --max-images images, --max-videos videos and --max-audios audio
+      clips; each fetched under omnilm.serve.media's rules (data: URLs; local
+      files and http(s) only where allowed), audio inline within
+      --max-audio-bytes and --max-audio-seconds                              400, 403, 413
     the prompt, built by the model's processor                               400
     prompt + max_tokens within the context, queued on the engine             400; 429 + Retry-After
                                                                              when the queue is full
 
 A client that disconnects, streamed or not, has its request aborted on the engine.
+
+Audio comes as OpenAI's `input_audio` parts (`{"type": "input_audio", "input_audio": {"data": <base64>,
+"format": "wav"}}`, any format soundfile reads: wav, flac, mp3, ogg) for models that hear.
 
 Departures from OpenAI: `video_url` parts (`{"type": "video_url", "video_url": {"url": ...}}`, as
 vLLM's) for models that read video, their frames sampled as the model's processor samples them;
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import dataclasses
 import hashlib
@@ -55,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -66,6 +72,7 @@ from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from omnilm.data import Processor
+from omnilm.data.audio import AudioLimits, AudioTooLarge, load_audio
 from omnilm.data.video import VideoLimits
 from omnilm.errors import OmniInputError
 from omnilm.model import OmniModel
@@ -122,11 +129,17 @@ class ImageURL(_Open):
     url: str
 
 
+class InputAudio(_Open):
+    data: str  # the file's bytes, base64
+    format: str | None = None  # "wav", "mp3", ...: informative; soundfile reads the format from the bytes
+
+
 class ContentPart(_Open):
-    type: Literal["text", "image_url", "video_url"]
+    type: Literal["text", "image_url", "video_url", "input_audio"]
     text: str | None = None
     image_url: ImageURL | None = None
     video_url: ImageURL | None = None  # an omnilm extension (as vLLM's): {"url": ...}, like an image's
+    input_audio: InputAudio | None = None
 
     @model_validator(mode="after")
     def _has_its_field(self) -> ContentPart:
@@ -136,6 +149,9 @@ class ContentPart(_Open):
             raise PydanticCustomError("image_part", "an image_url part needs 'image_url': {'url': ...}")
         if self.type == "video_url" and self.video_url is None:
             raise PydanticCustomError("video_part", "a video_url part needs 'video_url': {'url': ...}")
+        if self.type == "input_audio" and self.input_audio is None:
+            raise PydanticCustomError("audio_part", "an input_audio part needs 'input_audio': {'data': <base64>, "
+                                                    "'format': 'wav'}")
         return self
 
 
@@ -461,12 +477,15 @@ class _Service:
         self._check_model(chat.model)
         _check_supported(chat)
         media = self.settings.media
-        for kind, limit in (("image", media.max_images), ("video", media.max_videos)):
-            n = sum(part.type == f"{kind}_url" for m in chat.messages for part in m.content)
+        for kind, part_type, limit in (("image", "image_url", media.max_images),
+                                       ("video", "video_url", media.max_videos),
+                                       ("audio", "input_audio", media.max_audios)):
+            n = sum(part.type == part_type for m in chat.messages for part in m.content)
             if n > limit:
-                raise ApiError(400, f"the messages hold {n} {kind}s, over the server's limit of {limit} "
+                raise ApiError(400, f"the messages hold {n} {kind} parts, over the server's limit of {limit} "
                                     f"(--max-{kind}s): send fewer", param="messages")
-        input_ids, pixel_values, videos = await asyncio.to_thread(self._prompt, backend.processor, chat.messages)
+        input_ids, pixel_values, videos, audio = await asyncio.to_thread(self._prompt, backend.processor,
+                                                                         chat.messages)
         room = max(1, backend.engine.engine.max_len - len(input_ids))  # the default max_tokens
         params = SamplingParams(max_tokens=chat.max_completion_tokens or chat.max_tokens or room,
                                 temperature=1.0 if chat.temperature is None else chat.temperature,
@@ -475,7 +494,7 @@ class _Service:
         reply = _Reply(self.settings.model_name, bool(chat.stream_options and chat.stream_options.include_usage))
         async with contextlib.AsyncExitStack() as cleanup:
             outputs = await cleanup.enter_async_context(
-                contextlib.aclosing(backend.engine.generate(input_ids, pixel_values, params, videos)))
+                contextlib.aclosing(backend.engine.generate(input_ids, pixel_values, params, videos, audio)))
             first = await _unless_gone(request, anext(outputs))  # the engine's refusals raise here
             self.metrics.ttft.observe(time.perf_counter() - arrived)
             if (failure := _failure(first)) is not None:  # failed at once: an error status, not a stream
@@ -488,21 +507,25 @@ class _Service:
             raise failure
         return JSONResponse(reply.completion(answer))
 
-    def _prompt(self, processor: Processor, messages: list[Message]) -> tuple[list[int], torch.Tensor | None, Any]:
-        """The prompt's token ids, pixel values and videos' pixel values (run in a worker thread: it
-        fetches and decodes images and videos)."""
+    def _prompt(self, processor: Processor, messages: list[Message]) -> tuple[list[int], torch.Tensor | None, Any,
+                                                                               torch.Tensor | None]:
+        """The prompt's token ids, pixel values, videos' pixel values and audio windows (run in a
+        worker thread: it fetches and decodes images, videos and audio)."""
         chat = [{"role": "system" if m.role == "developer" else m.role,
                  "content": [self._part(processor, part, f"messages[{i}].content[{j}]")
                              for j, part in enumerate(m.content)]}
                 for i, m in enumerate(messages)]
         batch = processor(chat)
-        return batch["input_ids"][0].tolist(), batch["pixel_values"], batch.get("pixel_values_videos")
+        return (batch["input_ids"][0].tolist(), batch["pixel_values"], batch.get("pixel_values_videos"),
+                batch.get("input_features"))
 
     def _part(self, processor: Processor, part: ContentPart, param: str) -> dict:
-        """A content part as the processor takes it, its image or video fetched and decoded."""
+        """A content part as the processor takes it, its image, video or audio fetched and decoded."""
         if part.type == "text":
             return {"type": "text", "text": part.text}
         media = self.settings.media
+        if part.type == "input_audio":
+            return {"type": "audio", "audio": self._audio(processor, part.input_audio.data, f"{param}.input_audio.data")}
         try:
             if part.type == "image_url":
                 return {"type": "image", "image": fetch_image(part.image_url.url, media)}
@@ -514,6 +537,29 @@ class _Service:
         except MediaError as e:
             param += f".{part.type}.url"
             raise ApiError(e.status, f"{param}: {e}", param=param) from None
+
+    def _audio(self, processor: Processor, data: str, param: str) -> np.ndarray:
+        """An input_audio part's samples: base64 within --max-audio-bytes, decoded under --max-audio-seconds."""
+        media = self.settings.media
+        if processor.log_mel is None:  # before decoding: nothing is read for a model that does not hear
+            raise ApiError(400, f"{param}: this model hears no audio: send text, or what else it reads", param=param)
+        if len(data) > 4 * -(-media.max_audio_bytes // 3) + 4:  # base64 of max_audio_bytes, with its padding
+            raise ApiError(413, f"{param}: the audio is over the server's limit of {media.max_audio_bytes} bytes "
+                                "(--max-audio-bytes): send a shorter clip", param=param)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{param}: not base64: encode the audio file's bytes with base64", param=param) from None
+        if len(raw) > media.max_audio_bytes:
+            raise ApiError(413, f"{param}: the audio is {len(raw)} bytes, over the server's limit of "
+                                f"{media.max_audio_bytes} (--max-audio-bytes): send a shorter clip", param=param)
+        limits = AudioLimits(max_bytes=media.max_audio_bytes, max_seconds=media.max_audio_seconds)
+        try:
+            return load_audio(raw, limits, processor.log_mel.sampling_rate)
+        except AudioTooLarge as e:
+            raise ApiError(413, f"{param}: {e}", param=param) from None
+        except OmniInputError as e:
+            raise ApiError(400, f"{param}: {e}", param=param) from None
 
 
 async def _body(request: Request, limit: int) -> bytes:

@@ -2,8 +2,8 @@
 leaving the running batch between decoding steps (iteration-level scheduling, Orca, Yu et al. 2022).
 
     add_request --> waiting (a FIFO queue, at most max_queue)
-                       |  free rows: prefill up to `prefill_chunk` prompt tokens per step, images
-                       v  and video frames encoded once; each newcomer samples its first token
+                       |  free rows: prefill up to `prefill_chunk` prompt tokens per step, images,
+                       v  video frames and audio windows encoded once; each newcomer samples its first token
                     running rows [0, n) of the KV store --> one token per row per `step()`
                        |  stop id, stop string, max_tokens or abort
                        v
@@ -15,7 +15,7 @@ request's tokens are those it would get alone (its own sampling settings and ran
 inside one batch). Prefill is interleaved with the decoding steps, `prefill_chunk` tokens per
 step: newcomers whose whole prompts fit go together in one right-padded forward pass (straight
 into their rows); a longer prompt goes alone into a scratch row, in chunks that never split an
-image or a video frame, so that it delays the running streams by one chunk per step, not by its
+image, a video frame or an audio window, so that it delays the running streams by one chunk per step, not by its
 whole length.
 
 `Engine` is synchronous and single-threaded: `step()` does one iteration and returns what each
@@ -109,16 +109,18 @@ class _Request:
     """One request's state, from the queue to its last token."""
 
     def __init__(self, request_id: str, prompt: list[int], pixel_values: torch.Tensor | None,
-                 videos: list[torch.Tensor], params: SamplingParams, stop_ids: set[int], device: torch.device):
+                 videos: list[torch.Tensor], params: SamplingParams, stop_ids: set[int], device: torch.device,
+                 audio: torch.Tensor | None = None):
         self.id, self.prompt, self.pixel_values, self.params = request_id, prompt, pixel_values, params
         self.videos = videos  # each video of the prompt in marker order, (F_i, 3, H, W)
+        self.audio = audio  # every audio window of the prompt in marker order, (W, M, frames)
         self.stop_ids = (set() if params.ignore_eos else stop_ids) | set(params.stop_token_ids)
         self.generator = None
         if params.temperature > 0:
             self.generator = torch.Generator(device).manual_seed(
                 params.seed if params.seed is not None else secrets.randbits(63))
         self.prefilled = 0  # prompt tokens in the cache so far
-        self.images_used = self.frames_used = 0
+        self.images_used = self.frames_used = self.windows_used = 0
         self.media: Media | None = None  # late and cross-attention fusion: this request's images
         self.output_ids: list[int] = []
         self.text_ids: list[int] = []  # output_ids without a final stop id
@@ -206,10 +208,12 @@ class Engine:
 
     def add_request(self, input_ids: list[int], pixel_values: torch.Tensor | None, params: SamplingParams,
                     request_id: str | None = None,
-                    pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> str:
-        """Queue a prompt (token ids with image and video tokens expanded, as the processor makes
-        them), its images (N, 3, H, W) in marker order and its videos as the processor gives them
-        ((V, F, 3, H, W), or a list of (F_i, 3, H, W)); returns the request id."""
+                    pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+                    input_features: torch.Tensor | None = None) -> str:
+        """Queue a prompt (token ids with image, video and audio tokens expanded, as the processor
+        makes them), its images (N, 3, H, W) in marker order, its videos as the processor gives them
+        ((V, F, 3, H, W), or a list of (F_i, 3, H, W)) and its audio windows (W, M, frames); returns
+        the request id."""
         if not isinstance(params, SamplingParams):
             raise OmniInputError(f"params must be SamplingParams, not {type(params).__name__}")
         if not input_ids:
@@ -220,8 +224,9 @@ class Engine:
                                  f"{total} > the context of {self.max_len}; shorten the prompt or lower max_tokens")
         self._check_images(input_ids, pixel_values)
         videos = self._check_videos(input_ids, pixel_values_videos)
+        self._check_audio(input_ids, input_features)
         request = _Request(request_id or uuid.uuid4().hex, list(input_ids), pixel_values, videos, params, self.eos,
-                           self.device)
+                           self.device, input_features)
         with self._lock:
             if len(self.waiting) + len(self._inbox) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are waiting already; retry in a moment")
@@ -255,6 +260,25 @@ class Engine:
         for video in videos:
             self._check_pixels(video, "the videos' frames", "videos")
         return videos
+
+    def _check_audio(self, input_ids: list[int], input_features: torch.Tensor | None) -> None:
+        """The audio windows: as many as the prompt's audio tokens ask for, each of the encoder's size."""
+        config = self.model.config
+        if config.audio is None:
+            if input_features is not None:
+                raise OmniInputError("this model hears no audio (its config has no audio encoder): send text, or "
+                                     "what else the model reads")
+            return
+        n_windows = 0 if input_features is None else input_features.shape[0]
+        n_tokens = input_ids.count(config.audio_token_id)
+        if n_tokens != n_windows * config.audio_seq_len:
+            raise OmniInputError(f"the prompt holds {n_tokens} audio tokens but {n_windows} windows of "
+                                 f"{config.audio_seq_len} tokens came with it: build the prompt with the model's "
+                                 "processor")
+        want = (config.audio.n_mels, config.audio.window_frames)
+        if input_features is not None and (input_features.ndim != 3 or tuple(input_features.shape[1:]) != want):
+            raise OmniInputError(f"the audio windows are {tuple(input_features.shape)}, not (W, {want[0]}, {want[1]}): "
+                                 "build them with the model's processor")
 
     def _check_pixels(self, pixels: torch.Tensor, name: str, what: str) -> None:
         """`pixels` (N, 3, H, W) at the size the model's vision tower takes."""
@@ -403,11 +427,13 @@ class Engine:
         images = [r.pixel_values for r in group if r.pixel_values is not None]
         pixels = torch.cat(images).to(self.device) if images else None
         videos = [v.to(self.device) for r in group for v in r.videos] or None
+        audio = [r.audio for r in group if r.audio is not None]
+        features = torch.cat(audio).to(self.device) if audio else None
         cache = _cache(self.stores, slice(n, n + len(group)), [0] * len(group))
         last = torch.tensor(lengths, device=self.device) - 1
         try:
             logits = self.model(ids.to(self.device), pixels, None, cache=cache, logits_at=last,
-                                pixel_values_videos=videos).logits[:, -1]
+                                pixel_values_videos=videos, input_features=features).logits[:, -1]
         except OmniInputError as e:
             if len(group) > 1:
                 return [out for r in group for out in self._prefill_whole([r])]
@@ -415,6 +441,7 @@ class Engine:
         for b, r in enumerate(group):
             r.prefilled, r.images_used = lengths[b], 0 if r.pixel_values is None else len(r.pixel_values)
             r.frames_used = sum(len(v) for v in r.videos)
+            r.windows_used = 0 if r.audio is None else len(r.audio)
             if cache.media is not None:  # this row's images (late, cross-attention)
                 r.media = Media(cache.media.features[b:b + 1], cache.media.positions[b:b + 1])
         return self._join(group, logits)
@@ -431,8 +458,8 @@ class Engine:
 
     def _prefill_chunk(self, r: _Request, budget: int) -> tuple[torch.Tensor, int]:
         """Run the next chunk of `r`'s prompt (at most `budget` tokens, unless that would split an
-        image or a video frame) through the model into the scratch row; returns the last logits
-        (1, V) and its length."""
+        image, a video frame or an audio window) through the model into the scratch row; returns the
+        last logits (1, V) and its length."""
         config, start = self.model.config, r.prefilled
         end = media_chunk_end(r.prompt, start, budget, config, [len(v) for v in r.videos])
         chunk = r.prompt[start:end]
@@ -440,11 +467,15 @@ class Engine:
         n_frames = chunk.count(config.video_token_id) // config.video_frame_len if r.videos else 0
         pixels = r.pixel_values[r.images_used:r.images_used + n_images].to(self.device) if n_images else None
         frames = [v.to(self.device) for v in take_frames(r.videos, r.frames_used, n_frames)] if n_frames else None
+        n_windows = chunk.count(config.audio_token_id) // config.audio_seq_len if r.audio is not None else 0
+        features = r.audio[r.windows_used:r.windows_used + n_windows].to(self.device) if n_windows else None
         cache = _cache(self.scratch, slice(0, 1), [start], r.media)
         ids = torch.tensor([chunk], device=self.device)
-        logits = self.model(ids, pixels, None, cache=cache, logits_to_keep=1, pixel_values_videos=frames).logits[:, -1]
+        logits = self.model(ids, pixels, None, cache=cache, logits_to_keep=1, pixel_values_videos=frames,
+                            input_features=features).logits[:, -1]
         r.prefilled, r.images_used, r.media = end, r.images_used + n_images, cache.media
         r.frames_used += n_frames
+        r.windows_used += n_windows
         return logits, end - start
 
 
@@ -514,7 +545,8 @@ class AsyncEngine:
             pass
 
     async def generate(self, input_ids: list[int], pixel_values: torch.Tensor | None, params: SamplingParams,
-                       pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None) -> AsyncIterator[Output]:
+                       pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
+                       input_features: torch.Tensor | None = None) -> AsyncIterator[Output]:
         """This request's Outputs until it finishes: one per step, or when the consumer is slower
         than the steps, everything since it last looked, as one. The request is queued on the first
         iteration (its errors raise there); leaving the loop early aborts it."""
@@ -523,7 +555,7 @@ class AsyncEngine:
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
         finished = False
         try:
-            self.engine.add_request(input_ids, pixel_values, params, request_id, pixel_values_videos)
+            self.engine.add_request(input_ids, pixel_values, params, request_id, pixel_values_videos, input_features)
             self._wake.set()
             while not finished:
                 out = await queue.get()

@@ -19,7 +19,8 @@ from omnilm.settings import check_range, setting
 @dataclass(kw_only=True)
 class MediaSettings:
     """Where the images of a request's `image_url` parts (and the videos of its `video_url` parts)
-    may come from, and how large they may be (omnilm.serve.media applies them)."""
+    may come from, and how large they may be (omnilm.serve.media applies them); and how large the
+    audio of its `input_audio` parts (always sent inline, base64) may be."""
 
     allowed_local_media_path: Path | None = setting(
         None, "folder whose images requests may name by path or file:// URL (default: no local files)", metavar="DIR")
@@ -31,11 +32,15 @@ class MediaSettings:
     max_videos: int = setting(1, "most videos in one request (video_url parts, for models that read video)")
     max_video_bytes: int = setting(20_000_000, "most bytes of one video as sent (decoded from base64)")
     max_video_seconds: float = setting(600.0, "longest video, read from its header before decoding")
+    max_audios: int = setting(1, "most audio clips in one request (input_audio parts, for models that hear)")
+    max_audio_bytes: int = setting(20_000_000, "most bytes of one audio clip as sent (decoded from base64)")
+    max_audio_seconds: float = setting(600.0, "longest audio clip, read from its header before decoding")
     remote_timeout: float = setting(5.0, "seconds a remote image or video may take to fetch, redirects included")
 
     def __post_init__(self) -> None:
-        check_range(self, ("max_images", "max_image_bytes", "max_image_pixels", "max_videos", "max_video_bytes"), low=1)
-        check_range(self, ("remote_timeout", "max_video_seconds"), above=0)
+        check_range(self, ("max_images", "max_image_bytes", "max_image_pixels", "max_videos", "max_video_bytes",
+                           "max_audios", "max_audio_bytes"), low=1)
+        check_range(self, ("remote_timeout", "max_video_seconds", "max_audio_seconds"), above=0)
         if self.allowed_local_media_path is not None:
             self.allowed_local_media_path = Path(self.allowed_local_media_path)
             if not self.allowed_local_media_path.is_dir():

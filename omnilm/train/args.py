@@ -54,6 +54,8 @@ class Hyperparams:
         None, "comma-separated record `task`s to train on (default: caption for clip and align, all but caption "
               "for instruct)")
     train_vision: bool = setting(False, "instruct: also train the vision encoder (frozen by default, as in LLaVA)")
+    train_audio: bool = setting(False, "instruct: also train the audio encoder (frozen by default; a model without "
+                                       "a pretrained one, --audio, needs it)")
     whiten_projector: bool = setting(
         False, "start a fresh projector by whitening the vision features, so that every feature direction learns "
                "at the same speed (omnilm.model.connector.whiten_)")
@@ -105,6 +107,8 @@ class TrainArgs(LoraSettings, Hyperparams):
     init: Path | None = setting(None, "start from this checkpoint folder (omnilm or Hugging Face LLaVA; a CLIP "
                                       "folder for stage clip) instead of a fresh model")
     vision: Path | None = setting(None, "a CLIP folder (stage clip's model/) to take the vision encoder from")
+    audio: Path | None = setting(None, "a Whisper or Voxtral folder to take the audio encoder from (a model whose "
+                                       "--config has an audio encoder of that shape)")
     tokenizer: Path | None = setting(None, "tokenizer folder (default: from --init or --vision, else a BPE trained "
                                            "on the data)")
     fusion: str | None = setting(None, "how a fresh model fuses images and text (default joint, LLaVA): early (raw "
@@ -148,7 +152,7 @@ class TrainArgs(LoraSettings, Hyperparams):
             raise OmniInputError(f"unknown stage {self.stage!r}; choose one of {', '.join(STAGES)}")
         Hyperparams.__post_init__(self)
         LoraSettings.__post_init__(self)
-        for name in ("data", "image_folder", "out", "init", "vision", "tokenizer"):
+        for name in ("data", "image_folder", "out", "init", "vision", "audio", "tokenizer"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, Path(value))
@@ -167,10 +171,11 @@ class TrainArgs(LoraSettings, Hyperparams):
         resolve_device(self.device)
         check_output_folder(self.out, "--out")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
-        ignored = {"clip": ("vision", "train_vision", "cache_features", "projector_lr", "vision_lr", "whiten_projector",
+        ignored = {"clip": ("vision", "audio", "train_vision", "train_audio", "cache_features", "projector_lr", "vision_lr", "whiten_projector",
                             "gate_lr", "group_by_length", "fusion", "attend", "lora_r", "random_positions",
                             "position_chunks"),
-                   "align": ("train_vision", "vision_lr", "patch_lr", "lora_r"), "instruct": ()}[self.stage]
+                   "align": ("train_vision", "train_audio", "vision_lr", "patch_lr", "lora_r"),
+                   "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]
         if given:
             flags = ", ".join(flag_name(name) for name in given)
@@ -188,9 +193,10 @@ class TrainArgs(LoraSettings, Hyperparams):
         if self.cache_features and self.train_vision:
             raise OmniInputError("--cache-features keeps a frozen vision tower's features, and --train-vision trains "
                                  "the tower: drop one")
-        if self.lora_r and self.train_vision:
-            raise OmniInputError("--lora-r trains LoRA updates of the language model with the vision encoder frozen: "
-                                 "drop --train-vision")
+        if self.lora_r and (self.train_vision or self.train_audio):
+            flag = "--train-vision" if self.train_vision else "--train-audio"
+            raise OmniInputError(f"--lora-r trains LoRA updates of the language model with the encoders frozen: "
+                                 f"drop {flag}")
         check_range(self, ("expert_parallel",), low=1)
         if self.expert_parallel > 1 and self.parallel == "none":
             raise OmniInputError(f"--expert-parallel {self.expert_parallel} splits the experts over the processes "

@@ -27,7 +27,7 @@ from omnilm.interpret.routing import summarize_routing
 from omnilm.model import OmniModel
 from omnilm.model.clip import ClipModel
 from omnilm.model.connector import whiten_
-from omnilm.model.hf import load_vision_encoder
+from omnilm.model.hf import load_audio_encoder, load_vision_encoder
 from omnilm.model.hf_config import hf_incompatibility
 from omnilm.model.layers import eval_mode
 from omnilm.model.vision import FeatureCache
@@ -61,7 +61,8 @@ def lm_loss(model, batch, random_positions: int = 0, position_chunks: int = 0):
     positions = (spread_positions(batch["attention_mask"], random_positions, position_chunks)
                  if random_positions else None)
     out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
-                pixel_values_videos=batch.get("pixel_values_videos"), position_ids=positions)
+                pixel_values_videos=batch.get("pixel_values_videos"), input_features=batch.get("input_features"),
+                position_ids=positions)
     if not out.routing:
         return out.loss, {}
     return out.loss, {"lm_loss": round(out.lm_loss.item(), 6), **summarize_routing(out.routing)}
@@ -117,10 +118,10 @@ def chat_tokenizer(json_path: Path, system_prompt: str | None = None) -> Tokeniz
     """A BPE trained on a dataset's chats as the model will read them, rendered with
     `system_prompt` (None: Vicuna's), which the tokenizer keeps and saves, so that training,
     evaluation and chat render prompts exactly as the tokenizer was trained on them. Data with
-    videos gets a `<video>` token."""
+    videos gets a `<video>` token, data with audio an `<audio>` token."""
     records = read_records(Path(json_path))
-    video = any(isinstance(r, dict) and r.get("video") is not None for r in records)
-    return train_tokenizer(corpus(records, system_prompt), system_prompt=system_prompt, video=video)
+    video, audio = (any(isinstance(r, dict) and r.get(kind) is not None for r in records) for kind in ("video", "audio"))
+    return train_tokenizer(corpus(records, system_prompt), system_prompt=system_prompt, video=video, audio=audio)
 
 
 def corpus(data: Path | list, system_prompt: str | None = None) -> list[str]:
@@ -274,11 +275,26 @@ def build_llava_stage(args, resume_from: Path | None):
                                  eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         if tokenizer.video_token_id is not None:  # a tokenizer with <video>: the model reads videos
             overrides.setdefault("video_token_id", tokenizer.video_token_id)
+        if tokenizer.audio_token_id is not None:  # with <audio>: the model hears, with the encoder --config gives
+            if not overrides.get("audio"):
+                raise OmniInputError("the data has audio, so the model needs an audio encoder: give its shape in "
+                                     "--config, e.g. '{\"audio\": {\"n_mels\": 80, \"dim\": 256, \"n_layers\": 4, "
+                                     "\"n_heads\": 4, \"mlp_dim\": 1024, \"max_source_positions\": 1500}}'")
+            overrides.setdefault("audio_token_id", tokenizer.audio_token_id)
         model = OmniModel.from_preset(args.preset, image_token_id=tokenizer.image_token_id, **overrides)
     if model.vision is None and (args.vision is not None or args.train_vision):
         flag = "--vision" if args.vision is not None else "--train-vision"
         why = "early fusion has none (its projector reads raw patches)" if model.config.vision else "it is text-only"
         raise OmniInputError(f"{flag} needs the model's vision encoder, but {why}: drop {flag}")
+    if model.audio is None and (args.audio is not None or args.train_audio):
+        flag = "--audio" if args.audio is not None else "--train-audio"
+        raise OmniInputError(f"{flag} needs the model's audio encoder, but it has none: drop {flag}")
+    if args.audio is not None and resume_from is None:
+        encoder = load_audio_encoder(args.audio)
+        if encoder.config != model.config.audio:
+            raise OmniInputError(f"the audio encoder in {args.audio} does not fit the model's audio config: it is "
+                                 f"{encoder.config}, the model's {model.config.audio}; set --config's audio to match")
+        model.audio.load_state_dict(encoder.state_dict())
     if args.vision is not None and resume_from is None:
         encoder = load_vision_encoder(args.vision)
         try:
@@ -289,12 +305,14 @@ def build_llava_stage(args, resume_from: Path | None):
 
     if args.lora_r:
         _add_lora(args, model, resume_from)
-    mark_trainable(model, args.stage, args.train_vision)
+    mark_trainable(model, args.stage, args.train_vision, args.train_audio)
     model.train()
     if model.vision is not None and not args.train_vision:
         model.vision.eval()  # frozen: no dropout today, but keep its mode honest
         if args.cache_features:
             model.feature_cache = FeatureCache(int(args.cache_features * 2**30))
+    if model.audio is not None and not args.train_audio:
+        model.audio.eval()
 
     processor = Processor.for_model(model, tokenizer=tokenizer)
     processor.video = VideoSampling(num_frames=args.video_frames or None, timestamps=args.video_timestamps)
@@ -320,7 +338,8 @@ def build_llava_stage(args, resume_from: Path | None):
                 whiten_(model.video_projector, frames, standardize_from=looks)
     # Late and cross-attention fusion's own modules are their connector: they take the projector's rate.
     group_lrs = {name: lr for name, lr in (("projector", args.projector_lr), ("video_projector", args.projector_lr),
-                                           ("fusion", args.projector_lr), ("vision", args.vision_lr))
+                                           ("audio_projector", args.projector_lr), ("fusion", args.projector_lr),
+                                           ("vision", args.vision_lr))
                  if lr is not None} | _patch_lr(args)
     return Stage(model=model, dataset=dataset, collate=lambda b: collate(b, tokenizer.pad_id),
                  loss=functools.partial(lm_loss, random_positions=args.random_positions,
@@ -330,20 +349,23 @@ def build_llava_stage(args, resume_from: Path | None):
 # Stage 1 trains the projector alone; stage 2 the projector and the LLM (Liu et al. 2023). The other
 # fusion modes' connectors (late's pooling and gate, the resampler and gated blocks of cross-attention)
 # train where the projector does. By top-level module.
-STAGE_TRAINS = {"align": ("projector", "video_projector", "fusion"),
-                "instruct": ("projector", "video_projector", "fusion", "llm", "lm_head")}
+STAGE_TRAINS = {"align": ("projector", "video_projector", "audio_projector", "fusion"),
+                "instruct": ("projector", "video_projector", "audio_projector", "fusion", "llm", "lm_head")}
+# Whisper's positions are fixed sinusoids: never trained, even with the encoder.
+FROZEN = ("audio.embed_positions.weight",)
 
 
-def mark_trainable(model: nn.Module, stage: str, train_vision: bool = False) -> None:
+def mark_trainable(model: nn.Module, stage: str, train_vision: bool = False, train_audio: bool = False) -> None:
     """Set requires_grad on what `stage` (align or instruct) trains, the vision encoder too with
-    `train_vision`; for a model with LoRA layers (`_add_lora`), the LoRA updates and the projector in
+    `train_vision` and the audio encoder with `train_audio`; for a model with LoRA layers (`_add_lora`), the LoRA updates and the projector in
     full, nothing else (LLaVA-1.5's LoRA recipe)."""
     if lora_layers(model):
-        lora_trainable(model, full=tuple(name for name in ("projector",) if getattr(model, name, None) is not None))
+        lora_trainable(model, full=tuple(name for name in ("projector", "audio_projector")
+                                         if getattr(model, name, None) is not None))
         return
-    trains = set(STAGE_TRAINS[stage]) | ({"vision"} if train_vision else set())
+    trains = set(STAGE_TRAINS[stage]) | ({"vision"} if train_vision else set()) | ({"audio"} if train_audio else set())
     for name, p in model.named_parameters():
-        p.requires_grad_(name.split(".")[0] in trains)
+        p.requires_grad_(name.split(".")[0] in trains and name not in FROZEN)
 
 
 def _add_lora(args, model: OmniModel, resume_from: Path | None) -> None:

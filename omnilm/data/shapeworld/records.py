@@ -21,6 +21,7 @@ from typing import NamedTuple
 from PIL import Image
 
 from omnilm.data.llava_json import write_records
+from omnilm.data.shapeworld.audio import write_shapeworld_audio
 from omnilm.data.shapeworld.multi import is_multi_image, make_multi_example
 from omnilm.data.shapeworld.questions import QUESTION_MIXES, ask, pick_families
 from omnilm.data.shapeworld.scenes import (IMAGE_SIZE, JITTER, MAX_OBJECTS, Scene, caption, example_rng, generate_scene,
@@ -131,7 +132,7 @@ class ShapeWorldSpec:
                                       "split) or of all of them (all: its training split); all also follows each "
                                       "multi-image question with every other multi-image family its images answer; with "
                              "--video, mixed writes a record per question, all one conversation of every question "
-                             "a clip answers",
+                             "a clip answers (the same for --audio)",
                              choices=QUESTION_MIXES)
     n_objects: int | None = setting(None, f"objects per scene, 1-{MAX_OBJECTS} (default: a mix of 1 to {MAX_OBJECTS})")
     multi_image: float = setting(0.0, "fraction of examples with 2 to 4 interleaved images and multi-image questions",
@@ -143,8 +144,28 @@ class ShapeWorldSpec:
                                     "extra); png, a folder of frames a clip", choices=FRAMES_AS)
     n_frames: int | None = setting(None, f"with --video: frames per clip, {FRAME_RANGE[0]}-{FRAME_RANGE[1]} "
                                          f"(default: a mix of {DEFAULT_FRAMES[0]} to {DEFAULT_FRAMES[1]})")
+    audio: bool = setting(False, "clips of sound instead of images: 2 s of 1 to 5 tones (low, mid or high; sine, "
+                                 "square or saw; some with noise), with questions on how many tones, the pitch of "
+                                 "the k-th, whether the melody goes up and the timbre; 16-bit WAV (needs soundfile, "
+                                 "the [media] extra)")
+    cross: int = setting(0, "with --audio: also this many pairs of an image and a clip, asked 'Are there as many "
+                            "tones as shapes?' (PNG + WAV)", metavar="N")
 
     def write(self, progress: bool = True) -> Path:
+        if self.audio:
+            drawn = [flag for flag, value, default in (
+                ("--jitter", self.jitter, JITTER), ("--n-objects", self.n_objects, None),
+                ("--multi-image", self.multi_image, 0.0), ("--image-size", self.image_size, IMAGE_SIZE),
+                ("--video", self.video, False), ("--frames-as", self.frames_as, "mp4"),
+                ("--n-frames", self.n_frames, None)) if value != default]
+            if drawn:
+                verb = "shapes" if len(drawn) == 1 else "shape"
+                raise OmniInputError(f"{', '.join(drawn)} {verb} images or clips of frames; --audio draws its own "
+                                     "sounds (and --cross its own images): drop it")
+            return write_shapeworld_audio(self.out, self.n, self.seed, self.split, cross=self.cross, progress=progress,
+                                          questions="all" if self.questions == "all" else "one")
+        if self.cross:
+            raise OmniInputError("--cross pairs images with sounds: add --audio, or drop it")
         if self.video:
             image_only = [flag for flag, value, default in (
                 ("--jitter", self.jitter, JITTER), ("--n-objects", self.n_objects, None),
