@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from omnilm.data.shapeworld.audio import (AUDIO_FAMILIES, CHANCE, CROSS_FAMILIES, MAX_NEEDLE_WINDOWS, ORDINALS,
-                                          PITCHES, SAMPLE_RATE, TIMBRES, TONE_RMS, WINDOW_SAMPLES, AudioClip, chance,
-                                          make_audio_example, make_audio_needle, make_cross_example,
-                                          write_audio_clips, write_shapeworld_audio)
+from omnilm.data.shapeworld.audio import (AUDIO_FAMILIES, BELL_SECONDS, CHANCE, CROSS_FAMILIES, MAX_NEEDLE_WINDOWS,
+                                          NEEDLE_TEMPLATES, NEEDLE_TONES, ORDINALS, PITCHES, SAMPLE_RATE, TIMBRES,
+                                          TONE_RMS, WINDOW_SAMPLES, AudioClip, chance, make_audio_example,
+                                          make_audio_needle, make_cross_example, write_audio_clips,
+                                          write_shapeworld_audio)
 from omnilm.errors import OmniInputError
 
 GAP = int(0.1 * SAMPLE_RATE)
@@ -188,7 +189,7 @@ def test_answers_are_balanced():
 
 def test_chance_levels():
     assert CHANCE == {"count": 1 / 5, "pitch": 1 / 3, "melody": 1 / 2, "timbre": 1 / 3, "tones_vs_shapes": 1 / 2,
-                      "needle": 1 / 2}
+                      "needle": 1 / 3}
     assert set(AUDIO_FAMILIES + CROSS_FAMILIES) < set(CHANCE)
     with pytest.raises(ValueError, match="unknown audio question family"):
         chance("colour")
@@ -197,45 +198,100 @@ def test_chance_levels():
 # --- the haystack ---------------------------------------------------------------------------------
 
 
-def sweeps(samples: np.ndarray) -> list[tuple[int, int, str]]:
-    """(start, end, up or down) of each sound whose spectral centroid (below 4 kHz) moves by more
-    than 300 Hz from its first half to its second: a tone's stays put, a chirp's moves ~1 kHz."""
-    found = []
-    for a, b in segments(samples):
-        halves = []
-        for half in (samples[a:(a + b) // 2], samples[(a + b) // 2:b]):
-            freqs, mags = spectrum(half)
-            band = freqs < 4000
-            halves.append((freqs[band] * mags[band] ** 2).sum() / (mags[band] ** 2).sum())
-        if abs(halves[1] - halves[0]) > 300:
-            found.append((a, b, "up" if halves[1] > halves[0] else "down"))
+HEAD = SAMPLE_RATE // 10  # a bell's first 0.1 s, and less than any tone
+
+
+def partials(x: np.ndarray) -> tuple[float, float, float]:
+    """(f, m(2.76 f) / m(f), m(5.40 f) / m(f)) of a sound's first 0.1 s, f its strongest frequency and
+    m the spectrum's largest magnitude within 1% of a frequency. A bell's partials decay alike, so
+    its ratios are its amplitudes' (0.5, 0.25); a tone's harmonics (sine: none; square: odd; saw:
+    all) lie at least 0.24 f from 2.76 f, so its first ratio is leakage and noise (~0.01)."""
+    freqs, mags = spectrum(x[:HEAD])
+    f = freqs[np.argmax(mags)]
+    near = [mags[np.abs(freqs - r * f) < 0.01 * r * f].max() for r in (1, 2.76, 5.40)]
+    return float(f), near[1] / near[0], near[2] / near[0]
+
+
+def sounds(window: np.ndarray) -> list[tuple[int, float, float]]:
+    """(start, f, m(2.76 f) / m(f)) of each sound in a window, from the samples alone. A bell's
+    decaying tail can dip under the segment threshold and rise over it again (its partials beat):
+    a segment starting within BELL_SECONDS of a bell's start (ratio over 0.3) is that tail."""
+    found, bell_until = [], -1
+    for a, _ in segments(window):
+        if a < bell_until:
+            continue
+        f, ratio, _ = partials(window[a:])
+        found.append((int(a), f, ratio))
+        if ratio > 0.3:
+            bell_until = a + round(BELL_SECONDS * SAMPLE_RATE)
     return found
 
 
+def test_the_oracle_tells_a_bell_from_every_tone():
+    """No timbre at any pitch looks like a bell to `partials`, so its silence about the tones is evidence."""
+    seen = collections.defaultdict(list)
+    for clip in _clips(60, seed=8, noise=0.0):
+        for t in clip.tones:
+            f, ratio, _ = partials(clip.samples[t.start:t.end].astype(np.float64))
+            assert abs(f / t.frequency - 1) < 0.01
+            seen[clip.timbre, t.pitch].append(ratio)
+    assert len(seen) == len(TIMBRES) * len(PITCHES) and max(map(max, seen.values())) < 0.02, seen
+
+
 @pytest.mark.parametrize("n_windows, depth", [(8, 0.0), (8, 0.5), (8, 1.0), (5, None), (1, None), (16, 0.3)])
-def test_haystack_holds_one_chirp_in_the_needle_window(n_windows, depth):
+def test_haystack_holds_one_bell_in_the_needle_window(n_windows, depth):
     for index in range(3):
         needle = make_audio_needle(index, 0, "test", n_windows, depth)
+        x = needle.samples.astype(np.float64)
         assert needle.samples.shape == (n_windows * WINDOW_SAMPLES,) and needle.samples.dtype == np.float32
         at = needle.needle_window
         assert depth is None or at == round(depth * (n_windows - 1))
-        assert needle.record["needle_window"] == at and needle.record["answer"] == needle.answer
-        assert needle.record["conversations"][1]["value"] == needle.answer
+        assert at == {0.0: 0, 1.0: n_windows - 1}.get(depth, at)  # depth 0 and 1: the first and last window
+        record = needle.record
+        assert record["task"] == "needle" and record["n_windows"] == n_windows and record["needle_window"] == at
+        assert record["depth"] == at / max(1, n_windows - 1)
+        assert needle.question in NEEDLE_TEMPLATES and needle.answer in PITCHES
+        assert [t["value"] for t in record["conversations"]] == ["<audio>\n" + needle.question, needle.answer]
+        assert record["answer"] == needle.answer
+        # the bell, where the clip says it is: its pitch the answer, inharmonic, decaying, as loud as a tone
+        start, length = needle.start, needle.length
+        assert length == round(BELL_SECONDS * SAMPLE_RATE)
+        assert at * WINDOW_SAMPLES <= start and start + length <= (at + 1) * WINDOW_SAMPLES
+        bell = x[start:start + length]
+        f, second, third = partials(bell)
+        assert abs(f / PITCHES[needle.answer] - 1) < 0.01, (f, needle.answer)
+        assert 0.4 < second < 0.6 and 0.15 < third < 0.35, (second, third)
+        rms = [np.sqrt((bell[k * HEAD:(k + 1) * HEAD] ** 2).mean()) for k in range(3)]
+        assert abs(rms[0] / TONE_RMS - 1) < 0.03, rms  # noise (RMS < 0.03) adds little
+        assert 0.35 < rms[1] / rms[0] < 0.55 and rms[2] / rms[0] < 0.3, rms  # exp(-t / 0.12 s): 0.43, 0.19
+        assert abs(bell[0]) < 0.07 and abs(bell[-1]) < 0.07  # faded in and out (noise peaks at 0.05)
+        # from the samples alone: one bell in the whole clip, there; every other sound a tone
         for w in range(n_windows):
-            found = sweeps(needle.samples[w * WINDOW_SAMPLES:(w + 1) * WINDOW_SAMPLES])
+            found = sounds(x[w * WINDOW_SAMPLES:(w + 1) * WINDOW_SAMPLES])
+            bells = [(a, f) for a, f, ratio in found if ratio > 0.3]
+            tones = [(a, f, ratio) for a, f, ratio in found if ratio <= 0.3]
+            assert all(ratio < 0.05 for _, _, ratio in tones), (w, tones)
+            assert all(min(abs(f / p - 1) for p in PITCHES.values()) < 0.01 for _, f, _ in tones), (w, tones)
             if w != at:
-                assert found == [], (w, found)
+                assert bells == [] and 1 <= len(tones) <= 5, (w, found)
                 continue
-            ((a, b, direction),) = found
-            assert direction == needle.answer
-            assert abs(w * WINDOW_SAMPLES + a - needle.start) <= 120 and abs(b - a - needle.length) <= 240
+            ((a, f),) = bells
+            assert abs(w * WINDOW_SAMPLES + a - start) <= 120 and abs(f / PITCHES[needle.answer] - 1) < 0.01
+            assert 1 <= len(tones) <= NEEDLE_TONES, found
 
 
 def test_haystack_answers_and_places_are_balanced():
     needles = [make_audio_needle(i, 1, "train", 4) for i in range(300)]
-    assert 0.4 < np.mean([n.answer == "up" for n in needles]) < 0.6
+    answers = collections.Counter(n.answer for n in needles)
+    assert sorted(answers) == sorted(PITCHES) and all(abs(c / 300 - 1 / 3) < 0.08 for c in answers.values()), answers
+    assert {n.question for n in needles} == set(NEEDLE_TEMPLATES)
     places = collections.Counter(n.needle_window for n in needles)
     assert sorted(places) == [0, 1, 2, 3] and min(places.values()) > 50
+    within = [n.start - n.needle_window * WINDOW_SAMPLES for n in needles]  # anywhere in its window
+    assert min(within) < 0.1 * SAMPLE_RATE and max(within) > 1.2 * SAMPLE_RATE
+    for window in range(4):  # the answer tells nothing of the place
+        here = collections.Counter(n.answer for n in needles if n.needle_window == window)
+        assert sorted(here) == sorted(PITCHES) and min(here.values()) > 10, (window, here)
 
 
 # --- across modalities ----------------------------------------------------------------------------
@@ -321,6 +377,11 @@ def test_bad_arguments_are_refused_in_one_line(tmp_path, kwargs, message):
     (lambda: make_audio_example(0, 0, "test", noise=1.0), r"noise is 1.0: give the white noise's peak"),
     (lambda: make_audio_needle(0, 0, "test", 0), r"n_windows is 0"),
     (lambda: make_audio_needle(0, 0, "test", 8, depth=1.5), r"depth is 1.5: give a place in the clip"),
+    (lambda: make_audio_needle(0, 0, "test", 8, depth=-0.1), r"depth is -0.1: give a place in the clip"),
+    (lambda: make_audio_needle(0, 0, "test", 8, depth="0.5"), r"depth is '0.5': give a place in the clip"),
+    (lambda: make_audio_needle(0, 0, "test", MAX_NEEDLE_WINDOWS + 1), r"n_windows is 65"),
+    (lambda: make_audio_needle(0, 0, "test", True), r"n_windows is True"),
+    (lambda: make_audio_needle(0, 0, "Test"), r"split 'Test' is not a plain name"),
     (lambda: make_cross_example(0, 0, "../x"), r"split '../x' is not a plain name"),
 ])
 def test_the_library_refuses_bad_arguments_in_one_line(call, message):

@@ -20,7 +20,7 @@ Video needles (`--needle video`, a model that reads video): the lengths are clip
 each frame one or two still ShapeWorld shapes; the frame at the cell's depth also shows a cross,
 and the question asks its colour (`omnilm.data.shapeworld.video.make_video_needle`). Audio needles
 (`--needle audio`, a model that hears) are the same in sound: clips of that many 2 s windows of
-tones, the window at the cell's depth also holding a chirp whose direction is asked
+tones, the window at the cell's depth also holding a bell whose pitch is asked
 (`omnilm.data.shapeworld.audio.make_audio_needle`).
 
 Past the training length. Plain RoPE reads no length, so the checkpoint's `max_seq_len` (which
@@ -85,8 +85,8 @@ class NiahArgs:
     needle: str = setting("text", NEEDLE_HELP + " (models with a vision tower); video: clips of --lengths frames "
                                                 "(a number each), one frame of which also shows a cross, asked 'What "
                                                 "colour is the cross?' (video models); audio: clips of --lengths 2 s "
-                                                "windows of tones, one of which also holds a chirp, asked 'Does the "
-                                                "chirp go up or down?' (audio models)", choices=NIAH_NEEDLES)
+                                                "windows of tones, one of which also holds a bell, asked 'What is "
+                                                "the pitch of the bell?' (audio models)", choices=NIAH_NEEDLES)
     keys: int = setting(1, "text needles per prompt, each with its own key: the unasked ones are distractors")
     questions: int = setting(1, "needles asked per prompt, one a turn, each turn after the model's own earlier "
                                 "answers; every answer is scored (text: at most --keys; image: at most "
@@ -274,7 +274,7 @@ def clip_niah(model, processor: Processor, run: NiahArgs, progress: bool = True)
 
 def clip_niah_title(predictions: list[dict], processor: Processor, needle: str = "video") -> str:
     what = (f"a cross in one frame, its colour asked), {processor.video_frame_len} tokens a frame" if needle == "video"
-            else f"a chirp in one 2 s window, its direction asked), {processor.audio_seq_len} tokens a window")
+            else f"a bell in one 2 s window, its pitch asked), {processor.audio_seq_len} tokens a window")
     return (f"{needle} needle in a haystack ({what}: "
             f"recall {sum(p['correct'] for p in predictions) / len(predictions):.1%}")
 

@@ -4,10 +4,12 @@ silence control, the cross-modal questions and the audio haystack.
 `omnilm demo-audio` runs it. The model is Voxtral's design at toy scale: a Whisper encoder (80 mel
 bins, 2 s windows, `encoder_layers` blocks of width `encoder_dim`) trained from scratch with the
 rest, Voxtral's projector joining 4 encoder frames (80 ms) into each of a window's 25 tokens, and
-the tiny preset's decoder; with `--cross` N > 0 also the tiny preset's ViT (frozen at its random
-initialisation, its projector whitened, as the video recipe's) for the questions that need an image
-and a sound. Every clip is one conversation of every question it answers (dense targets), and
-haystack clips of 1 to 8 windows teach the look-up on short ones first. Everything lands under `out/`:
+the tiny preset's decoder with 2 layers; with `--cross` N > 0 also the tiny preset's ViT (frozen at
+its random initialisation, its projector whitened, as the video recipe's) for the questions that
+need an image and a sound. Every clip is one conversation of every question it answers (dense
+targets: the count, each tone's pitch, the melody, the timbre), and haystack clips of 1 to 8
+windows (a bell in one, its pitch asked) teach the look-up. Why each default is what it is:
+docs/audio.md, "Results". Everything lands under `out/`:
 
     out/data/       train.json (one conversation a clip, the haystack and cross-modal records),
                     test.json (a record a question), audio/, images/, tokenizer/
@@ -20,14 +22,18 @@ haystack clips of 1 to 8 windows teach the look-up on short ones first. Everythi
 
 from __future__ import annotations
 
+import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from omnilm.data.llava_json import read_records, write_records
-from omnilm.data.shapeworld.audio import (AUDIO_FAMILIES, CHANCE, CROSS_FAMILIES, MAX_NEEDLE_WINDOWS,
+from omnilm.data.audio import write_audio
+from omnilm.data.shapeworld.audio import (AUDIO_FAMILIES, CHANCE, CROSS_FAMILIES, MAX_NEEDLE_WINDOWS, WINDOW_SAMPLES,
                                           write_audio_clips, write_cross_modal)
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.errors import OmniInputError
@@ -40,6 +46,7 @@ from omnilm.train.stages import chat_tokenizer
 
 PRESET = "tiny"
 WINDOW_POSITIONS = 100  # encoder frames a 2 s window gives (200 mel frames at Whisper's 10 ms hop)
+SILENCE = "audio/silence.wav"  # the clip the --silent conversations hear
 
 
 @dataclass(kw_only=True)
@@ -49,23 +56,27 @@ class AudioRecipe:
     seed: int = setting(0, "seed of the data, the weights and the batch order")
     n_train: int = setting(6000, "training clips of one 2 s window, each one conversation of every question it "
                                  "answers")
-    n_needles: int = setting(2000, "training haystack clips (a chirp in one window, its direction asked)")
+    n_needles: int = setting(2000, "training haystack clips (a bell in one window, its pitch asked)")
+    silent: float = setting(0.02, "share of the training conversations written again with silence in place of "
+                                  "their clip, answers kept (modality dropout): a model that hears nothing then "
+                                  "answers from the question alone, as the silence control asks, rather than off the "
+                                  "answers' set", metavar="P")
     needle_windows: tuple[int, ...] = setting((1, 2, 4, 8), "windows per training haystack clip, comma-separated: "
                                               "the clips split evenly among these lengths")
-    cross: int = setting(1500, "training pairs of an image and a clip, asked 'Are there as many tones as shapes?' "
-                               "(the model then has a vision tower too); 0: an audio-only model, which "
-                               "transformers' Voxtral loads")
+    cross: int = setting(0, "training pairs of an image and a clip, asked 'Are there as many tones as shapes?' "
+                            "(the model then has a vision tower too, and no transformers class); 0: an audio-only "
+                            "model, which transformers' Voxtral loads")
     n_test: int = setting(400, "held-out clips, a record per question (about 1,400 questions), and as many "
                                "cross-modal pairs (with --cross)")
     system_prompt: str = setting("Answer about the sound.", "the chat's system prompt, saved with the tokenizer")
     llm_layers: int = setting(2, "decoder layers (the tiny preset has 4)")
     encoder_layers: int = setting(2, "Whisper encoder blocks")
     encoder_dim: int = setting(128, "Whisper encoder width")
-    frames_per_token: int = setting(2, "encoder frames (20 ms each) Voxtral's projector joins into one audio token "
-                                       "(Voxtral's 4: 80 ms; the encoder's feed-forward is that many times as wide, "
+    frames_per_token: int = setting(4, "encoder frames (20 ms each) Voxtral's projector joins into one audio token "
+                                       "(4, Voxtral's: 80 ms; the encoder's feed-forward is that many times as wide, "
                                        "as transformers' Voxtral reads it)")
     instruct: Hyperparams = setting(
-        help="the one training stage", factory=lambda: Hyperparams(steps=1000, batch_size=32, lr=2e-3, warmup=50,
+        help="the one training stage", factory=lambda: Hyperparams(steps=1500, batch_size=32, lr=2e-3, warmup=50,
                                                                   optimizer="muon", group_by_length=True))
     haystack_windows: tuple[int, ...] = setting((8,), "audio haystack clip lengths in windows, comma-separated")
     haystack_depths: int = setting(8, "audio haystack depths, 0 to 100% (8: each window of an 8-window clip)")
@@ -76,6 +87,7 @@ class AudioRecipe:
         check_seed(self)
         check_range(self, ("n_train", "n_test", "llm_layers", "encoder_layers", "haystack_samples"), low=1)
         check_range(self, ("n_needles", "cross"), low=0)
+        check_range(self, ("silent",), 0, 1)
         check_range(self, ("encoder_dim",), low=4)
         if WINDOW_POSITIONS % self.frames_per_token or self.frames_per_token < 1:
             raise OmniInputError(f"--frames-per-token {self.frames_per_token}: give a divisor of the window's "
@@ -101,10 +113,15 @@ class AudioRecipe:
 
 
 def write_data(out: Path, recipe: AudioRecipe) -> tuple[Path, Path]:
-    """ShapeWorld audio under `out`: training conversations, haystack clips and cross-modal pairs in
-    train.json, a record a question (and the test pairs) in test.json; and the tokenizer in `out/tokenizer`."""
+    """ShapeWorld audio under `out`: training conversations (and --silent's copies of some), haystack
+    clips and cross-modal pairs in train.json, a record a question (and the test pairs) in test.json; and the tokenizer in `out/tokenizer`."""
     shared = dict(seed=recipe.seed, progress=recipe.progress)
     records = write_audio_clips(out, recipe.n_train, split="train", questions="all", **shared)
+    n_silent = round(recipe.silent * len(records))
+    if n_silent:
+        write_audio(out / SILENCE, np.zeros(WINDOW_SAMPLES, dtype=np.float32))
+        chosen = random.Random(f"silent:{recipe.seed}").sample(records, n_silent)
+        records += [{**record, "id": f"{record['id']}-silent", "audio": SILENCE} for record in chosen]
     lengths = recipe.needle_windows
     for k, n_windows in enumerate(lengths):  # an even share of the haystack clips at each length
         share = recipe.n_needles // len(lengths) + (k < recipe.n_needles % len(lengths))

@@ -28,7 +28,11 @@ each; the others draw the tone count uniformly from the other three, so every to
 every shape count answers yes half the time: neither the image nor the clip alone tells.
 
 The haystack (`make_audio_needle`): a clip of n_windows windows of ordinary tones, one of which
-also holds a chirp, a sweep from 400 to 2400 Hz or back; "Does the chirp go up or down?" (1/2).
+also holds a bell, a struck bar's sound that no tone makes: inharmonic partials at 1, 2.76 and
+5.40 times its fundamental (BELL_PARTIALS), decaying exponentially (BELL_DECAY_SECONDS), 0.4 s
+long, its first 0.1 s as loud (RMS) as a tone. Its fundamental is one of the PITCHES, uniform;
+"What is the pitch of the bell?" -> low | mid | high (1/3), as the video haystack asks the colour
+of its cross.
 
 Determinism: clip `index` of `split` under `seed` draws from one generator, `audio_rng`, in a
 fixed order: the clip's contents, its questions, then its timing, phases and noise (a numpy
@@ -86,7 +90,7 @@ def chance(family: str) -> float:
     """Accuracy of a uniform guess among the answers a `family` question allows (an audio, cross-modal
     or "needle" family): what a model that ignores the clip scores."""
     levels = {"count": 1 / MAX_TONES, "pitch": 1 / len(PITCHES), "melody": 1 / 2, "timbre": 1 / len(TIMBRES),
-              "tones_vs_shapes": 1 / 2, "needle": 1 / 2}
+              "tones_vs_shapes": 1 / 2, "needle": 1 / len(PITCHES)}
     if family not in levels:
         raise ValueError(f"unknown audio question family {family!r}: use one of {', '.join(levels)}")
     return levels[family]
@@ -324,19 +328,24 @@ def make_cross_example(index: int, seed: int, split: str) -> CrossExample:
 # --- the audio haystack --------------------------------------------------------------------------
 #
 # As the video needle: a long clip of ordinary windows, one of which holds something no other does,
-# here a chirp (a sine sweeping linearly between CHIRP_HZ over CHIRP_SECONDS) among 1 to 3 tones.
+# here a bell among 1 to 3 tones, and the question asks its pitch (as the video asks the cross's
+# colour). A bell's partials are inharmonic: its 2.76 f lies between a tone's harmonics 2 f and
+# 3 f, so no sine, square or saw at any of the PITCHES sounds like one.
 
-CHIRP_HZ = (400.0, 2400.0)
-CHIRP_SECONDS = 0.5
+BELL_PARTIALS = ((1.0, 1.0), (2.76, 0.5), (5.40, 0.25))  # (ratio to the fundamental, amplitude): a struck bar
+BELL_DECAY_SECONDS = 0.12  # the time constant of its exponential decay
+BELL_SECONDS = 0.4  # its length, a 5 ms fade at each end (FADE_SECONDS)
+BELL_LEVEL_SECONDS = 0.1  # its RMS over its first 0.1 s is TONE_RMS, a tone's
 MAX_NEEDLE_WINDOWS = 64
-NEEDLE_TONES = 3  # tones beside the chirp in its window, at most (they and the chirp fit 2 s)
-NEEDLE_TEMPLATES = ("Does the chirp go up or down?", "Does the sweep in the recording go up or down?")
+NEEDLE_TONES = 3  # tones beside the bell in its window, at most (they and the bell fit 2 s)
+NEEDLE_TEMPLATES = ("What is the pitch of the bell?", "Is the bell low, mid or high?")
 
 
 @dataclass
 class AudioNeedle:
     """A haystack clip: samples ((n_windows * WINDOW_SAMPLES,) float32), the needle's window, the
-    chirp's first sample and length in the whole clip, the question, its answer and the record."""
+    bell's first sample and length in the whole clip, the question, its answer (the bell's pitch)
+    and the record."""
 
     samples: np.ndarray
     needle_window: int
@@ -347,35 +356,38 @@ class AudioNeedle:
     record: dict
 
 
-def _chirp(up: bool) -> np.ndarray:
-    """A linear sweep between CHIRP_HZ, upward or downward, as loud as a tone, faded at both ends."""
-    n = round(CHIRP_SECONDS * SAMPLE_RATE)
-    f0, f1 = CHIRP_HZ if up else CHIRP_HZ[::-1]
+def _bell(frequency: float, phases: list[float]) -> np.ndarray:
+    """A bell of this fundamental: the BELL_PARTIALS, each starting at its phase (in periods), decaying
+    over BELL_DECAY_SECONDS, faded at both ends and scaled so that its first BELL_LEVEL_SECONDS has
+    RMS TONE_RMS."""
+    n = round(BELL_SECONDS * SAMPLE_RATE)
     t = np.arange(n) / SAMPLE_RATE
-    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * CHIRP_SECONDS))  # the integral of f(t)
-    return np.sqrt(2) * TONE_RMS * np.sin(phase) * _fade(n)
+    wave = sum(a * np.sin(2 * np.pi * (r * frequency * t + phase)) for (r, a), phase in zip(BELL_PARTIALS, phases))
+    bell = wave * np.exp(-t / BELL_DECAY_SECONDS) * _fade(n)
+    head = bell[:round(BELL_LEVEL_SECONDS * SAMPLE_RATE)]
+    return bell * TONE_RMS / np.sqrt((head ** 2).mean())
 
 
 def make_audio_needle(index: int, seed: int, split: str, n_windows: int = 8,
                       depth: float | None = None) -> AudioNeedle:
     """A haystack clip of `n_windows` 2 s windows of ordinary tones; the window at `depth` (0: the
-    first, 1: the last; default uniform) also holds a chirp, up or down equally often. One record,
-    task "needle", with the needle's `depth` and `needle_window`."""
+    first, 1: the last; default uniform) also holds a bell, its pitch low, mid or high equally
+    often. One record, task "needle", with the needle's `depth` and `needle_window`."""
     _check(split, "one")
     _check_windows(n_windows)
     if depth is not None and not (isinstance(depth, (int, float)) and 0 <= depth <= 1):
         raise OmniInputError(f"depth is {depth!r}: give a place in the clip from 0 (first window) to 1 (last)")
     rng = random.Random(f"shapeworld-audio-needle:{split}:{seed}:{index}")
     at = rng.randrange(n_windows) if depth is None else round(depth * (n_windows - 1))
-    up = rng.random() < 0.5
+    pitch = rng.choice(tuple(PITCHES))
+    bell = _bell(PITCHES[pitch], [rng.random() for _ in BELL_PARTIALS])
     windows, start = [], 0
-    chirp = _chirp(up)
     for w in range(n_windows):
         tones, timbre = _draw_tones(rng, rng.randint(1, NEEDLE_TONES) if w == at else None)
-        if w == at:  # the chirp is one more sound in the window's layout, anywhere among the tones
+        if w == at:  # the bell is one more sound in the window's layout, anywhere among the tones
             slot = rng.randrange(len(tones) + 1)
             lengths = [_tone_length(rng) for _ in tones]
-            starts = _lay_out(rng, lengths[:slot] + [len(chirp)] + lengths[slot:])
+            starts = _lay_out(rng, lengths[:slot] + [len(bell)] + lengths[slot:])
             start = starts.pop(slot)
             tones = tuple(replace(t, start=s, length=n, phase=rng.random()) for t, s, n in zip(tones, starts, lengths))
         else:
@@ -383,14 +395,14 @@ def make_audio_needle(index: int, seed: int, split: str, n_windows: int = 8,
         noise = _draw_noise(rng, None)
         window = _synthesize(tones, timbre, noise, np.random.default_rng(rng.getrandbits(64)))
         if w == at:
-            window[start:start + len(chirp)] += chirp
+            window[start:start + len(bell)] += bell
         windows.append(window)
-    question, answer = rng.choice(NEEDLE_TEMPLATES), "up" if up else "down"
+    question, answer = rng.choice(NEEDLE_TEMPLATES), pitch
     record = {"id": f"{split}-{index:06d}-needle", "audio": audio_path(index, split, "needle"), "task": "needle",
               "n_windows": n_windows, "depth": at / max(1, n_windows - 1), "needle_window": at,
               "conversations": [{"from": "human", "value": "<audio>\n" + question}, {"from": "gpt", "value": answer}],
               "answer": answer}
-    return AudioNeedle(_finish(np.concatenate(windows)), at, at * WINDOW_SAMPLES + start, len(chirp), question,
+    return AudioNeedle(_finish(np.concatenate(windows)), at, at * WINDOW_SAMPLES + start, len(bell), question,
                        answer, record)
 
 
