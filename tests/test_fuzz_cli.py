@@ -306,7 +306,7 @@ def test_repl_reset_keeps_the_command_line_images(world, capsys, monkeypatch):
 
 def test_repl_error_drops_the_message_and_its_images(world, capsys, monkeypatch):
     out = repl(world, capsys, monkeypatch, ["/image red.png", "<image> and another <image>", "fine now"])
-    assert "the message and its images and videos were dropped" in out and out.count("assistant>") == 2
+    assert "the message and its images, videos and audio were dropped" in out and out.count("assistant>") == 2
 
 
 # --- settings objects refuse as the command line does -------------------------------------------------

@@ -172,7 +172,7 @@ def test_library_settings_refuse_alike(omni_folder):
     from conftest import one_line_error
     from omnilm.eval.niah import NiahArgs
 
-    one_line_error(lambda: NiahArgs(checkpoint=omni_folder, needle="audio"), "--needle 'audio': use one of text")
+    one_line_error(lambda: NiahArgs(checkpoint=omni_folder, needle="smell"), "--needle 'smell': use one of text")
     one_line_error(lambda: NiahArgs(checkpoint=omni_folder, filler="poetry"), "--filler 'poetry'", "auto")
     one_line_error(lambda: hs.HaystackSpec(out=omni_folder, filler="auto"), "--filler 'auto'")
 
@@ -201,7 +201,7 @@ def test_bad_flags_are_one_line_errors(omni_folder, llama_folder, tmp_path, caps
         ([omni_folder, "--depths", 500], "--depths is 500"),
         ([omni_folder, "--lengths", "400", "--depths", 50], "--depths 50 asks for more needle places"),
         ([omni_folder, "--samples", 0], "--samples is 0"),
-        ([omni_folder, "--needle", "audio"], "invalid choice: 'audio'"),
+        ([omni_folder, "--needle", "smell"], "invalid choice: 'smell'"),
         ([omni_folder, "--needle", "image", "--images", 1], "--images is 1"),
         ([omni_folder, "--keys", 2, "--questions", 3], "--questions 3 asks more needles than the --keys 2"),
         ([omni_folder, "--needle", "image", "--questions", 4, "--images", 6], "--questions is 4"),

@@ -305,8 +305,8 @@ b"\xff\xfe\x00\x00", b"\x00", '{"a": 1}'.encode("utf-16"), b"[" * 5000,
                                                                                                      True)),
         *(([{"role": "user", "content": [p]}], "messages[0].content[0]") for p in (5, "hi", None, [])),
         *(([{"role": "user", "content": [p]}], "messages[0].content[0].type") for p in (
-            {"type": "audio"}, {"type": "input_audio", "input_audio": {}}, {"type": "file"}, {}, {"type": 5},
-            {"type": "IMAGE_URL"}, {"type": "image"})),
+            {"type": "audio"}, {"type": "file"}, {}, {"type": 5}, {"type": "IMAGE_URL"}, {"type": "image"})),
+        ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], "input_audio.data: Field required"),
         ([{"role": "user", "content": [{"type": "text"}]}], "a text part needs a 'text' string"),
         ([{"role": "user", "content": [{"type": "text", "text": None}]}], "a text part needs a 'text' string"),
         ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content[0].text"),
@@ -751,7 +751,7 @@ def test_input_audio_reaches_an_audio_model_and_bad_audio_gets_its_4xx(tmp_path,
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"].strip() == expected and expected
         for body, status, says in [
-            (with_audio(wav, wav), 400, "2 audio parts, over the server's limit of 1 (--max-audios)"),
+            (with_audio(wav, wav), 400, "2 audio clips, over the server's limit of 1 (--max-audios)"),
             (with_audio(long + b"\0" * 20), 413, "(--max-audio-bytes)"),
             (with_audio(long), 413, "over the 5 s"),
             (with_audio(b"not audio at all"), 400, "input_audio.data"),

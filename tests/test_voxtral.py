@@ -10,7 +10,7 @@ import torch
 from conftest import one_line_error, randomize_
 
 from omnilm.config import OmniConfig
-from omnilm.model.hf import load_audio_encoder
+from omnilm.model.hf import load_audio_encoder, save_audio_encoder
 from omnilm.model.hf_config import config_from_hf, config_to_hf, hf_incompatibility
 from omnilm.model.omni import OmniModel
 
@@ -71,7 +71,8 @@ def test_padded_batch_with_a_text_turn_matches_transformers(tmp_path):
     ours = OmniModel.from_pretrained(tmp_path)
     a, a_mask = prompt(1, cfg.audio_seq_len, pad=4)
     b, b_mask = prompt(1, cfg.audio_seq_len)
-    b, b_mask = torch.cat([b, torch.tensor([[11, 12, 13, 14]])], 1), torch.cat([b_mask, torch.ones(1, 4, dtype=torch.long)], 1)
+    b = torch.cat([b, torch.tensor([[11, 12, 13, 14]])], 1)
+    b_mask = torch.cat([b_mask, torch.ones(1, 4, dtype=torch.long)], 1)
     ids, mask = torch.cat([a, b]), torch.cat([a_mask, b_mask])
     feats = features(2, seed=1)
     with torch.no_grad():
@@ -163,3 +164,39 @@ def test_audio_config_checks():
     with pytest.raises(ValueError, match="fusion='late' must be 'joint'"):
         OmniConfig.from_preset("tiny", audio=dict(AUDIO), audio_token_id=5, fusion="late")
     assert OmniConfig.from_dict(omni_config().to_dict()) == omni_config()
+
+
+def test_a_saved_audio_processor_is_whispers_feature_extractor(tmp_path):
+    """An audio model's folder holds its front end as transformers' WhisperFeatureExtractor: the same
+    features for a clip of one window, and omnilm reads the settings back."""
+    import numpy as np
+
+    from omnilm.data import Processor, train_tokenizer
+    from omnilm.data.audio import LogMelConfig
+    from omnilm.io import read_json
+
+    tokenizer = train_tokenizer(["a b c"] * 3, vocab_size=300, audio=True)
+    cfg = omni_config(audio_token_id=tokenizer.audio_token_id)
+    processor = Processor.for_model(cfg, tokenizer=tokenizer)
+    processor.save_pretrained(tmp_path)
+    extractor = tf.WhisperFeatureExtractor.from_pretrained(tmp_path)
+    t = np.arange(32000) / 16000
+    clip = (0.3 * np.sin(2 * np.pi * 440 * t) * (t < 1.3)).astype(np.float32)
+    want = extractor(clip, sampling_rate=16000, return_tensors="pt").input_features
+    torch.testing.assert_close(processor.audio_features(clip), want, atol=1e-5, rtol=0)
+    assert LogMelConfig.from_hf(read_json(tmp_path / "preprocessor_config.json")) == processor.log_mel
+
+
+def test_an_encoder_saved_alone_is_transformers_voxtral_encoder(tmp_path):
+    from omnilm.config import AudioConfig
+    from omnilm.model.audio import WhisperEncoder
+
+    encoder = randomize_(WhisperEncoder(AudioConfig(**AUDIO)), seed=5).eval()
+    save_audio_encoder(encoder, tmp_path)
+    theirs = tf.VoxtralEncoder.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    mel = features(2)
+    again = load_audio_encoder(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(mel).last_hidden_state, encoder(mel), atol=1e-5, rtol=0)
+        assert torch.equal(again(mel), encoder(mel))
+    one_line_error(lambda: OmniModel.from_pretrained(tmp_path), "load_audio_encoder")

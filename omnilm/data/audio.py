@@ -69,6 +69,15 @@ class LogMelConfig:
     def window_frames(self) -> int:
         return self.window_samples // self.hop_length
 
+    def to_hf(self) -> dict:
+        """A preprocessor_config.json from which transformers builds the `WhisperFeatureExtractor` of
+        these settings (one window per call: it normalises each window on its own)."""
+        return {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": self.n_mels,
+                "sampling_rate": self.sampling_rate, "hop_length": self.hop_length, "n_fft": self.n_fft,
+                "chunk_length": self.window_seconds, "n_samples": self.window_samples,
+                "nb_max_frames": self.window_frames, "padding_side": "right", "padding_value": 0.0,
+                "return_attention_mask": False, "dither": 0.0}
+
     @classmethod
     def from_hf(cls, config: dict) -> LogMelConfig:
         """The settings of a `WhisperFeatureExtractor` (its preprocessor_config.json as a dict)."""

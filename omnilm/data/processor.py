@@ -290,7 +290,8 @@ class Processor:
         `apply_chat_template`, and `transformers serve`, render the prompts `render_chat` does), (unless
         text-only) a transformers-loadable preprocessor_config.json, and with `llava_config` the
         processor_config.json with which `AutoProcessor` builds a LlavaProcessor; for a video model,
-        the frame sampling (video_preprocessor_config.json)."""
+        the frame sampling (video_preprocessor_config.json); for a model that hears and does not see,
+        its log-mel front end as a `WhisperFeatureExtractor`'s preprocessor_config.json."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(folder)
@@ -301,6 +302,8 @@ class Processor:
             write_json(folder / "processor_config.json", self.llava_config)
         if self.video_frame_len is not None:
             write_json(folder / VIDEO_CONFIG, self.video.to_dict())
+        if self.log_mel is not None and self.image_processor is None:  # a model that hears and does not see
+            write_json(folder / "preprocessor_config.json", self.log_mel.to_hf())
 
 
 def _read_image_processor(folder: str | Path | None) -> ImageProcessor | None:

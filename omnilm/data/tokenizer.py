@@ -196,7 +196,8 @@ def _bos_template(bos: str | None, bos_id: int | None) -> processors.TemplatePro
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, system_prompt: str | None = None,
                     video: bool = False, audio: bool = False) -> Tokenizer:
     """Train a byte-level BPE tokenizer whose special tokens are `<pad>`=0, `<s>`=1, `</s>`=2,
-    `<image>`=3 (then with `video` `<video>`, with `audio` `<audio>`: 4, 5), prepending `<s>` like LLaMA. The same texts give the
+    `<image>`=3 (then with `video` `<video>`, with `audio` `<audio>`: 4, 5), prepending `<s>` like
+    LLaMA. The same texts give the
     same tokenizer. It keeps `system_prompt` for the chats it will render (render `texts` with the
     same one)."""
     specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN] + [VIDEO_TOKEN] * video + [AUDIO_TOKEN] * audio

@@ -4,7 +4,7 @@
 `OmniModel.from_pretrained` and `OmniModel.save_pretrained` call `load_pretrained` and
 `save_pretrained` here, `ClipModel`'s call `load_clip` and `save_clip`; `load_vision_encoder`
 reads a CLIP (or LLaVA) folder's vision tower, `load_audio_encoder` a Whisper (or Voxtral) folder's
-audio encoder. Weights and configs only: the tokenizer files
+audio encoder, and `save_audio_encoder` writes one as transformers' `VoxtralEncoder`. Weights and configs only: the tokenizer files
 beside them are the processor's (`omnilm.data.Processor`).
 
 A folder's config is `omnilm.json` when present (our exact config, written by us), else its
@@ -34,8 +34,9 @@ from omnilm.config import AudioConfig, ClipConfig, OmniConfig, VisionConfig
 from omnilm.errors import OmniInputError
 from omnilm.io import atomic_write, read_json, write_json
 from omnilm.model.audio import WhisperEncoder
-from omnilm.model.hf_config import (audio_config_from_hf, build_config, clip_config_from_hf, clip_config_to_hf,
-                                    config_from_hf, config_to_hf, hf_incompatibility, vision_config_from_hf)
+from omnilm.model.hf_config import (audio_config_from_hf, audio_config_to_hf, build_config, clip_config_from_hf,
+                                    clip_config_to_hf, config_from_hf, config_to_hf, hf_incompatibility,
+                                    vision_config_from_hf)
 from omnilm.model.vision import VisionTransformer
 
 # --- key layouts ------------------------------------------------------------------------------
@@ -59,7 +60,8 @@ from omnilm.model.vision import VisionTransformer
 #   Voxtral audio_tower.{conv1,conv2,embed_positions,layers,layer_norm}, multi_modal_projector.linear_{1,2},
 #           language_model.model.*, language_model.lm_head (on disk; model.audio_tower... in memory)
 #   Whisper model.encoder.* (WhisperForConditionalGeneration), encoder.* (WhisperModel): the encoder is
-#           read alone (`load_audio_encoder`), its decoder left out
+#           read alone (`load_audio_encoder`), its decoder left out; a VoxtralEncoder folder
+#           (`save_audio_encoder`) holds the encoder's keys bare: conv1, conv2, embed_positions, layers, layer_norm
 
 KEYS_FROM_HF: dict[str, list[tuple[str, str]]] = {
     "llava": [
@@ -77,6 +79,7 @@ KEYS_FROM_HF: dict[str, list[tuple[str, str]]] = {
     ],
     "whisper": [
         (r"(model\.)?encoder\.", "audio."),
+        (r"(?=conv1\.|conv2\.|embed_positions\.|layers\.|layer_norm\.)", "audio."),  # a VoxtralEncoder folder
     ],
     "llama": [
         (r"model\.", "llm."),
@@ -192,7 +195,8 @@ def hf_kind(cfg: OmniConfig) -> str:
 
 def read_config(path: str | Path) -> tuple[OmniConfig | VisionConfig | AudioConfig, str, str]:
     """(config, kind, source) of a model folder. kind is "llava", "voxtral", "llama", "clip" (a
-    VisionConfig) or "whisper" (an AudioConfig); source is the file the config came from. Every problem with the config file
+    VisionConfig) or "whisper" (an AudioConfig); source is the file the config came from. Every
+    problem with the config file
     is a one-line OmniInputError naming the file and the field."""
     folder = _folder(path)
     if (folder / "omnilm.json").is_file():
@@ -443,7 +447,8 @@ def load_vision_encoder(path: str | Path, device: str | torch.device | None = No
     cfg, kind, source = read_config(folder)
     vision_cfg = cfg if isinstance(cfg, VisionConfig) else getattr(cfg, "vision", None)
     if vision_cfg is None:
-        raise OmniInputError(f"{folder} holds a model without a vision encoder")
+        what = "an audio model" if kind in ("voxtral", "whisper") else "a text-only model"
+        raise OmniInputError(f"{folder} holds {what}; it has no vision encoder")
     with torch.device("meta"):
         encoder = VisionTransformer(vision_cfg)
     state, origin = read_weights(folder, kind, dtype, torch.device(device or "cpu"))
@@ -574,6 +579,19 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB") 
     elif (folder / "config.json").is_file():
         (folder / "config.json").unlink()  # an earlier save's would describe other weights
     atomic_write(folder / "omnilm.json", cfg.save)
+
+
+def save_audio_encoder(encoder: WhisperEncoder, path: str | Path, max_shard_size: int | str = "5GB") -> None:
+    """Write a WhisperEncoder as transformers' `VoxtralEncoder` folder (model_type "voxtral_encoder":
+    the encoder alone, as `VoxtralEncoder.from_pretrained` and `load_audio_encoder` read it)."""
+    parse_size(max_shard_size)  # a bad size fails before anything is written
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_weights(_tensors_to_write(encoder, lambda name: name), folder, max_shard_size)
+    dtype = str(encoder.conv1.weight.dtype).removeprefix("torch.")
+    write_json(folder / "config.json", {"architectures": ["VoxtralEncoder"], **audio_config_to_hf(encoder.config),
+                                        "dtype": dtype})
+    (folder / "omnilm.json").unlink(missing_ok=True)  # an earlier save's would be read instead
 
 
 # --- CLIP, both towers ------------------------------------------------------------------------

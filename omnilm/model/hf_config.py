@@ -4,8 +4,9 @@ LLaVA (`LlavaConfig`: text_config + vision_config), LLaVA-NeXT-Video (`LlavaNext
 LLaVA plus a video marker and a spatial pool), LLaMA (`LlamaConfig`), Mixtral (`MixtralConfig`, as
 a text model or as LLaVA's language model), CLIP vision (`CLIPVisionConfig`) and both CLIP towers
 (`CLIPConfig`), Voxtral (`VoxtralConfig`: a Whisper encoder's audio_config + text_config) and a
-Whisper encoder (`WhisperConfig`, `VoxtralEncoderConfig`); and the processor files beside them (`preprocessor_config.json`,
-`processor_config.json`). Fields a config.json leaves out take transformers' defaults.
+Whisper encoder (`WhisperConfig`, `VoxtralEncoderConfig`); and the processor files beside them
+(`preprocessor_config.json`, `processor_config.json`). Fields a config.json leaves out take
+transformers' defaults.
 
 A LLaVA-NeXT-Video folder is read for its video path, which is LLaVA-1.5's tower and projector on
 pooled frames; its still images are read as LLaVA-1.5 reads them (one view at the tower's
@@ -19,7 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from omnilm.config import ROPE_TYPES, AudioConfig, ClipConfig, ClipTextConfig, ConfigError, OmniConfig, TextConfig, VisionConfig
+from omnilm.config import (ROPE_TYPES, AudioConfig, ClipConfig, ClipTextConfig, ConfigError, OmniConfig, TextConfig,
+                           VisionConfig)
 from omnilm.errors import OmniInputError
 from omnilm.model.layers import ACTIVATIONS
 

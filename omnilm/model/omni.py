@@ -4,7 +4,7 @@ and the other fusion modes of `config.fusion` on the same decoder (omnilm.model.
 This is the one module that knows both towers: it decides where images go (for joint and early
 fusion exactly at the image-token positions, any number of images per sequence and per batch;
 for late and cross-attention fusion beside the sequence, readable from their markers on), where
-videos go (LLaVA-NeXT-Video: each frame through the tower, pooled, at the video-token positions)
+videos go (LLaVA-NeXT-Video: each frame through the tower, pooled, at the video-token positions),
 where audio goes (Voxtral: each window of log-mel frames through the Whisper encoder, projected, at
 the audio-token positions) and computes the loss. Shape letters: B batch, T tokens, N images, L
 tokens per image, D text width, V vocab, W audio windows, M mel bins, F mel frames a window.
@@ -130,9 +130,9 @@ class OmniModel(nn.Module):
                          f"{c.video_pool_mode} pooled{motion}, {c.video_frame_len} tokens per frame")
         if c.audio is not None:
             a = c.audio
-            lines.append(f"audio:  Whisper encoder {a.n_layers} layers, dim {a.dim}, {a.n_mels} mel bins, windows of "
-                         f"{a.window_frames} frames ({a.window_frames / 100:g} s), {a.frames_per_token} frames a token, "
-                         f"{c.audio_seq_len} tokens per window")
+            lines.append(f"audio:  Whisper encoder {a.n_layers} layers, dim {a.dim}, {a.n_mels} mel bins, windows "
+                         f"of {a.window_frames} frames ({a.window_frames / 100:g} s), {a.frames_per_token} frames a "
+                         f"token, {c.audio_seq_len} tokens per window")
         if c.fusion == "late":
             lines.append("fusion: late: pooled images join the last hidden states through a gate (the marker is 1 token)")
         elif c.fusion == "cross_attention":
@@ -287,13 +287,13 @@ class OmniModel(nn.Module):
         `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the batch;
         `pixel_values_videos` (V, F, 3, H, W) the videos in the order of theirs (each marker expanded to
         F * `config.video_frame_len` tokens), or a list of (F_i, 3, H, W) for videos of different
-        lengths. `input_features` (W, M, F) lists the audio windows (log-mel, `omnilm.data.audio.log_mel`) in
-        the order of their markers, each window `config.audio_seq_len` tokens. With a `cache`, `input_ids` are the new tokens and `attention_mask` covers the
-        cached ones too. `logits_to_keep=n` computes logits for the last n
-        positions only (prefill needs one row, not a (B, T, V) tensor); `logits_at` (B,) computes one
-        position per row, (B, 1, V): the last real token of each prompt in a right-padded batch. An MoE
-        model reports each layer's routing in `.routing` when there are labels (its losses join the
-        loss) or `output_routing` is set.
+        lengths; `input_features` (W, M, F) the audio windows (log-mel, `omnilm.data.audio.log_mel`) in
+        the order of theirs (each window `config.audio_seq_len` tokens). With a `cache`, `input_ids` are
+        the new tokens and `attention_mask` covers the cached ones too. `logits_to_keep=n` computes
+        logits for the last n positions only (prefill needs one row, not a (B, T, V) tensor);
+        `logits_at` (B,) computes one position per row, (B, 1, V): the last real token of each prompt
+        in a right-padded batch. An MoE model reports each layer's routing in `.routing` when there
+        are labels (its losses join the loss) or `output_routing` is set.
         """
         markers = self._markers(pixel_values, pixel_values_videos, input_features)
         if cache is None or cache.seen == 0:  # markers without their media

@@ -57,10 +57,10 @@ class AudioRecipe:
     n_train: int = setting(6000, "training clips of one 2 s window, each one conversation of every question it "
                                  "answers")
     n_needles: int = setting(2000, "training haystack clips (a bell in one window, its pitch asked)")
-    silent: float = setting(0.02, "share of the training conversations written again with silence in place of "
-                                  "their clip, answers kept (modality dropout): a model that hears nothing then "
-                                  "answers from the question alone, as the silence control asks, rather than off the "
-                                  "answers' set", metavar="P")
+    silent: float = setting(0.0, "share of the training conversations written again with silence in place of "
+                                 "their clip, answers kept (modality dropout): a model that hears nothing then "
+                                 "answers from the question alone rather than off the answers' set (at 0.01-0.02 it "
+                                 "also cost the melody 25-30 points: docs/audio.md)", metavar="P")
     needle_windows: tuple[int, ...] = setting((1, 2, 4, 8), "windows per training haystack clip, comma-separated: "
                                               "the clips split evenly among these lengths")
     cross: int = setting(0, "training pairs of an image and a clip, asked 'Are there as many tones as shapes?' "
@@ -114,7 +114,8 @@ class AudioRecipe:
 
 def write_data(out: Path, recipe: AudioRecipe) -> tuple[Path, Path]:
     """ShapeWorld audio under `out`: training conversations (and --silent's copies of some), haystack
-    clips and cross-modal pairs in train.json, a record a question (and the test pairs) in test.json; and the tokenizer in `out/tokenizer`."""
+    clips and cross-modal pairs in train.json, a record a question (and the test pairs) in test.json;
+    and the tokenizer in `out/tokenizer`."""
     shared = dict(seed=recipe.seed, progress=recipe.progress)
     records = write_audio_clips(out, recipe.n_train, split="train", questions="all", **shared)
     n_silent = round(recipe.silent * len(records))

@@ -482,7 +482,8 @@ class _Service:
                                        ("audio", "input_audio", media.max_audios)):
             n = sum(part.type == part_type for m in chat.messages for part in m.content)
             if n > limit:
-                raise ApiError(400, f"the messages hold {n} {kind} parts, over the server's limit of {limit} "
+                noun = "audio clips" if kind == "audio" else f"{kind}s"
+                raise ApiError(400, f"the messages hold {n} {noun}, over the server's limit of {limit} "
                                     f"(--max-{kind}s): send fewer", param="messages")
         input_ids, pixel_values, videos, audio = await asyncio.to_thread(self._prompt, backend.processor,
                                                                          chat.messages)
@@ -525,7 +526,8 @@ class _Service:
             return {"type": "text", "text": part.text}
         media = self.settings.media
         if part.type == "input_audio":
-            return {"type": "audio", "audio": self._audio(processor, part.input_audio.data, f"{param}.input_audio.data")}
+            samples = self._audio(processor, part.input_audio.data, f"{param}.input_audio.data")
+            return {"type": "audio", "audio": samples}
         try:
             if part.type == "image_url":
                 return {"type": "image", "image": fetch_image(part.image_url.url, media)}
@@ -549,7 +551,8 @@ class _Service:
         try:
             raw = base64.b64decode(data, validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, f"{param}: not base64: encode the audio file's bytes with base64", param=param) from None
+            raise ApiError(400, f"{param}: not base64: encode the audio file's bytes with base64",
+                           param=param) from None
         if len(raw) > media.max_audio_bytes:
             raise ApiError(413, f"{param}: the audio is {len(raw)} bytes, over the server's limit of "
                                 f"{media.max_audio_bytes} (--max-audio-bytes): send a shorter clip", param=param)

@@ -171,9 +171,9 @@ class TrainArgs(LoraSettings, Hyperparams):
         resolve_device(self.device)
         check_output_folder(self.out, "--out")
         # Flags that would silently do nothing (or break the stage's definition) are refused.
-        ignored = {"clip": ("vision", "audio", "train_vision", "train_audio", "cache_features", "projector_lr", "vision_lr", "whiten_projector",
-                            "gate_lr", "group_by_length", "fusion", "attend", "lora_r", "random_positions",
-                            "position_chunks"),
+        ignored = {"clip": ("vision", "audio", "train_vision", "train_audio", "cache_features", "projector_lr",
+                            "vision_lr", "whiten_projector", "gate_lr", "group_by_length", "fusion", "attend",
+                            "lora_r", "random_positions", "position_chunks"),
                    "align": ("train_vision", "train_audio", "vision_lr", "patch_lr", "lora_r"),
                    "instruct": ()}[self.stage]
         given = [name for name in ignored if getattr(self, name) not in (None, False)]

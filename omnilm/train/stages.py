@@ -120,7 +120,8 @@ def chat_tokenizer(json_path: Path, system_prompt: str | None = None) -> Tokeniz
     evaluation and chat render prompts exactly as the tokenizer was trained on them. Data with
     videos gets a `<video>` token, data with audio an `<audio>` token."""
     records = read_records(Path(json_path))
-    video, audio = (any(isinstance(r, dict) and r.get(kind) is not None for r in records) for kind in ("video", "audio"))
+    video, audio = (any(isinstance(r, dict) and r.get(kind) is not None for r in records)
+                    for kind in ("video", "audio"))
     return train_tokenizer(corpus(records, system_prompt), system_prompt=system_prompt, video=video, audio=audio)
 
 
@@ -357,8 +358,9 @@ FROZEN = ("audio.embed_positions.weight",)
 
 def mark_trainable(model: nn.Module, stage: str, train_vision: bool = False, train_audio: bool = False) -> None:
     """Set requires_grad on what `stage` (align or instruct) trains, the vision encoder too with
-    `train_vision` and the audio encoder with `train_audio`; for a model with LoRA layers (`_add_lora`), the LoRA updates and the projector in
-    full, nothing else (LLaVA-1.5's LoRA recipe)."""
+    `train_vision` and the audio encoder with `train_audio`; for a model with LoRA layers
+    (`_add_lora`), the LoRA updates and the projectors in full, nothing else (LLaVA-1.5's LoRA
+    recipe)."""
     if lora_layers(model):
         lora_trainable(model, full=tuple(name for name in ("projector", "audio_projector")
                                          if getattr(model, name, None) is not None))
