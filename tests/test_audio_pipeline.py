@@ -237,3 +237,33 @@ def test_chat_and_niah_commands_hear_audio(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "niah", str(folder), "--needle", "audio", "--lengths", "0"])
     assert "1 to 64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cross, silent", [(0, 0.1), (6, 0.0)])
+def test_the_audio_recipe_runs_end_to_end(tmp_path, cross, silent):
+    """demo-audio at toy size: data (with --silent's copies, or --cross's image pairs), one training
+    stage, every family heard and over silence, the haystack grid, and a model folder transformers
+    reads as Voxtral (an audio-only model) or omnilm's own names (one that also sees)."""
+    from omnilm.errors import OmniInputError
+    from omnilm.recipes.audio import SILENCE, AudioRecipe, format_audio_results, run_audio_recipe
+    from omnilm.train import Hyperparams
+
+    recipe = AudioRecipe(n_train=20, n_needles=4, needle_windows=(1, 2), cross=cross, silent=silent, n_test=5,
+                         haystack_windows=(2, 3), haystack_depths=2, haystack_samples=1, progress=False,
+                         instruct=Hyperparams(steps=2, batch_size=4, lr=1e-3, warmup=1))
+    result = run_audio_recipe(tmp_path / "run", recipe)
+    data = tmp_path / "run" / "data"
+    train = json.loads((data / "train.json").read_text())
+    assert sum(r["audio"] == SILENCE for r in train) == (2 if silent else 0)
+    assert sum("image" in r for r in train) == cross
+    assert set(result["eval"]) == {"heard", "silence"}
+    n = result["eval"]["heard"]["n"]
+    assert n == len(json.loads((data / "test.json").read_text())) and n > 5
+    assert [(r["length"], r["depth"]) for r in result["haystack"]] == [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
+    table = format_audio_results(result["eval"])
+    assert table.count("\n") == 2 + len(result["eval"]["heard"]["tasks"]) and "| melody |" in table
+    model = tmp_path / "run" / "model"
+    assert (model / "config.json").is_file() == (not cross)  # Voxtral describes an audio-only model
+    assert (tmp_path / "run" / "niah" / "niah.png").is_file() and (tmp_path / "run" / "results.json").is_file()
+    with pytest.raises(OmniInputError, match="--frames-per-token 3"):
+        AudioRecipe(frames_per_token=3)

@@ -23,7 +23,6 @@ docs/audio.md, "Results". Everything lands under `out/`:
 from __future__ import annotations
 
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from omnilm.data.llava_json import read_records, write_records
+from omnilm.data.llava_json import write_records
 from omnilm.data.audio import write_audio
 from omnilm.data.shapeworld.audio import (AUDIO_FAMILIES, CHANCE, CROSS_FAMILIES, MAX_NEEDLE_WINDOWS, WINDOW_SAMPLES,
                                           write_audio_clips, write_cross_modal)
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.errors import OmniInputError
-from omnilm.eval.niah import NiahArgs, clip_niah
-from omnilm.eval.vqa import AUDIO_CONTROLS, evaluate_vqa, write_predictions
+from omnilm.eval.vqa import AUDIO_CONTROLS
 from omnilm.io import write_json
+from omnilm.recipes.clips import train_and_measure
 from omnilm.settings import check_output_folder, check_range, check_seed, setting, to_dict
-from omnilm.train import Hyperparams, TrainArgs, train
+from omnilm.train import Hyperparams
 from omnilm.train.stages import chat_tokenizer
 
 PRESET = "tiny"
@@ -151,37 +150,17 @@ def run_audio_recipe(out: str | Path, recipe: AudioRecipe | None = None) -> dict
     train_json, test_json = write_data(data, recipe)
     timings["data"] = time.perf_counter() - t0
 
-    for stage in ("instruct", "model", "niah"):  # the recipe owns out/: a rerun starts afresh
-        shutil.rmtree(out / stage, ignore_errors=True)
     audio_token_id = Tokenizer.from_file(data / "tokenizer").audio_token_id
-    summary = train(TrainArgs(**{**vars(recipe.instruct), "stage": "instruct", "data": train_json,
-                                 "image_folder": data, "out": out / "instruct", "tokenizer": data / "tokenizer",
-                                 "preset": PRESET, "seed": recipe.seed, "progress": recipe.progress,
-                                 "config": recipe.architecture(audio_token_id), "train_audio": True,
-                                 "whiten_projector": bool(recipe.cross)}))
-    timings["instruct"] = summary["seconds"]
-    model, processor = summary["model"].eval(), summary["processor"]
-    shutil.copytree(out / "instruct" / "model", out / "model")
-
-    result: dict[str, Any] = {"recipe": to_dict(recipe), "chance": CHANCE}
-    evaluations = {}
-    for audio in AUDIO_CONTROLS:
-        t = time.perf_counter()
-        evaluations[audio], predictions = evaluate_vqa(model, processor, read_records(test_json), data,
-                                                       progress=recipe.progress, audio=audio)
-        timings[f"eval ({audio})"] = time.perf_counter() - t
-        if audio == "heard":
-            write_predictions(predictions, out / "predictions.jsonl")
-    write_json(out / "eval.json", evaluations)
-
-    t = time.perf_counter()
-    haystack = NiahArgs(checkpoint=out / "model", needle="audio", lengths=tuple(map(str, recipe.haystack_windows)),
-                        depths=recipe.haystack_depths, samples=recipe.haystack_samples, seed=recipe.seed,
-                        max_new_tokens=4, out=out / "niah")
-    haystack_report, rows = clip_niah(model, processor, haystack, recipe.progress)
-    timings["haystack"] = time.perf_counter() - t
-    result.update(eval=evaluations, haystack=rows, haystack_report=haystack_report, timings=timings,
-                  model=out / "model", report=format_audio_results(evaluations))
+    settings = {**vars(recipe.instruct), "preset": PRESET, "seed": recipe.seed,
+                "config": recipe.architecture(audio_token_id), "train_audio": True,
+                "whiten_projector": bool(recipe.cross)}
+    haystack = dict(needle="audio", lengths=tuple(map(str, recipe.haystack_windows)), depths=recipe.haystack_depths,
+                    samples=recipe.haystack_samples, seed=recipe.seed)
+    measured = train_and_measure(out, data, train_json, test_json, settings, AUDIO_CONTROLS, "audio", haystack,
+                                 recipe.progress)
+    timings.update(measured.pop("timings"))
+    result = {"recipe": to_dict(recipe), "chance": CHANCE, **measured, "timings": timings,
+              "report": format_audio_results(measured["eval"])}
     write_json(out / "results.json", {k: v for k, v in result.items() if k != "model"})
     return result
 

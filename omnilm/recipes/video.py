@@ -21,22 +21,21 @@ short ones first; why each default is what it is: docs/video.md. Everything land
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omnilm.config import VIDEO_POOL_MODES
-from omnilm.data.llava_json import read_records, write_records
+from omnilm.data.llava_json import write_records
 from omnilm.data.tokenizer import Tokenizer
 from omnilm.data.shapeworld.video import CHANCE, VIDEO_FAMILIES, write_shapeworld_video, write_video_clips
 from omnilm.errors import OmniInputError
-from omnilm.eval.niah import NiahArgs, clip_niah
-from omnilm.eval.vqa import FRAME_CONTROLS, evaluate_vqa, write_predictions
+from omnilm.eval.vqa import FRAME_CONTROLS
 from omnilm.io import write_json
+from omnilm.recipes.clips import train_and_measure
 from omnilm.settings import check_output_folder, check_range, check_seed, setting, to_dict
-from omnilm.train import Hyperparams, TrainArgs, train
+from omnilm.train import Hyperparams
 from omnilm.train.stages import chat_tokenizer
 
 PRESET = "tiny"
@@ -158,39 +157,18 @@ def run_video_recipe(out: str | Path, recipe: VideoRecipe | None = None) -> dict
     train_json, test_json = write_data(data, recipe)
     timings["data"] = time.perf_counter() - t0
 
-    for stage in ("instruct", "model", "niah"):  # the recipe owns out/: a rerun starts afresh
-        shutil.rmtree(out / stage, ignore_errors=True)
     video_token_id = Tokenizer.from_file(data / "tokenizer").video_token_id
     # Every frame of every clip (--video-frames 0): the haystack's needle must not be sampled away.
-    summary = train(TrainArgs(**{**vars(recipe.instruct), "stage": "instruct", "data": train_json,
-                                 "image_folder": data, "out": out / "instruct", "tokenizer": data / "tokenizer",
-                                 "preset": PRESET, "seed": recipe.seed, "progress": recipe.progress,
-                                 "config": recipe.architecture(video_token_id), "video_frames": 0,
-                                 "video_timestamps": recipe.timestamps,
-                                 "cache_features": recipe.cache_features}))
-    timings["instruct"] = summary["seconds"]
-    model, processor = summary["model"].eval(), summary["processor"]
-    shutil.copytree(out / "instruct" / "model", out / "model")
-
-    result: dict[str, Any] = {"recipe": to_dict(recipe), "chance": CHANCE}
-    evaluations = {}
-    for frames in FRAME_CONTROLS:
-        t = time.perf_counter()
-        evaluations[frames], predictions = evaluate_vqa(model, processor, read_records(test_json), data,
-                                                        progress=recipe.progress, frames=frames)
-        timings[f"eval ({frames})"] = time.perf_counter() - t
-        if frames == "all":
-            write_predictions(predictions, out / "predictions.jsonl")
-    write_json(out / "eval.json", evaluations)
-
-    t = time.perf_counter()
-    haystack = NiahArgs(checkpoint=out / "model", needle="video", lengths=tuple(map(str, recipe.haystack_frames)),
-                        depths=recipe.haystack_depths, samples=recipe.haystack_samples, seed=recipe.seed,
-                        max_new_tokens=4, out=out / "niah")
-    haystack_report, rows = clip_niah(model, processor, haystack, recipe.progress)
-    timings["haystack"] = time.perf_counter() - t
-    result.update(eval=evaluations, haystack=rows, haystack_report=haystack_report, timings=timings,
-                  model=out / "model", report=format_video_results(evaluations))
+    settings = {**vars(recipe.instruct), "preset": PRESET, "seed": recipe.seed,
+                "config": recipe.architecture(video_token_id), "video_frames": 0,
+                "video_timestamps": recipe.timestamps, "cache_features": recipe.cache_features}
+    haystack = dict(needle="video", lengths=tuple(map(str, recipe.haystack_frames)), depths=recipe.haystack_depths,
+                    samples=recipe.haystack_samples, seed=recipe.seed)
+    measured = train_and_measure(out, data, train_json, test_json, settings, FRAME_CONTROLS, "frames", haystack,
+                                 recipe.progress)
+    timings.update(measured.pop("timings"))
+    result = {"recipe": to_dict(recipe), "chance": CHANCE, **measured, "timings": timings,
+              "report": format_video_results(measured["eval"])}
     write_json(out / "results.json", {k: v for k, v in result.items() if k != "model"})
     return result
 
