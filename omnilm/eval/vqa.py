@@ -73,7 +73,7 @@ class EvalArgs:
                                  "frames shuffled, or the first frame only (controls: a model that reads time falls "
                                  "to chance on motion without the order)", choices=FRAME_CONTROLS)
     audio: str = setting("heard", "what the model hears of each audio: the audio, or silence as long (the control: "
-                                  "a model that listens falls to chance)", choices=AUDIO_CONTROLS)
+                                  "a model that listens cannot answer over silence)", choices=AUDIO_CONTROLS)
 
     def __post_init__(self) -> None:
         check_range(self, ("batch_size", "max_new_tokens"), low=1)
