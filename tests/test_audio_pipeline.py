@@ -267,3 +267,16 @@ def test_the_audio_recipe_runs_end_to_end(tmp_path, cross, silent):
     assert (tmp_path / "run" / "niah" / "niah.png").is_file() and (tmp_path / "run" / "results.json").is_file()
     with pytest.raises(OmniInputError, match="--frames-per-token 3"):
         AudioRecipe(frames_per_token=3)
+
+
+def test_a_tokenizer_without_the_models_audio_or_video_marker_is_refused():
+    from omnilm.config import OmniConfig
+    from omnilm.data.processor import check_tokenizer_fits
+
+    model, _ = audio_model()
+    plain = train_tokenizer(["a b c"] * 3, vocab_size=300)
+    one_line_error(lambda: check_tokenizer_fits(model.config, plain, "tok"), "tok: the tokenizer's <audio> is missing",
+                   "audio_token_id is 4", "the audio model was trained with")
+    video = OmniConfig.from_preset("tiny", text=dict(vocab_size=300), vision=dict(patch_size=16), image_token_id=3,
+                                   video_token_id=4)
+    one_line_error(lambda: check_tokenizer_fits(video, plain, "tok"), "<video> is missing", "video_token_id is 4")
