@@ -348,20 +348,14 @@ def check_tokenizer_fits(config, tokenizer: Tokenizer, where: str | Path) -> Non
             f"{where}: the tokenizer's <image> is id {image} but the model's image_token_id is "
             f"{config.image_token_id}; set config image_token_id to the tokenizer's id"
         )
-    audio = tokenizer.audio_token_id
-    if config.audio_token_id is not None and audio != config.audio_token_id:
-        has = f"is id {audio}" if audio is not None else "is missing"
-        raise OmniInputError(
-            f"{where}: the tokenizer's {AUDIO_TOKEN} {has} but the model's audio_token_id is "
-            f"{config.audio_token_id}; use the tokenizer the audio model was trained with"
-        )
-    video = tokenizer.video_token_id
-    if config.video_token_id is not None and video != config.video_token_id:
-        has = f"is id {video}" if video is not None else "is missing"
-        raise OmniInputError(
-            f"{where}: the tokenizer's {VIDEO_TOKEN} {has} but the model's video_token_id is "
-            f"{config.video_token_id}; use the tokenizer the video model was trained with"
-        )
+    for kind, marker in (("audio", AUDIO_TOKEN), ("video", VIDEO_TOKEN)):  # where the model reads them
+        want, token = getattr(config, f"{kind}_token_id"), getattr(tokenizer, f"{kind}_token_id")
+        if want is not None and token != want:
+            has = f"is id {token}" if token is not None else "is missing"
+            raise OmniInputError(
+                f"{where}: the tokenizer's {marker} {has} but the model's {kind}_token_id is {want}; use the "
+                f"tokenizer the {kind} model was trained with"
+            )
 
 
 
