@@ -241,20 +241,28 @@ def test_chat_and_niah_commands_hear_audio(tmp_path, capsys):
 
 @pytest.mark.parametrize("cross, silent", [(0, 0.1), (6, 0.0)])
 def test_the_audio_recipe_runs_end_to_end(tmp_path, cross, silent):
-    """demo-audio at toy size: data (with --silent's copies, or --cross's image pairs), one training
-    stage, every family heard and over silence, the haystack grid, and a model folder transformers
-    reads as Voxtral (an audio-only model) or omnilm's own names (one that also sees)."""
+    """demo-audio at toy size: data (with --silent's copies for a second stage, or --cross's image
+    pairs), the training stages, every family heard and over silence, the haystack grid, and a model
+    folder transformers reads as Voxtral (an audio-only model) or omnilm's own names (one that also
+    sees)."""
     from omnilm.errors import OmniInputError
     from omnilm.recipes.audio import SILENCE, AudioRecipe, format_audio_results, run_audio_recipe
     from omnilm.train import Hyperparams
 
     recipe = AudioRecipe(n_train=20, n_needles=4, needle_windows=(1, 2), cross=cross, silent=silent, n_test=5,
                          haystack_windows=(2, 3), haystack_depths=2, haystack_samples=1, progress=False,
-                         instruct=Hyperparams(steps=2, batch_size=4, lr=1e-3, warmup=1))
+                         instruct=Hyperparams(steps=2, batch_size=4, lr=1e-3, warmup=1),
+                         calibrate=Hyperparams(steps=1, batch_size=4, lr=1e-4, warmup=1))
     result = run_audio_recipe(tmp_path / "run", recipe)
     data = tmp_path / "run" / "data"
     train = json.loads((data / "train.json").read_text())
-    assert sum(r["audio"] == SILENCE for r in train) == (2 if silent else 0)
+    assert not any(r["audio"] == SILENCE for r in train)
+    if silent:  # the last stage: the same records and silent copies of 10% of the 20 conversations
+        calibrate = json.loads((data / "calibrate.json").read_text())
+        assert calibrate[:len(train)] == train and [r["audio"] for r in calibrate[len(train):]] == [SILENCE] * 2
+        assert json.loads((tmp_path / "run" / "calibrate" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+    assert (data / "calibrate.json").is_file() == bool(silent) and set(result["timings"]) >= {"instruct", "data"}
+    assert ("calibrate" in result["timings"]) == bool(silent)
     assert sum("image" in r for r in train) == cross
     assert set(result["eval"]) == {"heard", "silence"}
     n = result["eval"]["heard"]["n"]

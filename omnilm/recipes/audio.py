@@ -1,5 +1,5 @@
-"""ShapeWorld you can hear, end to end: tone clips -> tokenizer -> instruct -> every family, the
-silence control, the cross-modal questions and the audio haystack.
+"""ShapeWorld you can hear, end to end: tone clips -> tokenizer -> instruct -> calibrate -> every
+family, the silence control, the cross-modal questions and the audio haystack.
 
 `omnilm demo-audio` runs it. The model is Voxtral's design at toy scale: a Whisper encoder (80 mel
 bins, 2 s windows, `encoder_layers` blocks of width `encoder_dim`) trained from scratch with the
@@ -8,12 +8,16 @@ the tiny preset's decoder with 2 layers; with `--cross` N > 0 also the tiny pres
 its random initialisation, its projector whitened, as the video recipe's) for the questions that
 need an image and a sound. Every clip is one conversation of every question it answers (dense
 targets: the count, each tone's pitch, the melody, the timbre), and haystack clips of 1 to 8
-windows (a bell in one, its pitch asked) teach the look-up. Why each default is what it is:
-docs/audio.md, "Results". Everything lands under `out/`:
+windows (a bell in one, its pitch asked) teach the look-up. A short last stage hears the same
+records and a tenth of the conversations again over silence, answers kept, so that a model hearing
+nothing answers from the question alone. Why each default is what it is: docs/audio.md, "Results".
+Everything lands under `out/`:
 
     out/data/       train.json (one conversation a clip, the haystack and cross-modal records),
-                    test.json (a record a question), audio/, images/, tokenizer/
+                    calibrate.json (the same and the silent copies), test.json (a record a
+                    question), audio/, images/, tokenizer/
     out/instruct/   the training run: metrics.jsonl, loss.png, checkpoints/, model/
+    out/calibrate/  the last stage, from instruct's model (without it: --silent 0)
     out/model/      the final model (without --cross: transformers' VoxtralForConditionalGeneration
                     loads it)
     out/eval.json   accuracy per family with the audio heard, and with silence in its place
@@ -56,10 +60,10 @@ class AudioRecipe:
     n_train: int = setting(6000, "training clips of one 2 s window, each one conversation of every question it "
                                  "answers")
     n_needles: int = setting(2000, "training haystack clips (a bell in one window, its pitch asked)")
-    silent: float = setting(0.0, "share of the training conversations written again with silence in place of "
-                                 "their clip, answers kept (modality dropout): a model that hears nothing then "
-                                 "answers from the question alone rather than off the answers' set (at 0.01-0.02 it "
-                                 "also cost the melody 25-30 points: docs/audio.md)", metavar="P")
+    silent: float = setting(0.1, "for the last stage (--calibrate-*), this share of the training conversations "
+                                 "written again with silence in place of their clip, answers kept (modality "
+                                 "dropout): a model that hears nothing then answers from the question alone rather "
+                                 "than off the answers' set; 0: no last stage", metavar="P")
     needle_windows: tuple[int, ...] = setting((1, 2, 4, 8), "windows per training haystack clip, comma-separated: "
                                               "the clips split evenly among these lengths")
     cross: int = setting(0, "training pairs of an image and a clip, asked 'Are there as many tones as shapes?' "
@@ -77,6 +81,12 @@ class AudioRecipe:
     instruct: Hyperparams = setting(
         help="the one training stage", factory=lambda: Hyperparams(steps=1500, batch_size=32, lr=2e-3, warmup=50,
                                                                   optimizer="muon", group_by_length=True))
+    calibrate: Hyperparams = setting(
+        help="the last stage, from the first's model: the same records and --silent's silent copies, the encoder "
+             "frozen, at a low learning rate (silent copies from the start cost the pitch and the melody: "
+             "docs/audio.md)",
+        factory=lambda: Hyperparams(steps=100, batch_size=32, lr=2e-4, warmup=10, optimizer="muon",
+                                    group_by_length=True))
     haystack_windows: tuple[int, ...] = setting((8,), "audio haystack clip lengths in windows, comma-separated")
     haystack_depths: int = setting(8, "audio haystack depths, 0 to 100% (8: each window of an 8-window clip)")
     haystack_samples: int = setting(20, "audio haystack clips per length and depth")
@@ -111,17 +121,13 @@ class AudioRecipe:
                 **({} if self.cross else {"vision": None})}
 
 
-def write_data(out: Path, recipe: AudioRecipe) -> tuple[Path, Path]:
-    """ShapeWorld audio under `out`: training conversations (and --silent's copies of some), haystack
-    clips and cross-modal pairs in train.json, a record a question (and the test pairs) in test.json;
-    and the tokenizer in `out/tokenizer`."""
+def write_data(out: Path, recipe: AudioRecipe) -> tuple[Path, Path, Path | None]:
+    """ShapeWorld audio under `out`: training conversations, haystack clips and cross-modal pairs in
+    train.json, the same and --silent's silent copies in calibrate.json (None without), a record a
+    question (and the test pairs) in test.json; and the tokenizer in `out/tokenizer`."""
     shared = dict(seed=recipe.seed, progress=recipe.progress)
-    records = write_audio_clips(out, recipe.n_train, split="train", questions="all", **shared)
-    n_silent = round(recipe.silent * len(records))
-    if n_silent:
-        write_audio(out / SILENCE, np.zeros(WINDOW_SAMPLES, dtype=np.float32))
-        chosen = random.Random(f"silent:{recipe.seed}").sample(records, n_silent)
-        records += [{**record, "id": f"{record['id']}-silent", "audio": SILENCE} for record in chosen]
+    conversations = write_audio_clips(out, recipe.n_train, split="train", questions="all", **shared)
+    records = list(conversations)
     lengths = recipe.needle_windows
     for k, n_windows in enumerate(lengths):  # an even share of the haystack clips at each length
         share = recipe.n_needles // len(lengths) + (k < recipe.n_needles % len(lengths))
@@ -130,12 +136,19 @@ def write_data(out: Path, recipe: AudioRecipe) -> tuple[Path, Path]:
     records += write_cross_modal(out, recipe.cross, split="train", **shared)
     train_json = out / "train.json"
     write_records(train_json, records)
+    calibrate_json = None
+    if n_silent := round(recipe.silent * len(conversations)):
+        write_audio(out / SILENCE, np.zeros(WINDOW_SAMPLES, dtype=np.float32))
+        chosen = random.Random(f"silent:{recipe.seed}").sample(conversations, n_silent)
+        calibrate_json = out / "calibrate.json"
+        write_records(calibrate_json, records + [{**record, "id": f"{record['id']}-silent", "audio": SILENCE}
+                                                 for record in chosen])
     test = write_audio_clips(out, recipe.n_test, split="test", **shared)
     test += write_cross_modal(out, recipe.n_test if recipe.cross else 0, split="test", **shared)
     test_json = out / "test.json"
     write_records(test_json, test)
     chat_tokenizer(train_json, recipe.system_prompt).save(out / "tokenizer")
-    return train_json, test_json
+    return train_json, test_json, calibrate_json
 
 
 def run_audio_recipe(out: str | Path, recipe: AudioRecipe | None = None) -> dict[str, Any]:
@@ -147,7 +160,7 @@ def run_audio_recipe(out: str | Path, recipe: AudioRecipe | None = None) -> dict
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     data = out / "data"
-    train_json, test_json = write_data(data, recipe)
+    train_json, test_json, calibrate_json = write_data(data, recipe)
     timings["data"] = time.perf_counter() - t0
 
     audio_token_id = Tokenizer.from_file(data / "tokenizer").audio_token_id
@@ -156,8 +169,9 @@ def run_audio_recipe(out: str | Path, recipe: AudioRecipe | None = None) -> dict
                 "whiten_projector": bool(recipe.cross)}
     haystack = dict(needle="audio", lengths=tuple(map(str, recipe.haystack_windows)), depths=recipe.haystack_depths,
                     samples=recipe.haystack_samples, seed=recipe.seed)
+    then = ("calibrate", calibrate_json, {**vars(recipe.calibrate), "seed": recipe.seed}) if calibrate_json else None
     measured = train_and_measure(out, data, train_json, test_json, settings, AUDIO_CONTROLS, "audio", haystack,
-                                 recipe.progress)
+                                 recipe.progress, then=then)
     timings.update(measured.pop("timings"))
     result = {"recipe": to_dict(recipe), "chance": CHANCE, **measured, "timings": timings,
               "report": format_audio_results(measured["eval"])}

@@ -1,5 +1,6 @@
-"""What the clip recipes (`demo-video`, `demo-audio`) share once their data is written: one instruct
-stage, then held-out accuracy under each control and the haystack grid, written under `out/`."""
+"""What the clip recipes (`demo-video`, `demo-audio`) share once their data is written: an instruct
+stage (and optionally a second from its model), then held-out accuracy under each control and the
+haystack grid, written under `out/`."""
 
 from __future__ import annotations
 
@@ -17,21 +18,26 @@ from omnilm.train import TrainArgs, train
 
 def train_and_measure(out: Path, data: Path, train_json: Path, test_json: Path, settings: dict[str, Any],
                       controls: tuple[str, ...], control: str, haystack: dict[str, Any],
-                      progress: bool = True) -> dict[str, Any]:
+                      progress: bool = True, then: tuple[str, Path, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train the instruct stage `settings` describe (TrainArgs fields beyond data, folders and
-    progress) on `train_json`, keep its model as `out/model`, answer `test_json` once under each of
+    progress) on `train_json` (and, given `then` = (name, json, settings), a second stage from its
+    model under out/name), keep the last model as `out/model`, answer `test_json` once under each of
     `controls` (`evaluate_vqa(..., **{control: c})`; the first one's predictions written to
     predictions.jsonl, every one's accuracy to eval.json), then the haystack grid `haystack` gives
     (NiahArgs fields beyond the checkpoint and out/niah). Returns the evaluations, the haystack's
     report and rows, the model's folder and each step's seconds."""
-    for stage in ("instruct", "model", "niah"):  # the recipe owns out/: a rerun starts afresh
+    stages = [("instruct", train_json, settings), *([then] if then else [])]
+    for stage in ("model", "niah", *(name for name, _, _ in stages)):  # the recipe owns out/: a rerun starts afresh
         shutil.rmtree(out / stage, ignore_errors=True)
-    summary = train(TrainArgs(**{"stage": "instruct", "data": train_json, "image_folder": data,
-                                 "out": out / "instruct", "tokenizer": data / "tokenizer", "progress": progress,
-                                 **settings}))
-    timings = {"instruct": summary["seconds"]}
+    timings, start = {}, {}
+    for name, records, stage_settings in stages:
+        summary = train(TrainArgs(**{"stage": "instruct", "data": records, "image_folder": data, "out": out / name,
+                                     "tokenizer": data / "tokenizer", "progress": progress, **start,
+                                     **stage_settings}))
+        timings[name] = summary["seconds"]
+        start = {"init": out / name / "model"}
     model, processor = summary["model"].eval(), summary["processor"]
-    shutil.copytree(out / "instruct" / "model", out / "model")
+    shutil.copytree(start["init"], out / "model")
 
     evaluations = {}
     for shown in controls:
