@@ -7,10 +7,12 @@ of each token's patches since the frame before, side by side). The tower is the 
 same weights for every connector), so each clip's features (`OmniModel.video_features`) are
 computed once. On them trains what `omnilm demo-video` trains: a projector (LLaVA's MLP, started
 by `whiten_` as --whiten-projector does) and a 2-layer decoder, the question's words as tokens after
-the frames' and the answer read at the last position. AdamW, cosine schedule, batch 32; one run at
-a time, 2 threads.
+the frames' and the answer read at the last position. AdamW (or with --optimizer muon, Muon for the
+decoder's matrices and AdamW for the rest, as `omnilm train` splits them), cosine schedule, batch 32;
+one run at a time, 2 threads.
 
     python benchmarks/video_connector.py [--clips 4500] [--steps 400] [--connectors average,concat+motion]
+                                         [--optimizer muon --lr 2e-3] [--log-every 50]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from omnilm.data.shapeworld.video import make_video_example
 from omnilm.model.connector import whiten_
 from omnilm.model.layers import MLP
 from omnilm.model.llm import LlamaDecoder
+from omnilm.train.optim import build_optimizer
 
 CONNECTORS = ("average", "average+motion", "concat", "concat+motion")
 
@@ -90,8 +93,12 @@ def run(connector: str, data, args) -> float:
         config = model.config  # as --whiten-projector starts a video projector: motion features standardised
         whiten_(net.projector, torch.cat([feats[i] for i in train[:600]]).flatten(0, 1),
                 standardize_from=config.video_feature_dim - config.video_motion_dim)
-    opt = torch.optim.AdamW(net.parameters(), args.lr, weight_decay=0.0)
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(net.parameters(), args.lr, weight_decay=0.0)
+    else:
+        opt = build_optimizer(net, args.lr, kind="muon")
     rng = random.Random(0)
+    curve = []
     for step in range(1, args.steps + 1):
         batch = rng.sample(train, 32)
         for group in opt.param_groups:
@@ -100,6 +107,9 @@ def run(connector: str, data, args) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        curve.append(loss.item())
+        if args.log_every and step % args.log_every == 0:
+            print(f"  step {step}: loss {sum(curve[-args.log_every:]) / args.log_every:.3f}", flush=True)
     net.eval()
     with torch.no_grad():
         right = sum(int((net([feats[i] for i in test[s:s + 64]], [words[i] for i in test[s:s + 64]]).argmax(-1)
@@ -115,6 +125,9 @@ def main() -> None:
     ap.add_argument("--test-clips", type=int, default=500, help="of them held out")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                    help="muon: Muon for the decoder's block matrices, AdamW for the rest (as omnilm train)")
+    ap.add_argument("--log-every", type=int, default=0, help="print the mean loss every N steps (0: only the last)")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers")
     ap.add_argument("--no-whiten", action="store_true", help="start the projector at its random initialisation")
     ap.add_argument("--connectors", default=",".join(CONNECTORS), help="comma-separated, of " + ", ".join(CONNECTORS))
