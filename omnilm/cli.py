@@ -299,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Audio on ShapeWorld: 2 s clips of tones (omnilm data shapeworld --audio), a BPE, "
                                    "Voxtral's design at toy scale (a Whisper encoder trained from scratch, 4 frames a "
                                    "token) trained in an instruct stage and a short stage that also hears silence, "
-                                   "then held-out accuracy per family with the audio heard and with silence in its place (the control), the cross-modal questions "
-                                   "(--cross) and the audio haystack (omnilm eval niah --needle audio). See "
-                                   "docs/audio.md.")
+                                   "then held-out accuracy per family with the audio heard and with silence in its "
+                                   "place (the control), the cross-modal questions (--cross) and the audio haystack "
+                                   "(omnilm eval niah --needle audio). See docs/audio.md.")
     p.add_argument("--out", default="runs/audio", help="output folder (default runs/audio)")
     add_flags(p, AudioRecipe)
     p.set_defaults(func=cmd_demo_audio)

@@ -79,7 +79,7 @@ class AudioRecipe:
                                        "(4, Voxtral's: 80 ms; the encoder's feed-forward is that many times as wide, "
                                        "as transformers' Voxtral reads it)")
     instruct: Hyperparams = setting(
-        help="the one training stage", factory=lambda: Hyperparams(steps=1500, batch_size=32, lr=2e-3, warmup=50,
+        help="the first training stage", factory=lambda: Hyperparams(steps=1500, batch_size=32, lr=2e-3, warmup=50,
                                                                   optimizer="muon", group_by_length=True))
     calibrate: Hyperparams = setting(
         help="the last stage, from the first's model: the same records and --silent's silent copies, the encoder "
