@@ -52,7 +52,7 @@ from omnilm.model.layers import resolve_device
 from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.haystack import HaystackRecipe, run_haystack
-from omnilm.recipes.audio import AudioRecipe, run_audio_recipe
+from omnilm.recipes.audio import AUDIO_FLAGS, AudioRecipe, run_audio_recipe
 from omnilm.recipes.video import VideoRecipe, run_video_recipe
 from omnilm.recipes.recipe import Recipe
 from omnilm.serve.settings import SERVE_FLAGS, ServeSettings
@@ -238,7 +238,7 @@ def cmd_demo_video(args) -> None:
 
 
 def cmd_demo_audio(args) -> None:
-    result = run_audio_recipe(args.out, from_flags(AudioRecipe, args))
+    result = run_audio_recipe(args.out, from_flags(AudioRecipe, args, **AUDIO_FLAGS))
     print(result["report"])
     print(f"\naudio haystack:\n{result['haystack_report']}")
     print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()) + f". Model: {result['model']}")
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "place (the control), the cross-modal questions (--cross) and the audio haystack "
                                    "(omnilm eval niah --needle audio). See docs/audio.md.")
     p.add_argument("--out", default="runs/audio", help="output folder (default runs/audio)")
-    add_flags(p, AudioRecipe)
+    add_flags(p, AudioRecipe, **AUDIO_FLAGS)
     p.set_defaults(func=cmd_demo_audio)
 
     p = sub.add_parser("data", help="generate built-in datasets")

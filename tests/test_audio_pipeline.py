@@ -288,3 +288,23 @@ def test_a_tokenizer_without_the_models_audio_or_video_marker_is_refused():
     video = OmniConfig.from_preset("tiny", text=dict(vocab_size=300), vision=dict(patch_size=16), image_token_id=3,
                                    video_token_id=4)
     one_line_error(lambda: check_tokenizer_fits(video, plain, "tok"), "<video> is missing", "video_token_id is 4")
+
+
+def test_demo_audio_flags_name_each_stage_and_leave_out_what_the_recipe_decides(capsys):
+    """--calibrate-* set the last stage; the flags the recipe decides itself (the instruct stage
+    always trains the encoder; a stage from a model cannot whiten a fresh projector) are refused by
+    the parser in one line rather than taken and overridden, or refused after the data is written."""
+    from omnilm.cli import build_parser
+    from omnilm.recipes.audio import AUDIO_FLAGS, AudioRecipe
+    from omnilm.settings import from_flags
+
+    parser = build_parser()
+    args = parser.parse_args(["demo-audio", "--calibrate-steps", "7", "--calibrate-lr", "1e-4", "--silent", "0.05"])
+    recipe = from_flags(AudioRecipe, args, **AUDIO_FLAGS)
+    assert (recipe.calibrate.steps, recipe.calibrate.lr, recipe.silent) == (7, 1e-4, 0.05)
+    assert recipe.instruct == AudioRecipe().instruct
+    for flag in ("--calibrate-whiten-projector", "--instruct-train-audio", "--instruct-whiten-projector"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["demo-audio", flag])
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1

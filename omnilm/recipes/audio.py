@@ -121,6 +121,12 @@ class AudioRecipe:
                 **({} if self.cross else {"vision": None})}
 
 
+# The command line's view of the recipe (omnilm.settings): what the recipe decides itself gets no
+# flag. The instruct stage always trains the encoder and whitens a projector only with --cross; the
+# calibrate stage starts from a model, whose projector it cannot whiten afresh.
+AUDIO_FLAGS = dict(skip=("instruct.train_audio", "instruct.whiten_projector", "calibrate.whiten_projector"))
+
+
 def write_data(out: Path, recipe: AudioRecipe) -> tuple[Path, Path, Path | None]:
     """ShapeWorld audio under `out`: training conversations, haystack clips and cross-modal pairs in
     train.json, the same and --silent's silent copies in calibrate.json (None without), a record a
