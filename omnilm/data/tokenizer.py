@@ -197,9 +197,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, system_prompt: 
                     video: bool = False, audio: bool = False) -> Tokenizer:
     """Train a byte-level BPE tokenizer whose special tokens are `<pad>`=0, `<s>`=1, `</s>`=2,
     `<image>`=3 (then with `video` `<video>`, with `audio` `<audio>`: 4, 5), prepending `<s>` like
-    LLaMA. The same texts give the
-    same tokenizer. It keeps `system_prompt` for the chats it will render (render `texts` with the
-    same one)."""
+    LLaMA. The same texts give the same tokenizer. It keeps `system_prompt` for the chats it will
+    render (render `texts` with the same one)."""
     specials = ["<pad>", "<s>", "</s>", IMAGE_TOKEN] + [VIDEO_TOKEN] * video + [AUDIO_TOKEN] * audio
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(specials) + len(alphabet):

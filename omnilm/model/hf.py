@@ -4,8 +4,8 @@
 `OmniModel.from_pretrained` and `OmniModel.save_pretrained` call `load_pretrained` and
 `save_pretrained` here, `ClipModel`'s call `load_clip` and `save_clip`; `load_vision_encoder`
 reads a CLIP (or LLaVA) folder's vision tower, `load_audio_encoder` a Whisper (or Voxtral) folder's
-audio encoder, and `save_audio_encoder` writes one as transformers' `VoxtralEncoder`. Weights and configs only: the tokenizer files
-beside them are the processor's (`omnilm.data.Processor`).
+audio encoder, and `save_audio_encoder` writes one as transformers' `VoxtralEncoder`. Weights and
+configs only: the tokenizer files beside them are the processor's (`omnilm.data.Processor`).
 
 A folder's config is `omnilm.json` when present (our exact config, written by us), else its
 `config.json` converted: model_type "llava" (CLIP + projector + LLaMA), "llava_next_video" (the
@@ -196,8 +196,7 @@ def hf_kind(cfg: OmniConfig) -> str:
 def read_config(path: str | Path) -> tuple[OmniConfig | VisionConfig | AudioConfig, str, str]:
     """(config, kind, source) of a model folder. kind is "llava", "voxtral", "llama", "clip" (a
     VisionConfig) or "whisper" (an AudioConfig); source is the file the config came from. Every
-    problem with the config file
-    is a one-line OmniInputError naming the file and the field."""
+    problem with the config file is a one-line OmniInputError naming the file and the field."""
     folder = _folder(path)
     if (folder / "omnilm.json").is_file():
         file = folder / "omnilm.json"
@@ -584,14 +583,23 @@ def save_pretrained(model, path: str | Path, max_shard_size: int | str = "5GB") 
 def save_audio_encoder(encoder: WhisperEncoder, path: str | Path, max_shard_size: int | str = "5GB") -> None:
     """Write a WhisperEncoder as transformers' `VoxtralEncoder` folder (model_type "voxtral_encoder":
     the encoder alone, as `VoxtralEncoder.from_pretrained` and `load_audio_encoder` read it)."""
+    dtype = str(encoder.conv1.weight.dtype).removeprefix("torch.")
+    _write_transformers_folder(path, _tensors_to_write(encoder, lambda name: name),
+                               {"architectures": ["VoxtralEncoder"], **audio_config_to_hf(encoder.config),
+                                "dtype": dtype}, max_shard_size)
+
+
+def _write_transformers_folder(path: str | Path, tensors: dict[str, torch.Tensor], config: dict,
+                               max_shard_size: int | str) -> None:
+    """A folder transformers reads alone: the weights (`write_weights`) and config.json. An
+    omnilm.json left by an earlier save of a LLaVA here would be read instead of config.json, so it
+    goes."""
     parse_size(max_shard_size)  # a bad size fails before anything is written
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    write_weights(_tensors_to_write(encoder, lambda name: name), folder, max_shard_size)
-    dtype = str(encoder.conv1.weight.dtype).removeprefix("torch.")
-    write_json(folder / "config.json", {"architectures": ["VoxtralEncoder"], **audio_config_to_hf(encoder.config),
-                                        "dtype": dtype})
-    (folder / "omnilm.json").unlink(missing_ok=True)  # an earlier save's would be read instead
+    write_weights(tensors, folder, max_shard_size)
+    write_json(folder / "config.json", config)
+    (folder / "omnilm.json").unlink(missing_ok=True)
 
 
 # --- CLIP, both towers ------------------------------------------------------------------------
@@ -602,13 +610,7 @@ def save_clip(model, path: str | Path, max_shard_size: int | str = "5GB") -> Non
     names, each file written atomically; shards past `max_shard_size`)."""
     cfg: ClipConfig = model.config
     tensors = _tensors_to_write(model, lambda name: key_to_hf(name, "clip_model"))
-    parse_size(max_shard_size)  # a bad size fails before anything is written
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_weights(tensors, folder, max_shard_size)
-    write_json(folder / "config.json", clip_config_to_hf(cfg, model.logit_scale.dtype))
-    # An omnilm.json left by an earlier save of a LLaVA here would be read instead of config.json.
-    (folder / "omnilm.json").unlink(missing_ok=True)
+    _write_transformers_folder(path, tensors, clip_config_to_hf(cfg, model.logit_scale.dtype), max_shard_size)
 
 
 def load_clip(cls: type, path: str | Path, device: str | torch.device | None = None,
