@@ -175,9 +175,10 @@ def run_audio_recipe(out: str | Path, recipe: AudioRecipe | None = None) -> dict
                 "whiten_projector": bool(recipe.cross)}
     haystack = dict(needle="audio", lengths=tuple(map(str, recipe.haystack_windows)), depths=recipe.haystack_depths,
                     samples=recipe.haystack_samples, seed=recipe.seed)
-    then = ("calibrate", calibrate_json, {**vars(recipe.calibrate), "seed": recipe.seed}) if calibrate_json else None
-    measured = train_and_measure(out, data, train_json, test_json, settings, AUDIO_CONTROLS, "audio", haystack,
-                                 recipe.progress, then=then)
+    stages = [("instruct", train_json, settings)]
+    if calibrate_json is not None:
+        stages.append(("calibrate", calibrate_json, {**vars(recipe.calibrate), "seed": recipe.seed}))
+    measured = train_and_measure(out, data, stages, test_json, AUDIO_CONTROLS, "audio", haystack, recipe.progress)
     timings.update(measured.pop("timings"))
     result = {"recipe": to_dict(recipe), "chance": CHANCE, **measured, "timings": timings,
               "report": format_audio_results(measured["eval"])}

@@ -1,5 +1,5 @@
-"""What the clip recipes (`demo-video`, `demo-audio`) share once their data is written: an instruct
-stage (and optionally a second from its model), then held-out accuracy under each control and the
+"""What the clip recipes (`demo-video`, `demo-audio`) share once their data is written: instruct
+stages, each from the model of the one before, then held-out accuracy under each control and the
 haystack grid, written under `out/`."""
 
 from __future__ import annotations
@@ -16,24 +16,22 @@ from omnilm.io import write_json
 from omnilm.train import TrainArgs, train
 
 
-def train_and_measure(out: Path, data: Path, train_json: Path, test_json: Path, settings: dict[str, Any],
+def train_and_measure(out: Path, data: Path, stages: list[tuple[str, Path, dict[str, Any]]], test_json: Path,
                       controls: tuple[str, ...], control: str, haystack: dict[str, Any],
-                      progress: bool = True, then: tuple[str, Path, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Train the instruct stage `settings` describe (TrainArgs fields beyond data, folders and
-    progress) on `train_json` (and, given `then` = (name, json, settings), a second stage from its
-    model under out/name), keep the last model as `out/model`, answer `test_json` once under each of
-    `controls` (`evaluate_vqa(..., **{control: c})`; the first one's predictions written to
-    predictions.jsonl, every one's accuracy to eval.json), then the haystack grid `haystack` gives
-    (NiahArgs fields beyond the checkpoint and out/niah). Returns the evaluations, the haystack's
-    report and rows, the model's folder and each step's seconds."""
-    stages = [("instruct", train_json, settings), *([then] if then else [])]
+                      progress: bool = True) -> dict[str, Any]:
+    """Train `stages` in turn, each (name, records json, TrainArgs fields beyond data, folders and
+    progress) an instruct stage under out/name, every one after the first from the model of the one
+    before; keep the last model as `out/model`, answer `test_json` once under each of `controls`
+    (`evaluate_vqa(..., **{control: c})`; the first one's predictions written to predictions.jsonl,
+    every one's accuracy to eval.json), then the haystack grid `haystack` gives (NiahArgs fields
+    beyond the checkpoint and out/niah). Returns the evaluations, the haystack's report and rows, the
+    model's folder and each step's seconds."""
     for stage in ("model", "niah", *(name for name, _, _ in stages)):  # the recipe owns out/: a rerun starts afresh
         shutil.rmtree(out / stage, ignore_errors=True)
     timings, start = {}, {}
-    for name, records, stage_settings in stages:
+    for name, records, settings in stages:
         summary = train(TrainArgs(**{"stage": "instruct", "data": records, "image_folder": data, "out": out / name,
-                                     "tokenizer": data / "tokenizer", "progress": progress, **start,
-                                     **stage_settings}))
+                                     "tokenizer": data / "tokenizer", "progress": progress, **start, **settings}))
         timings[name] = summary["seconds"]
         start = {"init": out / name / "model"}
     model, processor = summary["model"].eval(), summary["processor"]

@@ -164,8 +164,8 @@ def run_video_recipe(out: str | Path, recipe: VideoRecipe | None = None) -> dict
                 "video_timestamps": recipe.timestamps, "cache_features": recipe.cache_features}
     haystack = dict(needle="video", lengths=tuple(map(str, recipe.haystack_frames)), depths=recipe.haystack_depths,
                     samples=recipe.haystack_samples, seed=recipe.seed)
-    measured = train_and_measure(out, data, train_json, test_json, settings, FRAME_CONTROLS, "frames", haystack,
-                                 recipe.progress)
+    measured = train_and_measure(out, data, [("instruct", train_json, settings)], test_json, FRAME_CONTROLS, "frames",
+                                 haystack, recipe.progress)
     timings.update(measured.pop("timings"))
     result = {"recipe": to_dict(recipe), "chance": CHANCE, **measured, "timings": timings,
               "report": format_video_results(measured["eval"])}
