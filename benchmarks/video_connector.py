@@ -1,9 +1,11 @@
 """Which video connector lets a decoder tell which way a shape moves: ShapeWorld's direction
 questions alone, one small model per connector, held-out accuracy.
 
-Each connector is an OmniConfig's (`video_pool_mode`, `video_motion`): LLaVA-NeXT-Video's average
-pool or Qwen2-VL's side-by-side ("concat") merge, each with and without motion features (the change
-of each token's patches since the frame before, side by side). The tower is the tiny preset's ViT at patch 16, frozen at its random initialisation (the
+Each connector is an OmniConfig's (`video_pool_mode`, `video_motion`, `video_motion_halo`,
+`video_motion_moments`): LLaVA-NeXT-Video's average pool or Qwen2-VL's side-by-side ("concat")
+merge, each with and without motion features (the change of each token's patches since the frame
+before, side by side); "+halo" widens the change to one patch around the token's, "+moments" sums
+that window's change as it is, by column and by row (the recipe's default). The tower is the tiny preset's ViT at patch 16, frozen at its random initialisation (the
 same weights for every connector), so each clip's features (`OmniModel.video_features`) are
 computed once. On them trains what `omnilm demo-video` trains: a projector (LLaVA's MLP, started
 by `whiten_` as --whiten-projector does) and a 2-layer decoder, the question's words as tokens after
@@ -36,7 +38,8 @@ from omnilm.model.layers import MLP
 from omnilm.model.llm import LlamaDecoder
 from omnilm.train.optim import build_optimizer
 
-CONNECTORS = ("average", "average+motion", "concat", "concat+motion")
+CONNECTORS = ("average", "average+motion", "concat", "concat+motion", "average+motion+halo",
+              "average+motion+halo+moments")
 
 
 def direction_questions(n_clips: int, n_test: int) -> list[tuple[str, list[Image.Image], str, str]]:
@@ -73,10 +76,11 @@ class DirectionModel(nn.Module):
 
 
 def run(connector: str, data, args) -> float:
-    mode, motion = connector.split("+")[0], connector.endswith("+motion")
+    mode, *extras = connector.split("+")
     torch.manual_seed(0)
     model = OmniModel.from_preset("tiny", vision=dict(patch_size=16), video_token_id=4, video_pool_mode=mode,
-                                  video_motion=motion).eval()
+                                  video_motion="motion" in extras, video_motion_halo=int("halo" in extras),
+                                  video_motion_moments="moments" in extras).eval()
     processor = ImageProcessor.from_vision_config(model.config.vision)
     t = time.perf_counter()
     with torch.no_grad():
@@ -133,6 +137,9 @@ def main() -> None:
     ap.add_argument("--connectors", default=",".join(CONNECTORS), help="comma-separated, of " + ", ".join(CONNECTORS))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    unknown = [c for c in args.connectors.split(",") if c not in CONNECTORS]
+    if unknown:
+        ap.error(f"--connectors: {', '.join(unknown)} unknown; choose from {', '.join(CONNECTORS)}")
     torch.set_num_threads(args.threads)
     data = direction_questions(args.clips, args.test_clips)
     n_test = sum(row[0] == "test" for row in data)

@@ -53,7 +53,7 @@ from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.haystack import HaystackRecipe, run_haystack
 from omnilm.recipes.audio import AUDIO_FLAGS, AudioRecipe, run_audio_recipe
-from omnilm.recipes.video import VideoRecipe, run_video_recipe
+from omnilm.recipes.video import VIDEO_FLAGS, VideoRecipe, run_video_recipe
 from omnilm.recipes.recipe import Recipe
 from omnilm.serve.settings import SERVE_FLAGS, ServeSettings
 from omnilm.settings import add_flags, check_output_folder, from_flags
@@ -231,7 +231,7 @@ def cmd_demo_haystack(args) -> None:
 
 
 def cmd_demo_video(args) -> None:
-    result = run_video_recipe(args.out, from_flags(VideoRecipe, args))
+    result = run_video_recipe(args.out, from_flags(VideoRecipe, args, **VIDEO_FLAGS))
     print(result["report"])
     print(f"\nvideo haystack:\n{result['haystack_report']}")
     print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()) + f". Model: {result['model']}")
@@ -285,14 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, HaystackRecipe)
     p.set_defaults(func=cmd_demo_haystack)
     p = sub.add_parser("demo-video", help="a small model learns to read ShapeWorld clips: motion, appearance, "
-                                          "counts, order and time, and a video haystack (motion: not yet)",
+                                          "counts, order and time, and a video haystack",
                        description="Video on ShapeWorld: clips of 4 to 8 frames (omnilm data shapeworld --video), a "
-                                   "BPE, LLaVA-NeXT-Video's design at toy scale trained in one instruct stage, then "
+                                   "BPE, LLaVA-NeXT-Video's design at toy scale with motion features, trained in a "
+                                   "look-up stage (direction questions and haystack clips) and a main stage, then "
                                    "held-out accuracy per family with the frames in order, shuffled and the first "
                                    "frame alone (controls: a model that reads time falls to chance on direction), and "
                                    "the video haystack (omnilm eval niah --needle video). See docs/video.md.")
     p.add_argument("--out", default="runs/video", help="output folder (default runs/video)")
-    add_flags(p, VideoRecipe)
+    add_flags(p, VideoRecipe, **VIDEO_FLAGS)
     p.set_defaults(func=cmd_demo_video)
     p = sub.add_parser("demo-audio", help="a small model learns to hear ShapeWorld tones: how many, the pitch of the "
                                           "k-th, the melody's direction, the timbre; and an audio haystack",

@@ -407,12 +407,22 @@ class OmniConfig:
     #                    video's frame before (zero for its first), side by side (s^2 Dv more): a token
     #                    sees motion, and where in it, as a frame alone does not (two-stream networks'
     #                    frame differences; averaged, the change would not say which way: docs/video.md)
+    #   video_motion_halo  with motion, a token sees the change of this many patches more on each side
+    #                    ((s + 2h)^2 Dv motion features): a step across the border of two tokens shows
+    #                    whole in each of them, where without the halo it shows as two halves that each
+    #                    look like a step the other way
+    #   video_motion_moments  with motion, the window's change summed three ways instead of laid
+    #                    out patch by patch (3 Dv): as it is, weighted by each patch's column and by
+    #                    its row (centred); a step shows as a sign (right: +shape in the column
+    #                    moment), wherever it falls in the window
     # A video wider than an image gets a projector of its own (`video_projector`); only the default
     # (average or max, no motion) is LLaVA-NeXT-Video's.
     video_token_id: int | None = None
     video_pool_stride: int = 2
     video_pool_mode: str = "average"
     video_motion: bool = False
+    video_motion_halo: int = 0
+    video_motion_moments: bool = False
     # Audio (Voxtral, Mistral AI 2025): a Whisper encoder (`audio`) reads each window of log-mel
     # frames; Voxtral's projector joins `audio.frames_per_token` frames into one token, through
     # audio_projector_act, and the windows' tokens stand in order at the audio marker. None: no audio.
@@ -483,6 +493,13 @@ class OmniConfig:
         _check_int("video_pool_stride", self.video_pool_stride, hi=MAX_COUNT)
         _check_choice("video_pool_mode", self.video_pool_mode, VIDEO_POOL_MODES)
         _check_bool("video_motion", self.video_motion)
+        _check_int("video_motion_halo", self.video_motion_halo, lo=0, hi=MAX_COUNT)
+        _check_bool("video_motion_moments", self.video_motion_moments)
+        for name, value in (("video_motion_halo", self.video_motion_halo),
+                            ("video_motion_moments", self.video_motion_moments)):
+            if value and not self.video_motion:
+                raise ConfigError(name, value, "shapes the motion features: set video_motion=True too, or leave "
+                                               "it off")
         if self.video_token_id is None:
             return
         if self.vision is None or self.fusion != "joint":
@@ -537,8 +554,9 @@ class OmniConfig:
     @property
     def video_feature_dim(self) -> int:
         """Width of what the projector reads of a video frame's token: the vision width (s^2 times
-        it for "concat" pooling), then with motion s^2 times the vision width more (its motion
-        features, `video_motion_dim`); 0 for a model without video."""
+        it for "concat" pooling), then with motion (s + 2 h)^2 times the vision width more (its
+        motion features, `video_motion_dim`; h the halo), or 3 times with moments; 0 for a model
+        without video."""
         if self.video_token_id is None:
             return 0
         looks = self.vision.dim * (self.video_pool_stride ** 2 if self.video_pool_mode == "concat" else 1)
@@ -549,7 +567,9 @@ class OmniConfig:
         """Width of a video token's motion features, the last of `video_feature_dim` (0 without)."""
         if not self.video_motion or self.video_token_id is None:
             return 0
-        return self.vision.dim * self.video_pool_stride ** 2
+        if self.video_motion_moments:
+            return 3 * self.vision.dim
+        return self.vision.dim * (self.video_pool_stride + 2 * self.video_motion_halo) ** 2
 
     @property
     def image_seq_len(self) -> int:

@@ -244,6 +244,47 @@ def test_pooling_modes_and_motion_features(tmp_path, mode):
     assert "concat" in hf_incompatibility(plain.config) and plain.config.video_motion_dim == 0
 
 
+def test_motion_halo_shows_a_step_across_a_token_border_whole():
+    """video_motion_halo=1: a token's motion features are the change of the 4 x 4 patches around
+    its 2 x 2 (zero beyond the frame), row-major; halo 0 is the plain motion features; with
+    video_motion_moments, the window's change summed, weighted by column and by row."""
+    import torch
+
+    from omnilm import OmniModel
+    from omnilm.config import ConfigError
+
+    def model(halo, moments=False):
+        torch.manual_seed(0)
+        return OmniModel.from_preset("tiny", text=dict(n_layers=1), vision=dict(patch_size=16, n_layers=1),
+                                     video_token_id=4, video_motion=True, video_motion_halo=halo,
+                                     video_motion_moments=moments).eval()
+
+    wide, plain, moments = model(1), model(0), model(1, moments=True)
+    dv = wide.config.vision.dim
+    assert (wide.config.video_motion_dim, wide.config.video_feature_dim) == (16 * dv, 17 * dv)
+    a = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        grid = wide.image_features(a).view(3, 6, 6, dv)
+        change = torch.nn.functional.pad((grid[1:] - grid[:-1]).permute(0, 3, 1, 2), (1, 1, 1, 1)).permute(0, 2, 3, 1)
+        want = torch.stack([change[:, 2 * i:2 * i + 4, 2 * j:2 * j + 4].flatten(1) for i in range(3) for j in range(3)],
+                           1)  # (2 frames, 9 tokens, 16 dv): token (i, j)'s patches 2i-1..2i+2 by 2j-1..2j+2
+        got = wide.video_features([a])
+        torch.testing.assert_close(got[1:, :, dv:], want)
+        assert got[0, :, dv:].abs().max() == 0
+        inner = got[1:, :, dv:].unflatten(-1, (4, 4, dv))[:, :, 1:3, 1:3].flatten(2)  # the token's own patches
+        torch.testing.assert_close(inner, plain.video_features([a])[1:, :, dv:])
+        window = want.unflatten(-1, (4, 4, dv))  # (frames, tokens, row, column, dv)
+        at = torch.tensor([-1.5, -0.5, 0.5, 1.5])
+        sums = [window.sum((2, 3)), (window * at[:, None]).sum((2, 3)), (window * at[:, None, None]).sum((2, 3))]
+        summed = moments.video_features([a])
+        assert moments.config.video_motion_dim == 3 * dv and summed.shape[-1] == 4 * dv
+        torch.testing.assert_close(summed[1:, :, dv:], torch.cat(sums, -1))
+        torch.testing.assert_close(summed[..., :dv], got[..., :dv])  # the looks are the same
+    for flag, value in (("video_motion_halo", 1), ("video_motion_moments", True)):
+        with pytest.raises(ConfigError, match=f"{flag}.*video_motion=True"):
+            OmniModel.from_preset("tiny", vision=dict(patch_size=16), video_token_id=4, **{flag: value})
+
+
 def test_video_markers_and_configs_are_checked_in_one_line(tmp_path):
     import torch
 
@@ -522,18 +563,20 @@ def test_video_haystack_grid_and_chat_on_the_command_line(tmp_path, capsys):
 
 
 def test_the_video_recipe_runs_end_to_end(tmp_path):
-    """demo-video at toy size: data, one training stage, every family with the two controls, the
-    haystack grid, and a model folder transformers reads as LLaVA-NeXT-Video."""
+    """demo-video at toy size with --no-motion --one-stage: data, one training stage, every family
+    with the two controls, the haystack grid, and a model folder transformers reads as
+    LLaVA-NeXT-Video."""
     import json
 
     pytest.importorskip("av", reason="the recipe writes its clips as mp4 (PyAV, the [media] extra)")
     from omnilm.recipes.video import VideoRecipe, format_video_results, run_video_recipe
     from omnilm.train import Hyperparams
 
-    recipe = VideoRecipe(n_train=24, n_needles=6, needle_frames=(4, 6), n_test=6, haystack_frames=(4, 6),
-                         haystack_depths=2, haystack_samples=1, progress=False,
-                         instruct=Hyperparams(steps=2, batch_size=4, lr=1e-3, warmup=1, whiten_projector=True))
+    recipe = VideoRecipe(n_train=24, n_needles=6, needle_frames=(4, 6), n_direction=4, n_test=6,
+                         haystack_frames=(4, 6), haystack_depths=2, haystack_samples=1, motion=False, one_stage=True,
+                         cache_features=0, progress=False, instruct=Hyperparams(steps=2, batch_size=4, lr=1e-3, warmup=1))
     result = run_video_recipe(tmp_path / "run", recipe)
+    assert not (tmp_path / "run" / "lookup").exists()
     assert set(result["eval"]) == {"all", "shuffled", "first"}
     n = result["eval"]["all"]["n"]
     assert n == len(json.loads((tmp_path / "run" / "data" / "test.json").read_text())) and n > 6
@@ -546,6 +589,33 @@ def test_the_video_recipe_runs_end_to_end(tmp_path):
     assert (tmp_path / "run" / "niah" / "niah.png").is_file() and (tmp_path / "run" / "results.json").is_file()
     with pytest.raises(OmniInputError, match="--patch-size 20"):
         VideoRecipe(patch_size=20)
+
+
+def test_the_video_recipe_learns_the_look_ups_first(tmp_path):
+    """The look-up stage trains on --n-direction's records and the haystack clips alone (and
+    whitens the projector of the model it shapes, with motion, its halo and moments, the defaults);
+    the main stage starts from its model on every record, those included."""
+    import json
+
+    pytest.importorskip("av", reason="the recipe writes its clips as mp4 (PyAV, the [media] extra)")
+    from omnilm.data.llava_json import read_records
+    from omnilm.recipes.video import VideoRecipe, run_video_recipe
+    from omnilm.train import Hyperparams
+
+    tiny = dict(batch_size=4, lr=1e-3, warmup=1)
+    recipe = VideoRecipe(n_train=8, n_needles=2, needle_frames=(4,), n_direction=10, n_test=3, haystack_frames=(4,),
+                         haystack_depths=2, haystack_samples=1, progress=False,
+                         lookup=Hyperparams(steps=3, **tiny), instruct=Hyperparams(steps=2, **tiny))
+    run_video_recipe(tmp_path / "run", recipe)
+    data = tmp_path / "run" / "data"
+    lookup = read_records(data / "lookup.json")
+    assert [r["task"] for r in lookup].count("needle") == 2 and {r["task"] for r in lookup} == {"direction", "needle"}
+    assert {r["id"] for r in lookup} < {r["id"] for r in read_records(data / "train.json")}
+    steps = [[json.loads(line)["step"] for line in (tmp_path / "run" / stage / "metrics.jsonl").open()
+              if '"loss"' in line] for stage in ("lookup", "instruct")]
+    assert (steps[0][-1], steps[1][-1]) == (3, 2)
+    config = json.loads((tmp_path / "run" / "model" / "omnilm.json").read_text())
+    assert (config["video_motion"], config["video_motion_halo"], config["video_motion_moments"]) == (True, 1, True)
 
 
 def test_motion_conversations_keep_only_their_families_and_the_marker_first(tmp_path):

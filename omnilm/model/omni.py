@@ -125,7 +125,10 @@ class OmniModel(nn.Module):
             lines.append(f"vision: CLIP ViT {v.n_layers} layers, dim {v.dim}, {v.image_size}px / {v.patch_size}px "
                          f"patches, feature layer {c.vision_feature_layer}, {c.image_seq_len} tokens per image")
         if c.video_token_id is not None:
-            motion = ", with their change since the frame before" if c.video_motion else ""
+            halo = f" and {c.video_motion_halo} patch(es) around" if c.video_motion_halo else ""
+            moments = " (its moments)" if c.video_motion_moments else ""
+            motion = (f", with the change of their patches{halo}{moments} since the frame before"
+                      if c.video_motion else "")
             lines.append(f"video:  frames through the vision tower, {c.video_pool_stride}x{c.video_pool_stride} "
                          f"{c.video_pool_mode} pooled{motion}, {c.video_frame_len} tokens per frame")
         if c.audio is not None:
@@ -195,23 +198,42 @@ class OmniModel(nn.Module):
         """What the projector reads of videos ((V, F, 3, H, W), or a list of (F_i, 3, H, W)): every
         frame's g x g grid of tower features pooled over s x s patches as `video_pool_mode` says
         (for "concat" the patches side by side, row-major), with `video_motion` joined by the change
-        of each token's s x s patches (side by side, as "concat" lays them) since the video's frame
-        before, zero for a video's first frame; (sum F_i, (g / s)^2, video_feature_dim)."""
+        of each token's s x s patches (and `video_motion_halo` patches more on each side) since the
+        video's frame before, zero for a video's first frame and beyond the frame's edge: side by
+        side, row-major, as "concat" lays them, or with `video_motion_moments` summed as it is, by
+        column and by row (each patch's change weighted by its column or row, centred on the
+        window's middle); (sum F_i, (g / s)^2, video_feature_dim)."""
         frames, lengths = _video_frames(pixel_values_videos, self.config)
         patches = self.image_features(frames)
         looks = self._pool(patches, self.config.video_pool_mode)
         if not self.config.video_motion:
             return looks
-        blocks = looks if self.config.video_pool_mode == "concat" else self._pool(patches, "concat")
+        grid = self._grid(patches)
         change = []
-        for video in blocks.split(lengths):  # a video's first frame has no frame before it
+        for video in grid.split(lengths):  # a video's first frame has no frame before it
             change += [torch.zeros_like(video[:1]), video[1:] - video[:-1]]
-        return torch.cat([looks, torch.cat(change)], dim=-1)
+        s, halo = self.config.video_pool_stride, self.config.video_motion_halo
+        window = s + 2 * halo  # each token's patches and its halo, (N, Dv * window^2, (g/s)^2)
+        windows = F.unfold(F.pad(torch.cat(change), (halo,) * 4), window, stride=s)
+        windows = windows.unflatten(1, (grid.shape[1], window * window))  # (N, Dv, window^2, (g/s)^2)
+        if self.config.video_motion_moments:
+            at = torch.arange(window, dtype=windows.dtype, device=windows.device) - (window - 1) / 2
+            weights = torch.stack([torch.ones(window, window).to(at), at.expand(window, window),  # row-major:
+                                   at[:, None].expand(window, window)])  # sum, by column, by row
+            motion = torch.einsum("ndpl,kp->nlkd", windows, weights.flatten(1)).flatten(2)
+        else:
+            motion = windows.permute(0, 3, 2, 1).flatten(2)
+        return torch.cat([looks, motion], dim=-1)
+
+    def _grid(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, g*g, Dv) patch features -> (N, Dv, g, g)."""
+        side = self.config.vision.image_size // self.config.vision.patch_size
+        return patches.transpose(1, 2).unflatten(2, (side, side))
 
     def _pool(self, patches: torch.Tensor, mode: str) -> torch.Tensor:
         """(N, g*g, Dv) patch features -> (N, (g/s)^2, Dv), or (N, (g/s)^2, s*s*Dv) for "concat"."""
         side, s = self.config.vision.image_size // self.config.vision.patch_size, self.config.video_pool_stride
-        grid = patches.transpose(1, 2).unflatten(2, (side, side))  # (N, Dv, g, g)
+        grid = self._grid(patches)
         if mode == "concat":  # (N, Dv, g/s, s, g/s, s) -> (N, g/s, g/s, s, s, Dv)
             blocks = grid.unflatten(2, (side // s, s)).unflatten(4, (side // s, s)).permute(0, 2, 4, 3, 5, 1)
             return blocks.flatten(3).flatten(1, 2)
