@@ -21,7 +21,7 @@ def train_and_measure(out: Path, data: Path, stages: list[tuple[str, Path, dict[
                       progress: bool = True) -> dict[str, Any]:
     """Train `stages` in turn, each (name, records json, TrainArgs fields beyond data, folders and
     progress) an instruct stage under out/name, every one after the first from the model of the one
-    before; keep the last model as `out/model`, answer `test_json` once under each of `controls`
+    before (whose projector it keeps: never whitened afresh); keep the last model as `out/model`, answer `test_json` once under each of `controls`
     (`evaluate_vqa(..., **{control: c})`; the first one's predictions written to predictions.jsonl,
     every one's accuracy to eval.json), then the haystack grid `haystack` gives (NiahArgs fields
     beyond the checkpoint and out/niah). Returns the evaluations, the haystack's report and rows, the
@@ -31,9 +31,9 @@ def train_and_measure(out: Path, data: Path, stages: list[tuple[str, Path, dict[
     timings, start = {}, {}
     for name, records, settings in stages:
         summary = train(TrainArgs(**{"stage": "instruct", "data": records, "image_folder": data, "out": out / name,
-                                     "tokenizer": data / "tokenizer", "progress": progress, **start, **settings}))
+                                     "tokenizer": data / "tokenizer", "progress": progress, **settings, **start}))
         timings[name] = summary["seconds"]
-        start = {"init": out / name / "model"}
+        start = {"init": out / name / "model", "whiten_projector": False}
     model, processor = summary["model"].eval(), summary["processor"]
     shutil.copytree(start["init"], out / "model")
 

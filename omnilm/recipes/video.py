@@ -193,8 +193,7 @@ def run_video_recipe(out: str | Path, recipe: VideoRecipe | None = None) -> dict
     stages = []  # the first stage shapes the model and whitens its projector; a later one starts from it
     if not recipe.one_stage and (recipe.n_direction or recipe.n_needles):
         stages.append(("lookup", lookup_json, {**vars(recipe.lookup), **shared, **fresh}))
-    later = {"whiten_projector": False}
-    stages.append(("instruct", train_json, {**vars(recipe.instruct), **shared, **(later if stages else fresh)}))
+    stages.append(("instruct", train_json, {**vars(recipe.instruct), **shared, **({} if stages else fresh)}))
     haystack = dict(needle="video", lengths=tuple(map(str, recipe.haystack_frames)), depths=recipe.haystack_depths,
                     samples=recipe.haystack_samples, seed=recipe.seed)
     measured = train_and_measure(out, data, stages, test_json, FRAME_CONTROLS, "frames", haystack, recipe.progress)
