@@ -4,12 +4,15 @@
     omnilm demo-haystack [--needle image]         # long context: retrieval trained at 256 tokens, NIAH grids (~10 min)
     omnilm demo-video                             # ShapeWorld in time: clips, every family, controls, video haystack
     omnilm demo-audio                             # ShapeWorld you can hear: tones, silence control, audio haystack
+    omnilm demo-icl                               # new words from the prompt alone: accuracy against shots
     omnilm data shapeworld --out DIR --n N --seed S --split train|test [--video | --audio]
     omnilm data haystack OUT --length L [--tokenizer DIR] [--keys K --questions Q] [--needle text|image]
+    omnilm data icl OUT --n N [--ways 2,5] [--shots 0,1,4] [--variants novel,shuffled] [--words held-out]
     omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
     omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE]
     omnilm eval-clip CKPT --data JSON --image-folder DIR
     omnilm eval niah CKPT [--lengths 1x,4x] [--depths 11] [--samples N] [--rope-scaling yarn:4] [--logn]  # = eval-niah
+    omnilm eval icl CKPT [--ways 2,5] [--shots 0,1,2,4,8] [--words held-out|train]           # = eval-icl
     omnilm chat CKPT --image a.png "question"     # without a question: a multi-turn chat (--video, --audio too)
     omnilm info CKPT | --preset NAME [--nproc N]  # architecture, parameter count, per-rank training memory
     omnilm inspect routing CKPT --image a.png "prompt"   # which experts each token of an MoE model went to
@@ -36,11 +39,13 @@ from omnilm.config import PRESETS
 from omnilm.data import Processor
 from omnilm.data.collate import to_device
 from omnilm.data.haystack import CHARS_PER_TOKEN, HaystackSpec
+from omnilm.data.icl import IclSpec
 from omnilm.data.image import load_image
 from omnilm.data.llava_json import media_names, read_records
 from omnilm.data.shapeworld import ShapeWorldSpec
 from omnilm.errors import OmniInputError
 from omnilm.eval.clip import evaluate_clip_checkpoint, format_clip_results
+from omnilm.eval.icl import IclEvalArgs, run_icl_eval
 from omnilm.eval.niah import NiahArgs, run_niah
 from omnilm.eval.vqa import EvalArgs, evaluate_vqa, format_vqa_results, write_predictions
 from omnilm.infer import Sampling
@@ -52,6 +57,7 @@ from omnilm.model.layers import resolve_device
 from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.haystack import HaystackRecipe, run_haystack
+from omnilm.recipes.icl import ICL_FLAGS, IclRecipe, run_icl_recipe
 from omnilm.recipes.audio import AUDIO_FLAGS, AudioRecipe, run_audio_recipe
 from omnilm.recipes.video import VIDEO_FLAGS, VideoRecipe, run_video_recipe
 from omnilm.recipes.recipe import Recipe
@@ -99,6 +105,14 @@ def cmd_data_haystack(args) -> None:
     print(f"wrote {spec.n} records of {spec.length} {unit} to {path} in {time.perf_counter() - t0:.1f}s")
 
 
+def cmd_data_icl(args) -> None:
+    t0 = time.perf_counter()
+    spec = from_flags(IclSpec, args)
+    path = spec.write()
+    print(f"wrote {spec.n} episodes to {path} ({spec.pool} pool images under {spec.out / 'images'}) "
+          f"in {time.perf_counter() - t0:.1f}s")
+
+
 def cmd_train(args) -> None:
     train_args = from_flags(TrainArgs, args)
     summary = train(train_args)
@@ -121,6 +135,10 @@ def cmd_eval(args) -> None:
 
 def cmd_eval_niah(args) -> None:
     print(run_niah(from_flags(NiahArgs, args)))
+
+
+def cmd_eval_icl(args) -> None:
+    print(run_icl_eval(from_flags(IclEvalArgs, args))[0])
 
 
 def cmd_eval_clip(args) -> None:
@@ -244,6 +262,16 @@ def cmd_demo_audio(args) -> None:
     print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()) + f". Model: {result['model']}")
 
 
+def cmd_demo_icl(args) -> None:
+    result = run_icl_recipe(args.out, from_flags(IclRecipe, args, **ICL_FLAGS))
+    before, after = (result["eval"][k] for k in ("before", "after"))
+    print(f"Ordinary held-out questions: {100 * before['accuracy']:.1f}% before the episodes (the demo's model), "
+          f"{100 * after['accuracy']:.1f}% after.\n\n{result['questions']}\n\nHeld-out words and images:\n"
+          f"{result['report']}")
+    print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in result["timings"].items()) + f". Model: {result['model']} "
+          f"(omnilm eval icl {result['model']} --shots 0,1,2,4,8 measures it again)")
+
+
 def cmd_serve(args) -> None:
     settings = from_flags(ServeSettings, args, **SERVE_FLAGS)
     if serve is None:
@@ -307,6 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, AudioRecipe, **AUDIO_FLAGS)
     p.set_defaults(func=cmd_demo_audio)
 
+    p = sub.add_parser("demo-icl", help="a small model learns new words for colours and shapes from its prompt "
+                                        "alone; accuracy against shots, with controls (about 15 minutes)",
+                       description="In-context learning on ShapeWorld: the demo's recipe with nonsense words in its "
+                                   "tokenizer (one token each, embeddings fixed at random), then a stage of episodes "
+                                   "(omnilm data icl) mixed with the demo's questions; then the ordinary questions "
+                                   "before and after, and omnilm eval icl's grid on held-out words and images: 2- and "
+                                   "5-way, 0 to 8 shots, with the attributes' own names, shuffled labels and "
+                                   "ambiguous shots as controls. See docs/icl.md.")
+    p.add_argument("--out", default="runs/icl-demo", help="output folder (default runs/icl-demo)")
+    add_flags(p, IclRecipe, **ICL_FLAGS)
+    p.set_defaults(func=cmd_demo_icl)
+
     p = sub.add_parser("data", help="generate built-in datasets")
     data = p.add_subparsers(dest="dataset", required=True)
     q = data.add_parser("shapeworld", help="procedural shapes with exact answers, as LLaVA JSON + PNGs "
@@ -323,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the whole record in --tokenizer's tokens. See docs/long-context.md.")
     add_flags(q, HaystackSpec)
     q.set_defaults(func=cmd_data_haystack)
+    q = data.add_parser("icl", help="in-context learning episodes: nonsense words bound to colours or shapes by "
+                                    "a few examples, then a query (Frozen's fast binding)",
+                        description="Each episode draws an attribute, N of its values and N nonsense words (afresh "
+                                    "every episode), shows k single-object images of each with its word ('<image> "
+                                    "This is a dax.'), then asks 'What is this?' of one more. --variants real uses "
+                                    "the attributes' own names, shuffled puts them on the wrong values, ambiguous "
+                                    "confounds colour and shape in the first shots. A model reads the words as one "
+                                    "token each with a tokenizer made for them (omnilm demo-icl's). See docs/icl.md.")
+    add_flags(q, IclSpec)
+    q.set_defaults(func=cmd_data_icl)
 
     p = sub.add_parser("train", help="run one stage of the recipe (clip, align or instruct)")
     add_flags(p, TrainArgs)
@@ -348,6 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "See docs/long-context.md.")
     add_flags(p, NiahArgs)
     p.set_defaults(func=cmd_eval_niah)
+
+    p = sub.add_parser("eval-icl", help="in-context learning: accuracy against shots on new words for colours and "
+                                        "shapes (also: omnilm eval icl CKPT)",
+                       description="Draws --n episodes per attribute, ways and shots on held-out images (and, by "
+                                   "default, held-out words), answers each greedily, and prints accuracy with 95% "
+                                   "Wilson intervals beside chance, with the controls: the attributes' own names "
+                                   "(the perception ceiling), shuffled labels (does the answer follow the prompt or "
+                                   "the image?) and ambiguous first shots. Writes icl.csv, icl.png (beside Frozen's "
+                                   "figures) and predictions.jsonl to --out. See docs/icl.md.")
+    add_flags(p, IclEvalArgs)
+    p.set_defaults(func=cmd_eval_icl)
 
     p = sub.add_parser("eval-clip", help="zero-shot retrieval and attribute accuracy of a CLIP checkpoint")
     p.add_argument("checkpoint", help="CLIP folder (stage clip's model/)")
@@ -439,8 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["eval", "niah"]:  # `omnilm eval niah CKPT` is eval-niah (a checkpoint folder named niah: ./niah)
-        argv = ["eval-niah", *argv[2:]]
+    if argv[:2] in (["eval", "niah"], ["eval", "icl"]):  # `omnilm eval niah CKPT` is eval-niah (a folder named niah: ./niah)
+        argv = [f"eval-{argv[1]}", *argv[2:]]
     # argparse binds chat's optional `question` before it sees options, so in
     # `chat CKPT --image a.png "question"` the question arrives as a leftover: take it there.
     args, leftover = parser.parse_known_args(argv)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import rss_bytes
+from conftest import one_line_error, rss_bytes
 
 from omnilm import OmniConfig, OmniInputError, OmniModel
 from omnilm.config import IGNORE_INDEX
@@ -114,6 +114,28 @@ def test_loss_ignores_masked_labels():
     logp = out.logits[:, :-1].log_softmax(-1)
     nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)[:, 5:]  # targets at positions 6.. only
     torch.testing.assert_close(out.loss, nll.mean())
+
+
+def test_loss_only_is_the_same_loss_and_gradients_without_logits():
+    # Training's path: the head runs at the positions with a target alone.
+    model = small_model()
+    ids = torch.randint(4, 512, (2, 12))
+    labels = ids.clone()
+    labels[0, :7] = IGNORE_INDEX
+    labels[1, 3:9] = IGNORE_INDEX
+    full = model(ids, labels=labels)
+    full.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    out = model(ids, labels=labels, loss_only=True)
+    out.loss.backward()
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, full.loss)
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], msg=name)
+    with pytest.raises(ValueError, match="pass labels"):
+        model(ids, loss_only=True)
 
 
 
@@ -232,3 +254,24 @@ def test_the_feature_cache_runs_a_frozen_tower_once_per_image_until_its_weights_
     model.vision.train()
     with pytest.raises(RuntimeError, match="this tower trains"):
         model.image_features(batch)
+
+
+def test_a_grown_token_convolution_starts_as_the_identity_and_round_trips(tmp_path):
+    model = small_model()
+    ids = torch.randint(4, 512, (2, 10))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.add_token_conv(5)
+        torch.testing.assert_close(model(ids).logits, before)  # zero-initialised: the same function
+        for layer in model.llm.layers:
+            layer.token_conv.weight.normal_()
+        after = model(ids).logits
+    assert not torch.allclose(after, before)
+    model.save_pretrained(tmp_path)
+    again = OmniModel.from_pretrained(tmp_path).eval()
+    assert again.config.text.token_conv == 5
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, after)
+    one_line_error(lambda: model.add_token_conv(3), "token convolution already", "token_conv 5")
+    with pytest.raises(ValueError, match="token_conv"):
+        small_model().add_token_conv(1000)

@@ -10,8 +10,11 @@ import pytest
 from conftest import one_line_error
 
 from omnilm.cli import build_parser, parse_args
+from omnilm.data.icl import IclSpec
 from omnilm.data.shapeworld import JITTER, ShapeWorldSpec
+from omnilm.eval.icl import IclEvalArgs
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench
+from omnilm.recipes.icl import ICL_FLAGS, IclRecipe
 from omnilm.recipes.recipe import Recipe
 from omnilm.settings import add_flags, flags, from_flags, setting
 from omnilm.train import Hyperparams, TrainArgs
@@ -30,6 +33,9 @@ def subcommand_help(*names: str) -> str:
     (("demo",), Recipe, None, {}),
     (("data", "shapeworld"), ShapeWorldSpec, None, {}),
     (("bench", "fusion"), FusionBench, FusionBench(), BENCH_FLAGS),
+    (("demo-icl",), IclRecipe, None, ICL_FLAGS),
+    (("data", "icl"), IclSpec, None, {}),
+    (("eval-icl",), IclEvalArgs, None, {}),
 ])
 def test_every_setting_has_a_flag_in_help(command, cls, defaults, layout):
     text = subcommand_help(*command)
@@ -37,6 +43,9 @@ def test_every_setting_has_a_flag_in_help(command, cls, defaults, layout):
     assert listed, cls
     for flag in listed:
         if flag.field.metadata["help"] == argparse.SUPPRESS:
+            continue
+        if flag.field.metadata.get("positional"):  # an argument: named in the usage line
+            assert flag.field.name in text.split("\n\n")[0].lower(), f"{cls.__name__}.{flag.path} is not in the usage"
             continue
         shown = f"--no-{flag.option[2:]}" if flag.default is True else flag.option
         assert shown in text, f"{cls.__name__}.{flag.path} has no flag {shown} in `omnilm {' '.join(command)} --help`"

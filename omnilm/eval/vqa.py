@@ -91,7 +91,7 @@ def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -
     return _questions([records[i] for i in checked.kept])
 
 
-def _questions(records: list[dict]) -> list[dict]:
+def _questions(records: list[dict], last_only: bool = False) -> list[dict]:
     out = []
     for rec in records:
         turns = rec["conversations"]  # a leading system turn stays part of every question's chat
@@ -99,6 +99,8 @@ def _questions(records: list[dict]) -> list[dict]:
         turn_tasks = rec.get("turn_tasks") or [rec.get("task") or "all"] * len(answers)
         images, videos, audios = (list(media_names(rec, kind)) for kind in ("image", "video", "audio"))
         for n, i in enumerate(answers):
+            if last_only and n < len(answers) - 1:
+                continue
             shown, seen, heard = (sum(t["value"].count(marker) for t in turns[:i]) for marker in _MARKER_LINES)
             question = " ".join(line for line in turns[i - 1]["value"].split("\n")
                                 if line.strip() not in _MARKER_LINES)
@@ -124,20 +126,22 @@ def normalize_answer(text: str) -> str:
 @torch.inference_mode()
 def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path, batch_size: int = 64,
                  max_new_tokens: int = 8, progress: bool = True, skip_bad: bool = False,
-                 frames: str = "all", audio: str = "heard") -> tuple[dict[str, Any], list[dict]]:
+                 frames: str = "all", audio: str = "heard", last_only: bool = False) -> tuple[dict[str, Any], list[dict]]:
     """Accuracy per task family and overall, and one prediction per question.
 
     Every non-caption record is checked before anything is generated, its images decoded: the
     first bad one raises OmniInputError naming the file (for `read_records` output), the record
     and the field. With `skip_bad` bad records are left out instead and counted in the
     summary's "skipped" (which `format_vqa_results` prints). `frames` shows videos whole or as a
-    control (`control_frames`); `audio` "silence" replaces every audio by as many zero samples."""
+    control (`control_frames`); `audio` "silence" replaces every audio by as many zero samples.
+    `last_only` asks each record's last question alone, the turns before it all context (the
+    shots of an in-context episode)."""
     from tqdm import tqdm
 
     folder = Path(image_folder)
     checked = check_records(records, folder, processor=processor, skip_tasks=("caption",), skip_bad=skip_bad,
                             check=_prompt_fits(model, processor, max_new_tokens))
-    items = _questions([records[i] for i in checked.kept])
+    items = _questions([records[i] for i in checked.kept], last_only)
     device = next(model.parameters()).device
     eos = processor.tokenizer.eos_id
     predictions = []

@@ -12,7 +12,7 @@ tokens per image, D text width, V vocab, W audio windows, M mel bins, F mel fram
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from omnilm.model import hf
 from omnilm.model.audio import VoxtralProjector, WhisperEncoder
 from omnilm.model.connector import build_projector, build_video_projector
 from omnilm.model.fusion import Media, build_fusion
-from omnilm.model.layers import KVCache, RaggedKVCache, build_initialised
+from omnilm.model.layers import KVCache, RaggedKVCache, TokenConv, build_initialised
 from omnilm.model.llm import LlamaDecoder
 from omnilm.model.moe import Routing
 from omnilm.model.vision import FeatureCache, VisionTransformer
@@ -42,7 +42,7 @@ _MEDIA_HINTS = {"image": "expand each <image> marker to {L} tokens and pass one 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None from a `loss_only` call
     loss: torch.Tensor | None = None  # with labels: lm_loss, plus the router losses of an MoE model
     lm_loss: torch.Tensor | None = None  # the next-token cross-entropy alone
     # One per MoE layer, in order: with labels or output_routing (else empty, as for a dense model).
@@ -98,6 +98,18 @@ class OmniModel(nn.Module):
         """Write a folder that omnilm loads, and transformers too when its classes describe the model
         (LLaVA, LLaMA, Mixtral: joint fusion; see hf_config.hf_incompatibility). Safetensors, atomic."""
         hf.save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def add_token_conv(self, kernel: int) -> None:
+        """Give the decoder a token convolution of `kernel` before each attention
+        (`TextConfig.token_conv`), zero-initialised: the model computes what it did, and training
+        goes on from there with the convolution. A decoder that has one keeps it."""
+        t = self.config.text
+        if t.token_conv:
+            raise OmniInputError(f"the decoder has a token convolution already (text.token_conv {t.token_conv})")
+        t.token_conv = replace(t, token_conv=kernel).token_conv  # the copy checks the kernel first
+        p = self.llm.embed_tokens.weight
+        for layer in self.llm.layers:
+            layer.token_conv = TokenConv(t.dim, kernel).to(device=p.device, dtype=p.dtype)
 
     def num_parameters(self, active_only: bool = False) -> int:
         """All parameters (shared, tied tensors once); with `active_only`, those one token uses:
@@ -303,7 +315,7 @@ class OmniModel(nn.Module):
                 input_features: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | RaggedKVCache | None = None,
                 logits_to_keep: int = 0, logits_at: torch.Tensor | None = None,
-                output_routing: bool = False) -> ModelOutput:
+                output_routing: bool = False, loss_only: bool = False) -> ModelOutput:
         """Logits (B, T, V) for `input_ids` (B, T), and the next-token loss when `labels` are given.
 
         `pixel_values` (N, 3, H, W) lists the images in the order of their markers across the batch;
@@ -315,7 +327,9 @@ class OmniModel(nn.Module):
         logits for the last n positions only (prefill needs one row, not a (B, T, V) tensor);
         `logits_at` (B,) computes one position per row, (B, 1, V): the last real token of each prompt
         in a right-padded batch. An MoE model reports each layer's routing in `.routing` when there
-        are labels (its losses join the loss) or `output_routing` is set.
+        are labels (its losses join the loss) or `output_routing` is set. `loss_only` (with labels)
+        computes the output head at the positions that have a target alone and returns no logits:
+        the same loss, for a fraction of the head's work where answers are a few tokens of many.
         """
         markers = self._markers(pixel_values, pixel_values_videos, input_features)
         if cache is None or cache.seen == 0:  # markers without their media
@@ -339,18 +353,26 @@ class OmniModel(nn.Module):
                      before_layer=before_layer)
         if self.config.fusion == "late":
             h = self.fusion(h, media, query_positions)
+        if loss_only and labels is None:
+            raise ValueError("loss_only computes the loss: pass labels")
+        if (logits_to_keep or logits_at is not None) and labels is not None:
+            raise ValueError("labels need every position's logits: leave logits_to_keep at 0")
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at][:, None]
         elif logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
-        if labels is None:
-            return ModelOutput(logits=logits, routing=routing or [])
-        if logits_to_keep or logits_at is not None:
-            raise ValueError("labels need every position's logits: leave logits_to_keep at 0")
-        # Token t predicts token t+1; -100 marks tokens without a target.
-        lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                  ignore_index=IGNORE_INDEX)
+        if loss_only:
+            # Token t predicts token t+1; -100 marks tokens without a target.
+            targets = labels[:, 1:]
+            kept = targets != IGNORE_INDEX
+            logits = None
+            lm_loss = F.cross_entropy(self.lm_head(h[:, :-1][kept]).float(), targets[kept])
+        else:
+            logits = self.lm_head(h)
+            if labels is None:
+                return ModelOutput(logits=logits, routing=routing or [])
+            lm_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                      ignore_index=IGNORE_INDEX)
         loss = lm_loss
         if routing:  # each router loss is averaged over the MoE layers, then weighted
             t = self.config.text

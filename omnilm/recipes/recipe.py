@@ -147,22 +147,44 @@ def run_recipe(out: str | Path, recipe: Recipe | None = None) -> dict[str, Any]:
     out = Path(out)
     check_output_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
     data = out / "data"
     train_json, test_json, clip_json = write_data(data, recipe)
-    timings["data"] = time.perf_counter() - t0
+    timings = {"data": time.perf_counter() - t0}
+    result: dict[str, Any] = {"recipe": to_dict(recipe)}
+    summary, stage_timings, clip_eval = train_stages(out, recipe, data, train_json, test_json, clip_json)
+    timings.update(stage_timings)
+    if clip_eval is not None:
+        result["clip_eval"] = clip_eval
+    model, processor = summary["model"].eval(), summary["processor"]
+    shutil.rmtree(out / "model", ignore_errors=True)
+    shutil.copytree(out / "instruct" / "model", out / "model")
 
-    for stage in ("clip", "align", "instruct", "model"):  # the recipe owns out/: a rerun starts afresh
+    t = time.perf_counter()
+    evaluation, predictions = evaluate_vqa(model, processor, read_records(test_json), data, progress=recipe.progress)
+    write_predictions(predictions, out / "predictions.jsonl")
+    write_json(out / "eval.json", evaluation)
+    timings["eval"] = time.perf_counter() - t
+    result.update(eval=evaluation, predictions=predictions, timings=timings, model=model, processor=processor,
+                  test_json=test_json, image_folder=data)
+    return result
+
+
+def train_stages(out: Path, recipe: Recipe, data: Path, train_json: Path, test_json: Path,
+                 clip_json: Path) -> tuple[dict[str, Any], dict[str, float], dict[str, Any] | None]:
+    """The recipe's stages on data `write_data` wrote (its tokenizer in `data/tokenizer`), each under
+    out/<stage>/ (a rerun starts afresh). Returns stage instruct's summary (its model and processor),
+    each stage's seconds, and stage clip's zero-shot evaluation (None without that stage)."""
+    for stage in ("clip", "align", "instruct"):
         shutil.rmtree(out / stage, ignore_errors=True)
     common = dict(data=train_json, image_folder=data, tokenizer=data / "tokenizer", preset=recipe.preset,
                   seed=recipe.seed, progress=recipe.progress)
-    result: dict[str, Any] = {"recipe": to_dict(recipe)}
-    vision = None
+    timings: dict[str, float] = {}
+    vision, clip_eval = None, None
     if "clip" in recipe.stages:
-        vision, result["clip_eval"], timings["clip"] = train_clip_tower(out / "clip", clip_json, test_json, data,
-                                                                        data / "tokenizer", recipe)
-        write_json(out / "clip_eval.json", result["clip_eval"])
+        vision, clip_eval, timings["clip"] = train_clip_tower(out / "clip", clip_json, test_json, data,
+                                                              data / "tokenizer", recipe)
+        write_json(out / "clip_eval.json", clip_eval)
     init = None
     if "align" in recipe.stages:
         summary = train(stage_args(recipe.align, stage="align", out=out / "align", vision=vision,
@@ -174,14 +196,4 @@ def run_recipe(out: str | Path, recipe: Recipe | None = None) -> dict[str, Any]:
                                whiten_projector=recipe.instruct.whiten_projector and init is None,
                                config=architecture(recipe) if init is None else {}, **common))
     timings["instruct"] = summary["seconds"]
-    model, processor = summary["model"].eval(), summary["processor"]
-    shutil.copytree(out / "instruct" / "model", out / "model")
-
-    t = time.perf_counter()
-    evaluation, predictions = evaluate_vqa(model, processor, read_records(test_json), data, progress=recipe.progress)
-    write_predictions(predictions, out / "predictions.jsonl")
-    write_json(out / "eval.json", evaluation)
-    timings["eval"] = time.perf_counter() - t
-    result.update(eval=evaluation, predictions=predictions, timings=timings, model=model, processor=processor,
-                  test_json=test_json, image_folder=data)
-    return result
+    return summary, timings, clip_eval

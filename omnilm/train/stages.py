@@ -62,7 +62,7 @@ def lm_loss(model, batch, random_positions: int = 0, position_chunks: int = 0):
                  if random_positions else None)
     out = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], labels=batch["labels"],
                 pixel_values_videos=batch.get("pixel_values_videos"), input_features=batch.get("input_features"),
-                position_ids=positions)
+                position_ids=positions, loss_only=True)
     if not out.routing:
         return out.loss, {}
     return out.loss, {"lm_loss": round(out.lm_loss.item(), 6), **summarize_routing(out.routing)}

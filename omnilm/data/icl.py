@@ -1,0 +1,282 @@
+"""In-context learning episodes on ShapeWorld: new words for what the model sees, from the prompt alone.
+
+Frozen's fast concept binding (Tsimpoukelli et al. 2021) in ShapeWorld's world. An episode picks
+an attribute (colour or shape) and N of its values, binds N nonsense words to them, drawn afresh
+for every episode, shows k single-object images of each value with its word, then asks for the
+word of one more. Each shot is a turn of the chat, its word the answer, as in Chan et al.'s
+sequences of (image, label) pairs, so that training supervises every one (the first of each word
+a guess among the words named, every later one answerable from the prompt):
+
+    USER: The words dax and blicket name colours.
+          <image> What is this?    ASSISTANT: blicket
+    USER: <image> What is this?    ASSISTANT: dax
+    USER: <image> What is this?    ASSISTANT: ?          (the query: blicket or dax)
+
+The other attribute (and the size and cell) varies from image to image, so only the named
+attribute carries the answer. Since a word's meaning changes between episodes, the answer can
+come from the prompt alone (with no shots: chance, 1/N). Variants:
+
+    novel      nonsense words (NOVEL_WORDS, or the HELD_OUT_WORDS no training record uses)
+    real       the attribute's own names ("red", "circle"): the perception ceiling
+    shuffled   the own names, each on another value's images: does the answer follow the prompt
+               (the name the shots gave) or the image?
+    ambiguous  nonsense words, the instruction says "colours or shapes", and each word's first
+               shot differs from the others' in both attributes, as does the query, whose colour
+               points to one word and whose shape to another: one shot each cannot tell them
+               apart (chance), and only more shots, where the other attribute varies, can
+
+An episode may end in several queries, one a turn, each after the answers before it.
+
+A nonsense word is read as the tokenizer splits it, into a few pieces ("de" "bo" "k"), as a large
+model reads "dax": held-out words are new sequences of the pieces training words are made of, so a
+model that learned to copy pieces from its prompt reads and writes them as well. An episode's
+words start with different letters, so that an answer's first piece already tells which word it is.
+
+Images come from a pool of single-object images per split (`pool_path`), drawn once and shared by
+the episodes, so that a frozen vision tower's features can be cached. Determinism: episode
+`index` of `split` under `seed` draws from one generator, `icl_rng`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from omnilm.data.llava_json import write_records
+from omnilm.data.shapeworld.scenes import CELLS, COLOURS, IMAGE_SIZE, JITTER, SHAPES, SIZES, Obj, render
+from omnilm.errors import OmniInputError
+from omnilm.settings import check_range, check_seed, setting
+
+ATTRIBUTES = ("colour", "shape")
+VALUES = {"colour": COLOURS, "shape": SHAPES}
+PLURAL = {"colour": "colours", "shape": "shapes"}
+VARIANTS = ("novel", "real", "shuffled", "ambiguous")
+WORD_SETS = ("train", "held-out")
+MAX_SHOTS = 16
+
+
+def _nonsense_words(n: int) -> list[str]:
+    # Two syllables, consonant-vowel each, and maybe a closing consonant: "dabek", "tovi". None is
+    # a word of the episodes' own text ("name"); ShapeWorld's words are none of this shape.
+    rng = random.Random("omnilm-icl-words")
+    onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ("", "", "k", "n", "x")
+    words: dict[str, None] = {}
+    while len(words) < n:
+        word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(2)) + rng.choice(codas)
+        if word not in _TEMPLATE_WORDS:
+            words[word] = None
+    return list(words)
+
+
+_TEMPLATE_WORDS = frozenset("the words name colours shapes or what is this".split())
+
+
+# Many words, each rare in training (Chan et al.: many rare classes favour in-context learning).
+_WORDS = _nonsense_words(4608)
+NOVEL_WORDS = tuple(_WORDS[:4096])  # what training episodes draw from
+HELD_OUT_WORDS = tuple(_WORDS[4096:])  # never in a training record: the evaluation's default
+ALL_WORDS = NOVEL_WORDS + HELD_OUT_WORDS
+
+
+# --- the image pool -----------------------------------------------------------------------------
+
+
+class PoolImage(NamedTuple):
+    path: str  # relative to the data folder
+    obj: Obj
+
+
+def pool_path(split: str, index: int) -> str:
+    return f"images/icl_{split}_{index:05d}.png"
+
+
+def pool_scene(split: str, seed: int, index: int) -> Obj:
+    """The object on pool image `index`: colours and shapes in turn (every pair equally often), size
+    and cell at random."""
+    rng = random.Random(f"icl-pool:{split}:{seed}:{index}")
+    return Obj(SHAPES[(index // len(COLOURS)) % len(SHAPES)], COLOURS[index % len(COLOURS)], rng.choice(SIZES),
+               rng.randrange(len(CELLS)))
+
+
+def write_pool(out: Path, split: str, seed: int, n: int, image_size: int = IMAGE_SIZE) -> list[PoolImage]:
+    """`n` single-object images of `split` under `out/images/` (kept where already drawn)."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    pool = []
+    for index in range(n):
+        obj, path = pool_scene(split, seed, index), pool_path(split, index)
+        if not (out / path).is_file():
+            rng = random.Random(f"icl-render:{split}:{seed}:{index}")
+            render((obj,), image_size, rng, JITTER).save(out / path, format="PNG")
+        pool.append(PoolImage(path, obj))
+    return pool
+
+
+# --- one episode --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What an episode is drawn as; `make_episode` draws it as a LLaVA record."""
+
+    attribute: str  # colour or shape
+    ways: int  # N words, N values
+    shots: int  # examples per word before the query
+    variant: str = "novel"
+    words: str = "train"  # which nonsense words: train or held-out
+    queries: int = 1  # questions, one a turn
+
+
+def icl_rng(split: str, seed: int, index: int) -> random.Random:
+    return random.Random(f"icl:{split}:{seed}:{index}")
+
+
+def make_episode(rng: random.Random, by_value: dict[tuple[str, str], list[PoolImage]], episode: Episode,
+                 record_id: str) -> dict:
+    """A LLaVA record of `episode`, its images from `by_value` ((colour, shape) -> pool images).
+    Its "icl" field says what was drawn: the attribute, the values, the labels given to them, the
+    answers (the label the prompt gave each query's value) and, for `shuffled`, each query's true
+    name."""
+    attribute, n = episode.attribute, episode.ways
+    other = "shape" if attribute == "colour" else "colour"
+    values = rng.sample(VALUES[attribute], n)
+    if episode.variant in ("novel", "ambiguous"):
+        words = NOVEL_WORDS if episode.words == "train" else HELD_OUT_WORDS
+        labels = rng.sample(words, n)
+        while len({label[0] for label in labels}) < n:  # distinct first letters: the first piece tells
+            labels = rng.sample(words, n)
+    elif episode.variant == "real":
+        labels = list(values)
+    else:  # shuffled: every value named by another's name (a derangement), so no answer is its own name
+        labels = list(values)
+        while any(label == value for label, value in zip(labels, values)):
+            rng.shuffle(labels)
+    ambiguous = episode.variant == "ambiguous"
+    confound = rng.sample(VALUES[other], n) if ambiguous else None  # word i's first shot: values[i], confound[i]
+
+    def image(value: str, other_value: str | None = None) -> str:
+        pair = {attribute: value, other: other_value or rng.choice(VALUES[other])}
+        return rng.choice(by_value[pair["colour"], pair["shape"]]).path
+
+    shots = [(i, image(values[i], confound[i] if ambiguous and r == 0 else None))
+             for r in range(episode.shots) for i in range(n)]
+    if ambiguous:  # first shots in order of words, then the rest shuffled: the confound stays in round 0
+        first, rest = shots[:n], shots[n:]
+        rng.shuffle(first)
+        rng.shuffle(rest)
+        shots = first + rest
+    else:
+        rng.shuffle(shots)
+    asked, query_images = [], []
+    for _ in range(episode.queries):
+        i = rng.randrange(n)
+        # An ambiguous query's other attribute is another word's first shot's: the two readings disagree.
+        misleading = confound[rng.choice([j for j in range(n) if j != i])] if ambiguous else None
+        asked.append(i)
+        query_images.append(image(values[i], misleading))
+
+    kinds = "colours or shapes" if ambiguous else PLURAL[attribute]
+    order = rng.sample(labels, n)  # the instruction lists the words in an order of its own
+    named = " and ".join(order) if n == 2 else ", ".join(order[:-1]) + " and " + order[-1]
+    turns = []
+    for k, (i, _) in enumerate(shots + [(i, None) for i in asked]):
+        question = f"The words {named} name {kinds}.\n<image> What is this?" if k == 0 else "<image> What is this?"
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": labels[i]}]
+    info = {"attribute": attribute, "ways": n, "shots": episode.shots, "variant": episode.variant,
+            "words": episode.words, "values": values, "labels": labels,
+            "answers": [labels[i] for i in asked], "names": [values[i] for i in asked]}
+    return {"id": record_id, "task": "icl", "image": [path for _, path in shots] + query_images,
+            "conversations": turns, "icl": info}
+
+
+def index_pool(pool: Sequence[PoolImage]) -> dict[tuple[str, str], list[PoolImage]]:
+    by_value: dict[tuple[str, str], list[PoolImage]] = {}
+    for item in pool:
+        by_value.setdefault((item.obj.colour, item.obj.shape), []).append(item)
+    missing = [f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in by_value]
+    if missing:
+        raise OmniInputError(f"the image pool has no {missing[0]}: give at least {len(COLOURS) * len(SHAPES)} "
+                             "pool images")
+    return by_value
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def _ints(values, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise OmniInputError(f"--{name} {values!r}: give whole numbers, comma-separated") from None
+
+
+@dataclass(kw_only=True)
+class IclSpec:
+    """What `omnilm data icl` writes: episodes, each drawn at random from the lists given."""
+
+    out: Path = setting(help="folder for <split>.json and images/", positional=True)
+    n: int = setting(1000, "number of episodes")
+    seed: int = setting(0, "seed of the episodes and of the image pool")
+    split: str = setting("train", "train or test: each has its own image pool and episodes")
+    attributes: tuple[str, ...] = setting(ATTRIBUTES, "what the words name: colour, shape, or both (comma-"
+                                                      "separated, one drawn per episode)")
+    ways: tuple[int, ...] = setting((2, 3, 4, 5), "words per episode, comma-separated (at most 6 colours or 5 "
+                                                  "shapes), one drawn per episode")
+    shots: tuple[int, ...] = setting((0, 1, 2, 3, 4, 5, 6, 7, 8), "examples of each word before the question, "
+                                                                  f"comma-separated (0 to {MAX_SHOTS})")
+    variants: tuple[str, ...] = setting(("novel",), "novel (nonsense words), real (the attribute's names), shuffled "
+                                                    "(the names on the wrong values) or ambiguous (each word's "
+                                                    "first shot differs in colour and shape), comma-separated")
+    words: str = setting("train", "nonsense words of training (train) or the ones no training record uses "
+                                  "(held-out)", choices=WORD_SETS)
+    queries: int = setting(1, "questions per episode, one a turn, each after the answers before it")
+    pool: int = setting(3000, "single-object images the episodes draw from")
+    image_size: int = setting(IMAGE_SIZE, "pixels per side of the images")
+
+    def __post_init__(self) -> None:
+        check_seed(self)
+        check_range(self, ("n", "queries"), low=1)
+        check_range(self, ("pool",), low=len(COLOURS) * len(SHAPES))
+        self.ways, self.shots = _ints(self.ways, "ways"), _ints(self.shots, "shots")
+        self.attributes, self.variants = tuple(self.attributes), tuple(self.variants)
+        for name, given, allowed in (("attributes", self.attributes, ATTRIBUTES), ("variants", self.variants, VARIANTS)):
+            bad = [v for v in given if v not in allowed]
+            if bad or not given:
+                raise OmniInputError(f"--{name} {','.join(given)}: choose from {', '.join(allowed)}")
+        if self.words not in WORD_SETS:
+            raise OmniInputError(f"--words {self.words!r}: choose train or held-out")
+        most = min(len(VALUES[a]) for a in (ATTRIBUTES if "ambiguous" in self.variants else self.attributes))
+        if not self.ways or not all(2 <= w <= most for w in self.ways):
+            raise OmniInputError(f"--ways {','.join(map(str, self.ways))}: give 2 to {most} words per episode (there are "
+                                 f"{len(COLOURS)} colours and {len(SHAPES)} shapes, and an ambiguous episode needs "
+                                 "as many of both)")
+        if not self.shots or not all(0 <= k <= MAX_SHOTS for k in self.shots):
+            raise OmniInputError(f"--shots {','.join(map(str, self.shots))}: give 0 to {MAX_SHOTS} examples per word")
+        if self.split not in ("train", "test"):
+            raise OmniInputError(f"--split {self.split!r}: use train or test")
+
+    def write(self, progress: bool = True) -> Path:
+        return write_icl(self, progress)
+
+
+def draw_episode(spec: IclSpec, rng: random.Random) -> Episode:
+    """One episode's settings, drawn from `spec`'s lists."""
+    return Episode(rng.choice(spec.attributes), rng.choice(spec.ways), rng.choice(spec.shots),
+                   rng.choice(spec.variants), spec.words, spec.queries)
+
+
+def write_icl(spec: IclSpec, progress: bool = True) -> Path:
+    """Write `spec.n` episodes to `spec.out/icl_{split}.json` and the image pool under `spec.out/images/`."""
+    from tqdm import tqdm
+
+    out = Path(spec.out)
+    by_value = index_pool(write_pool(out, spec.split, spec.seed, spec.pool, spec.image_size))
+    records = []
+    for index in tqdm(range(spec.n), desc=f"icl {spec.split}", unit="episode", disable=not progress or spec.n < 1000):
+        rng = icl_rng(spec.split, spec.seed, index)
+        records.append(make_episode(rng, by_value, draw_episode(spec, rng), f"icl-{spec.split}-{index:06d}"))
+    path = out / f"icl_{spec.split}.json"
+    write_records(path, records)
+    return path

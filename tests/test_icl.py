@@ -1,0 +1,240 @@
+"""In-context learning: episodes that bind nonsense words to what the images show, words that are
+one token each with embeddings that never train, and the evaluation's grid, controls and outputs."""
+
+import csv
+import random
+
+import pytest
+
+from conftest import cli_error, one_line_error, run_cli
+from omnilm.data import train_tokenizer
+from omnilm.data import icl
+from omnilm.data.llava_json import check_records, read_records
+from omnilm.data.shapeworld import write_shapeworld
+from omnilm.data.shapeworld.scenes import COLOURS, SHAPES
+from omnilm.eval.icl import IclEvalArgs, cells, evaluate_icl, format_icl, summary, write_outputs
+from omnilm.model import OmniModel
+from omnilm.recipes.icl import IclRecipe, icl_tokenizer, run_icl_recipe
+from omnilm.recipes.recipe import QUESTION_FAMILIES
+from omnilm.train import Hyperparams, TrainArgs, train
+from omnilm.train.stages import corpus
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pool")
+    return folder, icl.write_pool(folder, "train", 0, 60)
+
+
+def episode(pool, rng_seed, **kwargs):
+    folder, images = pool
+    return icl.make_episode(random.Random(rng_seed), icl.index_pool(images), icl.Episode(**kwargs), "e")
+
+
+def objects(pool, record):
+    by_path = {p.path: p.obj for p in pool[1]}
+    return [by_path[path] for path in record["image"]]
+
+
+def answers_of(record):
+    return [t["value"] for t in record["conversations"][1::2]]
+
+
+def test_word_sets_are_fixed_disjoint_and_not_shapeworld_words():
+    assert len(set(icl.NOVEL_WORDS)) == 4096 and len(set(icl.HELD_OUT_WORDS)) == 512
+    assert not set(icl.NOVEL_WORDS) & set(icl.HELD_OUT_WORDS)
+    assert icl._nonsense_words(len(icl.ALL_WORDS)) == list(icl.ALL_WORDS)  # the same in every process
+    assert not set(icl.ALL_WORDS) & set(COLOURS + SHAPES + ("this", "is", "a", "what", "words", "name"))
+
+
+@pytest.mark.parametrize("attribute", icl.ATTRIBUTES)
+@pytest.mark.parametrize("ways,shots", [(2, 0), (2, 3), (5, 2)])
+def test_an_episode_binds_each_word_to_one_value(pool, attribute, ways, shots):
+    record = episode(pool, 1, attribute=attribute, ways=ways, shots=shots, queries=3)
+    info = record["icl"]
+    objs = objects(pool, record)
+    turns = record["conversations"]
+    assert len(objs) == ways * shots + 3 and len(turns) == 2 * (ways * shots + 3)
+    binding = dict(zip(info["labels"], info["values"]))
+    assert len(binding) == ways == len(set(info["values"])) and set(info["labels"]) <= set(icl.NOVEL_WORDS)
+    # A turn an image: each answer is the word of what its image shows; each word is shown `shots`
+    # times before the queries, whose answers the record lists.
+    said = answers_of(record)
+    assert [binding[w] for w in said] == [getattr(o, attribute) for o in objs]
+    assert all(said[:ways * shots].count(word) == shots for word in binding)
+    assert said[-3:] == info["answers"] and [binding[a] for a in info["answers"]] == info["names"]
+    first = turns[0]["value"]
+    assert first.startswith("The words ") and first.endswith(f"name {attribute}s.\n<image> What is this?")
+    assert all(w in first for w in binding)
+    assert all(t["value"] == "<image> What is this?" for t in turns[2::2])
+
+
+def test_episodes_are_drawn_afresh_and_deterministically(pool):
+    a, b = (episode(pool, 5, attribute="colour", ways=2, shots=2) for _ in range(2))
+    assert a == b
+    labels = {tuple(episode(pool, seed, attribute="colour", ways=2, shots=1)["icl"]["labels"]) for seed in range(30)}
+    assert len(labels) > 25  # words are re-drawn every episode: no binding to memorise
+    held = {w for seed in range(30) for w in episode(pool, seed, attribute="shape", ways=3, shots=1,
+                                                        words="held-out")["icl"]["labels"]}
+    assert held <= set(icl.HELD_OUT_WORDS)
+
+
+def test_real_and_shuffled_labels(pool):
+    for seed in range(20):
+        real = episode(pool, seed, attribute="colour", ways=3, shots=1, variant="real")["icl"]
+        assert real["labels"] == real["values"] and real["answers"] == real["names"]
+        shuffled = episode(pool, seed, attribute="shape", ways=2, shots=2, variant="shuffled")
+        info = shuffled["icl"]
+        assert sorted(info["labels"]) == sorted(info["values"])
+        assert all(label != value for label, value in zip(info["labels"], info["values"]))  # never its own name
+        assert info["answers"][0] != info["names"][0]
+        obj = objects(pool, shuffled)[-1]
+        assert obj.shape == info["names"][0]
+
+
+def test_ambiguous_first_shots_confound_both_attributes_and_the_query_splits_them(pool):
+    for seed in range(20):
+        record = episode(pool, seed, attribute="colour", ways=2, shots=4, variant="ambiguous")
+        info, objs = record["icl"], objects(pool, record)
+        said = answers_of(record)
+        assert "name colours or shapes." in record["conversations"][0]["value"]
+        first = {said[k]: objs[k] for k in range(2)}  # each word's first shot
+        assert set(first) == set(info["labels"]) and len({o.shape for o in first.values()}) == 2
+        query = objs[-1]
+        word = info["answers"][0]
+        other = next(w for w in first if w != word)
+        # Its colour is its word's, its shape the other word's first shot's: one shot each is a tie.
+        assert query.colour == first[word].colour and query.shape == first[other].shape
+
+
+def test_records_pass_the_llava_checks_and_the_spec_writes_them(tmp_path):
+    spec = icl.IclSpec(out=tmp_path, n=20, seed=3, ways=(2, 5), shots=(0, 4), variants=("novel", "ambiguous"),
+                       queries=2, pool=40)
+    path = spec.write(progress=False)
+    records = read_records(path)
+    assert len(records) == 20 and check_records(records, tmp_path).kept == list(range(20))
+    assert {r["icl"]["ways"] for r in records} == {2, 5} and {r["icl"]["shots"] for r in records} == {0, 4}
+    assert path.read_bytes() == spec.write(progress=False).read_bytes()  # the same flags, the same file
+
+
+@pytest.mark.parametrize("kwargs,parts", [
+    (dict(ways=(6,), attributes=("shape",)), ("--ways 6", "2 to 5")),
+    (dict(ways=(1,)), ("--ways 1",)),
+    (dict(shots=(17,)), ("--shots 17", "0 to 16")),
+    (dict(variants=("flipped",)), ("--variants flipped", "novel, real, shuffled, ambiguous")),
+    (dict(attributes=("size",)), ("--attributes size", "colour, shape")),
+    (dict(words="test"), ("--words 'test'", "held-out")),
+    (dict(pool=10), ("--pool",)),
+    (dict(split="val"), ("--split 'val'",)),
+])
+def test_bad_spec_is_one_line(tmp_path, kwargs, parts):
+    one_line_error(lambda: icl.IclSpec(out=tmp_path, **kwargs), *parts)
+
+
+def test_held_out_words_are_read_as_the_pieces_training_words_are_made_of(tmp_path):
+    # The recipe's BPE learns pieces of the training words; a held-out word, never seen, splits into
+    # pieces of the same kind and length, so a model that copies pieces can write it.
+    spec = icl.IclSpec(out=tmp_path, n=800, seed=0, shots=(2, 4), pool=30)
+    episodes = spec.write(progress=False)
+    shapeworld = write_shapeworld(tmp_path, 100, 0, "train", progress=False)
+    tok = icl_tokenizer(shapeworld, episodes, IclRecipe(system_prompt=""))
+    trained = {piece for r in read_records(episodes) for w in r["icl"]["labels"] for piece in tok.encode(" " + w, False)}
+    held = [tok.encode(" " + w, False) for w in icl.HELD_OUT_WORDS]
+    assert sum(all(p in trained for p in pieces) for pieces in held) / len(held) > 0.99
+    lengths = [len(pieces) for pieces in held]
+    assert 1 < sum(lengths) / len(lengths) < 5 and max(lengths) <= 6
+
+
+def test_an_episodes_words_start_with_different_letters(pool):
+    for seed in range(40):
+        labels = episode(pool, seed, attribute="colour", ways=5, shots=0)["icl"]["labels"]
+        assert len({w[0] for w in labels}) == 5
+
+
+def _episode_data(folder, n=64):
+    spec = icl.IclSpec(out=folder, n=n, seed=0, ways=(2,), shots=(1, 2), queries=2, pool=30)
+    path = spec.write(progress=False)
+    train_tokenizer(corpus(path, ""), vocab_size=300, system_prompt="").save(folder / "tokenizer")
+    return path
+
+
+def test_the_grid_has_every_cell_and_the_controls(tmp_path):
+    args = IclEvalArgs(checkpoint=tmp_path, out=tmp_path / "out", ways=(2, 6), shots=(0, 1))
+    grid = cells(args)
+    assert {c.variant for c in grid} == {"novel", "real", "shuffled", "ambiguous"}
+    assert not any(c.ways == 6 and c.attribute == "shape" for c in grid)  # 5 shapes
+    assert len(grid) == 3 * (2 * 2 + 1 * 2) + 2 * 2  # ambiguous: 2-way alone (6 colours, 5 shapes)
+    assert all(c.words == "held-out" for c in grid)
+    assert {c.variant for c in cells(IclEvalArgs(checkpoint=tmp_path, controls=("none",)))} == {"novel"}
+
+
+@pytest.mark.parametrize("kwargs,parts", [
+    (dict(ways=(1,)), ("--ways 1",)), (dict(shots=(0, 40)), ("--shots 0,40",)),
+    (dict(controls=("flipped",)), ("--controls flipped",)), (dict(n=0), ("--n",)),
+])
+def test_bad_eval_flags_are_one_line(tmp_path, kwargs, parts):
+    one_line_error(lambda: IclEvalArgs(checkpoint=tmp_path, **kwargs), *parts)
+
+
+def test_evaluation_scores_every_cell_and_writes_its_outputs(tmp_path):
+    data = _episode_data(tmp_path / "data", n=32)
+    run = train(TrainArgs(stage="instruct", data=data, image_folder=tmp_path / "data", out=tmp_path / "run",
+                          tokenizer=tmp_path / "data" / "tokenizer", preset="tiny", config={"text": {"n_layers": 1}},
+                          steps=2, batch_size=8, progress=False))
+    model, processor = run["model"].eval(), run["processor"]
+    args = IclEvalArgs(checkpoint=tmp_path / "run" / "model", out=tmp_path / "eval", ways=(2,), shots=(0, 1), n=3,
+                       controls=("shuffled",), attributes=("colour",))
+    rows, predictions = evaluate_icl(model, processor, args, progress=False)
+    assert model.feature_cache is None  # the evaluation's cache is its own
+    assert len(rows) == 4 and len(predictions) == 12 and all(r["n"] == 3 for r in rows)
+    for r in rows:
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"] and r["correct"] == round(r["accuracy"] * 3)
+    for p in predictions:  # scored against the prompt's label
+        assert p["correct"] == (p["prediction"].strip().lower().rstrip(".") == p["answer"])
+    write_outputs(rows, predictions, args.out)
+    table = list(csv.DictReader((args.out / "icl.csv").open()))
+    assert len(table) == 4 and (args.out / "icl.png").stat().st_size > 10_000
+    assert len((args.out / "predictions.jsonl").read_text().splitlines()) == 12
+    report = format_icl(rows)
+    assert "| novel | colour | 2 | 50 |" in report and "Shuffled labels:" in report
+
+
+def test_summary_and_table_from_rows():
+    rows = [{"variant": v, "attribute": a, "ways": w, "shots": k, "n": 10, "correct": c, "accuracy": c / 10,
+             "ci_low": 0.0, "ci_high": 1.0, "named_image": 0.0}
+            for v, a, w, k, c in [("novel", "colour", 2, 0, 5), ("novel", "shape", 2, 0, 6), ("novel", "colour", 5, 4, 9),
+                                  ("shuffled", "colour", 2, 4, 10), ("shuffled", "shape", 2, 4, 8)]]
+    s = summary(rows)
+    assert s["novel_2way"][0] == 0.55 and s["novel_5way_colour_4shot"] == 0.9 and s["shuffled_follow"] == 0.9
+    assert "Shuffled labels: 90.0% of answers follow" in format_icl(rows)
+
+
+def test_cli_data_icl_and_eval_icl_flags(tmp_path, capsys):
+    code, out, err = run_cli(["data", "icl", tmp_path, "--n", "5", "--pool", "30", "--ways", "2,3"], capsys)
+    assert code == 0 and "wrote 5 episodes" in out
+    assert len(read_records(tmp_path / "icl_train.json")) == 5
+    code, _, err = run_cli(["data", "icl", tmp_path, "--ways", "9"], capsys)
+    cli_error(code, err, "--ways 9")
+    code, _, err = run_cli(["eval", "icl", tmp_path, "--shots", "x"], capsys)
+    cli_error(code, err, "--shots")
+
+
+def test_the_recipe_end_to_end_at_toy_size(tmp_path):
+    # The demo's stages, a token convolution grown on the instruct stage's model, stage icl, then the
+    # ordinary questions before and after and the grid: every output in its place.
+    tiny = dict(batch_size=16, warmup=0)
+    recipe = IclRecipe(n_train=160, n_test=10, clip_images=64, n_episodes=48, pool=30, eval_n=1, token_conv=4,
+                       progress=False, clip=Hyperparams(steps=2, **tiny), align=Hyperparams(steps=2, **tiny),
+                       instruct=Hyperparams(steps=2, optimizer="muon", tasks=QUESTION_FAMILIES, **tiny),
+                       icl=Hyperparams(steps=2, group_by_length=True, **tiny))
+    result = run_icl_recipe(tmp_path, recipe)
+    assert set(result["eval"]) == {"before", "after"} and result["eval"]["after"]["n"] > 0
+    assert len(result["icl"]) == 3 * (2 * 2 * 5) + 2 * 5 * 2  # ambiguous: 5 ways at most for both attributes
+    assert OmniModel.from_pretrained(tmp_path / "model").config.text.token_conv == 4
+    assert OmniModel.from_pretrained(tmp_path / "instruct" / "model").config.text.token_conv == 0  # the demo's
+    for name in ("icl.csv", "icl.png", "predictions.jsonl"):
+        assert (tmp_path / "icl_eval" / name).is_file()
+    mix = read_records(tmp_path / "data" / "icl_mix.json")
+    assert sum(r["task"] == "icl" for r in mix) == 48 and sum(r["task"] != "icl" for r in mix) == 16  # --replay 0.25
+    one_line_error(lambda: IclRecipe(replay=0.95), "--replay", "0.9")
+    one_line_error(lambda: IclRecipe(real=0.6, shuffled=0.6), "at most 1 in all")
