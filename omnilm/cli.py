@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-icl", help="a small model learns new words for colours and shapes from its prompt "
                                         "alone; accuracy against shots, with controls (about 15 minutes)",
-                       description="In-context learning on ShapeWorld: the demo's recipe with nonsense words in its "
-                                   "tokenizer (one token each, embeddings fixed at random), then a stage of episodes "
+                       description="In-context learning on ShapeWorld: the demo's recipe (its tokenizer trained on the "
+                                   "episodes too), a token convolution grown onto its model, then a stage of episodes "
                                    "(omnilm data icl) mixed with the demo's questions; then the ordinary questions "
                                    "before and after, and omnilm eval icl's grid on held-out words and images: 2- and "
                                    "5-way, 0 to 8 shots, with the attributes' own names, shuffled labels and "
@@ -366,11 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     q = data.add_parser("icl", help="in-context learning episodes: nonsense words bound to colours or shapes by "
                                     "a few examples, then a query (Frozen's fast binding)",
                         description="Each episode draws an attribute, N of its values and N nonsense words (afresh "
-                                    "every episode), shows k single-object images of each with its word ('<image> "
-                                    "This is a dax.'), then asks 'What is this?' of one more. --variants real uses "
-                                    "the attributes' own names, shuffled puts them on the wrong values, ambiguous "
-                                    "confounds colour and shape in the first shots. A model reads the words as one "
-                                    "token each with a tokenizer made for them (omnilm demo-icl's). See docs/icl.md.")
+                                    "every episode), shows k single-object images of each, each a turn ('<image> "
+                                    "What is this?') answered with its word, then asks the same of one more. "
+                                    "--variants real uses the attributes' own names, shuffled puts them on the wrong "
+                                    "values, ambiguous confounds colour and shape in the first shots. --words "
+                                    "held-out draws words no training episode uses. See docs/icl.md.")
     add_flags(q, IclSpec)
     q.set_defaults(func=cmd_data_icl)
 
@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] in (["eval", "niah"], ["eval", "icl"]):  # `omnilm eval niah CKPT` is eval-niah (a folder named niah: ./niah)
+    if argv[:2] in (["eval", "niah"], ["eval", "icl"]):  # `eval niah CKPT` is eval-niah (a folder named niah: ./niah)
         argv = [f"eval-{argv[1]}", *argv[2:]]
     # argparse binds chat's optional `question` before it sees options, so in
     # `chat CKPT --image a.png "question"` the question arrives as a leftover: take it there.

@@ -138,7 +138,8 @@ def test_held_out_words_are_read_as_the_pieces_training_words_are_made_of(tmp_pa
     episodes = spec.write(progress=False)
     shapeworld = write_shapeworld(tmp_path, 100, 0, "train", progress=False)
     tok = icl_tokenizer(shapeworld, episodes, IclRecipe(system_prompt=""))
-    trained = {piece for r in read_records(episodes) for w in r["icl"]["labels"] for piece in tok.encode(" " + w, False)}
+    trained = {piece for r in read_records(episodes) for w in r["icl"]["labels"]
+               for piece in tok.encode(" " + w, False)}
     held = [tok.encode(" " + w, False) for w in icl.HELD_OUT_WORDS]
     assert sum(all(p in trained for p in pieces) for pieces in held) / len(held) > 0.99
     lengths = [len(pieces) for pieces in held]

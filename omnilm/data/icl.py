@@ -241,7 +241,8 @@ class IclSpec:
         check_range(self, ("pool",), low=len(COLOURS) * len(SHAPES))
         self.ways, self.shots = _ints(self.ways, "ways"), _ints(self.shots, "shots")
         self.attributes, self.variants = tuple(self.attributes), tuple(self.variants)
-        for name, given, allowed in (("attributes", self.attributes, ATTRIBUTES), ("variants", self.variants, VARIANTS)):
+        for name, given, allowed in (("attributes", self.attributes, ATTRIBUTES),
+                                     ("variants", self.variants, VARIANTS)):
             bad = [v for v in given if v not in allowed]
             if bad or not given:
                 raise OmniInputError(f"--{name} {','.join(given)}: choose from {', '.join(allowed)}")
@@ -249,9 +250,9 @@ class IclSpec:
             raise OmniInputError(f"--words {self.words!r}: choose train or held-out")
         most = min(len(VALUES[a]) for a in (ATTRIBUTES if "ambiguous" in self.variants else self.attributes))
         if not self.ways or not all(2 <= w <= most for w in self.ways):
-            raise OmniInputError(f"--ways {','.join(map(str, self.ways))}: give 2 to {most} words per episode (there are "
-                                 f"{len(COLOURS)} colours and {len(SHAPES)} shapes, and an ambiguous episode needs "
-                                 "as many of both)")
+            raise OmniInputError(f"--ways {','.join(map(str, self.ways))}: give 2 to {most} words per episode "
+                                 f"(there are {len(COLOURS)} colours and {len(SHAPES)} shapes, and an ambiguous "
+                                 "episode needs as many of both)")
         if not self.shots or not all(0 <= k <= MAX_SHOTS for k in self.shots):
             raise OmniInputError(f"--shots {','.join(map(str, self.shots))}: give 0 to {MAX_SHOTS} examples per word")
         if self.split not in ("train", "test"):

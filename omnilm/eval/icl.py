@@ -71,7 +71,8 @@ class IclEvalArgs:
         check_range(self, ("n", "batch_size"), low=1)
         self.attributes = tuple(self.attributes)
         self.controls = () if tuple(self.controls) in ((), ("none",)) else tuple(self.controls)
-        for name, given, allowed in (("attributes", self.attributes, ATTRIBUTES), ("controls", self.controls, CONTROLS)):
+        for name, given, allowed in (("attributes", self.attributes, ATTRIBUTES),
+                                     ("controls", self.controls, CONTROLS)):
             bad = [v for v in given if v not in allowed]
             if bad or (name == "attributes" and not given):
                 raise OmniInputError(f"--{name} {','.join(given)}: choose from {', '.join(allowed)}")
@@ -110,7 +111,8 @@ def episode_records(args: IclEvalArgs, folder: Path) -> list[dict]:
     return records
 
 
-def evaluate_icl(model, processor: Processor, args: IclEvalArgs, progress: bool = True) -> tuple[list[dict], list[dict]]:
+def evaluate_icl(model, processor: Processor, args: IclEvalArgs,
+                 progress: bool = True) -> tuple[list[dict], list[dict]]:
     """Score every cell; returns its rows (as icl.csv has them) and every prediction."""
     args.out.mkdir(parents=True, exist_ok=True)
     records = episode_records(args, args.out)

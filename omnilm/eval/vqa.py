@@ -126,7 +126,8 @@ def normalize_answer(text: str) -> str:
 @torch.inference_mode()
 def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path, batch_size: int = 64,
                  max_new_tokens: int = 8, progress: bool = True, skip_bad: bool = False,
-                 frames: str = "all", audio: str = "heard", last_only: bool = False) -> tuple[dict[str, Any], list[dict]]:
+                 frames: str = "all", audio: str = "heard",
+                 last_only: bool = False) -> tuple[dict[str, Any], list[dict]]:
     """Accuracy per task family and overall, and one prediction per question.
 
     Every non-caption record is checked before anything is generated, its images decoded: the

@@ -102,7 +102,7 @@ class OmniModel(nn.Module):
     def add_token_conv(self, kernel: int) -> None:
         """Give the decoder a token convolution of `kernel` before each attention
         (`TextConfig.token_conv`), zero-initialised: the model computes what it did, and training
-        goes on from there with the convolution. A decoder that has one keeps it."""
+        goes on from there with the convolution. A decoder that has one already is refused."""
         t = self.config.text
         if t.token_conv:
             raise OmniInputError(f"the decoder has a token convolution already (text.token_conv {t.token_conv})")
