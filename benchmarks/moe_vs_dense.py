@@ -1,7 +1,8 @@
 """Dense against sparse: the ShapeWorld recipe with the `tiny` decoder and with `tiny-moe` (8 experts,
 2 per token, each half as wide: the same parameters per token, twice as many in all), same data,
 seed and step budget. Prints held-out accuracy per task family, parameters (total and active per
-token), and the median training step time of stage instruct.
+token), and stage instruct's median training step time, model FLOPs utilisation and energy per
+token (its cost.json: omnilm.cost).
 
     python benchmarks/moe_vs_dense.py [--out runs/bench-moe] [--scale 1.0]
 
@@ -34,18 +35,23 @@ def main() -> None:
         r = run_recipe(out, dataclasses.replace(base, preset=preset))
         rows = [json.loads(line) for line in (out / "instruct" / "metrics.jsonl").read_text().splitlines()]
         r["step_s"] = statistics.median(row["step_s"] for row in rows)
+        r["cost"] = json.loads((out / "instruct" / "cost.json").read_text())
         results[preset] = r
 
     tasks = sorted(results["tiny"]["eval"]["tasks"])
     print(f"\nSame data, seed and budget: clip {base.clip.steps}, align {base.align.steps}, "
           f"instruct {base.instruct.steps} steps.\n")
-    print("| preset | parameters | active per token | instruct step | " + " | ".join(tasks) + " | overall |")
-    print("|---|---:|---:|---:|" + "---:|" * (len(tasks) + 1))
+    print("| preset | parameters | active per token | instruct step | MFU | J/token | " + " | ".join(tasks)
+          + " | overall |")
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * (len(tasks) + 1))
     for preset, r in results.items():
-        m = r["model"]
+        m, cost = r["model"], r["cost"]
         accs = " | ".join(f"{100 * r['eval']['tasks'][t]['accuracy']:.1f}" for t in tasks)
         print(f"| {preset} | {m.num_parameters() / 1e6:.2f} M | {m.num_parameters(active_only=True) / 1e6:.2f} M "
-              f"| {r['step_s']:.3f} s | {accs} | **{100 * r['eval']['accuracy']:.1f}** |")
+              f"| {r['step_s']:.3f} s | {100 * cost['mfu']:.2f}% | {cost['joules_per_token']:.3g} | {accs} "
+              f"| **{100 * r['eval']['accuracy']:.1f}** |")
+    print(f"\nMFU against torch.mm's {cost['peak_dtype']} peak measured here; energy: {cost['energy_method']} "
+          f"({cost['energy_note']})")
     print(f"\nRouting plots: {Path(args.out) / 'tiny-moe' / 'instruct' / 'routing.png'}")
 
 

@@ -36,6 +36,7 @@ import warnings
 from pathlib import Path
 
 from omnilm.config import PRESETS
+from omnilm.cost import describe_cost
 from omnilm.data import Processor
 from omnilm.data.collate import to_device
 from omnilm.data.haystack import CHARS_PER_TOKEN, HaystackSpec
@@ -119,6 +120,8 @@ def cmd_train(args) -> None:
     where = train_args.out / ("model" if summary["steps"] == train_args.steps else "checkpoints")
     print(f"stage {summary['stage']}: at step {summary['steps']} of {train_args.steps} after {summary['seconds']:.0f}s, "
           f"final loss {summary['final_loss']:.4f}; saved in {where}")
+    if summary.get("cost"):  # a run finished from its last checkpoint did no steps here
+        print(f"cost ({train_args.out / 'cost.json'}): {describe_cost(summary['cost'])}")
 
 
 def cmd_eval(args) -> None:
@@ -336,10 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_audio)
 
     p = sub.add_parser("demo-icl", help="a small model learns new words for colours and shapes from its prompt "
-                                        "alone; accuracy against shots, with controls (about 15 minutes)",
-                       description="In-context learning on ShapeWorld: the demo's recipe (its tokenizer trained on the "
-                                   "episodes too), a token convolution grown onto its model, then a stage of episodes "
-                                   "(omnilm data icl) mixed with the demo's questions; then the ordinary questions "
+                                        "alone; accuracy against shots, with controls (about 23 minutes)",
+                       description="In-context learning on ShapeWorld: the demo's recipe, then a token convolution and "
+                                   "the made-up words (one token each, whose rows never train) grown onto its model, "
+                                   "then four lessons of episodes (omnilm data icl): capital letters bound to colours "
+                                   "or shapes named in words, the same with images, made-up words in words, and all "
+                                   "of it mixed with the demo's questions; then the ordinary questions "
                                    "before and after, and omnilm eval icl's grid on held-out words and images: 2- and "
                                    "5-way, 0 to 8 shots, with the attributes' own names, shuffled labels and "
                                    "ambiguous shots as controls. See docs/icl.md.")
@@ -370,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "What is this?') answered with its word, then asks the same of one more. "
                                     "--variants real uses the attributes' own names, shuffled puts them on the wrong "
                                     "values, ambiguous confounds colour and shape in the first shots. --words "
-                                    "held-out draws words no training episode uses. See docs/icl.md.")
+                                    "held-out draws words no training episode uses, letters capital letters; --form "
+                                    "text names each image's colour and shape in words instead. See docs/icl.md.")
     add_flags(q, IclSpec)
     q.set_defaults(func=cmd_data_icl)
 

@@ -244,6 +244,10 @@ class TextConfig:
     # own: layers.TokenConv, a Canon layer): 0 none, or its kernel in tokens (the haystack recipe's 6
     # lets one layer of attention match a key a few tokens before its value). No HF export.
     token_conv: int = 0
+    # The last N ids are words whose embedding and output rows are fixed random directions that
+    # training never moves (OmniModel.add_tokens): in-context learning's made-up words, so that
+    # a word no training record used reads and writes like those that were. No effect on inference.
+    fixed_tokens: int = 0
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
@@ -302,6 +306,7 @@ class TextConfig:
         _check_int("text.head_dim", self.head_dim, optional=True)
         _check_int("text.logn_attention", self.logn_attention, optional=True, lo=2, hi=MAX_POSITIONS)
         _check_int("text.token_conv", self.token_conv, lo=0, hi=MAX_KERNEL)
+        _check_int("text.fixed_tokens", self.fixed_tokens, lo=0, hi=self.vocab_size)
         _check_int("text.expert_dim", self.expert_dim, optional=True)
         self.norm_eps = _check_number("text.norm_eps", self.norm_eps, positive=True)
         self.rope_theta = _check_number("text.rope_theta", self.rope_theta, positive=True)

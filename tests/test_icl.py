@@ -5,16 +5,18 @@ import csv
 import random
 
 import pytest
+import torch
 
 from conftest import cli_error, one_line_error, run_cli
 from omnilm.data import train_tokenizer
+from omnilm.data.tokenizer import Tokenizer
 from omnilm.data import icl
 from omnilm.data.llava_json import check_records, read_records
 from omnilm.data.shapeworld import write_shapeworld
 from omnilm.data.shapeworld.scenes import COLOURS, SHAPES
 from omnilm.eval.icl import IclEvalArgs, cells, evaluate_icl, format_icl, summary, write_outputs
 from omnilm.model import OmniModel
-from omnilm.recipes.icl import IclRecipe, icl_tokenizer, run_icl_recipe
+from omnilm.recipes.icl import IclRecipe, run_icl_recipe
 from omnilm.recipes.recipe import QUESTION_FAMILIES
 from omnilm.train import Hyperparams, TrainArgs, train
 from omnilm.train.stages import corpus
@@ -131,19 +133,29 @@ def test_bad_spec_is_one_line(tmp_path, kwargs, parts):
     one_line_error(lambda: icl.IclSpec(out=tmp_path, **kwargs), *parts)
 
 
-def test_held_out_words_are_read_as_the_pieces_training_words_are_made_of(tmp_path):
-    # The recipe's BPE learns pieces of the training words; a held-out word, never seen, splits into
-    # pieces of the same kind and length, so a model that copies pieces can write it.
-    spec = icl.IclSpec(out=tmp_path, n=800, seed=0, shots=(2, 4), pool=30)
-    episodes = spec.write(progress=False)
-    shapeworld = write_shapeworld(tmp_path, 100, 0, "train", progress=False)
-    tok = icl_tokenizer(shapeworld, episodes, IclRecipe(system_prompt=""))
-    trained = {piece for r in read_records(episodes) for w in r["icl"]["labels"]
-               for piece in tok.encode(" " + w, False)}
-    held = [tok.encode(" " + w, False) for w in icl.HELD_OUT_WORDS]
-    assert sum(all(p in trained for p in pieces) for pieces in held) / len(held) > 0.99
-    lengths = [len(pieces) for pieces in held]
-    assert 1 < sum(lengths) / len(lengths) < 5 and max(lengths) <= 6
+def test_each_made_up_word_is_one_token(tmp_path):
+    # The recipe gives every word, training's and held-out, an id of its own: one token in a prompt
+    # and in an answer, after BPE's space; a longer word that contains one stays BPE's pieces. No word
+    # is a piece of a BPE trained on ShapeWorld's chats, so each gets a new id.
+    folder = tmp_path / "tok"
+    write_shapeworld(tmp_path, 200, 0, "train", progress=False)
+    train_tokenizer(corpus(tmp_path / "train.json", ""), vocab_size=300, system_prompt="").save(folder)
+    tok = Tokenizer.from_file(folder / "tokenizer.json")
+    first = tok.vocab_size
+    ids = tok.add_words(icl.ALL_WORDS)
+    assert ids == list(range(first, first + len(icl.ALL_WORDS)))
+    train_word, held_word = icl.NOVEL_WORDS[7], icl.HELD_OUT_WORDS[3]
+    text = f"USER: The words {train_word} and {held_word} name colours. ASSISTANT: {held_word}</s>"
+    encoded = tok.encode(text, add_bos=False)
+    held_id, train_id = tok.token_to_id(held_word), tok.token_to_id(train_word)
+    assert encoded.count(held_id) == 2 and encoded.count(train_id) == 1
+    assert held_id not in tok.encode(f"the {held_word}es", add_bos=False)
+    assert tok.decode(encoded[-3:]) == f" {held_word}"
+    tok.save(folder)
+    assert Tokenizer.from_file(folder / "tokenizer.json").encode(text, add_bos=False) == encoded  # saved with them
+    one_line_error(lambda: tok.add_words([train_word]), repr(train_word), "does not hold yet")
+    one_line_error(lambda: tok.add_words(["two words"]), "letters alone")
+    one_line_error(lambda: tok.add_words(["mo", "mo"]), "repeat")
 
 
 def test_an_episodes_words_start_with_different_letters(pool):
@@ -221,21 +233,34 @@ def test_cli_data_icl_and_eval_icl_flags(tmp_path, capsys):
 
 
 def test_the_recipe_end_to_end_at_toy_size(tmp_path):
-    # The demo's stages, a token convolution grown on the instruct stage's model, stage icl, then the
-    # ordinary questions before and after and the grid: every output in its place.
-    tiny = dict(batch_size=16, warmup=0)
-    recipe = IclRecipe(n_train=160, n_test=10, clip_images=64, n_episodes=48, pool=30, eval_n=1, token_conv=4,
-                       progress=False, clip=Hyperparams(steps=2, **tiny), align=Hyperparams(steps=2, **tiny),
+    # The demo's stages, the convolution and the word tokens grown on the instruct stage's model, the
+    # four lessons, then the ordinary questions before and after and the grid: every output in its place.
+    tiny = dict(batch_size=8, warmup=0)
+    lesson = dict(steps=2, group_by_length=True, optimizer="muon", **tiny)
+    recipe = IclRecipe(n_train=160, n_test=10, clip_images=64, pool=30, eval_n=1, token_conv=4, progress=False,
+                       clip=Hyperparams(steps=2, **tiny), align=Hyperparams(steps=2, **tiny),
                        instruct=Hyperparams(steps=2, optimizer="muon", tasks=QUESTION_FAMILIES, **tiny),
-                       icl=Hyperparams(steps=2, group_by_length=True, **tiny))
+                       lookup=Hyperparams(**lesson), look=Hyperparams(**lesson), words=Hyperparams(**lesson),
+                       icl=Hyperparams(**lesson))
     result = run_icl_recipe(tmp_path, recipe)
     assert set(result["eval"]) == {"before", "after"} and result["eval"]["after"]["n"] > 0
     assert len(result["icl"]) == 3 * (2 * 2 * 5) + 2 * 5 * 2  # ambiguous: 5 ways at most for both attributes
-    assert OmniModel.from_pretrained(tmp_path / "model").config.text.token_conv == 4
-    assert OmniModel.from_pretrained(tmp_path / "instruct" / "model").config.text.token_conv == 0  # the demo's
+    final, demo = OmniModel.from_pretrained(tmp_path / "model"), OmniModel.from_pretrained(tmp_path / "instruct" / "model")
+    assert final.config.text.token_conv == 4 and demo.config.text.token_conv == 0  # the demo's, unchanged
+    assert final.config.text.fixed_tokens == len(icl.ALL_WORDS)
+    assert final.config.text.vocab_size == demo.config.text.vocab_size + len(icl.ALL_WORDS)
+    start = OmniModel.from_pretrained(tmp_path / "icl_start")  # the lessons never moved the words' rows
+    for weight in ("llm.embed_tokens.weight", "lm_head.weight"):
+        fixed = slice(demo.config.text.vocab_size, None)
+        assert torch.equal(final.state_dict()[weight][fixed], start.state_dict()[weight][fixed])
+        assert not torch.equal(final.state_dict()[weight][:fixed.start], start.state_dict()[weight][:fixed.start])
     for name in ("icl.csv", "icl.png", "predictions.jsonl"):
         assert (tmp_path / "icl_eval" / name).is_file()
-    mix = read_records(tmp_path / "data" / "icl_mix.json")
-    assert sum(r["task"] == "icl" for r in mix) == 48 and sum(r["task"] != "icl" for r in mix) == 16  # --replay 0.25
+    lessons = {lesson: read_records(tmp_path / "data" / f"icl_{lesson}.json") for lesson in ("lookup", "look", "words")}
+    assert all(r["icl"]["words"] == "letters" and "image" not in r for r in lessons["lookup"])
+    assert all(r["icl"]["words"] == "letters" and "image" in r for r in lessons["look"])
+    assert all(r["icl"]["words"] == "train" and "image" not in r for r in lessons["words"])
+    mix = read_records(tmp_path / "data" / "icl_icl.json")
+    assert sum(r["task"] == "icl" for r in mix) == 12 and sum(r["task"] != "icl" for r in mix) == 4  # --replay 0.25
     one_line_error(lambda: IclRecipe(replay=0.95), "--replay", "0.9")
     one_line_error(lambda: IclRecipe(real=0.6, shuffled=0.6), "at most 1 in all")

@@ -1,6 +1,6 @@
 """The packages import one way: each module imports only its own layer and the layers below it.
 
-    errors  <  io, config, settings  <  model  <  data  <  infer  <  interpret  <  train  <  eval
+    errors  <  io, config, settings, cost  <  model  <  data  <  infer  <  interpret  <  train  <  eval
             <  recipes  <  serve  <  cli, __main__
 
 The walk reads every `import` in omnilm/ (at the top of a module or inside a function: a function
@@ -15,8 +15,8 @@ import pytest
 
 import omnilm
 
-LAYERS = [("errors",), ("io", "config", "settings"), ("model",), ("data",), ("infer",), ("interpret",), ("train",),
-          ("eval",), ("recipes",), ("serve",), ("cli", "__main__")]
+LAYERS = [("errors",), ("io", "config", "settings", "cost"), ("model",), ("data",), ("infer",), ("interpret",),
+          ("train",), ("eval",), ("recipes",), ("serve",), ("cli", "__main__")]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 RANK[""] = RANK["model"]  # `from omnilm import OmniModel`: the package's facade over the model layer
 

@@ -275,3 +275,34 @@ def test_a_grown_token_convolution_starts_as_the_identity_and_round_trips(tmp_pa
     one_line_error(lambda: model.add_token_conv(3), "token convolution already", "token_conv 5")
     with pytest.raises(ValueError, match="token_conv"):
         small_model().add_token_conv(1000)
+
+
+def test_add_tokens_grows_the_vocabulary_and_keeps_fixed_rows_apart(tmp_path):
+    # New ids get random rows as long as the others; the old ids' logits are what they were; fixed ids
+    # are the vocabulary's tail, counted in text.fixed_tokens, and saved so.
+    model = small_model().eval()
+    ids = torch.randint(4, 512, (2, 10))
+    with torch.no_grad():
+        before = model(ids).logits
+    vocab, width = model.config.text.vocab_size, model.config.text.dim
+    model.add_tokens(3)
+    model.add_tokens(5, fixed=True, seed=1)
+    t = model.config.text
+    assert (t.vocab_size, t.fixed_tokens) == (vocab + 8, 5)
+    assert model.llm.embed_tokens.weight.shape == model.lm_head.weight.shape == (vocab + 8, width)
+    with torch.no_grad():
+        after = model(ids).logits
+        new = model(torch.tensor([[vocab, vocab + 7]])).logits
+    torch.testing.assert_close(after[..., :vocab], before)
+    assert torch.isfinite(new).all()
+    rows = model.llm.embed_tokens.weight.detach()
+    lengths = rows[vocab:].norm(dim=1)
+    torch.testing.assert_close(lengths, torch.full_like(lengths, lengths[0].item()))  # one length: the old mean
+    assert abs(lengths[0] - rows[:vocab].norm(dim=1).mean()) < 1e-4
+    assert not torch.allclose(rows[vocab], rows[vocab + 3])
+    model.save_pretrained(tmp_path)
+    again = OmniModel.from_pretrained(tmp_path)
+    assert again.config.text.fixed_tokens == 5
+    torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
+    one_line_error(lambda: model.add_tokens(2), "fixed tokens", "before them")
+    one_line_error(lambda: model.add_tokens(0), "add_tokens(0)")

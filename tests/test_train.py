@@ -13,7 +13,7 @@ from omnilm import OmniModel
 from omnilm.cli import main
 from omnilm.data.shapeworld import write_shapeworld
 from omnilm.train import TrainArgs, train
-from omnilm.train.stages import corpus, spread_positions
+from omnilm.train.stages import corpus, hold_fixed_tokens, spread_positions
 
 SMALL = dict(text=dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, mlp_dim=128), vision=dict(n_layers=2, dim=64, n_heads=4, mlp_dim=128))
 
@@ -480,3 +480,17 @@ def test_a_frozen_towers_cached_features_train_as_the_tower_would(shapeworld, tm
                    "--cache-features", "--train-vision")
     one_line_error(lambda: args(shapeworld, tmp_path, stage="clip", cache_features=1.0),
                    "stage clip does not use --cache-features")
+
+
+def test_fixed_token_rows_get_no_gradient_and_refuse_weight_decay():
+    # The made-up words' rows (text.fixed_tokens) are held: a loss that reads and writes them leaves
+    # their gradient zero in the embedding and the head, and the rest's not; decay would move them.
+    model = OmniModel.from_preset("tiny", text={"n_layers": 1, "vocab_size": 64})
+    model.add_tokens(6, fixed=True)
+    hold_fixed_tokens(model)
+    ids = torch.tensor([[1, 5, 64, 65, 69, 7, 66, 64]])
+    model(ids, labels=ids).loss.backward()
+    for weight in (model.llm.embed_tokens.weight, model.lm_head.weight):
+        assert weight.grad[64:].abs().sum() == 0 and weight.grad[:64].abs().sum() > 0
+    one_line_error(lambda: hold_fixed_tokens(model, weight_decay=0.1), "--weight-decay 0.1", "fixed word rows",
+                   "--weight-decay 0")

@@ -27,10 +27,14 @@ come from the prompt alone (with no shots: chance, 1/N). Variants:
 
 An episode may end in several queries, one a turn, each after the answers before it.
 
-A nonsense word is read as the tokenizer splits it, into a few pieces ("de" "bo" "k"), as a large
-model reads "dax": held-out words are new sequences of the pieces training words are made of, so a
-model that learned to copy pieces from its prompt reads and writes them as well. An episode's
-words start with different letters, so that an answer's first piece already tells which word it is.
+The labels may also be capital letters (`words="letters"`), and an episode may show each object
+in words instead of an image (`form="text"`: "purple square What is this?"): the first lessons
+of `omnilm demo-icl`, where the look-up is learned on keys and labels that are easy to read and
+write before it is asked of images and new words. How a word is read is the tokenizer's business:
+the recipe gives each word one token whose rows never train (`Tokenizer.add_words`,
+`OmniModel.add_tokens`); any other tokenizer splits it into pieces. No word is part of a word the
+chats use, so none is a piece of a BPE trained on them. An episode's words start with
+different letters, so that even a word's first piece tells which it is.
 
 Images come from a pool of single-object images per split (`pool_path`), drawn once and shared by
 the episodes, so that a frozen vision tower's features can be cached. Determinism: episode
@@ -54,24 +58,29 @@ ATTRIBUTES = ("colour", "shape")
 VALUES = {"colour": COLOURS, "shape": SHAPES}
 PLURAL = {"colour": "colours", "shape": "shapes"}
 VARIANTS = ("novel", "real", "shuffled", "ambiguous")
-WORD_SETS = ("train", "held-out")
+WORD_SETS = ("train", "held-out", "letters")
+FORMS = ("image", "text")
 MAX_SHOTS = 16
 
 
 def _nonsense_words(n: int) -> list[str]:
     # Two syllables, consonant-vowel each, and maybe a closing consonant: "dabek", "tovi". None is
-    # a word of the episodes' own text ("name"); ShapeWorld's words are none of this shape.
+    # part of a word the chats use ("mage" of "image"), which a BPE trained on them may hold as a
+    # piece: a word given a token of its own (Tokenizer.add_words) must be new to the tokenizer.
     rng = random.Random("omnilm-icl-words")
     onsets, vowels, codas = "bdfgklmnprstvz", "aeiou", ("", "", "k", "n", "x")
     words: dict[str, None] = {}
     while len(words) < n:
         word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(2)) + rng.choice(codas)
-        if word not in _TEMPLATE_WORDS:
+        if not any(word in used for used in _CHAT_WORDS):
             words[word] = None
     return list(words)
 
 
-_TEMPLATE_WORDS = frozenset("the words name colours shapes or what is this".split())
+# The episodes' words, the demo's system prompt's, and ShapeWorld's questions' and answers'.
+_CHAT_WORDS = frozenset("""the words name colours shapes or what is this answer about image describe objects above
+    below left right center centre top bottom circles crosses diamonds squares triangles purple orange yellow
+    green blue red large small there where many how are yes no""".split())
 
 
 # Many words, each rare in training (Chan et al.: many rare classes favour in-context learning).
@@ -79,6 +88,9 @@ _WORDS = _nonsense_words(4608)
 NOVEL_WORDS = tuple(_WORDS[:4096])  # what training episodes draw from
 HELD_OUT_WORDS = tuple(_WORDS[4096:])  # never in a training record: the evaluation's default
 ALL_WORDS = NOVEL_WORDS + HELD_OUT_WORDS
+# Capital letters as the labels of the first lessons (omnilm.recipes.icl): BPE's own tokens, whose
+# rows train, so that the model learns the look-up before it has to copy a word whose rows never do.
+LETTERS = tuple("BCEFGKLMNPRSVXYZ")
 
 
 # --- the image pool -----------------------------------------------------------------------------
@@ -125,8 +137,9 @@ class Episode:
     ways: int  # N words, N values
     shots: int  # examples per word before the query
     variant: str = "novel"
-    words: str = "train"  # which nonsense words: train or held-out
+    words: str = "train"  # which labels: the train or held-out nonsense words, or letters
     queries: int = 1  # questions, one a turn
+    form: str = "image"  # image, or text: each image replaced by its object's colour and shape in words
 
 
 def icl_rng(split: str, seed: int, index: int) -> random.Random:
@@ -143,7 +156,7 @@ def make_episode(rng: random.Random, by_value: dict[tuple[str, str], list[PoolIm
     other = "shape" if attribute == "colour" else "colour"
     values = rng.sample(VALUES[attribute], n)
     if episode.variant in ("novel", "ambiguous"):
-        words = NOVEL_WORDS if episode.words == "train" else HELD_OUT_WORDS
+        words = {"train": NOVEL_WORDS, "held-out": HELD_OUT_WORDS, "letters": LETTERS}[episode.words]
         labels = rng.sample(words, n)
         while len({label[0] for label in labels}) < n:  # distinct first letters: the first piece tells
             labels = rng.sample(words, n)
@@ -156,9 +169,9 @@ def make_episode(rng: random.Random, by_value: dict[tuple[str, str], list[PoolIm
     ambiguous = episode.variant == "ambiguous"
     confound = rng.sample(VALUES[other], n) if ambiguous else None  # word i's first shot: values[i], confound[i]
 
-    def image(value: str, other_value: str | None = None) -> str:
+    def image(value: str, other_value: str | None = None) -> PoolImage:
         pair = {attribute: value, other: other_value or rng.choice(VALUES[other])}
-        return rng.choice(by_value[pair["colour"], pair["shape"]]).path
+        return rng.choice(by_value[pair["colour"], pair["shape"]])
 
     shots = [(i, image(values[i], confound[i] if ambiguous and r == 0 else None))
              for r in range(episode.shots) for i in range(n)]
@@ -180,15 +193,17 @@ def make_episode(rng: random.Random, by_value: dict[tuple[str, str], list[PoolIm
     kinds = "colours or shapes" if ambiguous else PLURAL[attribute]
     order = rng.sample(labels, n)  # the instruction lists the words in an order of its own
     named = " and ".join(order) if n == 2 else ", ".join(order[:-1]) + " and " + order[-1]
+    seen = [item for _, item in shots] + query_images
     turns = []
-    for k, (i, _) in enumerate(shots + [(i, None) for i in asked]):
-        question = f"The words {named} name {kinds}.\n<image> What is this?" if k == 0 else "<image> What is this?"
+    for k, (i, item) in enumerate(zip([i for i, _ in shots] + asked, seen)):
+        shown = "<image>" if episode.form == "image" else f"{item.obj.colour} {item.obj.shape}"
+        question = f"The words {named} name {kinds}.\n{shown} What is this?" if k == 0 else f"{shown} What is this?"
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": labels[i]}]
     info = {"attribute": attribute, "ways": n, "shots": episode.shots, "variant": episode.variant,
-            "words": episode.words, "values": values, "labels": labels,
+            "words": episode.words, "form": episode.form, "values": values, "labels": labels,
             "answers": [labels[i] for i in asked], "names": [values[i] for i in asked]}
-    return {"id": record_id, "task": "icl", "image": [path for _, path in shots] + query_images,
-            "conversations": turns, "icl": info}
+    images = {"image": [item.path for item in seen]} if episode.form == "image" else {}
+    return {"id": record_id, "task": "icl", **images, "conversations": turns, "icl": info}
 
 
 def index_pool(pool: Sequence[PoolImage]) -> dict[tuple[str, str], list[PoolImage]]:
@@ -229,8 +244,10 @@ class IclSpec:
     variants: tuple[str, ...] = setting(("novel",), "novel (nonsense words), real (the attribute's names), shuffled "
                                                     "(the names on the wrong values) or ambiguous (each word's "
                                                     "first shot differs in colour and shape), comma-separated")
-    words: str = setting("train", "nonsense words of training (train) or the ones no training record uses "
-                                  "(held-out)", choices=WORD_SETS)
+    words: str = setting("train", "labels: the nonsense words of training (train), the ones no training record "
+                                  "uses (held-out), or capital letters (letters)", choices=WORD_SETS)
+    form: str = setting("image", "image, or text: each image replaced by its object's colour and shape in words "
+                                 "(no images)", choices=FORMS)
     queries: int = setting(1, "questions per episode, one a turn, each after the answers before it")
     pool: int = setting(3000, "single-object images the episodes draw from")
     image_size: int = setting(IMAGE_SIZE, "pixels per side of the images")
@@ -247,7 +264,9 @@ class IclSpec:
             if bad or not given:
                 raise OmniInputError(f"--{name} {','.join(given)}: choose from {', '.join(allowed)}")
         if self.words not in WORD_SETS:
-            raise OmniInputError(f"--words {self.words!r}: choose train or held-out")
+            raise OmniInputError(f"--words {self.words!r}: choose train, held-out or letters")
+        if self.form not in FORMS:
+            raise OmniInputError(f"--form {self.form!r}: choose image or text")
         most = min(len(VALUES[a]) for a in (ATTRIBUTES if "ambiguous" in self.variants else self.attributes))
         if not self.ways or not all(2 <= w <= most for w in self.ways):
             raise OmniInputError(f"--ways {','.join(map(str, self.ways))}: give 2 to {most} words per episode "
@@ -265,7 +284,7 @@ class IclSpec:
 def draw_episode(spec: IclSpec, rng: random.Random) -> Episode:
     """One episode's settings, drawn from `spec`'s lists."""
     return Episode(rng.choice(spec.attributes), rng.choice(spec.ways), rng.choice(spec.shots),
-                   rng.choice(spec.variants), spec.words, spec.queries)
+                   rng.choice(spec.variants), spec.words, spec.queries, spec.form)
 
 
 def write_icl(spec: IclSpec, progress: bool = True) -> Path:

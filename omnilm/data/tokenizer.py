@@ -156,6 +156,22 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def add_words(self, words: Iterable[str]) -> list[int]:
+        """Give each of `words` one id of its own, after the vocabulary, matched as a whole word before
+        BPE runs ("dax" in "is dax." but not in "daxes"; the space before it stays BPE's). Returns the
+        new ids, in order."""
+        words = list(words)
+        bad = [w for w in words if not re.fullmatch(r"[A-Za-z]+", w) or self._backend.token_to_id(w) is not None]
+        if bad:
+            raise OmniInputError(f"cannot add the word {bad[0]!r}: give words of letters alone that the vocabulary "
+                                 "does not hold yet, not even as a piece")
+        first = self.vocab_size
+        self._backend.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in words])
+        ids = [self._backend.token_to_id(w) for w in words]
+        if ids != list(range(first, first + len(words))):
+            raise OmniInputError("the words to add repeat one another: give each word once")
+        return ids
+
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json; transformers'
         `AutoTokenizer.from_pretrained(folder)` then encodes like `encode(add_bos=True)`."""

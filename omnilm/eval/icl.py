@@ -119,9 +119,9 @@ def evaluate_icl(model, processor: Processor, args: IclEvalArgs,
     cache = model.feature_cache
     if cache is None and model.vision is not None:  # the episodes share a pool of images: encode each once
         model.feature_cache = FeatureCache(2**30)
-    try:
+    try:  # an answer is one word: a few tokens, so that 5-way 8-shot prompts (~1,020 tokens) fit 1,024
         _, predictions = evaluate_vqa(model, processor, records, args.out, batch_size=args.batch_size,
-                                      max_new_tokens=12, progress=progress, last_only=True)
+                                      max_new_tokens=4, progress=progress, last_only=True)
     finally:
         model.feature_cache = cache
     by_id = {r["id"]: r for r in records}

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnilm.config import IGNORE_INDEX, OmniConfig
+from omnilm.config import IGNORE_INDEX, OmniConfig, is_int
 from omnilm.errors import OmniInputError
 from omnilm.model import hf
 from omnilm.model.audio import VoxtralProjector, WhisperEncoder
@@ -110,6 +110,34 @@ class OmniModel(nn.Module):
         p = self.llm.embed_tokens.weight
         for layer in self.llm.layers:
             layer.token_conv = TokenConv(t.dim, kernel).to(device=p.device, dtype=p.dtype)
+
+    def add_tokens(self, n: int, fixed: bool = False, seed: int = 0) -> None:
+        """Grow the vocabulary by `n` ids whose embedding and output rows are random directions, drawn
+        from `seed` at the mean length of the rows already there. With `fixed`, training never moves
+        them (`TextConfig.fixed_tokens`, the last ids; train.stages.hold_fixed_tokens): words that get
+        such ids are alike to the model, used in training or not, and only what a prompt says of one
+        can tell it apart. Trained ids cannot follow fixed ones."""
+        t = self.config.text
+        old = self.llm.embed_tokens.weight
+        if not is_int(n) or n < 1:
+            raise OmniInputError(f"add_tokens({n!r}): give a number of tokens from 1")
+        if t.fixed_tokens and not fixed:
+            raise OmniInputError(f"the vocabulary ends in {t.fixed_tokens} fixed tokens (text.fixed_tokens): add the "
+                                 "tokens that train before them")
+        directions = torch.randn(n, t.dim, generator=torch.Generator().manual_seed(seed))
+        directions = (directions / directions.norm(dim=1, keepdim=True)).to(device=old.device, dtype=old.dtype)
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            length = weight.detach().norm(dim=1).mean()
+            return nn.Parameter(torch.cat([weight.detach(), directions * length]))
+
+        embed = grown(old)
+        head = embed if t.tie_embeddings else grown(self.lm_head.weight)
+        checked = replace(t, vocab_size=t.vocab_size + n, fixed_tokens=t.fixed_tokens + n * fixed)  # in the limits
+        t.vocab_size, t.fixed_tokens = checked.vocab_size, checked.fixed_tokens
+        self.llm.embed_tokens = nn.Embedding(t.vocab_size, t.dim, _weight=embed)
+        self.lm_head = nn.Linear(t.dim, t.vocab_size, bias=False, device=old.device, dtype=old.dtype)
+        self.lm_head.weight = head
 
     def num_parameters(self, active_only: bool = False) -> int:
         """All parameters (shared, tied tensors once); with `active_only`, those one token uses:

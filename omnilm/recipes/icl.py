@@ -1,20 +1,22 @@
-"""In-context learning on ShapeWorld end to end: the demo's recipe, then a stage of episodes, then
-accuracy against shots.
+"""In-context learning on ShapeWorld end to end: the demo's recipe, then four lessons of episodes,
+then accuracy against shots.
 
 `omnilm demo-icl` runs it. The demo's stages (clip, align, instruct) train the model of `omnilm
-demo` with one change, a tokenizer trained on the episodes' chats too, whose pieces make up the
-nonsense words of `omnilm.data.icl`. A last stage, from the
-instruct stage's model, trains on episodes (new words bound to colours or shapes, drawn afresh
-for every episode, 0 to 8 shots, several queries each) mixed with the demo's own questions, so
-that the model keeps what it knew. Then it measures, on held-out images: the ordinary questions
-before and after the episodes (the instruct stage's model is the demo's, trained without
-episodes) and `omnilm eval icl`'s grid on held-out words. Why each default is what it is:
+demo`, unchanged. Its decoder is then given a token convolution and every made-up word of
+`omnilm.data.icl` as one token whose rows never train, and four lessons (LESSONS), each from the
+model of the one before, teach the binding: capital letters bound to colours or shapes named in
+words (the look-up forms there, after a long plateau), the same with images, made-up words in place
+of the letters, and all of it (2 to 5 words, 0 to 8 shots, every variant) mixed with the demo's
+own questions, so that the model keeps what it knew. Then it measures, on held-out images: the
+ordinary questions before and after the lessons (the instruct stage's model is the demo's, trained
+without episodes) and `omnilm eval icl`'s grid on held-out words. Why each default is what it is:
 docs/icl.md. Everything lands under `out/`:
 
-    out/data/        the demo's data, icl_train.json (the episodes), icl_mix.json (what stage icl
-                     reads), images/ (the episodes' image pool among them), tokenizer/
-    out/clip/ out/align/ out/instruct/ out/icl/   each stage's run (instruct's model is the demo's)
-    out/icl_start/   the instruct stage's model with a token convolution grown on (--token-conv)
+    out/data/        the demo's data and tokenizer, icl_<lesson>.json (each lesson's records),
+                     images/ (the episodes' image pool among them)
+    out/clip/ out/align/ out/instruct/   the demo's stages (instruct's model is the demo's)
+    out/icl_start/   the instruct stage's model with the convolution and the word tokens
+    out/lookup/ out/look/ out/words/ out/icl/   each lesson's run
     out/model/       the final model
     out/eval.json    ordinary questions, before (the instruct stage's model) and after
     out/icl_eval/    icl.csv, icl.png, predictions.jsonl (omnilm eval icl)
@@ -30,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from omnilm.config import MAX_KERNEL
-from omnilm.data.icl import ATTRIBUTES, VALUES, Episode, icl_rng, index_pool, make_episode, write_pool
+from omnilm.data.icl import ALL_WORDS, ATTRIBUTES, Episode, icl_rng, index_pool, make_episode, write_pool
 from omnilm.data.llava_json import read_records, write_records
-from omnilm.data.tokenizer import Tokenizer, train_tokenizer
 from omnilm.errors import OmniInputError
 from omnilm.eval.icl import IclEvalArgs, evaluate_icl, format_icl, summary, write_outputs
 from omnilm.eval.vqa import evaluate_vqa, format_vqa_results, write_predictions
@@ -40,89 +41,122 @@ from omnilm.io import write_json
 from omnilm.recipes.recipe import QUESTION_FAMILIES, Recipe, train_stages, write_data
 from omnilm.settings import check_output_folder, check_range, setting, to_dict
 from omnilm.train import Hyperparams, TrainArgs, train
-from omnilm.train.stages import corpus
+
+
+# What each lesson teaches, in order (docs/icl.md, "Lessons"): the look-up on labels the model
+# already writes and on keys it reads as words, then keyed by images, then copying made-up words,
+# then all of it with the demo's questions replayed. (name, labels, share of episodes shown as images)
+LESSONS = (("lookup", "letters", 0.0), ("look", "letters", 1.0), ("words", "train", 0.0), ("icl", "train", 0.7))
+
+
+def _lesson(steps: int, batch_size: int = 32, **kw: Any) -> Hyperparams:
+    return Hyperparams(steps=steps, batch_size=batch_size, lr=2e-3, optimizer="muon", group_by_length=True, **kw)
 
 
 @dataclass(kw_only=True)
 class IclRecipe(Recipe):
-    """What `omnilm demo-icl` trains and measures: the demo's recipe and a stage of episodes."""
+    """What `omnilm demo-icl` trains and measures: the demo's recipe and four lessons of episodes."""
 
-    n_episodes: int = setting(12000, "training episodes: an attribute, 2 to 5 words, 0 to --max-shots shots each")
-    queries: int = setting(2, "queries per training episode after its shots (every shot is a turn whose answer "
+    queries: int = setting(4, "queries per training episode after its shots (every shot is a turn whose answer "
                               "trains too)")
-    max_shots: int = setting(8, "most shots per word in a training episode")
-    max_images: int = setting(24, "most shots in all in a training episode (5 words get at most 4 each): longer "
-                                  "episodes cost more than they teach")
-    ambiguous: float = setting(0.1, "share of training episodes whose first shots confound colour and shape")
-    real: float = setting(0.1, "share of training episodes that use the attribute's own names")
-    shuffled: float = setting(0.1, "share of training episodes that use the own names on the wrong values (the "
-                                   "answer must follow the prompt, not the image)")
-    replay: float = setting(0.25, "share of stage icl's records that are the demo's own questions")
+    max_shots: int = setting(8, "most shots per word in a training episode of the last lesson (the first three "
+                                "show 1 to 4)")
+    max_images: int = setting(12, "most shots in all in a training episode of the last lesson (5 words get at "
+                                  "most 2 each): longer episodes cost more than they teach")
+    ambiguous: float = setting(0.1, "share of the last lesson's episodes whose first shots confound colour and shape")
+    real: float = setting(0.1, "share of the last lesson's episodes that use the attribute's own names")
+    shuffled: float = setting(0.1, "share of the last lesson's episodes that use the own names on the wrong values "
+                                   "(the answer must follow the prompt, not the image)")
+    replay: float = setting(0.25, "share of the last lesson's records that are the demo's own questions")
     pool: int = setting(3000, "single-object images the training episodes draw from")
-    vocab_size: int = setting(512, "the BPE's vocabulary, trained on the demo's chats and the episodes'")
-    token_conv: int = setting(20, "stage icl gives the decoder a short causal convolution over the last K tokens "
+    token_conv: int = setting(20, "the lessons give the decoder a short causal convolution over the last K tokens "
                                   "before each attention, zero-initialised (TextConfig.token_conv; 0: none): it puts "
-                                  "a turn's image beside its answer and a word's pieces beside the next, so that one "
-                                  "attention layer matches images and copies words (docs/icl.md)", metavar="K")
+                                  "a turn's image beside its answer (docs/icl.md)", metavar="K")
+    lookup: Hyperparams = setting(
+        help="lesson 1, from the instruct stage's model: capital letters bound to colours or shapes named in words",
+        factory=lambda: _lesson(1000, warmup=30, min_lr_ratio=0.5))
+    look: Hyperparams = setting(help="lesson 2: the same with images", factory=lambda: _lesson(200, warmup=10))
+    words: Hyperparams = setting(help="lesson 3: made-up words (one fixed token each) in place of the letters, in "
+                                      "words", factory=lambda: _lesson(150, warmup=10))
     icl: Hyperparams = setting(
-        help="stage icl, from the instruct stage's model",
-        factory=lambda: Hyperparams(steps=400, batch_size=32, lr=2e-3, warmup=40, optimizer="muon",
-                                    group_by_length=True))
-    cache_features: float = setting(1.0, "keep up to GIB gibibytes of the frozen tower's features in stage icl, so "
+        help="lesson 4: made-up words, images and words, 2 to 5 of them, every variant, and the demo's questions",
+        factory=lambda: _lesson(250, warmup=10))
+    cache_features: float = setting(1.0, "keep up to GIB gibibytes of the frozen tower's features in the lessons, so "
                                          "that each pool image runs through it once", metavar="GIB")
     eval_n: int = setting(100, "held-out episodes per cell of the evaluation grid (2- and 5-way, 0 to 8 shots, "
                                "both attributes, the novel words and each control: 80 cells)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_range(self, ("n_episodes", "queries", "max_shots", "pool", "eval_n"), low=1)
+        check_range(self, ("queries", "max_shots", "pool", "eval_n"), low=1)
         check_range(self, ("max_images",), low=2)
         check_range(self, ("ambiguous", "real", "shuffled"), 0, 1)
-        check_range(self, ("replay",), 0, 0.9, what=": the rest of stage icl's records are episodes")
+        check_range(self, ("replay",), 0, 0.9, what=": the rest of the last lesson's records are episodes")
         check_range(self, ("cache_features",), low=0)
         check_range(self, ("token_conv",), 0, MAX_KERNEL)
         if self.ambiguous + self.real + self.shuffled > 1:
             raise OmniInputError("--ambiguous, --real and --shuffled are shares of the episodes: give at most 1 in all")
 
 
-# The command line's view of the recipe (omnilm.settings): stage icl starts from the instruct stage's
-# model, whose projector it keeps, and reads the episodes and the demo's question families.
-ICL_FLAGS = dict(skip=("icl.whiten_projector", "icl.tasks"))
+# The command line's view of the recipe (omnilm.settings): each lesson starts from the model before
+# it, whose projector it keeps, and reads its own episodes (and the demo's question families).
+ICL_FLAGS = dict(skip=tuple(f"{name}.{field}" for name, _, _ in LESSONS for field in ("whiten_projector", "tasks")))
 
 
-def draw_training_episode(recipe: IclRecipe, rng: random.Random) -> Episode:
+def draw_training_episode(recipe: IclRecipe, lesson: str, rng: random.Random) -> Episode:
+    """One episode of `lesson` (LESSONS): the first three 2-way, 1 to 4 shots, novel labels; the
+    last 2 to 5 ways (two in five 2-way), 0 to --max-shots shots, every variant."""
+    _, words, images = next(row for row in LESSONS if row[0] == lesson)
     attribute = rng.choice(ATTRIBUTES)
-    ways = rng.randint(2, min(5, len(VALUES[attribute])))
+    form = "image" if rng.random() < images else "text"
+    if lesson != "icl":
+        return Episode(attribute, 2, rng.randint(1, 4), "novel", words, recipe.queries, form)
+    ways = rng.choice((2, 2, 3, 4, 5))
     shots = rng.randint(0, min(recipe.max_shots, recipe.max_images // ways))
     u = rng.random()
     variant = ("ambiguous" if u < recipe.ambiguous else "real" if u < recipe.ambiguous + recipe.real
                else "shuffled" if u < recipe.ambiguous + recipe.real + recipe.shuffled else "novel")
-    return Episode(attribute, ways, shots, variant, "train", recipe.queries)
+    return Episode(attribute, ways, shots, variant, words, recipe.queries, form)
 
 
-def write_episodes(data: Path, recipe: IclRecipe, train_json: Path) -> tuple[Path, Path]:
-    """The training episodes (icl_train.json) and stage icl's records (icl_mix.json: the episodes and
-    a --replay share of the demo's question records), the image pool under data/images/."""
+def write_lessons(data: Path, recipe: IclRecipe, train_json: Path) -> dict[str, Path]:
+    """Each lesson's records (icl_<lesson>.json: one episode per record a step reads, the last
+    lesson's mixed with a --replay share of the demo's question records), the image pool under
+    data/images/."""
     by_value = index_pool(write_pool(data, "train", recipe.seed, recipe.pool))
-    episodes = []
-    for index in range(recipe.n_episodes):
-        rng = icl_rng("train", recipe.seed, index)
-        episodes.append(make_episode(rng, by_value, draw_training_episode(recipe, rng), f"icl-train-{index:06d}"))
-    episodes_json = data / "icl_train.json"
-    write_records(episodes_json, episodes)
     questions = [r for r in read_records(train_json) if r.get("task") != "caption"]
-    n_replay = min(len(questions), round(len(episodes) * recipe.replay / (1 - recipe.replay)))
-    mix = episodes + random.Random(f"icl-replay:{recipe.seed}").sample(questions, n_replay)
-    mix_json = data / "icl_mix.json"
-    write_records(mix_json, mix)
-    return episodes_json, mix_json
+    paths = {}
+    for lesson, _, _ in LESSONS:
+        hp: Hyperparams = getattr(recipe, lesson)
+        n = hp.steps * hp.batch_size * hp.grad_accum
+        if lesson == "icl":
+            n = round(n * (1 - recipe.replay))
+        records = []
+        for index in range(n):
+            rng = icl_rng(f"train-{lesson}", recipe.seed, index)
+            records.append(make_episode(rng, by_value, draw_training_episode(recipe, lesson, rng),
+                                        f"icl-{lesson}-{index:06d}"))
+        if lesson == "icl":
+            n_replay = min(len(questions), round(len(records) * recipe.replay / (1 - recipe.replay)))
+            records += random.Random(f"icl-replay:{recipe.seed}").sample(questions, n_replay)
+        paths[lesson] = data / f"icl_{lesson}.json"
+        write_records(paths[lesson], records)
+    return paths
 
 
-def icl_tokenizer(train_json: Path, episodes_json: Path, recipe: IclRecipe) -> Tokenizer:
-    """A BPE trained on the demo's chats and the episodes' as the model reads them: the nonsense
-    words of training split into pieces that held-out words are made of too."""
-    texts = corpus(read_records(train_json) + read_records(episodes_json), recipe.system_prompt)
-    return train_tokenizer(texts, vocab_size=recipe.vocab_size, system_prompt=recipe.system_prompt)
+def icl_start(model, processor, recipe: IclRecipe, folder: Path) -> None:
+    """The instruct stage's model ready for the lessons, saved in `folder`: a token convolution that
+    starts as the identity (--token-conv), and every made-up word, training's and held-out, as one
+    token whose rows are fixed random directions (OmniModel.add_tokens): a held-out word is then read
+    and written like a training one. A word's token, like a letter's, follows BPE's " " token, so
+    that both are written from the same place, where the first lessons build the look-up (docs/icl.md:
+    a word written from ":" instead did not learn from the letters' look-up)."""
+    if recipe.token_conv:
+        model.add_token_conv(recipe.token_conv)
+    processor.tokenizer.add_words(ALL_WORDS)
+    model.add_tokens(len(ALL_WORDS), fixed=True, seed=recipe.seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def run_icl_recipe(out: str | Path, recipe: IclRecipe | None = None) -> dict[str, Any]:
@@ -134,8 +168,7 @@ def run_icl_recipe(out: str | Path, recipe: IclRecipe | None = None) -> dict[str
     t0 = time.perf_counter()
     data = out / "data"
     train_json, test_json, clip_json = write_data(data, recipe)
-    episodes_json, mix_json = write_episodes(data, recipe, train_json)
-    icl_tokenizer(train_json, episodes_json, recipe).save(data / "tokenizer")
+    lessons = write_lessons(data, recipe, train_json)
     timings = {"data": time.perf_counter() - t0}
 
     summary_, stage_timings, clip_eval = train_stages(out, recipe, data, train_json, test_json, clip_json)
@@ -145,21 +178,19 @@ def run_icl_recipe(out: str | Path, recipe: IclRecipe | None = None) -> dict[str
     before, _ = evaluate_vqa(summary_["model"].eval(), summary_["processor"], test, data, progress=recipe.progress)
     timings["eval (before)"] = time.perf_counter() - t
 
-    for folder in ("icl_start", "icl", "model", "icl_eval"):  # the recipe owns out/: a rerun starts afresh
+    folders = ("icl_start", *(lesson for lesson, _, _ in LESSONS), "model", "icl_eval")
+    for folder in folders:  # the recipe owns out/: a rerun starts afresh
         shutil.rmtree(out / folder, ignore_errors=True)
-    start = out / "instruct" / "model"
-    if recipe.token_conv:  # the demo's model, with a convolution that starts as the identity
-        start = out / "icl_start"
-        grown = summary_["model"]
-        grown.add_token_conv(recipe.token_conv)
-        grown.save_pretrained(start)
-        summary_["processor"].save_pretrained(start)
-    run = train(TrainArgs(**{**vars(recipe.icl), "stage": "instruct", "data": mix_json, "image_folder": data,
-                             "out": out / "icl", "init": start, "seed": recipe.seed,
-                             "tasks": (*QUESTION_FAMILIES, "icl"), "cache_features": recipe.cache_features,
-                             "progress": recipe.progress}))
-    timings["icl"] = run["seconds"]
-    shutil.copytree(out / "icl" / "model", out / "model")
+    icl_start(summary_["model"], summary_["processor"], recipe, out / "icl_start")
+    start = out / "icl_start"
+    for lesson, _, _ in LESSONS:
+        run = train(TrainArgs(**{**vars(getattr(recipe, lesson)), "stage": "instruct", "data": lessons[lesson],
+                                 "image_folder": data, "out": out / lesson, "init": start, "seed": recipe.seed,
+                                 "tasks": (*QUESTION_FAMILIES, "icl"), "cache_features": recipe.cache_features,
+                                 "progress": recipe.progress}))
+        timings[lesson] = run["seconds"]
+        start = out / lesson / "model"
+    shutil.copytree(start, out / "model")
     model, processor = run["model"].eval(), run["processor"]
 
     t = time.perf_counter()

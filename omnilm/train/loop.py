@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
+from omnilm.cost import RunCost
 from omnilm.data.collate import to_device
 from omnilm.errors import OmniInputError
 from omnilm.interpret.routing import plot_load
 from omnilm.io import atomic_write, write_text
+from omnilm.model.flops import training_flops
 from omnilm.model.layers import resolve_device
 from omnilm.model.moe import MoE
 from omnilm.settings import to_dict
@@ -180,6 +182,7 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
     lengths = stage.dataset.token_lengths() if args.group_by_length else None
     stream = BatchStream(len(stage.dataset), args.batch_size, args.seed, lengths)
     params = [p for p in model.parameters() if p.requires_grad]
+    cost = RunCost(device, torch.bfloat16 if use_bf16 else next(model.parameters()).dtype)
 
     metrics_path = out / "metrics.jsonl"
     kept = []
@@ -225,6 +228,8 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
             optimizer.zero_grad(set_to_none=True)
 
             dt = time.perf_counter() - t0
+            flops = [training_flops(model, b["input_ids"], b["attention_mask"], w) for b, w in zip(batches, weights)]
+            cost.step(flops, tokens, dt)
             losses.append(step_loss)
             record = {"step": step + 1, "loss": round(step_loss, 8), "lr": optimizer.param_groups[0]["lr"],
                       "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens / dt, 1), "step_s": round(dt, 4),
@@ -240,13 +245,15 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
         bar.close()
 
     final = save(end, final=end == args.steps)
+    spent = cost.summary(lambda x: all_sum(x, ranks, device), ranks.world)
     if writes:
+        write_text(out / "cost.json", json.dumps(spent, indent=1) + "\n")
         plot_loss(out / "metrics.jsonl", out / "loss.png", title=f"stage {args.stage}")
         plot_routing(out / "metrics.jsonl", out / "routing.png", title=f"stage {args.stage}")
         if end == args.steps:  # last, so that a whole model/ means a finished run
             publish_model(out, final)
     return {"stage": args.stage, "steps": end, "losses": losses, "final_loss": losses[-1] if losses else None,
-            "seconds": time.perf_counter() - t_start, "model": model, "processor": stage.processor}
+            "seconds": time.perf_counter() - t_start, "cost": spent, "model": model, "processor": stage.processor}
 
 
 def _finish(args: TrainArgs, out: Path, final: Path, device: torch.device) -> dict[str, Any]:

@@ -307,6 +307,7 @@ def build_llava_stage(args, resume_from: Path | None):
     if args.lora_r:
         _add_lora(args, model, resume_from)
     mark_trainable(model, args.stage, args.train_vision, args.train_audio)
+    hold_fixed_tokens(model, args.weight_decay)
     model.train()
     if model.vision is not None and not args.train_vision:
         model.vision.eval()  # frozen: no dropout today, but keep its mode honest
@@ -354,6 +355,30 @@ STAGE_TRAINS = {"align": ("projector", "video_projector", "audio_projector", "fu
                 "instruct": ("projector", "video_projector", "audio_projector", "fusion", "llm", "lm_head")}
 # Whisper's positions are fixed sinusoids: never trained, even with the encoder.
 FROZEN = ("audio.embed_positions.weight",)
+
+
+def hold_fixed_tokens(model: nn.Module, weight_decay: float = 0.0) -> None:
+    """Keep the rows of the decoder's fixed tokens (`TextConfig.fixed_tokens`, the last ids) where
+    they are: their gradient is zeroed in the embedding and the output head, so AdamW, which keeps
+    no moments for them, never moves them. Weight decay would shrink them, so it is refused."""
+    text = getattr(getattr(model, "config", None), "text", None)
+    n = getattr(text, "fixed_tokens", 0)
+    if not n:
+        return
+    if weight_decay:
+        raise OmniInputError(f"--weight-decay {weight_decay:g} would shrink the {n} fixed word rows this model keeps "
+                             "(text.fixed_tokens): train it with --weight-decay 0")
+    first = text.vocab_size - n
+
+    def zero_fixed_rows(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[first:] = 0
+        return grad
+
+    weights = {id(w): w for w in (model.llm.embed_tokens.weight, model.lm_head.weight)}  # tied: one
+    for weight in weights.values():
+        if weight.requires_grad:
+            weight.register_hook(zero_fixed_rows)
 
 
 def mark_trainable(model: nn.Module, stage: str, train_vision: bool = False, train_audio: bool = False) -> None:
