@@ -38,8 +38,8 @@ from omnilm.errors import OmniInputError
 from omnilm.eval.icl import IclEvalArgs, evaluate_icl, format_icl, summary, write_outputs
 from omnilm.eval.vqa import evaluate_vqa, format_vqa_results, write_predictions
 from omnilm.io import write_json
-from omnilm.recipes.recipe import QUESTION_FAMILIES, Recipe, train_stages, write_data
-from omnilm.settings import check_output_folder, check_range, setting, to_dict
+from omnilm.recipes.recipe import QUESTION_FAMILIES, Recipe, start_run, train_stages
+from omnilm.settings import check_range, setting, to_dict
 from omnilm.train import Hyperparams, TrainArgs, train
 
 
@@ -163,13 +163,10 @@ def run_icl_recipe(out: str | Path, recipe: IclRecipe | None = None) -> dict[str
     """Run the recipe; returns timings, the evaluations and the final model's folder."""
     recipe = recipe or IclRecipe()
     out = Path(out)
-    check_output_folder(out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
+    data, (train_json, test_json, clip_json), seconds = start_run(out, recipe)
     t0 = time.perf_counter()
-    data = out / "data"
-    train_json, test_json, clip_json = write_data(data, recipe)
     lessons = write_lessons(data, recipe, train_json)
-    timings = {"data": time.perf_counter() - t0}
+    timings = {"data": seconds + time.perf_counter() - t0}
 
     summary_, stage_timings, clip_eval = train_stages(out, recipe, data, train_json, test_json, clip_json)
     timings.update(stage_timings)

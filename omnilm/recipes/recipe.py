@@ -141,16 +141,22 @@ def architecture(recipe: Recipe) -> dict[str, Any]:
     return overrides
 
 
-def run_recipe(out: str | Path, recipe: Recipe | None = None) -> dict[str, Any]:
-    """Run the recipe; returns timings, the CLIP and VQA evaluations and the final model."""
-    recipe = recipe or Recipe()
-    out = Path(out)
+def start_run(out: Path, recipe: Recipe) -> tuple[Path, tuple[Path, Path, Path], float]:
+    """A recipe run's start: `out` checked and made, the recipe's data written to out/data
+    (`write_data`). Returns that folder, the train, test and clip JSON files, and the seconds taken."""
     check_output_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = out / "data"
-    train_json, test_json, clip_json = write_data(data, recipe)
-    timings = {"data": time.perf_counter() - t0}
+    return data, write_data(data, recipe), time.perf_counter() - t0
+
+
+def run_recipe(out: str | Path, recipe: Recipe | None = None) -> dict[str, Any]:
+    """Run the recipe; returns timings, the CLIP and VQA evaluations and the final model."""
+    recipe = recipe or Recipe()
+    out = Path(out)
+    data, (train_json, test_json, clip_json), seconds = start_run(out, recipe)
+    timings = {"data": seconds}
     result: dict[str, Any] = {"recipe": to_dict(recipe)}
     summary, stage_timings, clip_eval = train_stages(out, recipe, data, train_json, test_json, clip_json)
     timings.update(stage_timings)
