@@ -9,15 +9,18 @@
     omnilm data haystack OUT --length L [--tokenizer DIR] [--keys K --questions Q] [--needle text|image]
     omnilm data icl OUT --n N [--ways 2,5] [--shots 0,1,4] [--variants novel,shuffled] [--words held-out]
     omnilm train --stage clip|align|instruct --data JSON --image-folder DIR (--preset NAME | --init CKPT) --out DIR
-    omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE]
+    omnilm eval CKPT --data JSON --image-folder DIR [--predictions FILE] [--json FILE]   # accuracy, MFU, J/token
     omnilm eval-clip CKPT --data JSON --image-folder DIR
     omnilm eval niah CKPT [--lengths 1x,4x] [--depths 11] [--samples N] [--rope-scaling yarn:4] [--logn]  # = eval-niah
     omnilm eval icl CKPT [--ways 2,5] [--shots 0,1,2,4,8] [--words held-out|train]           # = eval-icl
     omnilm chat CKPT --image a.png "question"     # without a question: a multi-turn chat (--video, --audio too)
     omnilm info CKPT | --preset NAME [--nproc N]  # architecture, parameter count, per-rank training memory
     omnilm inspect routing CKPT --image a.png "prompt"   # which experts each token of an MoE model went to
+    omnilm inspect attention CKPT --image a.png "question" [--out DIR]   # where each answer token looked
+    omnilm inspect attention-score CKPT [--n 200]   # how often the map peaks on a ShapeWorld object
     omnilm bench fusion                           # the four fusion modes and a text-only baseline, compared
     omnilm convert SRC DST --dtype bfloat16       # re-save a checkpoint (dtype, shard size)
+    omnilm quantize CKPT OUT --int8 [--modules llm,lm_head]   # int8 weights, a 4x smaller file
     omnilm merge-lora BASE ADAPTER OUT            # fold a LoRA adapter (peft's format) into the weights
     omnilm serve CKPT [--port 8000] [--api-key KEY]   # OpenAI-compatible API, a chat page at /
 
@@ -35,7 +38,7 @@ import time
 import warnings
 from pathlib import Path
 
-from omnilm.config import PRESETS
+from omnilm.config import PRESETS, OmniConfig
 from omnilm.cost import describe_cost
 from omnilm.data import Processor
 from omnilm.data.collate import to_device
@@ -51,10 +54,13 @@ from omnilm.eval.niah import NiahArgs, run_niah
 from omnilm.eval.vqa import EvalArgs, evaluate_vqa, format_vqa_results, write_predictions
 from omnilm.infer import Sampling
 from omnilm.infer.chat import answer, chat_repl, user_message
+from omnilm.interpret.attention import check_attends_to_media, format_maps, look, write_maps
+from omnilm.interpret.grounding import format_grounding, grounding_score
 from omnilm.interpret.routing import format_routes, moe_layer_ids, plot_load, route_prompt
 from omnilm.model import OmniModel
 from omnilm.model.hf import read_config
 from omnilm.model.layers import resolve_device
+from omnilm.model.quantize import quantize_int8
 from omnilm.recipes.demo import run_demo
 from omnilm.recipes.fusion import BENCH_FLAGS, FusionBench, run_fusion_bench
 from omnilm.recipes.haystack import HaystackRecipe, run_haystack
@@ -63,7 +69,7 @@ from omnilm.recipes.audio import AUDIO_FLAGS, AudioRecipe, run_audio_recipe
 from omnilm.recipes.video import VIDEO_FLAGS, VideoRecipe, run_video_recipe
 from omnilm.recipes.recipe import Recipe
 from omnilm.serve.settings import SERVE_FLAGS, ServeSettings
-from omnilm.settings import add_flags, check_output_folder, from_flags
+from omnilm.settings import add_flags, check_output_file, check_output_folder, from_flags
 from omnilm.train import TrainArgs, train
 from omnilm.train.lora import LoraSettings, apply_lora, load_adapter, lora_layers, lora_trainable, merge_lora
 from omnilm.train.memory import memory_table
@@ -131,9 +137,13 @@ def cmd_eval(args) -> None:
                                         run.image_folder, batch_size=run.batch_size, max_new_tokens=run.max_new_tokens,
                                         skip_bad=run.skip_bad, frames=run.frames, audio=run.audio)
     print(format_vqa_results(summary))
+    print(f"cost of the answers ({summary['cost']['step_seconds']:.1f} s): {describe_cost(summary['cost'])}")
     if run.predictions:
         write_predictions(predictions, run.predictions)
         print(f"predictions: {run.predictions}")
+    if run.json:
+        Path(run.json).write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"summary: {run.json}")
 
 
 def cmd_eval_niah(args) -> None:
@@ -184,6 +194,9 @@ def cmd_info(args) -> None:
     if args.expert_parallel != 1 and args.nproc is None:
         raise OmniInputError("--expert-parallel sizes the memory table: give --nproc N too")
     lines = [model.describe()]
+    if (q := model.config.quantization) is not None:
+        lines.append(f"{q.method + ':':<8}{', '.join(q.modules)} hold {q.method} weights, one float scale per output "
+                     "channel (omnilm quantize)")
     lora = from_flags(LoraSettings, args, skip=("lora_dropout",))
     if lora.lora_r:
         apply_lora(model, lora)
@@ -223,6 +236,47 @@ def cmd_inspect_routing(args) -> None:
         print(f"wrote {args.png}")
 
 
+def _attending_config(checkpoint: str) -> OmniConfig:
+    """The config of a model whose answer attends to its media, read without the weights; else one line."""
+    config, kind, _ = read_config(checkpoint)
+    if kind in ("clip", "whisper"):
+        raise OmniInputError(f"{checkpoint} holds a {kind} encoder alone: attention maps need a model that answers")
+    check_attends_to_media(config)
+    return config
+
+
+def cmd_inspect_attention(args) -> None:
+    if not (args.image or args.video or args.audio):
+        raise OmniInputError("give --image, --video or --audio: the maps show where the answer looks in them")
+    check_output_folder(args.out, "--out")
+    for image in args.image:  # before the model loads: a bad file costs nothing
+        load_image(image)
+    processor = Processor.for_model(_attending_config(args.checkpoint), args.checkpoint)
+    for video in args.video:
+        processor.read_video(video)
+    for audio in args.audio:
+        processor.read_audio(audio)
+    model = _load(args.checkpoint, args.device)
+    maps = look(model, processor, user_message(args.question, args.image, args.video, args.audio),
+                args.max_new_tokens)
+    written = write_maps(maps, args.out)
+    print(format_maps(maps))
+    print(f"wrote {len(written)} files to {args.out}: attention-K.png and heads-K.png per answer token K, "
+          "attention.json")
+
+
+def cmd_inspect_attention_score(args) -> None:
+    if args.json:
+        check_output_file(args.json, "--json")
+    _attending_config(args.checkpoint)
+    model = _load(args.checkpoint, args.device)
+    summary = grounding_score(model, Processor.for_model(model, args.checkpoint), args.n, args.seed, args.objects)
+    print(format_grounding(summary))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"wrote {args.json}")
+
+
 def cmd_convert(args) -> None:
     check_output_folder(args.dst, "DST")
     model = _load(args.src, "cpu", args.dtype)
@@ -231,6 +285,22 @@ def cmd_convert(args) -> None:
     if processor is not None:
         processor.save_pretrained(args.dst)
     print(f"wrote {args.dst} ({model.num_parameters():,} parameters)")
+
+
+def cmd_quantize(args) -> None:
+    check_output_folder(args.out, "OUT")
+    if Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise OmniInputError(f"OUT is the checkpoint {args.checkpoint}: write the int8 model to a folder of its own")
+    model = quantize_int8(_load(args.checkpoint, "cpu", "auto"), args.modules.split(",") if args.modules else None)
+    processor = (Processor.for_model(model, args.checkpoint) if (Path(args.checkpoint) / "tokenizer.json").is_file()
+                 else None)
+    model.save_pretrained(args.out)
+    if processor is not None:
+        processor.save_pretrained(args.out)
+    before, after = (sum(f.stat().st_size for f in Path(folder).glob("model*.safetensors"))
+                     for folder in (args.checkpoint, args.out))
+    print(f"wrote {args.out}: int8 weights in {', '.join(model.config.quantization.modules)}; weights "
+          f"{after / 1e6:,.1f} MB, {after / before:.2f}x the {before / 1e6:,.1f} MB of {args.checkpoint}")
 
 
 def cmd_bench_fusion(args) -> None:
@@ -460,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="where to write the merged model")
     p.set_defaults(func=cmd_merge_lora)
 
-    p = sub.add_parser("inspect", help="look inside a model: which experts an MoE model routes each token to")
+    p = sub.add_parser("inspect", help="look inside a model: which experts an MoE model routes each token to, "
+                                       "where each answer token looks in the images")
     what = p.add_subparsers(dest="what", required=True)
     q = what.add_parser("routing", help="per token, the experts each MoE layer chose and their weights")
     q.add_argument("checkpoint", help="an MoE model folder (omnilm, or Hugging Face Mixtral)")
@@ -469,6 +540,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--png", default=None, help="also draw the load per layer and expert over the prompt's tokens")
     q.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
     q.set_defaults(func=cmd_inspect_routing)
+    q = what.add_parser("attention", help="per answer token, its attention to the image's (video's, audio's) tokens "
+                                          "per layer and head, and aggregated: heatmaps over the image and a JSON",
+                        description="Answers the question greedily, then records the decoder's attention over the "
+                                    "prompt and the answer in one forward. For each answer token, read at the "
+                                    "position whose logits chose it, writes to --out attention-K.png (attention "
+                                    "rollout, gradient-weighted rollout and the last layer's head mean over each "
+                                    "image, video frame or audio window), heads-K.png (every layer and head) and "
+                                    "attention.json (every number, and how each aggregate is computed).")
+    q.add_argument("checkpoint", help="a model folder (omnilm, or Hugging Face LLaVA)")
+    q.add_argument("question", help="the user message; rendered with the chat template, as chat would")
+    q.add_argument("--image", action="append", default=[], help="image file for the message; repeatable")
+    q.add_argument("--video", action="append", default=[], help="video (a file or a folder of frames); repeatable")
+    q.add_argument("--audio", action="append", default=[], help="audio file (wav, flac, mp3, ogg); repeatable")
+    q.add_argument("--out", default="attention", help="folder for the PNGs and attention.json (default ./attention)")
+    q.add_argument("--max-new-tokens", type=int, default=16, help="longest answer (default 16)")
+    q.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    q.set_defaults(func=cmd_inspect_attention)
+    q = what.add_parser("attention-score", help="over held-out ShapeWorld questions, how often each aggregated "
+                                                "attention map peaks on the cell of the object asked about")
+    q.add_argument("checkpoint", help="a model trained on ShapeWorld (omnilm demo's, say)")
+    q.add_argument("--n", type=int, default=200, help="questions (default 200), one from each of test examples "
+                                                      "0..n-1")
+    q.add_argument("--seed", type=int, default=0, help="seed of the test scenes (default 0, the demo's)")
+    q.add_argument("--objects", type=int, default=1, help="objects per scene, 1-4 (default 1); with more, each "
+                                                          "question is about one of them (colour, shape, position)")
+    q.add_argument("--json", default=None, help="also write the figures and every question's peaks to this file")
+    q.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    q.set_defaults(func=cmd_inspect_attention_score)
 
     p = sub.add_parser("bench", help="measure: train the fusion modes on the same data and compare them")
     what = p.add_subparsers(dest="what", required=True)
@@ -489,6 +588,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="store a checkpoint's weights in int8: a file about 4x smaller",
+                       description="Load CHECKPOINT, give every linear layer of --modules int8 weights with one "
+                                   "float scale per output channel (symmetric, weight-only; with llm the token "
+                                   "embedding and MoE experts too, with vision the patch convolution) and save that "
+                                   "model, with CHECKPOINT's tokenizer and processor files, to OUT. omnilm eval, "
+                                   "chat and serve load OUT as any checkpoint; it does not train. Norms, position "
+                                   "tables, MoE routers, Whisper's convolutions and the late and cross-attention "
+                                   "fusion blocks stay float. On CPU the int8 matmul is fastest with bfloat16 "
+                                   "activations (chat and serve --dtype bfloat16). See docs/quantization.md.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="the float model folder (omnilm, or Hugging Face LLaVA / "
+                                                            "LLaMA)")
+    p.add_argument("out", metavar="OUT", help="where to write the int8 model")
+    p.add_argument("--int8", action="store_true", required=True,
+                   help="int8 weight-only quantisation (the one method, named so that a later one can join it)")
+    p.add_argument("--modules", default=None,
+                   help="the parts to quantise, comma-separated: llm (the decoder), lm_head, vision (the CLIP "
+                        "tower), audio (the Whisper encoder), projector (the image, video and audio projectors); "
+                        "default every part the model has")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("serve", help="serve a model over OpenAI's chat completions API, with a chat page at /",
                        description="OpenAI's /v1/chat/completions (streamed or not), /v1/models, /health, /metrics "

@@ -19,6 +19,10 @@ VIDEO_POOL_MODES = ("average", "max", "concat")  # OmniConfig.video_pool_mode
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # The activations omnilm.model.layers.ACTIVATIONS implements (this module imports no model code).
 ACTIVATION_NAMES = ("gelu", "quick_gelu", "silu")
+# Weight-only quantisation (QuantConfig): its methods, and the parts of a model it may quantise
+# ("projector": every connector into the decoder's width, of images, video frames and audio).
+QUANT_METHODS = ("int8",)
+QUANT_MODULES = ("llm", "lm_head", "vision", "audio", "projector")
 # The label that carries no loss: prompt, image and padding tokens (PyTorch cross_entropy's default).
 IGNORE_INDEX = -100
 # The image normalisation OpenAI's CLIP was trained with (and every LLaVA-1.5 checkpoint uses).
@@ -379,6 +383,29 @@ class TextConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Weight-only quantisation (omnilm.model.quantize): the linear layers of the model's `modules`
+    (with "llm", the token embedding and the MoE experts too; with "vision", the patch convolution)
+    hold `method` integer weights with one float scale per output channel. Set by `quantize_int8`;
+    a checkpoint with it loads as that model."""
+
+    method: str = "int8"
+    modules: list[str] = field(default_factory=lambda: ["llm", "lm_head"])
+
+    def __post_init__(self) -> None:
+        _check_choice("quantization.method", self.method, QUANT_METHODS)
+        if (not isinstance(self.modules, list) or not self.modules or len(set(self.modules)) != len(self.modules)
+                or any(m not in QUANT_MODULES for m in self.modules)):
+            raise ConfigError("quantization.modules", self.modules,
+                              f"must list, once each, some of {', '.join(map(repr, QUANT_MODULES))}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        _check_fields(cls, d, "quantization config")
+        return cls(**d)
+
+
+@dataclass
 class OmniConfig:
     """The assembled model: vision encoder -> projector -> decoder (LLaVA-1.5, Liu et al. 2023)."""
 
@@ -438,6 +465,8 @@ class OmniConfig:
     resampler_layers: int = 2
     cross_attention_every: int = 2
     attend: str = "previous"
+    # None: float weights. Set by omnilm.model.quantize (`omnilm quantize`), never by training.
+    quantization: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.text, dict):
@@ -446,6 +475,8 @@ class OmniConfig:
             self.vision = VisionConfig.from_dict(self.vision)
         if isinstance(self.audio, dict):
             self.audio = AudioConfig.from_dict(self.audio)
+        if isinstance(self.quantization, dict):
+            self.quantization = QuantConfig.from_dict(self.quantization)
         if not isinstance(self.text, TextConfig):
             raise ConfigError("text", self.text, "must be an object of text (decoder) settings")
         if self.vision is not None and not isinstance(self.vision, VisionConfig):
@@ -464,6 +495,7 @@ class OmniConfig:
         self._check_fusion()
         self._check_video()
         self._check_audio()
+        self._check_quantization()
         if self.vision_feature_select not in ("default", "full"):
             raise ValueError(
                 f"vision_feature_select={self.vision_feature_select!r}: use 'default' (drop the class token) or 'full'"
@@ -544,6 +576,28 @@ class OmniConfig:
                 raise ConfigError("audio_token_id", self.audio_token_id, f"is the {name} too: give audio a marker of "
                                                                          "its own")
 
+    def _check_quantization(self) -> None:
+        q = self.quantization
+        if q is None:
+            return
+        if not isinstance(q, QuantConfig):
+            raise ConfigError("quantization", q, "must be an object of quantization settings, or null (float weights)")
+        missing = [name for name in q.modules if name not in self.quantizable()]
+        if missing:
+            what = "projector" if missing[0] == "projector" else f"{missing[0]} encoder"
+            raise ConfigError("quantization.modules", q.modules, f"names {missing[0]!r}, but the model has no {what}")
+        if self.text.tie_embeddings and ("llm" in q.modules) != ("lm_head" in q.modules):
+            raise ConfigError("quantization.modules", q.modules, "must name both 'llm' and 'lm_head' or neither: "
+                                                                 "they share one matrix (text.tie_embeddings)")
+
+    def quantizable(self) -> list[str]:
+        """The parts of QUANT_MODULES this model has, in that order: what `omnilm quantize` quantises
+        unless told. (Early fusion has a projector, its patch embedding, and no vision tower; late and
+        cross-attention fusion have a tower and no projector.)"""
+        has = {"vision": self.vision is not None and self.fusion != "early", "audio": self.audio is not None,
+               "projector": self.vision is not None and self.fusion in ("joint", "early") or self.audio is not None}
+        return [name for name in QUANT_MODULES if has.get(name, True)]
+
     @property
     def audio_seq_len(self) -> int:
         """Number of sequence tokens one audio window becomes (0 for a model without audio)."""
@@ -606,6 +660,8 @@ class OmniConfig:
             d["audio"] = AudioConfig.from_dict(_check_object(d["audio"], "audio"))
         if "text" in d:
             d["text"] = TextConfig.from_dict(_check_object(d["text"], "text"))
+        if d.get("quantization") is not None:
+            d["quantization"] = QuantConfig.from_dict(_check_object(d["quantization"], "quantization"))
         return cls(**d)
 
     def save(self, path: str | Path) -> None:

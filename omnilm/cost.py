@@ -195,11 +195,12 @@ class EnergyMeter:
                    f"{torch.device(device).type} device is readable")
 
 
-# --- a training run's account ---------------------------------------------------------------------
+# --- a run's account ------------------------------------------------------------------------------
 
 
 class RunCost:
-    """A training run's FLOPs, tokens and step seconds, added up step by step, and its energy."""
+    """A run's FLOPs, tokens and step seconds, added up step by step, and its energy: a training run
+    (a step: an optimizer step) or an eval (a step: a batch of answers generated, omnilm.eval.vqa)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
@@ -207,8 +208,8 @@ class RunCost:
         self.flops = self.tokens = self.seconds = 0.0
 
     def step(self, flops: list[int | None], tokens: int, seconds: float) -> None:
-        """One optimizer step: the FLOPs of this process's micro-batches (None: not counted, and
-        the run gets no MFU), the tokens of every process, the step's time."""
+        """One step: the FLOPs of this process's micro-batches (None: not counted, and the run gets
+        no MFU), the tokens of every process, the step's time."""
         self.flops = None if None in flops or self.flops is None else self.flops + sum(flops)
         self.tokens += tokens
         self.seconds += seconds

@@ -1,5 +1,6 @@
 """Cost accounting: FLOPs from the architecture against torch's FlopCounterMode, the measured matmul
-peak, the energy meters (a fake RAPL tree, a fake NVML) and what `omnilm train` reports."""
+peak, the energy meters (a fake RAPL tree, a fake NVML) and what `omnilm train` and `omnilm eval`
+report."""
 
 import json
 import sys
@@ -7,7 +8,7 @@ import types
 
 import pytest
 import torch
-from conftest import one_line_error, run_cli
+from conftest import one_line_error, run_cli, tiny_checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -17,8 +18,8 @@ from omnilm import OmniModel
 from omnilm.config import OmniConfig
 from omnilm.cost import EnergyMeter, describe_cost, matmul_peak, measure_matmul_peak
 from omnilm.infer import generate
-from omnilm.model.flops import (batch_flops, flops_per_token, forward_flops, generate_flops, trained_shares,
-                                training_flops)
+from omnilm.model.flops import (batch_flops, batch_generate_flops, flops_per_token, forward_flops, generate_flops,
+                                trained_shares, training_flops)
 
 AUDIO = dict(n_mels=16, dim=64, n_layers=2, n_heads=4, mlp_dim=128, max_source_positions=40)
 SMALL = dict(text=dict(n_layers=2), vision=dict(n_layers=2))
@@ -111,6 +112,19 @@ def test_generation_flops_count_prefill_and_each_decoding_step(name):
     model.eval().requires_grad_(False)
     counted = flop_count(lambda: generate(model, ids, max_new_tokens=5, stop_token_ids=[], **media))
     assert generate_flops(model.config, ids.shape[1], 5, n_images).forward == pytest.approx(counted, rel=0.01)
+
+
+def test_a_batch_generation_counts_each_row_alone_at_its_length():
+    """Two prompts, one with two images, one left-padded text: the FLOPs of each row's own generation
+    (its padding and the steps it idles after stopping left out)."""
+    model, ids, media, _ = build("joint")
+    model.eval().requires_grad_(False)
+    short = torch.randint(10, 400, (1, 20))
+    alone = flop_count(lambda: generate(model, ids, max_new_tokens=5, stop_token_ids=[], **media))
+    alone += flop_count(lambda: generate(model, short, max_new_tokens=3, stop_token_ids=[]))
+    batch = torch.cat([ids, torch.cat([torch.zeros(1, 20, dtype=torch.long), short], 1)])
+    mask = (torch.arange(40) >= torch.tensor([[0], [20]])).long()
+    assert batch_generate_flops(model.config, batch, mask, [5, 3]).forward == pytest.approx(alone, rel=0.01)
 
 
 def test_per_token_flops_grow_with_the_sequence_and_count_only_active_experts():
@@ -243,3 +257,24 @@ def test_train_prints_and_writes_mfu_and_joules_per_token(tmp_path, capsys):
     assert spent["joules_per_token"] > 0
     assert f"cost ({tmp_path / 'run' / 'cost.json'}): {describe_cost(spent)}" in out
     assert "MFU" in out and "J/token" in out
+
+
+def test_eval_prints_and_writes_mfu_and_joules_per_token(tmp_path, capsys):
+    from omnilm.data.shapeworld import write_shapeworld
+
+    tiny_checkpoint(tmp_path / "model", max_seq_len=1024)  # room for the multi-turn records
+    test_json = write_shapeworld(tmp_path / "data", 6, seed=0, split="test", progress=False)
+    code, out, err = run_cli(["eval", tmp_path / "model", "--data", test_json, "--image-folder", tmp_path / "data",
+                              "--batch-size", 4, "--json", tmp_path / "eval.json"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "eval.json").read_text())
+    spent, config = summary["cost"], OmniModel.from_pretrained(tmp_path / "model").config
+    assert spent["peak_dtype"] == "float32" and spent["energy_method"] in ("rapl", "estimate")
+    assert 0 < spent["mfu"] < 1
+    assert spent["mfu"] == pytest.approx(spent["flops"] / spent["step_seconds"] / spent["peak_flops"], rel=0.02)
+    # Each question's prompt holds its image and a few words at least, and max_seq_len tokens at most.
+    least = generate_flops(config, config.image_seq_len + 4, 1, n_images=1).forward
+    most = generate_flops(config, config.text.max_seq_len - 16, 16, n_images=1).forward
+    assert summary["n"] * least < spent["flops"] < summary["n"] * most
+    assert spent["joules_per_token"] > 0
+    assert describe_cost(spent) in out and "MFU" in out and "J/token" in out

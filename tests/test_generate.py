@@ -1,6 +1,7 @@
 """Generation against references: cached decoding == full forward, greedy ids == transformers'
 `generate`, sampling filters == transformers' warpers, stop tokens, streaming, errors."""
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from conftest import one_line_error, tiny_hf_configs, tiny_hf_model
 
 from omnilm import OmniConfig, OmniModel
 from omnilm.infer import decode_one_token, generate, prefill, sample, stream
-from omnilm.infer.generate import top_k_filter, top_p_filter
+from omnilm.infer.generate import decode_static, top_k_filter, top_p_filter
+from omnilm.model import StaticKVCache
 
 tf = pytest.importorskip("transformers")
 
@@ -115,6 +117,52 @@ def test_prefill_and_decode_equal_full_forward(padded, token_conv):
             step_mask = full_mask[:, :T + j + 1] if padded else None
             steps.append(decode_one_token(model, cont[:, j:j + 1], step_mask, cache))
     torch.testing.assert_close(torch.stack(steps, 1), full[:, T - 1:T + 5], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("token_conv", [0, 4])
+@pytest.mark.parametrize("padded", [True, False])
+def test_static_cache_decoding_equals_full_forward(padded, token_conv):
+    """The compiled loop's step, run eagerly: fixed shapes (every cache column read under a mask)
+    and tensor positions give the logits of the growing cache."""
+    model = tiny_model(token_conv)
+    ids, pixels, mask = tiny_batch(model)
+    if not padded:
+        ids, pixels, mask = ids[:1], pixels[:2], None
+    B, T = ids.shape
+    cont = torch.randint(4, 512, (B, 6), generator=torch.Generator().manual_seed(2))
+    full_mask = torch.cat([mask, torch.ones_like(cont)], dim=1) if padded else None
+    with torch.inference_mode():
+        full = model(torch.cat([ids, cont], 1), pixels, full_mask).logits
+        cache = model.new_cache(B, T + 40)  # longer than needed: the unwritten columns stay hidden
+        steps = [prefill(model, ids, pixels, mask, cache)]
+        static = StaticKVCache(cache, mask)
+        steps += [decode_static(model, cont[:, j:j + 1], static) for j in range(5)]
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, T - 1:T + 5], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile builds its CPU kernels with a C++ compiler, and none is installed")
+def test_compiled_decoding_gives_the_eager_tokens():
+    """torch.compile of the decoding step (one graph for all steps): the eager loop's tokens, on a
+    left-padded batch with images, grouped-query attention and a token convolution, and again from
+    the cached graph for a second prompt of the same shape."""
+    model = tiny_model(token_conv=4)
+    ids, pixels, mask = tiny_batch(model)
+    eager = generate(model, ids, pixels, mask, max_new_tokens=12, stop_token_ids=[])
+    compiled = generate(model, ids, pixels, mask, max_new_tokens=12, stop_token_ids=[], compile=True)
+    assert compiled.tolist() == eager.tolist()
+    text = (ids != model.config.image_token_id) & mask.bool()
+    ids2 = ids.clone()
+    ids2[text] = 4 + ids[text] * 7 % 400  # other words, same shapes
+    assert (generate(model, ids2, pixels, mask, max_new_tokens=12, stop_token_ids=[], compile=True).tolist()
+            == generate(model, ids2, pixels, mask, max_new_tokens=12, stop_token_ids=[]).tolist())
+
+
+def test_compiled_decoding_refuses_fusion_that_reads_images_at_every_step():
+    torch.manual_seed(0)
+    model = OmniModel.from_preset("tiny", fusion="late").eval()
+    ids = torch.randint(4, 300, (1, 8))
+    one_line_error(lambda: generate(model, ids, max_new_tokens=2, compile=True), "late fusion", "without compile")
 
 
 def test_chunked_prefill_equals_full_forward():

@@ -13,12 +13,18 @@ Videos can be shown as they are, with their frames shuffled, or by their first f
 (`frames`): the controls that tell a model reading time from one reading a single picture. Audio
 can be heard as it is or replaced by silence of the same length (`audio`): the control that tells
 a model that listens from one that guesses from the question.
+
+What the answers cost is counted beside them (`omnilm.cost.RunCost`, a batch for a step): the FLOPs
+each answer needed (`batch_generate_flops`), the batches' seconds (their images read and their
+answers generated), MFU against this machine's measured matmul peak, and joules per generated
+token with the meter that measured them.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,12 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from omnilm.cost import RunCost
 from omnilm.data.chat import render_chat
 from omnilm.data.collate import to_device
 from omnilm.data.llava_json import Problem, check_records, media_names
 from omnilm.data.tokenizer import AUDIO_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN
 from omnilm.data.video import Video
 from omnilm.infer import generate
+from omnilm.model.flops import batch_generate_flops
 from omnilm.model.layers import resolve_device
 from omnilm.settings import check_output_file, check_range, setting
 
@@ -65,6 +73,8 @@ class EvalArgs:
     data: Path = setting(help="LLaVA-format JSON; every assistant turn of a non-caption record is a question")
     image_folder: Path = setting(help="folder the records' image paths are relative to")
     predictions: Path | None = setting(None, "write one JSON line per question here")
+    json: Path | None = setting(None, "write the summary here as JSON: accuracy per task (and object count) and "
+                                      "the generation's cost (FLOPs, seconds, MFU, J/token and how it was measured)")
     batch_size: int = setting(64, "questions per generation batch")
     max_new_tokens: int = setting(16, "longest answer generated")
     device: str = setting("auto", "auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
@@ -80,6 +90,8 @@ class EvalArgs:
         resolve_device(self.device)
         if self.predictions is not None:
             check_output_file(self.predictions, "--predictions")
+        if self.json is not None:
+            check_output_file(self.json, "--json")
 
 
 def questions(records: list[dict], skip_tasks: tuple[str, ...] = ("caption",)) -> list[dict]:
@@ -128,7 +140,9 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
                  max_new_tokens: int = 8, progress: bool = True, skip_bad: bool = False,
                  frames: str = "all", audio: str = "heard",
                  last_only: bool = False) -> tuple[dict[str, Any], list[dict]]:
-    """Accuracy per task family and overall, and one prediction per question.
+    """Accuracy per task family and overall, what generating the answers cost (under "cost": a
+    `RunCost.summary`, its tokens the generated ones, each answer's stop token included), and one
+    prediction per question.
 
     Every non-caption record is checked before anything is generated, its images decoded: the
     first bad one raises OmniInputError naming the file (for `read_records` output), the record
@@ -145,8 +159,10 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
     items = _questions([records[i] for i in checked.kept], last_only)
     device = next(model.parameters()).device
     eos = processor.tokenizer.eos_id
+    cost = RunCost(device, model.llm.norm.weight.dtype)  # the norm: float in every model, int8 ones too
     predictions = []
     for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", disable=not progress):
+        t0 = time.perf_counter()
         chunk = items[start:start + batch_size]
         videos = [[control_frames(processor.read_video(folder / p), frames, f"{q['id']}/{k}")
                    for k, p in enumerate(q["videos"])] for q in chunk]
@@ -154,8 +170,12 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
         batch = processor([q["chat"] for q in chunk], images=[[str(folder / p) for p in q["images"]] for q in chunk],
                           videos=videos if any(videos) else None, audios=audios if any(audios) else None)
         batch = to_device(batch, device)
-        new = generate(model, **batch, max_new_tokens=max_new_tokens, stop_token_ids=[eos])
-        for q, ids in zip(chunk, new.tolist()):
+        new = generate(model, **batch, max_new_tokens=max_new_tokens, stop_token_ids=[eos]).tolist()
+        seconds = time.perf_counter() - t0
+        needed = [ids.index(eos) + 1 if eos in ids else len(ids) for ids in new]  # after eos: a finished row's pad
+        flops = batch_generate_flops(model.config, batch["input_ids"], batch.get("attention_mask"), needed)
+        cost.step([flops.forward], sum(needed), seconds)
+        for q, ids in zip(chunk, new):
             ids = ids[:ids.index(eos)] if eos in ids else ids
             prediction = processor.decode(ids).strip()
             predictions.append({"id": q["id"], "task": q["task"], "question": q["question"], "answer": q["answer"],
@@ -163,7 +183,7 @@ def evaluate_vqa(model, processor, records: list[dict], image_folder: str | Path
                                 "correct": normalize_answer(prediction) == normalize_answer(q["answer"])})
             if q["n_objects"] is not None:
                 predictions[-1]["n_objects"] = q["n_objects"]
-    summary = summarize(predictions)
+    summary = summarize(predictions) | {"cost": cost.summary()}
     if checked.skipped:
         summary["skipped"] = checked.counts()
     return summary, predictions

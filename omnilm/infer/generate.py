@@ -4,7 +4,9 @@
 one new token against it; `sample` turns logits into ids (greedy, or temperature / top-k /
 top-p sampling with the semantics of transformers' warpers). `iter_tokens` is the one loop
 that strings them together; `generate` collects its tokens and `stream` detokenises them as
-they arrive. Shape letters: B batch, T prompt length, V vocabulary.
+they arrive. With `compile=True` each step is `decode_static` compiled by `torch.compile`: the
+same tokens (tests/test_generate.py), one graph for every step. Shape letters: B batch, T prompt
+length, V vocabulary.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 
 from omnilm.errors import OmniInputError
 from omnilm.settings import check_range, setting
-from omnilm.model.layers import KVCache, eval_mode
+from omnilm.model.layers import KVCache, StaticKVCache, eval_mode
 
 # --- the model, one call at a time ------------------------------------------------------------
 
@@ -140,6 +142,26 @@ def decode_one_token(model: nn.Module, token: torch.Tensor, attention_mask: torc
     return model(token, None, attention_mask, cache=cache, logits_to_keep=1).logits[:, -1]
 
 
+def decode_static(model: nn.Module, token: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """`decode_one_token` on a `StaticKVCache`: every shape and index fixed, so that `torch.compile`
+    makes one graph of it (`compiled_decode`) with no host synchronisation inside."""
+    h = model.llm(model.embed(token), cache=cache)
+    return model.lm_head(h[:, -1])
+
+
+# Compiled once per process; a new shape (batch, cache length) compiles another graph. The cache's
+# length is rounded up to CACHE_BUCKET positions, so prompts of similar lengths share one graph.
+compiled_decode = torch.compile(decode_static, dynamic=False)
+CACHE_BUCKET = 256
+
+
+def compiled_cache_len(model: nn.Module, needed: int) -> int:
+    """The cache length for a compiled loop that needs `needed` positions: rounded up to
+    CACHE_BUCKET, within the model's max_seq_len (a dynamic-NTK model may run past it: then `needed`)."""
+    limit = max(model.config.text.max_seq_len, needed)
+    return min(-(-needed // CACHE_BUCKET) * CACHE_BUCKET, limit)
+
+
 # --- logits -> ids ----------------------------------------------------------------------------
 
 
@@ -240,13 +262,16 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
                 prefill_chunk: int | None = None,
                 pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
-                input_features: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                input_features: torch.Tensor | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next ids (B,) one step at a time; the single loop behind `generate` and `stream`.
 
     Arguments as `generate`. A row that has emitted a stop token yields `pad_token_id` from then
     on, and the loop ends once every row has stopped or `max_new_tokens` were produced.
     """
     _check_args(model, input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k, top_p, prefill_chunk)
+    if compile and model.config.fusion in ("late", "cross_attention"):
+        raise OmniInputError(f"compiled decoding runs joint and early fusion; {model.config.fusion} fusion reads its "
+                             "images at every step: decode it without compile")
     text_cfg = model.config.text
     stops = as_id_list(text_cfg.eos_token_id if stop_token_ids is None else stop_token_ids)
     if pad_token_id is None:  # as transformers: the config's pad, else the first stop token
@@ -263,9 +288,10 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     with eval_mode(model):
-        cache = model.new_cache(B, T + max_new_tokens)
+        cache = model.new_cache(B, compiled_cache_len(model, T + max_new_tokens) if compile else T + max_new_tokens)
         logits = prefill(model, input_ids, pixel_values, attention_mask, cache, prefill_chunk,
                          pixel_values_videos, input_features)  # (B, V)
+        static = StaticKVCache(cache, attention_mask) if compile else None
         for step in range(max_new_tokens):
             token = sample(logits, do_sample, temperature, top_k, top_p, generator)  # (B,)
             token = token.masked_fill(finished, pad_token_id)
@@ -273,8 +299,11 @@ def iter_tokens(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.T
             yield token
             if step == max_new_tokens - 1 or bool(finished.all()):
                 return
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            logits = decode_one_token(model, token[:, None], attention_mask, cache)
+            if static is not None:
+                logits = compiled_decode(model, token[:, None], static)
+            else:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+                logits = decode_one_token(model, token[:, None], attention_mask, cache)
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -284,7 +313,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
              prefill_chunk: int | None = None,
              pixel_values_videos: torch.Tensor | list[torch.Tensor] | None = None,
-             input_features: torch.Tensor | None = None) -> torch.Tensor:
+             input_features: torch.Tensor | None = None, compile: bool = False) -> torch.Tensor:
     """Generate up to `max_new_tokens` ids after each prompt; returns the new ids only, (B, n).
 
     input_ids (B, T): prompts, left-padded when their lengths differ, with `attention_mask`
@@ -297,12 +326,15 @@ def generate(model: nn.Module, input_ids: torch.Tensor, pixel_values: torch.Tens
     generator: a `torch.Generator` (on the model's device) for reproducible sampling.
     prefill_chunk: run the prompt through the model that many tokens at a time (see `prefill`): a
         long prompt then fits in memory; the same tokens.
+    compile: decode each token with `compiled_decode` (torch.compile of `decode_static`): the same
+        tokens, faster once compiled; the first call for a new batch size or cache length compiles
+        (seconds to a minute). Joint and early fusion.
 
     n < max_new_tokens when every row stopped early.
     """
     steps = list(iter_tokens(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample,
                              temperature, top_k, top_p, stop_token_ids, pad_token_id, generator, prefill_chunk,
-                             pixel_values_videos, input_features))
+                             pixel_values_videos, input_features, compile))
     if not steps:
         return input_ids.new_empty(input_ids.shape[0], 0)
     return torch.stack(steps, dim=1)

@@ -161,6 +161,19 @@ def generate_flops(config: OmniConfig, prompt_len: int, new_tokens: int, n_image
     return total
 
 
+def batch_generate_flops(config: OmniConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         new_tokens: list[int]) -> Flops:
+    """FLOPs of `omnilm.infer.generate` over a batch (B, T): each row's `generate_flops` at its real
+    length (`attention_mask`'s ones), its media counted from their markers (as `batch_flops`), for
+    the `new_tokens[b]` tokens row b needed (its stop token included). The steps a finished row idles
+    through while others go on are left out, as padding is: work that counts for nothing."""
+    B, T = input_ids.shape
+    lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [T] * B
+    media = [_markers(input_ids, *spec).tolist() for spec in _media_specs(config)]
+    return sum((generate_flops(config, int(length), new, *(m[row] for m in media))
+                for row, (length, new) in enumerate(zip(lengths, new_tokens, strict=True))), _Count(config).flops)
+
+
 def flops_per_token(config: OmniConfig, seq_len: int, n_images: int = 0, training: bool = False) -> float:
     """FLOPs per token of a sequence of `seq_len` tokens holding `n_images` images (their encoding
     included), forward alone or a whole training step (everything trained)."""

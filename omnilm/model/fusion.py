@@ -151,7 +151,7 @@ class PatchEmbedding(nn.Module):
         """(N, C, H, W) -> (N, side * (side + 1), D): row by row, each row's patches then a break."""
         N, C, p, s = pixel_values.shape[0], pixel_values.shape[1], self.patch_size, self.side
         # Each patch flattened pixel by pixel, channels innermost (y, x, c), as Fuyu's processor does.
-        pixels = pixel_values.to(self.proj.weight.dtype)[:, :, :s * p, :s * p]
+        pixels = pixel_values.to(self.row_break.dtype)[:, :, :s * p, :s * p]
         patches = pixels.reshape(N, C, s, p, s, p).permute(0, 2, 4, 3, 5, 1)
         x = self.proj(patches.reshape(N, s, s, p * p * C))  # (N, s, s, D)
         breaks = self.row_break.to(x.dtype).expand(N, s, 1, x.shape[-1])

@@ -13,6 +13,8 @@ same, with a video marker and pooled frames; saved so when the model reads video
 Whisper encoder + projector + LLaMA: an audio model), "llama" (text-only), "clip_vision_model" or
 "clip" (vision tower only), "whisper" (its encoder only). Weights are `model.safetensors` or the shards
 listed in `model.safetensors.index.json`; every known key layout loads (see KEYS_FROM_HF).
+An int8 model (`omnilm.model.quantize`) is saved in omnilm's names only, each quantised layer's
+int8 `weight` beside its float `scale`; its omnilm.json's `quantization` rebuilds those layers.
 
 We write the layout of the llava-hf hub checkpoints (the transformers 4.x names). Every
 transformers version with LLaVA reads it, 5.x included, and 5.x itself re-saves a hub
@@ -37,6 +39,7 @@ from omnilm.model.audio import WhisperEncoder
 from omnilm.model.hf_config import (audio_config_from_hf, audio_config_to_hf, build_config, clip_config_from_hf,
                                     clip_config_to_hf, config_from_hf, config_to_hf, hf_incompatibility,
                                     vision_config_from_hf)
+from omnilm.model.quantize import swap_int8
 from omnilm.model.vision import VisionTransformer
 
 # --- key layouts ------------------------------------------------------------------------------
@@ -427,6 +430,8 @@ def load_pretrained(cls: type, path: str | Path, device: str | torch.device | No
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = cls(cfg)
+        if cfg.quantization is not None:  # int8 layers where the checkpoint holds int8 weights
+            swap_int8(model, cfg.quantization.modules)
     state, origin = read_weights(folder, kind, dtype, device)
     tied = cfg.text.tie_embeddings
     if tied:

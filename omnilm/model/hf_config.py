@@ -304,6 +304,8 @@ def voxtral_config_from_hf(d: dict[str, Any], where: str = "config.json") -> Omn
 def hf_incompatibility(cfg: OmniConfig) -> str | None:
     """Why transformers has no class for `cfg` (None when LLaVA, LLaVA-NeXT-Video, Voxtral, LLaMA or
     Mixtral describes it)."""
+    if cfg.quantization is not None:
+        return f"transformers reads no omnilm {cfg.quantization.method} weights (omnilm quantize)"
     if cfg.audio is not None and cfg.vision is not None:
         return "transformers has no class that reads both images and audio (Voxtral hears, LLaVA sees)"
     if cfg.audio is not None and cfg.audio.mlp_dim != cfg.audio.frames_per_token * cfg.audio.dim:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
@@ -217,7 +218,7 @@ def _room(end: int, max_len: int) -> int:
     return end
 
 
-def _conv_store(x: torch.Tensor | None) -> torch.Tensor:
+def _conv_store(x: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor]:
     if x is None:
         raise OmniInputError("this decoder has a token convolution (text.token_conv) but its cache keeps no inputs "
                              "for it: make the cache with model.new_cache, or give it conv_dim=text.dim")
@@ -287,6 +288,64 @@ class RaggedKVCache:
         self._longest += n
 
 
+class StaticKVCache:
+    """A prefilled `KVCache` seen by a compiled decoding step (gpt-fast, Fried et al. 2023): every
+    index is a tensor and every shape fixed, so one graph serves each step and nothing asks the
+    host where the sequence stands.
+
+    It starts from a copy of the prefilled cache. The next token of every row goes to column `column`
+    (a (1,) tensor, the same in all rows: prompts are left-padded to one length) and has position
+    `position[b]` (B,), row b's real tokens so far. Attention reads all `max_len` columns under a
+    mask that hides padding and the columns not written yet, so its shapes never change; keys the
+    mask hides weigh nothing, and the answer is the growing cache's.
+    """
+
+    def __init__(self, cache: KVCache, attention_mask: torch.Tensor | None = None):
+        # A tensor of its own per layer: a compiled step that writes into views of one (L, ...) store
+        # copies the whole store at each write.
+        self.k, self.v = [k.clone() for k in cache.k], [v.clone() for v in cache.v]
+        self.x = [x.clone() for x in cache.x] if cache.x is not None else None
+        self.media, self.max_len = cache.media, cache.max_len
+        B, device = cache.k.shape[1], cache.k.device
+        seen = cache.seen
+        if attention_mask is None:
+            attention_mask = torch.ones(B, seen, dtype=torch.long, device=device)
+        if attention_mask.shape != (B, seen):
+            raise OmniInputError(f"attention_mask {tuple(attention_mask.shape)} does not cover the {seen} cached "
+                                 f"positions of {B} rows: pass the prompt's mask, (batch, cached positions)")
+        self.real = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
+        self.real[:, :seen] = attention_mask.bool()
+        self.column = torch.tensor([seen], device=device)
+        self.position = attention_mask.long().sum(-1)
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Each row's position ids (B, T) for its next T tokens."""
+        return self.position[:, None] + torch.arange(T, device=self.position.device)
+
+    def mask(self, T: int) -> torch.Tensor:
+        """(B, 1, T, max_len): the query in column c sees the real columns up to c."""
+        keys = torch.arange(self.max_len, device=self.real.device)
+        queries = self.column + torch.arange(T, device=self.real.device)  # (T,)
+        return (self.real[:, None, :] & (keys <= queries[:, None]))[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        columns = self.column + torch.arange(k.shape[2], device=k.device)
+        self.k[layer].index_copy_(2, columns, k)
+        self.v[layer].index_copy_(2, columns, v)
+        return self.k[layer], self.v[layer]
+
+    def window(self, layer: int, x: torch.Tensor, back: int) -> torch.Tensor:
+        """As `KVCache.window`, at `column`."""
+        store = _conv_store(self.x)[layer][:, 0]  # (B, max_len, D)
+        store.index_copy_(1, self.column + torch.arange(x.shape[1], device=x.device), x)
+        read = self.column + torch.arange(-back, x.shape[1], device=x.device)  # (back + T,)
+        return store[:, read.clamp(min=0)] * (read >= 0)[None, :, None].to(x.dtype)
+
+    def advance(self, n: int) -> None:
+        self.column += n
+        self.position += n
+
+
 class TokenConv(nn.Module):
     """A short causal convolution along the sequence, added to its input: channel c of token t
     becomes x[t, c] + sum_j w[c, 0, j] x[t - kernel + 1 + j, c], over that token and the kernel - 1
@@ -321,7 +380,7 @@ class Attention(nn.Module):
     Serves the CLIP encoder (bias, no rotary, no mask), the LLaMA decoder (rotary, causal,
     KV cache) and cross-attention (keys and values from a `context` (B, S, D) instead of x:
     the perceiver resampler and Flamingo's gated layers). `mask` is boolean (B, 1, T, S), True
-    where a query may attend.
+    where a query may attend. Inside `record_attention` it also hands out its probabilities.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool):
@@ -331,6 +390,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+        # Inside `record_attention` a list: attention is then computed explicitly and its
+        # probabilities appended here. None everywhere else: SDPA, and nothing is kept.
+        self.recorded: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = False,
@@ -347,15 +409,54 @@ class Attention(nn.Module):
                 q = q * rope.query_scale[:, None, :, None].to(q.dtype)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd)
-        # SDPA broadcasts each key/value head over its group of query heads itself (no copy).
-        kwargs = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
-        backend = sdpa_backend(q, k)
-        with sdpa_kernel(backend) if backend is not None else nullcontext():
-            if is_causal and mask is None:
-                y = causal_attention(q, k, v, **kwargs)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+        if self.recorded is not None:  # inside record_attention: what SDPA computes, its probabilities kept
+            probs = attention_probs(q, k, mask, is_causal)
+            self.recorded.append(probs)
+            y = probs.to(v.dtype) @ v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        else:
+            # SDPA broadcasts each key/value head over its group of query heads itself (no copy).
+            kwargs = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
+            backend = sdpa_backend(q, k)
+            with sdpa_kernel(backend) if backend is not None else nullcontext():
+                if is_causal and mask is None:
+                    y = causal_attention(q, k, v, **kwargs)
+                else:
+                    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None,
+                    is_causal: bool = False) -> torch.Tensor:
+    """The probabilities SDPA weighs the values with, written out: softmax(q k^T / sqrt(hd) + mask),
+    (B, H, T, S) in fp32, for q (B, H, T, hd) and k (B, Hkv, S, hd). Query head h reads key head
+    h // (H / Hkv), as SDPA's `enable_gqa` does; `is_causal` without a mask aligns the triangle
+    bottom-right, as `causal_attention` does (T queries, the last of S positions)."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    T, S = scores.shape[-2:]
+    if is_causal and mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1)
+
+
+@contextmanager
+def record_attention(model: nn.Module) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Inside the block, every `Attention` of `model` computes softmax(q k^T / sqrt(hd) + mask) @ v
+    itself instead of calling SDPA (the same outputs, to float rounding) and appends the
+    probabilities (B, H, T, S) of each call to `records[name]`, named as in `model.named_modules()`.
+    They stay in the autograd graph when gradients are on, so a gradient with respect to them is
+    one of the model's output. Outside the block nothing changes and nothing is computed."""
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+    records: dict[str, list[torch.Tensor]] = {}
+    for name, m in modules:
+        m.recorded = records.setdefault(name, [])
+    try:
+        yield records
+    finally:
+        for _, m in modules:
+            m.recorded = None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool = False) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from omnilm.config import TextConfig
-from omnilm.model.layers import (Attention, KVCache, RaggedKVCache, RMSNorm, SwiGLU, TokenConv, decoder_mask,
-                                 rope_cos_sin)
+from omnilm.model.layers import (Attention, KVCache, RaggedKVCache, RMSNorm, StaticKVCache, SwiGLU, TokenConv,
+                                 decoder_mask, rope_cos_sin)
 from omnilm.model.moe import MoE, Routing
 
 
@@ -52,13 +52,14 @@ class LlamaDecoder(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | RaggedKVCache | None = None,
-                routing: list[Routing] | None = None,
+                position_ids: torch.Tensor | None = None,
+                cache: KVCache | RaggedKVCache | StaticKVCache | None = None, routing: list[Routing] | None = None,
                 before_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D) for input embeddings x (B, T, D).
 
         `attention_mask` (B, S) covers the cached positions and the new ones (1 = real token); a
-        `RaggedKVCache` (a serving batch) brings its own positions and mask instead.
+        `RaggedKVCache` (a serving batch) or a `StaticKVCache` (a compiled decoding step) brings its
+        own positions and mask instead.
         Without `position_ids`, positions count real tokens only, so a left-padded prompt gets
         the same positions as the unpadded one. Each MoE layer appends its `Routing` to `routing`
         when a list is given (padding tokens go to no expert and count in no statistic).
@@ -66,7 +67,7 @@ class LlamaDecoder(nn.Module):
         cross-attention fusion inserts its gated blocks, leaving the decoder's own weights as they are.
         """
         B, T, _ = x.shape
-        if isinstance(cache, RaggedKVCache):  # rows of their own lengths: the cache knows positions and mask
+        if isinstance(cache, (RaggedKVCache, StaticKVCache)):  # the cache knows positions and mask
             position_ids, mask, tokens = cache.positions(T), cache.mask(T), None
         else:
             start = cache.seen if cache is not None else 0

@@ -427,7 +427,7 @@ class OmniModel(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         t = self.config.text
-        p = self.lm_head.weight
+        p = self.llm.norm.weight  # float in every model (the linear layers' weights may be int8)
         return KVCache(t.n_layers, batch, t.n_kv_heads, t.head_dim, max_len, dtype=p.dtype, device=p.device,
                        conv_dim=t.dim if t.token_conv else 0)
 

@@ -25,7 +25,7 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         N = pixel_values.shape[0]
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (N, D, h, w)
+        patches = self.patch_embedding(pixel_values.to(self.class_embedding.dtype))  # (N, D, h, w)
         patches = patches.flatten(2).transpose(1, 2)  # (N, P, D)
         cls = self.class_embedding.expand(N, 1, -1)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight  # (N, 1+P, D)

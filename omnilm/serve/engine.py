@@ -179,7 +179,7 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_len = max_len or text.max_seq_len
-        weight = model.lm_head.weight
+        weight = model.llm.norm.weight  # float in every model (the linear layers' weights may be int8)
         self.device = weight.device
         # Keys, values and (with text.token_conv) the token convolutions' inputs, each (L, rows, heads,
         # max_len, width): row b holds running[b]'s. The newcomer being prefilled writes into a scratch

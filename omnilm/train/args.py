@@ -136,6 +136,9 @@ class TrainArgs(LoraSettings, Hyperparams):
                                    "samples them (0: every frame)")
     video_timestamps: bool = setting(False, "each video frame's time as text before its tokens ('3s'); saved with "
                                             "the model, so chat and eval read videos the same way")
+    compile: bool = setting(False, "compile the model's forward and backward with torch.compile (inductor): the "
+                                   "same losses to float rounding; the first steps of each new batch shape compile "
+                                   "(seconds to minutes), the rest may run faster (docs/training.md)")
     resume: bool = setting(False, "continue exactly from OUT/checkpoints/latest")
     stop_after: int | None = setting(None, SUPPRESS)  # stop (and checkpoint) early, as if interrupted: for tests
     progress: bool = setting(True, "progress bar (--no-progress: none)")

@@ -159,6 +159,8 @@ def _train(args: TrainArgs, device: torch.device, ranks: Ranks) -> dict[str, Any
     export = (skeleton(model), stage.processor) if will_shard else None
     # What the steps call; `model` is what is saved.
     forward = wrap(model, args.parallel, ranks, device, use_bf16, args.expert_parallel)
+    if args.compile:  # batches differ in length: one graph with a symbolic length, not one per length
+        forward = torch.compile(forward, dynamic=True)
     sharded = is_sharded(model)
     if sharded and resume_from is not None and not sharded_resume:
         raise OmniInputError(f"{resume_from} was written by one process or by ddp, and holds the optimizer state "

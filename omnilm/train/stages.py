@@ -265,6 +265,9 @@ def build_llava_stage(args, resume_from: Path | None):
     start = resume_from / "model" if resume_from is not None else args.init
     if start is not None:
         model = OmniModel.from_pretrained(start)
+        if model.config.quantization is not None:
+            raise OmniInputError(f"{start} holds {model.config.quantization.method} weights (omnilm quantize), which "
+                                 "do not train: train the float checkpoint it was quantised from")
         tokenizer = resolve_tokenizer(args, start)
         check_tokenizer_fits(model.config, tokenizer, args.tokenizer or start)
     else:

@@ -18,7 +18,7 @@ from omnilm.data.shapeworld.multi import (IMAGE_LAYOUTS, MAX_TOTAL, MULTI_FAMILI
                                           P_MULTI_CHAT, P_THIRD_IMAGE, MultiExample, Slots, ask_multi, can_ask_multi,
                                           follow_up_questions, is_multi_image, make_multi_example, multi_rng)
 from omnilm.data.shapeworld.questions import (FAMILIES, FAMILY_WEIGHTS, P_SINGLE_TURN, QUESTION_MIXES, TEMPLATES, ask,
-                                              can_ask, pick_families, refer)
+                                              can_ask, pick_families, refer, subject)
 from omnilm.data.shapeworld.records import CAPTION_PROMPTS, Example, ShapeWorldSpec, make_example, write_shapeworld
 from omnilm.data.shapeworld.scenes import (ANSWERS, CELLS, COLOUR_RGB, COLOURS, IMAGE_SIZE, JITTER, MAX_OBJECTS,
                                            ORDINALS, PLURALS, SHAPES, SIZE_FRACTION, SIZES, Obj, Scene, caption,
@@ -71,5 +71,6 @@ __all__ = [
     "pick_families",
     "refer",
     "render",
+    "subject",
     "write_shapeworld",
 ]

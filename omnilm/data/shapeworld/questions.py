@@ -115,6 +115,16 @@ _ASKERS = {"colour": _ask_colour, "shape": _ask_shape, "count": _ask_count, "pos
            "existence": _ask_existence, "spatial": _ask_spatial}
 
 
+def subject(family: str, question: str, scene: Scene) -> Obj | None:
+    """The object a colour, shape or position `question` about `scene` asks about: the one whose
+    words it uses. None for the other families, which ask about no single object."""
+    refs = {"colour": _REF_BY_SHAPE, "shape": _REF_BY_COLOUR, "position": _REF_NO_CELL}.get(family)
+    if refs is None:
+        return None
+    return next((o for o in scene if question in {t.format(ref=refer(o, scene, refs)) for t in TEMPLATES[family]}),
+                None)
+
+
 def can_ask(family: str, scene: Scene) -> bool:
     """Whether `ask(family, scene, rng)` has a question: spatial needs two objects."""
     return family in _ASKERS and (family != "spatial" or len(scene) >= 2)
