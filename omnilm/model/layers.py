@@ -289,7 +289,7 @@ class RaggedKVCache:
 
 
 class StaticKVCache:
-    """A prefilled `KVCache` seen by a compiled decoding step (gpt-fast, Fried et al. 2023): every
+    """A prefilled `KVCache` seen by a compiled decoding step (as in PyTorch's gpt-fast, 2023): every
     index is a tensor and every shape fixed, so one graph serves each step and nothing asks the
     host where the sequence stands.
 
