@@ -29,6 +29,7 @@ import torch
 from omnilm import OmniModel
 from omnilm.cost import EnergyMeter
 from omnilm.infer import generate
+from omnilm.model.hf import weights_size
 from omnilm.model.quantize import quantize_int8
 
 
@@ -52,7 +53,7 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, tup
 def weights_mb(model: OmniModel) -> float:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        return sum(f.stat().st_size for f in Path(d).glob("model*.safetensors")) / 1e6
+        return weights_size(d) / 1e6
 
 
 def main() -> None:

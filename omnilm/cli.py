@@ -58,7 +58,7 @@ from omnilm.interpret.attention import check_attends_to_media, format_maps, look
 from omnilm.interpret.grounding import format_grounding, grounding_score
 from omnilm.interpret.routing import format_routes, moe_layer_ids, plot_load, route_prompt
 from omnilm.model import OmniModel
-from omnilm.model.hf import read_config
+from omnilm.model.hf import read_config, weights_size
 from omnilm.model.layers import resolve_device
 from omnilm.model.quantize import quantize_int8
 from omnilm.recipes.demo import run_demo
@@ -297,8 +297,7 @@ def cmd_quantize(args) -> None:
     model.save_pretrained(args.out)
     if processor is not None:
         processor.save_pretrained(args.out)
-    before, after = (sum(f.stat().st_size for f in Path(folder).glob("model*.safetensors"))
-                     for folder in (args.checkpoint, args.out))
+    before, after = weights_size(args.checkpoint), weights_size(args.out)
     print(f"wrote {args.out}: int8 weights in {', '.join(model.config.quantization.modules)}; weights "
           f"{after / 1e6:,.1f} MB, {after / before:.2f}x the {before / 1e6:,.1f} MB of {args.checkpoint}")
 

@@ -167,11 +167,8 @@ def batch_generate_flops(config: OmniConfig, input_ids: torch.Tensor, attention_
     length (`attention_mask`'s ones), its media counted from their markers (as `batch_flops`), for
     the `new_tokens[b]` tokens row b needed (its stop token included). The steps a finished row idles
     through while others go on are left out, as padding is: work that counts for nothing."""
-    B, T = input_ids.shape
-    lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [T] * B
-    media = [_markers(input_ids, *spec).tolist() for spec in _media_specs(config)]
-    return sum((generate_flops(config, int(length), new, *(m[row] for m in media))
-                for row, (length, new) in enumerate(zip(lengths, new_tokens, strict=True))), _Count(config).flops)
+    rows = zip(_rows(config, input_ids, attention_mask), new_tokens, strict=True)
+    return sum((generate_flops(config, length, new, *media) for (length, media), new in rows), _Count(config).flops)
 
 
 def flops_per_token(config: OmniConfig, seq_len: int, n_images: int = 0, training: bool = False) -> float:
@@ -186,15 +183,23 @@ def batch_flops(config: OmniConfig, input_ids: torch.Tensor, attention_mask: tor
     """FLOPs of a forward pass over a batch (B, T), each row at its real length (`attention_mask`'s
     ones: padding is work that counts for nothing), its images, video frames and audio windows
     counted from their markers; logits at `n_logits` positions of the batch (None: every real one)."""
+    rows = _rows(config, input_ids, attention_mask)
+    head = _Count(config)
+    head.linear("head", sum(length for length, _ in rows) if n_logits is None else n_logits, config.text.dim,
+                config.text.vocab_size)
+    total = head.flops
+    for length, media in rows:
+        total = total + forward_flops(config, length, *media, n_logits=0)
+    return total
+
+
+def _rows(config: OmniConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[tuple[int, list]]:
+    """Each row of a batch (B, T) as (its real length: `attention_mask`'s ones, its images, video
+    frames and audio windows counted from their markers)."""
     B, T = input_ids.shape
     lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [T] * B
     media = [_markers(input_ids, *spec).tolist() for spec in _media_specs(config)]
-    head = _Count(config)
-    head.linear("head", sum(lengths) if n_logits is None else n_logits, config.text.dim, config.text.vocab_size)
-    total = head.flops
-    for row, length in enumerate(lengths):
-        total = total + forward_flops(config, int(length), *(m[row] for m in media), n_logits=0)
-    return total
+    return [(int(length), [m[row] for m in media]) for row, length in enumerate(lengths)]
 
 
 def training_flops(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

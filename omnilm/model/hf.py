@@ -268,6 +268,11 @@ def _weight_files(folder: Path) -> list[Path]:
     raise OmniInputError(f"{folder} has no model.safetensors nor model.safetensors.index.json: the weights are missing")
 
 
+def weights_size(path: str | Path) -> int:
+    """Bytes of a checkpoint folder's weight files (the one file, or the shards its index lists)."""
+    return sum(file.stat().st_size for file in _weight_files(_folder(path)))
+
+
 def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
