@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -48,6 +50,15 @@ def write_text(file: str | Path, text: str) -> None:
 
 def write_json(file: str | Path, data: Any) -> None:
     write_text(file, json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(file: str | Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    """`rows` as CSV under a header of `fields`, floats to 4 decimals, written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    write_text(file, text.getvalue())
 
 
 def read_json(file: str | Path) -> Any:

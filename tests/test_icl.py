@@ -237,7 +237,8 @@ def test_the_recipe_end_to_end_at_toy_size(tmp_path):
     # four lessons, then the ordinary questions before and after and the grid: every output in its place.
     tiny = dict(batch_size=8, warmup=0)
     lesson = dict(steps=2, group_by_length=True, optimizer="muon", **tiny)
-    recipe = IclRecipe(n_train=160, n_test=10, clip_images=64, pool=30, eval_n=1, token_conv=4, progress=False,
+    recipe = IclRecipe(n_train=160, n_test=10, clip_images=64, pool=30, eval_n=1, token_conv=4, word_dims=8,
+                       progress=False,
                        clip=Hyperparams(steps=2, **tiny), align=Hyperparams(steps=2, **tiny),
                        instruct=Hyperparams(steps=2, optimizer="muon", tasks=QUESTION_FAMILIES, **tiny),
                        lookup=Hyperparams(**lesson), look=Hyperparams(**lesson), words=Hyperparams(**lesson),
@@ -256,11 +257,17 @@ def test_the_recipe_end_to_end_at_toy_size(tmp_path):
         assert not torch.equal(final.state_dict()[weight][:fixed.start], start.state_dict()[weight][:fixed.start])
     for name in ("icl.csv", "icl.png", "predictions.jsonl"):
         assert (tmp_path / "icl_eval" / name).is_file()
-    lessons = {lesson: read_records(tmp_path / "data" / f"icl_{lesson}.json") for lesson in ("lookup", "look", "words")}
+    lessons = {}
+    for lesson in ("lookup", "look", "words", "icl"):  # --replay 0.25: a quarter of every lesson the questions
+        records = read_records(tmp_path / "data" / f"icl_{lesson}.json")
+        lessons[lesson] = [r for r in records if r["task"] == "icl"]
+        assert len(lessons[lesson]) == 12 and sum(r["task"] in QUESTION_FAMILIES for r in records) == 4
     assert all(r["icl"]["words"] == "letters" and "image" not in r for r in lessons["lookup"])
     assert all(r["icl"]["words"] == "letters" and "image" in r for r in lessons["look"])
     assert all(r["icl"]["words"] == "train" and "image" not in r for r in lessons["words"])
-    mix = read_records(tmp_path / "data" / "icl_icl.json")
-    assert sum(r["task"] == "icl" for r in mix) == 12 and sum(r["task"] != "icl" for r in mix) == 4  # --replay 0.25
+    # --word-dims 8: every word's rows in one 8-dimension subspace
+    rows = final.state_dict()["llm.embed_tokens.weight"][demo.config.text.vocab_size:]
+    assert torch.linalg.matrix_rank(rows) == 8
     one_line_error(lambda: IclRecipe(replay=0.95), "--replay", "0.9")
+    one_line_error(lambda: IclRecipe(word_dims=100_000), "--word-dims", "width")
     one_line_error(lambda: IclRecipe(real=0.6, shuffled=0.6), "at most 1 in all")

@@ -306,3 +306,18 @@ def test_add_tokens_grows_the_vocabulary_and_keeps_fixed_rows_apart(tmp_path):
     torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
     one_line_error(lambda: model.add_tokens(2), "fixed tokens", "before them")
     one_line_error(lambda: model.add_tokens(0), "add_tokens(0)")
+
+
+def test_add_tokens_in_a_subspace():
+    # dims=4: the new rows, embedding and output alike, span 4 dimensions, at the old rows' mean length.
+    model = small_model()
+    vocab, width = model.config.text.vocab_size, model.config.text.dim
+    model.add_tokens(50, fixed=True, dims=4)
+    for weight in (model.llm.embed_tokens.weight, model.lm_head.weight):
+        rows = weight.detach()[vocab:]
+        assert torch.linalg.matrix_rank(rows) == 4
+        torch.testing.assert_close(rows.norm(dim=1), torch.full((50,), weight.detach()[:vocab].norm(dim=1).mean().item()))
+    embed, head = model.llm.embed_tokens.weight.detach()[vocab:], model.lm_head.weight.detach()[vocab:]
+    torch.testing.assert_close(embed / embed.norm(dim=1, keepdim=True), head / head.norm(dim=1, keepdim=True))
+    for dims in (0, width + 1):
+        one_line_error(lambda: small_model().add_tokens(3, dims=dims), f"dims={dims}", str(width))

@@ -20,8 +20,6 @@ predictions.jsonl.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +31,15 @@ from omnilm.data.processor import Processor
 from omnilm.errors import OmniInputError
 from omnilm.eval.niah import wilson_interval
 from omnilm.eval.vqa import evaluate_vqa, normalize_answer
-from omnilm.io import atomic_write, write_text
+from omnilm.io import atomic_write, write_csv, write_text
 from omnilm.model import OmniModel
 from omnilm.model.layers import resolve_device
 from omnilm.model.vision import FeatureCache
 from omnilm.settings import check_output_folder, check_range, check_seed, setting
 
 CONTROLS = tuple(v for v in VARIANTS if v != "novel")
+CSV_FIELDS = ["variant", "attribute", "ways", "shots", "n", "correct", "accuracy", "ci_low", "ci_high",
+              "named_image"]  # icl.csv, a row per cell
 POOL = 600  # held-out single-object images the evaluation draws from: 20 of each colour and shape
 # Frozen (Tsimpoukelli et al. 2021, Table 2): open-ended fast binding on miniImageNet, 2-way, with the
 # task instruction, accuracy at 1, 3 and 5 shots; 5-way stays near chance.
@@ -162,16 +162,6 @@ def format_icl(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\nAccuracy % (95% Wilson interval); chance is 1/ways."
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    fields = ["variant", "attribute", "ways", "shots", "n", "correct", "accuracy", "ci_low", "ci_high", "named_image"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()})
-    write_text(path, buffer.getvalue())
-
-
 def plot_icl(rows: list[dict], png: str | Path, title: str = "in-context learning on ShapeWorld") -> None:
     """Accuracy against shots, a panel per attribute, a line per variant and ways (95% intervals
     as bands), chance dashed, and Frozen's 2-way figures for comparison."""
@@ -208,7 +198,7 @@ def plot_icl(rows: list[dict], png: str | Path, title: str = "in-context learnin
 
 
 def write_outputs(rows: list[dict], predictions: list[dict], out: Path) -> None:
-    write_csv(rows, out / "icl.csv")
+    write_csv(out / "icl.csv", rows, CSV_FIELDS)
     plot_icl(rows, out / "icl.png")
     write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
 

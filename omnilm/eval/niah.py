@@ -35,8 +35,6 @@ with the prompt, not with its square.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import random
 import re
@@ -55,7 +53,7 @@ from omnilm.data.shapeworld.video import MAX_NEEDLE_FRAMES, make_video_needle
 from omnilm.errors import OmniInputError
 from omnilm.eval.vqa import normalize_answer
 from omnilm.infer import generate
-from omnilm.io import atomic_write, write_text
+from omnilm.io import atomic_write, write_csv, write_text
 from omnilm.model import OmniModel
 from omnilm.model.hf import read_config
 from omnilm.model.layers import resolve_device
@@ -66,6 +64,7 @@ NIAH_NEEDLES = (*NEEDLES, "video", "audio")
 # Needles in a clip of --lengths frames or windows: the most each may have, and what a length counts.
 CLIP_NEEDLES = {"video": (MAX_NEEDLE_FRAMES, "frames"), "audio": (MAX_NEEDLE_WINDOWS, "windows")}
 AUTO = "auto"  # --rope-scaling TYPE:auto: the factor of each length is length / trained length (at least 1)
+CSV_FIELDS = ["length", "depth", "samples", "correct", "recall"]  # niah.csv, a row per cell
 MAX_DEPTHS = 101  # 1% apart: needles are placed between sentences, so finer steps would repeat places
 
 
@@ -239,7 +238,7 @@ def run_niah(run: NiahArgs, progress: bool = True) -> str:
     rows = cells(predictions, lengths, grid.depths)
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "niah.csv")
+    write_csv(out / "niah.csv", rows, CSV_FIELDS)
     write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     scaling = run.rope_scaling or _shown_scaling(config.text.rope_scaling)
     scaling += " + log-n attention" if run.logn else ""
@@ -263,7 +262,7 @@ def clip_niah(model, processor: Processor, run: NiahArgs, progress: bool = True)
     rows = cells(predictions, grid.lengths, grid.depths)
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "niah.csv")
+    write_csv(out / "niah.csv", rows, CSV_FIELDS)
     write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
     title = clip_niah_title(predictions, processor, run.needle)
     plot_heatmap(rows, out / "niah.png", title, xlabel=f"clip length ({CLIP_NEEDLES[run.needle][1]})")
@@ -406,14 +405,6 @@ def cells(predictions: list[dict], lengths: list[int], depths: list[float]) -> l
             rows.append({"length": length, "depth": round(depth, 4), "samples": len(hits), "correct": sum(hits),
                          "recall": sum(hits) / len(hits) if hits else 0.0})
     return rows
-
-
-def write_csv(rows: list[dict], path: str | Path) -> None:
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=["length", "depth", "samples", "correct", "recall"])
-    writer.writeheader()
-    writer.writerows({**row, "recall": f"{row['recall']:.4f}"} for row in rows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text.getvalue(), newline=""))
 
 
 def format_niah(rows: list[dict]) -> str:

@@ -111,20 +111,30 @@ class OmniModel(nn.Module):
         for layer in self.llm.layers:
             layer.token_conv = TokenConv(t.dim, kernel).to(device=p.device, dtype=p.dtype)
 
-    def add_tokens(self, n: int, fixed: bool = False, seed: int = 0) -> None:
+    def add_tokens(self, n: int, fixed: bool = False, seed: int = 0, dims: int | None = None) -> None:
         """Grow the vocabulary by `n` ids whose embedding and output rows are random directions, drawn
         from `seed` at the mean length of the rows already there. With `fixed`, training never moves
         them (`TextConfig.fixed_tokens`, the last ids; train.stages.hold_fixed_tokens): words that get
         such ids are alike to the model, used in training or not, and only what a prompt says of one
-        can tell it apart. Trained ids cannot follow fixed ones."""
+        can tell it apart. Trained ids cannot follow fixed ones. With `dims`, the directions lie in
+        one random subspace of that many dimensions (the same for embedding and output rows): an
+        attention head copies such a token through a value path that spans more of where the tokens
+        live (docs/icl.md)."""
         t = self.config.text
         old = self.llm.embed_tokens.weight
         if not is_int(n) or n < 1:
             raise OmniInputError(f"add_tokens({n!r}): give a number of tokens from 1")
+        if dims is not None and not (is_int(dims) and 1 <= dims <= t.dim):
+            raise OmniInputError(f"add_tokens(dims={dims!r}): give 1 to the model's width, {t.dim}")
         if t.fixed_tokens and not fixed:
             raise OmniInputError(f"the vocabulary ends in {t.fixed_tokens} fixed tokens (text.fixed_tokens): add the "
                                  "tokens that train before them")
-        directions = torch.randn(n, t.dim, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        if dims is None or dims == t.dim:
+            directions = torch.randn(n, t.dim, generator=generator)
+        else:
+            basis, _ = torch.linalg.qr(torch.randn(t.dim, dims, generator=generator))  # (dim, dims), orthonormal
+            directions = torch.randn(n, dims, generator=generator) @ basis.T
         directions = (directions / directions.norm(dim=1, keepdim=True)).to(device=old.device, dtype=old.dtype)
 
         def grown(weight: torch.Tensor) -> nn.Parameter:

@@ -6,11 +6,11 @@ demo`, unchanged. Its decoder is then given a token convolution and every made-u
 `omnilm.data.icl` as one token whose rows never train, and four lessons (LESSONS), each from the
 model of the one before, teach the binding: capital letters bound to colours or shapes named in
 words (the look-up forms there, after a long plateau), the same with images, made-up words in place
-of the letters, and all of it (2 to 5 words, 0 to 8 shots, every variant) mixed with the demo's
-own questions, so that the model keeps what it knew. Then it measures, on held-out images: the
-ordinary questions before and after the lessons (the instruct stage's model is the demo's, trained
-without episodes) and `omnilm eval icl`'s grid on held-out words. Why each default is what it is:
-docs/icl.md. Everything lands under `out/`:
+of the letters, and all of it (2 to 5 words, 0 to 8 shots, every variant); a quarter of every
+lesson is the demo's own questions, so that the model keeps what it knew. Then it measures, on
+held-out images: the ordinary questions before and after the lessons (the instruct stage's model is
+the demo's, trained without episodes) and `omnilm eval icl`'s grid on held-out words. Why each
+default is what it is: docs/icl.md. Everything lands under `out/`:
 
     out/data/        the demo's data and tokenizer, icl_<lesson>.json (each lesson's records),
                      images/ (the episodes' image pool among them)
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnilm.config import MAX_KERNEL
+from omnilm.config import MAX_KERNEL, OmniConfig
 from omnilm.data.icl import ALL_WORDS, ATTRIBUTES, Episode, icl_rng, index_pool, make_episode, write_pool
 from omnilm.data.llava_json import read_records, write_records
 from omnilm.errors import OmniInputError
@@ -67,20 +67,24 @@ class IclRecipe(Recipe):
     real: float = setting(0.1, "share of the last lesson's episodes that use the attribute's own names")
     shuffled: float = setting(0.1, "share of the last lesson's episodes that use the own names on the wrong values "
                                    "(the answer must follow the prompt, not the image)")
-    replay: float = setting(0.25, "share of the last lesson's records that are the demo's own questions")
+    replay: float = setting(0.25, "share of every lesson's records that are the demo's own questions: the "
+                                  "look-up still forms, later by this share, and the questions stay")
     pool: int = setting(3000, "single-object images the training episodes draw from")
     token_conv: int = setting(20, "the lessons give the decoder a short causal convolution over the last K tokens "
                                   "before each attention, zero-initialised (TextConfig.token_conv; 0: none): it puts "
                                   "a turn's image beside its answer (docs/icl.md)", metavar="K")
+    word_dims: int = setting(64, "the made-up words' fixed rows are random directions in one subspace of D "
+                                 "dimensions (0: the decoder's whole width): copied from the prompt far sooner "
+                                 "(docs/icl.md)", metavar="D")
     lookup: Hyperparams = setting(
         help="lesson 1, from the instruct stage's model: capital letters bound to colours or shapes named in words",
-        factory=lambda: _lesson(1000, warmup=30, min_lr_ratio=0.5))
-    look: Hyperparams = setting(help="lesson 2: the same with images", factory=lambda: _lesson(200, warmup=10))
+        factory=lambda: _lesson(1600, warmup=30, min_lr_ratio=0.5))
+    look: Hyperparams = setting(help="lesson 2: the same with images", factory=lambda: _lesson(500, warmup=10))
     words: Hyperparams = setting(help="lesson 3: made-up words (one fixed token each) in place of the letters, in "
-                                      "words", factory=lambda: _lesson(150, warmup=10))
+                                      "words", factory=lambda: _lesson(450, warmup=10))
     icl: Hyperparams = setting(
-        help="lesson 4: made-up words, images and words, 2 to 5 of them, every variant, and the demo's questions",
-        factory=lambda: _lesson(250, warmup=10))
+        help="lesson 4: made-up words, images and words, 2 to 5 of them, every variant",
+        factory=lambda: _lesson(650, warmup=10))
     cache_features: float = setting(1.0, "keep up to GIB gibibytes of the frozen tower's features in the lessons, so "
                                          "that each pool image runs through it once", metavar="GIB")
     eval_n: int = setting(100, "held-out episodes per cell of the evaluation grid (2- and 5-way, 0 to 8 shots, "
@@ -91,9 +95,11 @@ class IclRecipe(Recipe):
         check_range(self, ("queries", "max_shots", "pool", "eval_n"), low=1)
         check_range(self, ("max_images",), low=2)
         check_range(self, ("ambiguous", "real", "shuffled"), 0, 1)
-        check_range(self, ("replay",), 0, 0.9, what=": the rest of the last lesson's records are episodes")
+        check_range(self, ("replay",), 0, 0.9, what=": the rest of each lesson's records are episodes")
         check_range(self, ("cache_features",), low=0)
         check_range(self, ("token_conv",), 0, MAX_KERNEL)
+        check_range(self, ("word_dims",), 0, OmniConfig.from_preset(self.preset).text.dim,
+                    what=": the decoder's width is the most")
         if self.ambiguous + self.real + self.shuffled > 1:
             raise OmniInputError("--ambiguous, --real and --shuffled are shares of the episodes: give at most 1 in all")
 
@@ -120,25 +126,21 @@ def draw_training_episode(recipe: IclRecipe, lesson: str, rng: random.Random) ->
 
 
 def write_lessons(data: Path, recipe: IclRecipe, train_json: Path) -> dict[str, Path]:
-    """Each lesson's records (icl_<lesson>.json: one episode per record a step reads, the last
-    lesson's mixed with a --replay share of the demo's question records), the image pool under
-    data/images/."""
+    """Each lesson's records (icl_<lesson>.json: one episode per record a step reads, mixed with a
+    --replay share of the demo's question records), the image pool under data/images/."""
     by_value = index_pool(write_pool(data, "train", recipe.seed, recipe.pool))
     questions = [r for r in read_records(train_json) if r.get("task") != "caption"]
     paths = {}
     for lesson, _, _ in LESSONS:
         hp: Hyperparams = getattr(recipe, lesson)
         n = hp.steps * hp.batch_size * hp.grad_accum
-        if lesson == "icl":
-            n = round(n * (1 - recipe.replay))
         records = []
-        for index in range(n):
+        for index in range(round(n * (1 - recipe.replay))):
             rng = icl_rng(f"train-{lesson}", recipe.seed, index)
             records.append(make_episode(rng, by_value, draw_training_episode(recipe, lesson, rng),
                                         f"icl-{lesson}-{index:06d}"))
-        if lesson == "icl":
-            n_replay = min(len(questions), round(len(records) * recipe.replay / (1 - recipe.replay)))
-            records += random.Random(f"icl-replay:{recipe.seed}").sample(questions, n_replay)
+        n_replay = min(len(questions), n - len(records))
+        records += random.Random(f"icl-replay:{lesson}:{recipe.seed}").sample(questions, n_replay)
         paths[lesson] = data / f"icl_{lesson}.json"
         write_records(paths[lesson], records)
     return paths
@@ -154,7 +156,7 @@ def icl_start(model, processor, recipe: IclRecipe, folder: Path) -> None:
     if recipe.token_conv:
         model.add_token_conv(recipe.token_conv)
     processor.tokenizer.add_words(ALL_WORDS)
-    model.add_tokens(len(ALL_WORDS), fixed=True, seed=recipe.seed)
+    model.add_tokens(len(ALL_WORDS), fixed=True, seed=recipe.seed, dims=recipe.word_dims or None)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
