@@ -646,7 +646,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except OmniInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # one write of the whole line: ranks under torchrun share one stderr, and print's two
+        # writes (text, then newline) from two ranks can land as one joined line
+        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.flush()
         raise SystemExit(2) from None
 
 
