@@ -16,7 +16,7 @@ from omnilm.data.shapeworld import write_shapeworld
 from omnilm.data.shapeworld.scenes import COLOURS, SHAPES
 from omnilm.eval.icl import IclEvalArgs, cells, evaluate_icl, format_icl, summary, write_outputs
 from omnilm.model import OmniModel
-from omnilm.recipes.icl import IclRecipe, run_icl_recipe
+from omnilm.recipes.icl import IclRecipe, draw_training_episode, run_icl_recipe
 from omnilm.recipes.recipe import QUESTION_FAMILIES
 from omnilm.train import Hyperparams, TrainArgs, train
 from omnilm.train.stages import corpus
@@ -209,17 +209,19 @@ def test_evaluation_scores_every_cell_and_writes_its_outputs(tmp_path):
     assert len(table) == 4 and (args.out / "icl.png").stat().st_size > 10_000
     assert len((args.out / "predictions.jsonl").read_text().splitlines()) == 12
     report = format_icl(rows)
-    assert "| novel | colour | 2 | 50 |" in report and "Shuffled labels:" in report
+    assert "| novel | colour | 2 | 50 |" in report and "Shuffled labels, 1 shot or more:" in report
 
 
 def test_summary_and_table_from_rows():
     rows = [{"variant": v, "attribute": a, "ways": w, "shots": k, "n": 10, "correct": c, "accuracy": c / 10,
              "ci_low": 0.0, "ci_high": 1.0, "named_image": 0.0}
             for v, a, w, k, c in [("novel", "colour", 2, 0, 5), ("novel", "shape", 2, 0, 6), ("novel", "colour", 5, 4, 9),
-                                  ("shuffled", "colour", 2, 4, 10), ("shuffled", "shape", 2, 4, 8)]]
+                                  ("shuffled", "colour", 2, 4, 10), ("shuffled", "shape", 2, 4, 8),
+                                  ("shuffled", "colour", 2, 0, 1)]]  # no shots: nothing to follow, not counted
     s = summary(rows)
     assert s["novel_2way"][0] == 0.55 and s["novel_5way_colour_4shot"] == 0.9 and s["shuffled_follow"] == 0.9
-    assert "Shuffled labels: 90.0% of answers follow" in format_icl(rows)
+    assert "Shuffled labels, 1 shot or more: 90.0% of answers follow" in format_icl(rows)
+    assert summary(rows[:3])["shuffled_follow"] is None
 
 
 def test_cli_data_icl_and_eval_icl_flags(tmp_path, capsys):
@@ -230,6 +232,24 @@ def test_cli_data_icl_and_eval_icl_flags(tmp_path, capsys):
     cli_error(code, err, "--ways 9")
     code, _, err = run_cli(["eval", "icl", tmp_path, "--shots", "x"], capsys)
     cli_error(code, err, "--shots")
+
+
+def test_the_lessons_draw_what_their_settings_say():
+    # The first three lessons: 2-way, 1 to 4 shots, made-up labels. The last: every episode within
+    # --max-images (5-way up to 4 shots, 2-way up to --max-shots), the variants at their shares.
+    recipe, rng = IclRecipe(), random.Random(0)
+    for lesson in ("lookup", "look", "words"):
+        drawn = [draw_training_episode(recipe, lesson, rng) for _ in range(200)]
+        assert {(e.ways, e.variant) for e in drawn} == {(2, "novel")} and {e.shots for e in drawn} == {1, 2, 3, 4}
+    drawn = [draw_training_episode(recipe, "icl", rng) for _ in range(4000)]
+    assert all(e.ways * e.shots <= recipe.max_images and e.shots <= recipe.max_shots for e in drawn)
+    assert max(e.shots for e in drawn if e.ways == 5) == recipe.max_images // 5 == 4
+    assert max(e.shots for e in drawn if e.ways == 2) == recipe.max_shots
+    for variant in ("ambiguous", "real", "shuffled"):
+        share = sum(e.variant == variant for e in drawn) / len(drawn)
+        assert abs(share - getattr(recipe, variant)) < 0.03, (variant, share)
+    short = (draw_training_episode(IclRecipe(max_images=12), "icl", rng) for _ in range(1000))
+    assert max(e.shots for e in short if e.ways == 5) == 2
 
 
 def test_the_recipe_end_to_end_at_toy_size(tmp_path):

@@ -8,7 +8,8 @@ training set's). The controls, each on the same grid:
 
     real       the attribute's own names: what perception alone reaches (the ceiling)
     shuffled   the own names on the wrong values: the share of answers that follow the prompt
-               (reported as accuracy) and of those that name what the image shows instead
+               (reported as accuracy) and of those that name what the image shows instead; the
+               headline counts the episodes with shots (with none, nothing binds a name)
     ambiguous  each word's first shot confounds colour and shape, and the query's colour points
                to one word, its shape to another: one shot each leaves chance, more shots settle it
 
@@ -141,6 +142,17 @@ def evaluate_icl(model, processor: Processor, args: IclEvalArgs,
     return rows, predictions
 
 
+def shuffled_shares(rows: list[dict]) -> tuple[float, float] | None:
+    """Of the shuffled-label episodes with at least one shot, the share of answers that follow the
+    prompt's label and the share that name what the image shows (None without such episodes). With
+    no shots the prompt binds no name to a value, so there is nothing to follow."""
+    shown = [r for r in rows if r["variant"] == "shuffled" and r["shots"] > 0]
+    if not shown:
+        return None
+    n = sum(r["n"] for r in shown)
+    return sum(r["correct"] for r in shown) / n, sum(r["named_image"] * r["n"] for r in shown) / n
+
+
 def format_icl(rows: list[dict]) -> str:
     """Accuracy per cell as markdown: a row per variant, attribute and ways, a column per shot count."""
     shots = sorted({r["shots"] for r in rows})
@@ -153,12 +165,11 @@ def format_icl(rows: list[dict]) -> str:
         cells_ = [f"{100 * by_shots[k]['accuracy']:.1f} ({100 * by_shots[k]['ci_low']:.0f}–"
                   f"{100 * by_shots[k]['ci_high']:.0f})" if k in by_shots else "–" for k in shots]
         lines.append(f"| {variant} | {attribute} | {ways} | {100 / ways:.0f} | " + " | ".join(cells_) + " |")
-    shuffled = [r for r in rows if r["variant"] == "shuffled"]
+    shuffled = shuffled_shares(rows)
     if shuffled:
-        follow = sum(r["correct"] for r in shuffled) / sum(r["n"] for r in shuffled)
-        image = sum(r["named_image"] * r["n"] for r in shuffled) / sum(r["n"] for r in shuffled)
-        lines += ["", f"Shuffled labels: {100 * follow:.1f}% of answers follow the prompt's label, {100 * image:.1f}% "
-                      "name what the image shows."]
+        follow, image = shuffled
+        lines += ["", f"Shuffled labels, 1 shot or more: {100 * follow:.1f}% of answers follow the prompt's label, "
+                      f"{100 * image:.1f}% name what the image shows."]
     return "\n".join(lines) + "\n\nAccuracy % (95% Wilson interval); chance is 1/ways."
 
 
@@ -223,4 +234,4 @@ def summary(rows: list[dict]) -> dict[str, Any]:
     return {"novel_2way": {k: acc("novel", 2, k) for k in sorted({r["shots"] for r in rows})},
             "novel_5way_colour_4shot": acc("novel", 5, 4, ("colour",)),
             "ambiguous_2way": {k: acc("ambiguous", 2, k) for k in sorted({r["shots"] for r in rows})},
-            "shuffled_follow": acc("shuffled", 2, 4)}
+            "shuffled_follow": (shuffled_shares(rows) or (None,))[0]}
