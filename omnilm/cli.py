@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_audio)
 
     p = sub.add_parser("demo-icl", help="a small model learns new words for colours and shapes from its prompt "
-                                        "alone; accuracy against shots, with controls (about 48 minutes on 2 cores)",
+                                        "alone; accuracy against shots, with controls (about 53 minutes on 2 cores)",
                        description="In-context learning on ShapeWorld: the demo's recipe, then a token convolution and "
                                    "the made-up words (one token each, whose rows never train) grown onto its model, "
                                    "then four lessons of episodes (omnilm data icl): capital letters bound to colours "
