@@ -231,7 +231,8 @@ def summary(rows: list[dict]) -> dict[str, Any]:
                and r["attribute"] in attributes]
         return sum(r["correct"] for r in hit) / sum(r["n"] for r in hit) if hit else None
 
+    shuffled = shuffled_shares(rows)
     return {"novel_2way": {k: acc("novel", 2, k) for k in sorted({r["shots"] for r in rows})},
             "novel_5way_colour_4shot": acc("novel", 5, 4, ("colour",)),
             "ambiguous_2way": {k: acc("ambiguous", 2, k) for k in sorted({r["shots"] for r in rows})},
-            "shuffled_follow": (shuffled_shares(rows) or (None,))[0]}
+            "shuffled_follow": shuffled[0] if shuffled else None}
