@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "a few examples, then a query (Frozen's fast binding)",
                         description="Each episode draws an attribute, N of its values and N nonsense words (afresh "
                                     "every episode), shows k single-object images of each, each a turn ('<image> "
-                                    "What is this?') answered with its word, then asks the same of one more. "
+                                    "What colour is the object?') answered with its word, then asks the same of one more. "
                                     "--variants real uses the attributes' own names, shuffled puts them on the wrong "
                                     "values, ambiguous confounds colour and shape in the first shots. --words "
                                     "held-out draws words no training episode uses, letters capital letters; --form "

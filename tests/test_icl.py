@@ -66,9 +66,10 @@ def test_an_episode_binds_each_word_to_one_value(pool, attribute, ways, shots):
     assert all(said[:ways * shots].count(word) == shots for word in binding)
     assert said[-3:] == info["answers"] and [binding[a] for a in info["answers"]] == info["names"]
     first = turns[0]["value"]
-    assert first.startswith("The words ") and first.endswith(f"name {attribute}s.\n<image> What is this?")
+    asked = f"<image> What {attribute} is the object?"
+    assert first.startswith("The words ") and first.endswith(f"name {attribute}s.\n{asked}")
     assert all(w in first for w in binding)
-    assert all(t["value"] == "<image> What is this?" for t in turns[2::2])
+    assert all(t["value"] == asked for t in turns[2::2])
 
 
 def test_episodes_are_drawn_afresh_and_deterministically(pool):
@@ -100,6 +101,8 @@ def test_ambiguous_first_shots_confound_both_attributes_and_the_query_splits_the
         info, objs = record["icl"], objects(pool, record)
         said = answers_of(record)
         assert "name colours or shapes." in record["conversations"][0]["value"]
+        # Every turn asks for the object, not for the attribute the episode hides.
+        assert all(t["value"].endswith("> What is the object?") for t in record["conversations"][::2])
         first = {said[k]: objs[k] for k in range(2)}  # each word's first shot
         assert set(first) == set(info["labels"]) and len({o.shape for o in first.values()}) == 2
         query = objs[-1]
@@ -235,13 +238,16 @@ def test_cli_data_icl_and_eval_icl_flags(tmp_path, capsys):
 
 
 def test_the_lessons_draw_what_their_settings_say():
-    # The first three lessons: 2-way, 1 to 4 shots, made-up labels. The last: every episode within
-    # --max-images (5-way up to 4 shots, 2-way up to --max-shots), the variants at their shares.
+    # The first three lessons: 2-way, 1 to 4 shots, made-up labels, "What is this?". The last: every
+    # episode within --max-images (5-way up to 4 shots, 2-way up to --max-shots), the variants at their
+    # shares, each turn asking for the attribute, as the evaluation's episodes do.
     recipe, rng = IclRecipe(), random.Random(0)
     for lesson in ("lookup", "look", "words"):
         drawn = [draw_training_episode(recipe, lesson, rng) for _ in range(200)]
-        assert {(e.ways, e.variant) for e in drawn} == {(2, "novel")} and {e.shots for e in drawn} == {1, 2, 3, 4}
+        assert {(e.ways, e.variant, e.ask) for e in drawn} == {(2, "novel", False)}
+        assert {e.shots for e in drawn} == {1, 2, 3, 4}
     drawn = [draw_training_episode(recipe, "icl", rng) for _ in range(4000)]
+    assert all(e.ask for e in drawn) and all(e.ask for e in cells(IclEvalArgs(checkpoint="unused")))
     assert all(e.ways * e.shots <= recipe.max_images and e.shots <= recipe.max_shots for e in drawn)
     assert max(e.shots for e in drawn if e.ways == 5) == recipe.max_images // 5 == 4
     assert max(e.shots for e in drawn if e.ways == 2) == recipe.max_shots

@@ -5,12 +5,14 @@ an attribute (colour or shape) and N of its values, binds N nonsense words to th
 for every episode, shows k single-object images of each value with its word, then asks for the
 word of one more. Each shot is a turn of the chat, its word the answer, as in Chan et al.'s
 sequences of (image, label) pairs, so that training supervises every one (the first of each word
-a guess among the words named, every later one answerable from the prompt):
+a guess among the words named, every later one answerable from the prompt). Each turn asks for the
+attribute the instruction names (an ambiguous episode, "What is the object?"; with `ask=False`,
+"What is this?", as the first lessons of `omnilm demo-icl` do):
 
     USER: The words dax and blicket name colours.
-          <image> What is this?    ASSISTANT: blicket
-    USER: <image> What is this?    ASSISTANT: dax
-    USER: <image> What is this?    ASSISTANT: ?          (the query: blicket or dax)
+          <image> What colour is the object?    ASSISTANT: blicket
+    USER: <image> What colour is the object?    ASSISTANT: dax
+    USER: <image> What colour is the object?    ASSISTANT: ?    (the query: blicket or dax)
 
 The other attribute (and the size and cell) varies from image to image, so only the named
 attribute carries the answer. Since a word's meaning changes between episodes, the answer can
@@ -140,6 +142,7 @@ class Episode:
     words: str = "train"  # which labels: the train or held-out nonsense words, or letters
     queries: int = 1  # questions, one a turn
     form: str = "image"  # image, or text: each image replaced by its object's colour and shape in words
+    ask: bool = True  # each turn asks for the attribute named ("What colour is the object?"); False: "What is this?"
 
 
 def icl_rng(split: str, seed: int, index: int) -> random.Random:
@@ -194,10 +197,11 @@ def make_episode(rng: random.Random, by_value: dict[tuple[str, str], list[PoolIm
     order = rng.sample(labels, n)  # the instruction lists the words in an order of its own
     named = " and ".join(order) if n == 2 else ", ".join(order[:-1]) + " and " + order[-1]
     seen = [item for _, item in shots] + query_images
+    ask = f"What {'' if ambiguous else attribute + ' '}is the object?" if episode.ask else "What is this?"
     turns = []
     for k, (i, item) in enumerate(zip([i for i, _ in shots] + asked, seen)):
         shown = "<image>" if episode.form == "image" else f"{item.obj.colour} {item.obj.shape}"
-        question = f"The words {named} name {kinds}.\n{shown} What is this?" if k == 0 else f"{shown} What is this?"
+        question = f"The words {named} name {kinds}.\n{shown} {ask}" if k == 0 else f"{shown} {ask}"
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": labels[i]}]
     info = {"attribute": attribute, "ways": n, "shots": episode.shots, "variant": episode.variant,
             "words": episode.words, "form": episode.form, "values": values, "labels": labels,
@@ -249,6 +253,8 @@ class IclSpec:
     form: str = setting("image", "image, or text: each image replaced by its object's colour and shape in words "
                                  "(no images)", choices=FORMS)
     queries: int = setting(1, "questions per episode, one a turn, each after the answers before it")
+    ask: bool = setting(True, "each turn asks for the attribute the instruction names ('What colour is the "
+                              "object?'; an ambiguous episode's, 'What is the object?'); --no-ask: 'What is this?'")
     pool: int = setting(3000, "single-object images the episodes draw from")
     image_size: int = setting(IMAGE_SIZE, "pixels per side of the images")
 
@@ -284,7 +290,7 @@ class IclSpec:
 def draw_episode(spec: IclSpec, rng: random.Random) -> Episode:
     """One episode's settings, drawn from `spec`'s lists."""
     return Episode(rng.choice(spec.attributes), rng.choice(spec.ways), rng.choice(spec.shots),
-                   rng.choice(spec.variants), spec.words, spec.queries, spec.form)
+                   rng.choice(spec.variants), spec.words, spec.queries, spec.form, spec.ask)
 
 
 def write_icl(spec: IclSpec, progress: bool = True) -> Path:
