@@ -408,13 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_audio)
 
     p = sub.add_parser("demo-icl", help="a small model learns new words for colours and shapes from its prompt "
-                                        "alone; accuracy against shots, with controls (about 53 minutes on 2 cores)",
+                                        "alone; accuracy against shots, with controls (about 49 minutes on 2 cores)",
                        description="In-context learning on ShapeWorld: the demo's recipe, then a token convolution and "
                                    "the made-up words (one token each, whose rows never train) grown onto its model, "
                                    "then four lessons of episodes (omnilm data icl): capital letters bound to colours "
                                    "or shapes named in words, the same with images, made-up words in words, then all "
-                                   "of it, a quarter of every lesson the demo's questions; then the ordinary "
-                                   "questions before and after, and omnilm eval icl's grid on held-out words and "
+                                   "of it, each turn asking for the attribute the episode names, a quarter of every "
+                                   "lesson the demo's questions; then the ordinary questions before and after, and "
+                                   "omnilm eval icl's grid on held-out words and "
                                    "images: 2- and 5-way, 0 to 8 shots, with the attributes' own names, shuffled "
                                    "labels and ambiguous shots as controls. See docs/icl.md.")
     p.add_argument("--out", default="runs/icl-demo", help="output folder (default runs/icl-demo)")

@@ -6,8 +6,9 @@ demo`, unchanged. Its decoder is then given a token convolution and every made-u
 `omnilm.data.icl` as one token whose rows never train, and four lessons (LESSONS), each from the
 model of the one before, teach the binding: capital letters bound to colours or shapes named in
 words (the look-up forms there, after a long plateau), the same with images, made-up words in place
-of the letters, and all of it (2 to 5 words, 0 to 8 shots, every variant); a quarter of every
-lesson is the demo's own questions, so that the model keeps what it knew. Then it measures, on
+of the letters, and all of it (2 to 5 words, 0 to 8 shots, every variant, each turn asking for the
+attribute as the evaluation does); a quarter of every lesson is the demo's own questions, so that
+the model keeps what it knew. Then it measures, on
 held-out images: the ordinary questions before and after the lessons (the instruct stage's model is
 the demo's, trained without episodes) and `omnilm eval icl`'s grid on held-out words. Why each
 default is what it is: docs/icl.md. Everything lands under `out/`:
@@ -98,7 +99,8 @@ class IclRecipe(Recipe):
     words: Hyperparams = setting(help="lesson 3: made-up words (one fixed token each) in place of the letters, in "
                                       "words", factory=lambda: _lesson(450, warmup=10))
     icl: Hyperparams = setting(
-        help="lesson 4: made-up words, images and words, 2 to 5 of them, every variant",
+        help="lesson 4: made-up words, images and words, 2 to 5 of them, every variant, each turn asking for the "
+             "attribute",
         factory=lambda: _lesson(1000, warmup=10))
     cache_features: float = setting(1.0, "keep up to GIB gibibytes of the frozen tower's features in the lessons, so "
                                          "that each pool image runs through it once", metavar="GIB")
