@@ -415,9 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or shapes named in words, the same with images, made-up words in words, then all "
                                    "of it, each turn asking for the attribute the episode names, a quarter of every "
                                    "lesson the demo's questions; then the ordinary questions before and after, and "
-                                   "omnilm eval icl's grid on held-out words and "
-                                   "images: 2- and 5-way, 0 to 8 shots, with the attributes' own names, shuffled "
-                                   "labels and ambiguous shots as controls. See docs/icl.md.")
+                                   "omnilm eval icl's grid on held-out words and images: 2- and 5-way, 0 to 8 shots, "
+                                   "with the attributes' own names, shuffled labels and ambiguous shots as controls. "
+                                   "See docs/icl.md.")
     p.add_argument("--out", default="runs/icl-demo", help="output folder (default runs/icl-demo)")
     add_flags(p, IclRecipe, **ICL_FLAGS)
     p.set_defaults(func=cmd_demo_icl)

@@ -8,10 +8,10 @@ model of the one before, teach the binding: capital letters bound to colours or 
 words (the look-up forms there, after a long plateau), the same with images, made-up words in place
 of the letters, and all of it (2 to 5 words, 0 to 8 shots, every variant, each turn asking for the
 attribute as the evaluation does); a quarter of every lesson is the demo's own questions, so that
-the model keeps what it knew. Then it measures, on
-held-out images: the ordinary questions before and after the lessons (the instruct stage's model is
-the demo's, trained without episodes) and `omnilm eval icl`'s grid on held-out words. Why each
-default is what it is: docs/icl.md. Everything lands under `out/`:
+the model keeps what it knew. Then it measures, on held-out images: the ordinary questions before
+and after the lessons (the instruct stage's model is the demo's, trained without episodes) and
+`omnilm eval icl`'s grid on held-out words. Why each default is what it is: docs/icl.md. Everything
+lands under `out/`:
 
     out/data/        the demo's data and tokenizer, icl_<lesson>.json (each lesson's records),
                      images/ (the episodes' image pool among them)
