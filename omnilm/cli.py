@@ -442,9 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "a few examples, then a query (Frozen's fast binding)",
                         description="Each episode draws an attribute, N of its values and N nonsense words (afresh "
                                     "every episode), shows k single-object images of each, each a turn ('<image> "
-                                    "What colour is the object?') answered with its word, then asks the same of one more. "
-                                    "--variants real uses the attributes' own names, shuffled puts them on the wrong "
-                                    "values, ambiguous confounds colour and shape in the first shots. --words "
+                                    "What colour is the object?') answered with its word, then asks the same of one "
+                                    "more. --variants real uses the attributes' own names, shuffled puts them on the "
+                                    "wrong values, ambiguous confounds colour and shape in the first shots. --words "
                                     "held-out draws words no training episode uses, letters capital letters; --form "
                                     "text names each image's colour and shape in words instead. See docs/icl.md.")
     add_flags(q, IclSpec)
