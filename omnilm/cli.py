@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the made-up words (one token each, whose rows never train) grown onto its model, "
                                    "then four lessons of episodes (omnilm data icl): capital letters bound to colours "
                                    "or shapes named in words, the same with images, made-up words in words, then all "
-                                   "of it, each turn asking for the attribute the episode names, a quarter of every "
+                                   "of it, each turn asking for the attribute the episode names and each answer "
+                                   "naming what the image shows before the word ('red dax'), a quarter of every "
                                    "lesson the demo's questions; then the ordinary questions before and after, and "
                                    "omnilm eval icl's grid on held-out words and images: 2- and 5-way, 0 to 8 shots, "
                                    "with the attributes' own names, shuffled labels and ambiguous shots as controls. "
@@ -442,11 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "a few examples, then a query (Frozen's fast binding)",
                         description="Each episode draws an attribute, N of its values and N nonsense words (afresh "
                                     "every episode), shows k single-object images of each, each a turn ('<image> "
-                                    "What colour is the object?') answered with its word, then asks the same of one "
-                                    "more. --variants real uses the attributes' own names, shuffled puts them on the "
-                                    "wrong values, ambiguous confounds colour and shape in the first shots. --words "
-                                    "held-out draws words no training episode uses, letters capital letters; --form "
-                                    "text names each image's colour and shape in words instead. See docs/icl.md.")
+                                    "What colour?') answered with its word (--describe: 'red dax'), then asks the "
+                                    "same of one more. --variants real uses the attributes' own names, shuffled puts "
+                                    "them on the wrong values, ambiguous confounds colour and shape in the first "
+                                    "shots. --words held-out draws words no training episode uses, letters capital "
+                                    "letters; --form text names each image's colour and shape in words instead. See "
+                                    "docs/icl.md.")
     add_flags(q, IclSpec)
     q.set_defaults(func=cmd_data_icl)
 
@@ -481,8 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "default, held-out words), answers each greedily, and prints accuracy with 95% "
                                    "Wilson intervals beside chance, with the controls: the attributes' own names "
                                    "(the perception ceiling), shuffled labels (does the answer follow the prompt or "
-                                   "the image?) and ambiguous first shots. Writes icl.csv, icl.png (beside Frozen's "
-                                   "figures) and predictions.jsonl to --out. See docs/icl.md.")
+                                   "the image?) and ambiguous first shots. A model that names what it sees before "
+                                   "the word (demo-icl's: 'red dax') is scored on the word, its shots named by its "
+                                   "own answers about each image (--no-describe: the word alone). Writes icl.csv, "
+                                   "icl.png (beside Frozen's figures) and predictions.jsonl to --out. See "
+                                   "docs/icl.md.")
     add_flags(p, IclEvalArgs)
     p.set_defaults(func=cmd_eval_icl)
 

@@ -14,7 +14,8 @@ from omnilm.data import icl
 from omnilm.data.llava_json import check_records, read_records
 from omnilm.data.shapeworld import write_shapeworld
 from omnilm.data.shapeworld.scenes import COLOURS, SHAPES
-from omnilm.eval.icl import IclEvalArgs, cells, evaluate_icl, format_icl, summary, write_outputs
+from omnilm.eval.icl import IclEvalArgs, cells, evaluate_icl, format_icl, name_shots, summary, write_outputs
+from omnilm.eval.vqa import evaluate_vqa, normalize_answer
 from omnilm.model import OmniModel
 from omnilm.recipes.icl import IclRecipe, draw_training_episode, run_icl_recipe
 from omnilm.recipes.recipe import QUESTION_FAMILIES
@@ -66,10 +67,22 @@ def test_an_episode_binds_each_word_to_one_value(pool, attribute, ways, shots):
     assert all(said[:ways * shots].count(word) == shots for word in binding)
     assert said[-3:] == info["answers"] and [binding[a] for a in info["answers"]] == info["names"]
     first = turns[0]["value"]
-    asked = f"<image> What {attribute} is the object?"
+    asked = f"<image> What {attribute}?"
     assert first.startswith("The words ") and first.endswith(f"name {attribute}s.\n{asked}")
     assert all(w in first for w in binding)
     assert all(t["value"] == asked for t in turns[2::2])
+
+
+@pytest.mark.parametrize("variant", ["novel", "shuffled", "ambiguous"])
+def test_a_described_answer_names_what_the_image_shows_then_the_word(pool, variant):
+    plain = episode(pool, 4, attribute="shape", ways=3, shots=2, variant=variant)
+    record = episode(pool, 4, attribute="shape", ways=3, shots=2, variant=variant, describe=True)
+    assert record["icl"]["describe"] and not plain["icl"]["describe"]
+    # The same draw: each answer is the image's shape (an ambiguous episode's colour and shape, as its
+    # question asks for either), then the word the plain episode gives it.
+    assert record["image"] == plain["image"] and record["icl"]["answers"] == plain["icl"]["answers"]
+    shown = [f"{o.colour} {o.shape}" if variant == "ambiguous" else o.shape for o in objects(pool, record)]
+    assert answers_of(record) == [f"{name} {word}" for name, word in zip(shown, answers_of(plain))]
 
 
 def test_episodes_are_drawn_afresh_and_deterministically(pool):
@@ -205,14 +218,54 @@ def test_evaluation_scores_every_cell_and_writes_its_outputs(tmp_path):
     assert len(rows) == 4 and len(predictions) == 12 and all(r["n"] == 3 for r in rows)
     for r in rows:
         assert r["ci_low"] <= r["accuracy"] <= r["ci_high"] and r["correct"] == round(r["accuracy"] * 3)
-    for p in predictions:  # scored against the prompt's label
-        assert p["correct"] == (p["prediction"].strip().lower().rstrip(".") == p["answer"])
+    for p in predictions:  # scored on the last word (after the names of what the image shows), the prompt's label
+        said = normalize_answer(p["prediction"]).split()
+        assert p["correct"] == (said[-1:] == p["answer"].split()[-1:]) and len(p["answer"].split()) == 2
     write_outputs(rows, predictions, args.out)
     table = list(csv.DictReader((args.out / "icl.csv").open()))
     assert len(table) == 4 and (args.out / "icl.png").stat().st_size > 10_000
     assert len((args.out / "predictions.jsonl").read_text().splitlines()) == 12
     report = format_icl(rows)
     assert "| novel | colour | 2 | 50 |" in report and "Shuffled labels, 1 shot or more:" in report
+    assert "The shots' names are the model's own" in report and table[1]["shots_named"] != ""
+    # --no-describe: the answer is the word alone, scored whole.
+    plain = IclEvalArgs(**{**vars(args), "describe": False, "out": tmp_path / "plain"})
+    rows, predictions = evaluate_icl(model, processor, plain, progress=False)
+    assert all(len(p["answer"].split()) == 1 for p in predictions)
+    assert all(p["correct"] == (p["prediction"].strip().lower().rstrip(".") == p["answer"]) for p in predictions)
+    assert all(r["shots_named"] is None for r in rows) and "names are the model's own" not in format_icl(rows)
+    # With no shots there is nothing to name.
+    rows, _ = evaluate_icl(model, processor, IclEvalArgs(**{**vars(args), "shots": (0,), "out": tmp_path / "zero"}),
+                           progress=False)
+    assert {r["shots"] for r in rows} == {0} and all(r["shots_named"] is None for r in rows)
+
+
+def test_the_shots_names_are_the_models_own(tmp_path, pool):
+    # A described episode's shots carry the names the model gives each image when asked about it
+    # alone; the prompt's words stay, and the record counts the names that say what the image shows.
+    folder, images = pool
+    data = _episode_data(tmp_path / "data", n=16)
+    run = train(TrainArgs(stage="instruct", data=data, image_folder=tmp_path / "data", out=tmp_path / "run",
+                          tokenizer=tmp_path / "data" / "tokenizer", preset="tiny", config={"text": {"n_layers": 1}},
+                          steps=1, batch_size=8, progress=False))
+    model, processor = run["model"].eval(), run["processor"]
+    records = [episode(pool, seed, attribute=a, ways=2, shots=2, variant=v, describe=True)
+               for seed, (a, v) in enumerate([("colour", "novel"), ("shape", "ambiguous"), ("shape", "shuffled")])]
+    drawn = [answers_of(r) for r in records]
+    name_shots(model, processor, records, folder, progress=False)
+    for record, before in zip(records, drawn):
+        after = answers_of(record)
+        assert after[-1] == before[-1]  # the query's answer is the truth it is scored on
+        assert [a.split()[-1] for a in after] == [b.split()[-1] for b in before]  # the prompt's words stay
+        attributes = icl.ATTRIBUTES if record["icl"]["variant"] == "ambiguous" else (record["icl"]["attribute"],)
+        for answer, path in zip(after[:-1], record["image"]):
+            alone = [{"id": "q", "image": path, "conversations": [
+                {"from": "human", "value": f"<image> {icl.turn_question(a)}"}, {"from": "gpt", "value": "-"}]}
+                for a in attributes]
+            _, said = evaluate_vqa(model, processor, alone, folder, max_new_tokens=2, progress=False)
+            assert answer.split()[:-1] == [(normalize_answer(p["prediction"]).split() or ["-"])[0] for p in said]
+        right = sum(a.split()[:-1] == b.split()[:-1] for a, b in zip(after[:-1], before[:-1]))
+        assert record["icl"]["shots_named"] == [right, 4]
 
 
 def test_summary_and_table_from_rows():
@@ -238,16 +291,18 @@ def test_cli_data_icl_and_eval_icl_flags(tmp_path, capsys):
 
 
 def test_the_lessons_draw_what_their_settings_say():
-    # The first three lessons: 2-way, 1 to 4 shots, made-up labels, "What is this?". The last: every
-    # episode within --max-images (5-way up to 4 shots, 2-way up to --max-shots), the variants at their
-    # shares, each turn asking for the attribute, as the evaluation's episodes do.
+    # The first three lessons: 2-way, 1 to 4 shots, made-up labels, "What is this?", the word alone.
+    # The last: every episode within --max-images (5-way up to 4 shots, 2-way up to --max-shots), the
+    # variants at their shares, each turn asking for the attribute and each answer naming what the
+    # image shows before the word, as the evaluation's episodes do.
     recipe, rng = IclRecipe(), random.Random(0)
     for lesson in ("lookup", "look", "words"):
         drawn = [draw_training_episode(recipe, lesson, rng) for _ in range(200)]
-        assert {(e.ways, e.variant, e.ask) for e in drawn} == {(2, "novel", False)}
+        assert {(e.ways, e.variant, e.ask, e.describe) for e in drawn} == {(2, "novel", False, False)}
         assert {e.shots for e in drawn} == {1, 2, 3, 4}
     drawn = [draw_training_episode(recipe, "icl", rng) for _ in range(4000)]
-    assert all(e.ask for e in drawn) and all(e.ask for e in cells(IclEvalArgs(checkpoint="unused")))
+    assert all(e.ask and e.describe for e in drawn)
+    assert all(e.ask and e.describe for e in cells(IclEvalArgs(checkpoint="unused")))
     assert all(e.ways * e.shots <= recipe.max_images and e.shots <= recipe.max_shots for e in drawn)
     assert max(e.shots for e in drawn if e.ways == 5) == recipe.max_images // 5 == 4
     assert max(e.shots for e in drawn if e.ways == 2) == recipe.max_shots

@@ -7,12 +7,15 @@ word of one more. Each shot is a turn of the chat, its word the answer, as in Ch
 sequences of (image, label) pairs, so that training supervises every one (the first of each word
 a guess among the words named, every later one answerable from the prompt). Each turn asks for the
 attribute the instruction names (an ambiguous episode, "What is the object?"; with `ask=False`,
-"What is this?", as the first lessons of `omnilm demo-icl` do):
+"What is this?", as the first lessons of `omnilm demo-icl` do). With `describe`, each answer first
+names what its image shows, then gives the word: the model says what it sees, and the word is then
+a look-up in text (`omnilm eval icl` has the model name each shot's image itself, so that the
+prompt holds only images and words):
 
     USER: The words dax and blicket name colours.
-          <image> What colour is the object?    ASSISTANT: blicket
-    USER: <image> What colour is the object?    ASSISTANT: dax
-    USER: <image> What colour is the object?    ASSISTANT: ?    (the query: blicket or dax)
+          <image> What colour?    ASSISTANT: red blicket
+    USER: <image> What colour?    ASSISTANT: blue dax
+    USER: <image> What colour?    ASSISTANT: ?    (the query: red blicket or blue dax)
 
 The other attribute (and the size and cell) varies from image to image, so only the named
 attribute carries the answer. Since a word's meaning changes between episodes, the answer can
@@ -142,7 +145,17 @@ class Episode:
     words: str = "train"  # which labels: the train or held-out nonsense words, or letters
     queries: int = 1  # questions, one a turn
     form: str = "image"  # image, or text: each image replaced by its object's colour and shape in words
-    ask: bool = True  # each turn asks for the attribute named ("What colour is the object?"); False: "What is this?"
+    ask: bool = True  # each turn asks for the attribute named ("What colour?"); False: "What is this?"
+    describe: bool = False  # each answer names what its image shows, then the word: "red blicket"
+
+
+def turn_question(attribute: str | None, ask: bool = True) -> str:
+    """What each turn asks: the attribute (None: an ambiguous episode's either), or with `ask=False`
+    "What is this?". Three tokens, so that 5-way 8 shots with each answer described (41 images,
+    1,000 tokens) fits a decoder of 1,024."""
+    if not ask:
+        return "What is this?"
+    return f"What {attribute}?" if attribute else "What is the object?"
 
 
 def icl_rng(split: str, seed: int, index: int) -> random.Random:
@@ -197,15 +210,17 @@ def make_episode(rng: random.Random, by_value: dict[tuple[str, str], list[PoolIm
     order = rng.sample(labels, n)  # the instruction lists the words in an order of its own
     named = " and ".join(order) if n == 2 else ", ".join(order[:-1]) + " and " + order[-1]
     seen = [item for _, item in shots] + query_images
-    ask = f"What {'' if ambiguous else attribute + ' '}is the object?" if episode.ask else "What is this?"
+    ask = turn_question(None if ambiguous else attribute, episode.ask)
     turns = []
     for k, (i, item) in enumerate(zip([i for i, _ in shots] + asked, seen)):
         shown = "<image>" if episode.form == "image" else f"{item.obj.colour} {item.obj.shape}"
         question = f"The words {named} name {kinds}.\n{shown} {ask}" if k == 0 else f"{shown} {ask}"
-        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": labels[i]}]
+        shows = f"{item.obj.colour} {item.obj.shape}" if ambiguous else getattr(item.obj, attribute)
+        answer = f"{shows} {labels[i]}" if episode.describe else labels[i]
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     info = {"attribute": attribute, "ways": n, "shots": episode.shots, "variant": episode.variant,
-            "words": episode.words, "form": episode.form, "values": values, "labels": labels,
-            "answers": [labels[i] for i in asked], "names": [values[i] for i in asked]}
+            "words": episode.words, "form": episode.form, "describe": episode.describe, "values": values,
+            "labels": labels, "answers": [labels[i] for i in asked], "names": [values[i] for i in asked]}
     images = {"image": [item.path for item in seen]} if episode.form == "image" else {}
     return {"id": record_id, "task": "icl", **images, "conversations": turns, "icl": info}
 
@@ -253,8 +268,9 @@ class IclSpec:
     form: str = setting("image", "image, or text: each image replaced by its object's colour and shape in words "
                                  "(no images)", choices=FORMS)
     queries: int = setting(1, "questions per episode, one a turn, each after the answers before it")
-    ask: bool = setting(True, "each turn asks for the attribute the instruction names ('What colour is the "
-                              "object?'; an ambiguous episode's, 'What is the object?'); --no-ask: 'What is this?'")
+    ask: bool = setting(True, "each turn asks for the attribute the instruction names ('What colour?'; an "
+                              "ambiguous episode's, 'What is the object?'); --no-ask: 'What is this?'")
+    describe: bool = setting(False, "each answer names what its image shows, then the word ('red dax')")
     pool: int = setting(3000, "single-object images the episodes draw from")
     image_size: int = setting(IMAGE_SIZE, "pixels per side of the images")
 
@@ -290,7 +306,7 @@ class IclSpec:
 def draw_episode(spec: IclSpec, rng: random.Random) -> Episode:
     """One episode's settings, drawn from `spec`'s lists."""
     return Episode(rng.choice(spec.attributes), rng.choice(spec.ways), rng.choice(spec.shots),
-                   rng.choice(spec.variants), spec.words, spec.queries, spec.form, spec.ask)
+                   rng.choice(spec.variants), spec.words, spec.queries, spec.form, spec.ask, spec.describe)
 
 
 def write_icl(spec: IclSpec, progress: bool = True) -> Path:

@@ -3,8 +3,12 @@
 For every attribute (colour, shape), number of words N (`--ways`) and shots k (`--shots`),
 `--n` episodes of `omnilm.data.icl` are drawn on held-out images (the test split's pool), each
 with one query, answered greedily and scored by exact match after `normalize_answer`, as `omnilm
-eval` scores. Nonsense words come from the held-out set by default (`--words train`: the
-training set's). The controls, each on the same grid:
+eval` scores. A model that names what it sees before the word (`omnilm demo-icl`'s, "red dax":
+`--describe`, the default) is scored on the word, and the names in its shots are its own: each
+shot's image is first asked the turn's question alone ("What colour?"), and its answer stands in
+the shot beside the prompt's word, so that the prompt holds only images and words. Nonsense
+words come from the held-out set by default (`--words train`: the training set's). The controls,
+each on the same grid:
 
     real       the attribute's own names: what perception alone reaches (the ceiling)
     shuffled   the own names on the wrong values: the share of answers that follow the prompt
@@ -14,9 +18,9 @@ training set's). The controls, each on the same grid:
                to one word, its shape to another: one shot each leaves chance, more shots settle it
 
 Written to `--out`: icl.csv (one row per cell: variant, attribute, ways, shots, n, correct,
-accuracy and its 95% Wilson interval, and for shuffled the share naming the image), icl.png
-(accuracy against shots, one panel per attribute, beside Frozen's published figures) and
-predictions.jsonl.
+accuracy and its 95% Wilson interval, for shuffled the share naming the image, and the share of
+the shots' names the model gave right), icl.png (accuracy against shots, one panel per attribute,
+beside Frozen's published figures) and predictions.jsonl.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from omnilm.data.icl import (ATTRIBUTES, MAX_SHOTS, VALUES, VARIANTS, WORD_SETS, Episode, icl_rng, index_pool,
-                             make_episode, write_pool)
+                             make_episode, turn_question, write_pool)
 from omnilm.data.processor import Processor
 from omnilm.errors import OmniInputError
 from omnilm.eval.niah import wilson_interval
@@ -40,7 +44,7 @@ from omnilm.settings import check_output_folder, check_range, check_seed, settin
 
 CONTROLS = tuple(v for v in VARIANTS if v != "novel")
 CSV_FIELDS = ["variant", "attribute", "ways", "shots", "n", "correct", "accuracy", "ci_low", "ci_high",
-              "named_image"]  # icl.csv, a row per cell
+              "named_image", "shots_named"]  # icl.csv, a row per cell
 POOL = 600  # held-out single-object images the evaluation draws from: 20 of each colour and shape
 # Frozen (Tsimpoukelli et al. 2021, Table 2): open-ended fast binding on miniImageNet, 2-way, with the
 # task instruction, accuracy at 1, 3 and 5 shots; 5-way stays near chance.
@@ -61,6 +65,9 @@ class IclEvalArgs:
     controls: tuple[str, ...] = setting(CONTROLS, "controls run on the same grid, comma-separated: real (the own "
                                                   "names), shuffled (the own names on the wrong values), ambiguous "
                                                   "(first shots confound colour and shape); 'none' for none")
+    describe: bool = setting(True, "the model names what each image shows before the word ('red dax'), as "
+                                   "omnilm demo-icl's does: scored on the word, the shots' names its own answers "
+                                   "about their images; --no-describe: the answer is the word alone")
     n: int = setting(200, "episodes per cell (attribute x ways x shots, per variant)")
     seed: int = setting(0, "seed of the episodes")
     out: Path = setting(Path("runs/icl"), "folder for icl.csv, icl.png, predictions.jsonl and the held-out images")
@@ -95,7 +102,7 @@ class IclEvalArgs:
 def cells(args: IclEvalArgs) -> list[Episode]:
     """Every cell of the grid, the nonsense words first, then each control; ways beyond an
     attribute's values (6 of 5 shapes; ambiguous: of either attribute) are left out."""
-    return [Episode(attribute, ways, shots, variant, args.words)
+    return [Episode(attribute, ways, shots, variant, args.words, describe=args.describe)
             for variant in ("novel", *args.controls) for attribute in args.attributes for ways in args.ways
             if ways <= min(len(VALUES[a]) for a in (ATTRIBUTES if variant == "ambiguous" else (attribute,)))
             for shots in args.shots]
@@ -112,6 +119,36 @@ def episode_records(args: IclEvalArgs, folder: Path) -> list[dict]:
     return records
 
 
+def name_shots(model, processor: Processor, records: list[dict], folder: Path, batch_size: int = 32,
+               progress: bool = True) -> None:
+    """Put the model's own names in the shots of described episodes (every answer before the last):
+    each shot's image is asked the turn's question alone ("What colour?", both attributes for an
+    ambiguous episode), and the first word of its answer replaces the name the episode was drawn
+    with, beside the prompt's word. Each record's "icl" gets "shots_named": how many of its shots
+    the model named right, and of how many."""
+    described = [r for r in records if r["icl"]["describe"] and r["icl"]["form"] == "image"]
+    asked: dict[str, dict] = {}
+    for r in described:
+        attributes = ATTRIBUTES if r["icl"]["variant"] == "ambiguous" else (r["icl"]["attribute"],)
+        for path in r["image"][:-1]:
+            for attribute in attributes:
+                asked.setdefault(f"{path}|{attribute}", {"id": f"{path}|{attribute}", "image": path, "conversations": [
+                    {"from": "human", "value": f"<image> {turn_question(attribute)}"}, {"from": "gpt", "value": "-"}]})
+    said = evaluate_vqa(model, processor, list(asked.values()), folder, batch_size=batch_size, max_new_tokens=2,
+                        progress=progress)[1] if asked else []
+    names = {p["id"]: (normalize_answer(p["prediction"]).split() or ["-"])[0] for p in said}
+    for r in described:
+        attributes = ATTRIBUTES if r["icl"]["variant"] == "ambiguous" else (r["icl"]["attribute"],)
+        answers = [turn for turn in r["conversations"] if turn["from"] == "gpt"][:-1]
+        right = 0
+        for turn, path in zip(answers, r["image"]):
+            *truth, word = turn["value"].split()
+            given = [names[f"{path}|{attribute}"] for attribute in attributes]
+            right += given == truth
+            turn["value"] = " ".join([*given, word])
+        r["icl"]["shots_named"] = [right, len(answers)]
+
+
 def evaluate_icl(model, processor: Processor, args: IclEvalArgs,
                  progress: bool = True) -> tuple[list[dict], list[dict]]:
     """Score every cell; returns its rows (as icl.csv has them) and every prediction."""
@@ -120,7 +157,8 @@ def evaluate_icl(model, processor: Processor, args: IclEvalArgs,
     cache = model.feature_cache
     if cache is None and model.vision is not None:  # the episodes share a pool of images: encode each once
         model.feature_cache = FeatureCache(2**30)
-    try:  # an answer is one word: a few tokens, so that 5-way 8-shot prompts (~1,020 tokens) fit 1,024
+    try:  # an answer is a word or two and a word: a few tokens, so that 5-way 8-shot prompts fit 1,024
+        name_shots(model, processor, records, args.out, args.batch_size, progress)
         _, predictions = evaluate_vqa(model, processor, records, args.out, batch_size=args.batch_size,
                                       max_new_tokens=4, progress=progress, last_only=True)
     finally:
@@ -129,16 +167,23 @@ def evaluate_icl(model, processor: Processor, args: IclEvalArgs,
     grouped: dict[tuple, list[dict]] = {}
     for p in predictions:
         info = by_id[p["id"]]["icl"]
-        p["named_image"] = normalize_answer(p["prediction"]) == info["names"][0]
+        said = normalize_answer(p["prediction"])
+        if info["describe"]:  # scored on the word, after the names of what the image shows
+            said = (said.split() or [""])[-1]
+            p["correct"] = said == normalize_answer(info["answers"][0])
+        p["named_image"] = said == info["names"][0]
         p.update({k: info[k] for k in ("variant", "attribute", "ways", "shots")})
+        p["shots_named"] = info.get("shots_named", [0, 0])
         grouped.setdefault((info["variant"], info["attribute"], info["ways"], info["shots"]), []).append(p)
     rows = []
     for (variant, attribute, ways, shots), group in grouped.items():
         correct, n = sum(p["correct"] for p in group), len(group)
         low, high = wilson_interval(correct, n)
+        named = [sum(k) for k in zip(*(p["shots_named"] for p in group))]
         rows.append({"variant": variant, "attribute": attribute, "ways": ways, "shots": shots, "n": n,
                      "correct": correct, "accuracy": correct / n, "ci_low": low, "ci_high": high,
-                     "named_image": sum(p["named_image"] for p in group) / n})
+                     "named_image": sum(p["named_image"] for p in group) / n,
+                     "shots_named": named[0] / named[1] if named[1] else None})
     return rows, predictions
 
 
@@ -170,6 +215,12 @@ def format_icl(rows: list[dict]) -> str:
         follow, image = shuffled
         lines += ["", f"Shuffled labels, 1 shot or more: {100 * follow:.1f}% of answers follow the prompt's label, "
                       f"{100 * image:.1f}% name what the image shows."]
+    named = [(r["shots_named"], r["n"] * r["ways"] * r["shots"]) for r in rows if r.get("shots_named") is not None]
+    if named:
+        share = sum(s * w for s, w in named) / sum(w for _, w in named)
+        lines += ["", f"Answers name what the image shows, then the word, and are scored on the word. The shots' "
+                      f"names are the model's own: {100 * share:.1f}% of them say what the image shows (lowest cell "
+                      f"{100 * min(s for s, _ in named):.1f}%)."]
     return "\n".join(lines) + "\n\nAccuracy % (95% Wilson interval); chance is 1/ways."
 
 
