@@ -17,7 +17,7 @@ from omnilm.data.shapeworld.scenes import COLOURS, SHAPES
 from omnilm.eval.icl import IclEvalArgs, cells, evaluate_icl, format_icl, name_shots, summary, write_outputs
 from omnilm.eval.vqa import evaluate_vqa, normalize_answer
 from omnilm.model import OmniModel
-from omnilm.recipes.icl import IclRecipe, draw_training_episode, run_icl_recipe
+from omnilm.recipes.icl import CONTEXT, IclRecipe, draw_training_episode, run_icl_recipe
 from omnilm.recipes.recipe import QUESTION_FAMILIES
 from omnilm.train import Hyperparams, TrainArgs, train
 from omnilm.train.stages import corpus
@@ -329,6 +329,7 @@ def test_the_recipe_end_to_end_at_toy_size(tmp_path):
     assert len(result["icl"]) == 3 * (2 * 2 * 5) + 2 * 5 * 2  # ambiguous: 5 ways at most for both attributes
     final, demo = OmniModel.from_pretrained(tmp_path / "model"), OmniModel.from_pretrained(tmp_path / "instruct" / "model")
     assert final.config.text.token_conv == 4 and demo.config.text.token_conv == 0  # the demo's, unchanged
+    assert final.config.text.max_seq_len == CONTEXT > demo.config.text.max_seq_len  # the grid's longest prompts fit
     assert final.config.text.fixed_tokens == len(icl.ALL_WORDS)
     assert final.config.text.vocab_size == demo.config.text.vocab_size + len(icl.ALL_WORDS)
     start = OmniModel.from_pretrained(tmp_path / "icl_start")  # the lessons never moved the words' rows

@@ -64,6 +64,9 @@ LESSONS = (Lesson("lookup", "letters", 0.0, False, False), Lesson("look", "lette
            Lesson("words", "train", 0.0, False, False), Lesson("icl", "train", 0.7, True, True))
 
 
+CONTEXT = 2048  # the longest prompt the lessons' model reads (icl_start)
+
+
 def _lesson(steps: int, batch_size: int = 32, **kw: Any) -> Hyperparams:
     return Hyperparams(steps=steps, batch_size=batch_size, lr=2e-3, optimizer="muon", group_by_length=True, **kw)
 
@@ -172,9 +175,13 @@ def icl_start(model, processor, recipe: IclRecipe, folder: Path) -> None:
     token whose rows are fixed random directions (OmniModel.add_tokens): a held-out word is then read
     and written like a training one. A word's token, like a letter's, follows BPE's " " token, so
     that both are written from the same place, where the first lessons build the look-up (docs/icl.md:
-    a word written from ":" instead did not learn from the letters' look-up)."""
+    a word written from ":" instead did not learn from the letters' look-up). Prompts of up to
+    CONTEXT tokens: the grid's longest (5-way 8 shots, ambiguous, each answer naming colour and shape)
+    come to 1,018 with the demo's tokenizer and more with a smaller one; rotary positions learn
+    nothing per position, and no lesson's record is longer than 615."""
     if recipe.token_conv:
         model.add_token_conv(recipe.token_conv)
+    model.config.text.max_seq_len = max(model.config.text.max_seq_len, CONTEXT)
     processor.tokenizer.add_words(ALL_WORDS)
     model.add_tokens(len(ALL_WORDS), fixed=True, seed=recipe.seed, dims=recipe.word_dims or None)
     model.save_pretrained(folder)
