@@ -243,7 +243,7 @@ def test_evaluation_scores_every_cell_and_writes_its_outputs(tmp_path):
 def test_the_shots_names_are_the_models_own(tmp_path, pool):
     # A described episode's shots carry the names the model gives each image when asked about it
     # alone; the prompt's words stay, and the record counts the names that say what the image shows.
-    folder, images = pool
+    folder, _ = pool
     data = _episode_data(tmp_path / "data", n=16)
     run = train(TrainArgs(stage="instruct", data=data, image_folder=tmp_path / "data", out=tmp_path / "run",
                           tokenizer=tmp_path / "data" / "tokenizer", preset="tiny", config={"text": {"n_layers": 1}},
