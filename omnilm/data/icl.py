@@ -151,11 +151,17 @@ class Episode:
 
 def turn_question(attribute: str | None, ask: bool = True) -> str:
     """What each turn asks: the attribute (None: an ambiguous episode's either), or with `ask=False`
-    "What is this?". Three tokens, so that 5-way 8 shots with each answer described (41 images,
-    1,000 tokens) fits a decoder of 1,024."""
+    "What is this?". Asking for an attribute takes three tokens, so that 5-way 8 shots with each
+    answer described (41 images) comes to 893 tokens with the demo's tokenizer, 1,018 ambiguous."""
     if not ask:
         return "What is this?"
     return f"What {attribute}?" if attribute else "What is the object?"
+
+
+def episode_attributes(attribute: str, variant: str) -> tuple[str, ...]:
+    """The attributes an episode turns on, in order: the one it binds, or both for an ambiguous
+    episode (whose question asks for either). A described answer names these before the word."""
+    return ATTRIBUTES if variant == "ambiguous" else (attribute,)
 
 
 def icl_rng(split: str, seed: int, index: int) -> random.Random:
@@ -211,11 +217,12 @@ def make_episode(rng: random.Random, by_value: dict[tuple[str, str], list[PoolIm
     named = " and ".join(order) if n == 2 else ", ".join(order[:-1]) + " and " + order[-1]
     seen = [item for _, item in shots] + query_images
     ask = turn_question(None if ambiguous else attribute, episode.ask)
+    described = episode_attributes(attribute, episode.variant)
     turns = []
     for k, (i, item) in enumerate(zip([i for i, _ in shots] + asked, seen)):
         shown = "<image>" if episode.form == "image" else f"{item.obj.colour} {item.obj.shape}"
         question = f"The words {named} name {kinds}.\n{shown} {ask}" if k == 0 else f"{shown} {ask}"
-        shows = f"{item.obj.colour} {item.obj.shape}" if ambiguous else getattr(item.obj, attribute)
+        shows = " ".join(getattr(item.obj, a) for a in described)
         answer = f"{shows} {labels[i]}" if episode.describe else labels[i]
         turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     info = {"attribute": attribute, "ways": n, "shots": episode.shots, "variant": episode.variant,

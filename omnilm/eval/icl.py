@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnilm.data.icl import (ATTRIBUTES, MAX_SHOTS, VALUES, VARIANTS, WORD_SETS, Episode, icl_rng, index_pool,
-                             make_episode, turn_question, write_pool)
+from omnilm.data.icl import (ATTRIBUTES, MAX_SHOTS, VALUES, VARIANTS, WORD_SETS, Episode, episode_attributes,
+                             icl_rng, index_pool, make_episode, turn_question, write_pool)
 from omnilm.data.processor import Processor
 from omnilm.errors import OmniInputError
 from omnilm.eval.niah import wilson_interval
@@ -104,7 +104,7 @@ def cells(args: IclEvalArgs) -> list[Episode]:
     attribute's values (6 of 5 shapes; ambiguous: of either attribute) are left out."""
     return [Episode(attribute, ways, shots, variant, args.words, describe=args.describe)
             for variant in ("novel", *args.controls) for attribute in args.attributes for ways in args.ways
-            if ways <= min(len(VALUES[a]) for a in (ATTRIBUTES if variant == "ambiguous" else (attribute,)))
+            if ways <= min(len(VALUES[a]) for a in episode_attributes(attribute, variant))
             for shots in args.shots]
 
 
@@ -126,10 +126,10 @@ def name_shots(model, processor: Processor, records: list[dict], folder: Path, b
     ambiguous episode), and the first word of its answer replaces the name the episode was drawn
     with, beside the prompt's word. Each record's "icl" gets "shots_named": how many of its shots
     the model named right, and of how many."""
-    described = [r for r in records if r["icl"]["describe"] and r["icl"]["form"] == "image"]
+    described = [(r, episode_attributes(r["icl"]["attribute"], r["icl"]["variant"])) for r in records
+                 if r["icl"]["describe"] and r["icl"]["form"] == "image"]
     asked: dict[str, dict] = {}
-    for r in described:
-        attributes = ATTRIBUTES if r["icl"]["variant"] == "ambiguous" else (r["icl"]["attribute"],)
+    for r, attributes in described:
         for path in r["image"][:-1]:
             for attribute in attributes:
                 asked.setdefault(f"{path}|{attribute}", {"id": f"{path}|{attribute}", "image": path, "conversations": [
@@ -137,8 +137,7 @@ def name_shots(model, processor: Processor, records: list[dict], folder: Path, b
     said = evaluate_vqa(model, processor, list(asked.values()), folder, batch_size=batch_size, max_new_tokens=2,
                         progress=progress)[1] if asked else []
     names = {p["id"]: (normalize_answer(p["prediction"]).split() or ["-"])[0] for p in said}
-    for r in described:
-        attributes = ATTRIBUTES if r["icl"]["variant"] == "ambiguous" else (r["icl"]["attribute"],)
+    for r, attributes in described:
         answers = [turn for turn in r["conversations"] if turn["from"] == "gpt"][:-1]
         right = 0
         for turn, path in zip(answers, r["image"]):

@@ -106,7 +106,7 @@ class IclRecipe(Recipe):
                                       "words", factory=lambda: _lesson(450, warmup=10))
     icl: Hyperparams = setting(
         help="lesson 4: made-up words, images and words, 2 to 5 of them, every variant, each turn asking for the "
-             "attribute",
+             "attribute and each answer naming what the image shows before the word",
         factory=lambda: _lesson(1000, warmup=10))
     cache_features: float = setting(1.0, "keep up to GIB gibibytes of the frozen tower's features in the lessons, so "
                                          "that each pool image runs through it once", metavar="GIB")
