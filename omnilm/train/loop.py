@@ -38,7 +38,7 @@ from omnilm.train.checkpoint import (checkpoint_config, checkpoint_step, clean_i
                                      load_trainer_state, publish_model, save_checkpoint, save_sharded_checkpoint)
 from omnilm.train.distributed import (Ranks, all_sum, all_sum_logged, clip_grad_norm, is_sharded, skeleton, start,
                                       stop, wrap)
-from omnilm.train.optim import build_optimizer, describe_split, lr_factor, set_lr
+from omnilm.train.optim import bf16_is_fast, build_optimizer, describe_split, lr_factor, set_lr
 from omnilm.train.stages import build_stage
 
 # --- deterministic batches ----------------------------------------------------------------------
@@ -81,18 +81,6 @@ class BatchStream:
 
 
 # --- the loop ----------------------------------------------------------------------------------
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether bf16 autocast speeds training up here: CUDA with bf16, or a CPU with bf16 matrix units
-    (AVX512-BF16 or AMX, where a bf16 matmul beats fp32; elsewhere it is the slower)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def train(args: TrainArgs) -> dict[str, Any]:
