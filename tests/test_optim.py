@@ -135,6 +135,11 @@ def test_muon_in_fp32_differs_from_torch_by_bf16_rounding_only():
         mine, torchs = p.detach() - p0 * (1 - 0.02 * 0.1), q.detach() - p0 * (1 - 0.02 * 0.1)
         assert not torch.equal(mine, torchs)
         assert (mine - torchs).norm() / torchs.norm() < 0.05
+    # Without Nesterov the update is the momentum buffer itself, in fp32 no copy: the iteration
+    # must leave it as torch's leaves its own.
+    ours, a, theirs, b = twin_muons(torch.float32, nesterov=False)
+    step_both(ours, a, theirs, b, steps=2)
+    assert all(torch.equal(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"]) for p, q in zip(ours, theirs))
     update = optim.orthogonalize(torch.randn(24, 64), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
     singular = torch.linalg.svdvals(update)
     assert update.dtype == torch.float32 and 0.5 < singular.min() and singular.max() < 1.3

@@ -272,7 +272,7 @@ def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float]
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T
-    x = x / x.norm().clamp(min=eps)  # not in place: in the update's own dtype, x is the update
+    x = x / x.norm().clamp(min=eps)  # not in place: in the update's dtype x is the update (Muon's buffer)
     for _ in range(steps):
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
