@@ -156,7 +156,7 @@ def evaluate_icl(model, processor: Processor, args: IclEvalArgs,
     cache = model.feature_cache
     if cache is None and model.vision is not None:  # the episodes share a pool of images: encode each once
         model.feature_cache = FeatureCache(2**30)
-    try:  # an answer is a word or two and a word: a few tokens, so that 5-way 8-shot prompts fit 1,024
+    try:  # an answer is a name or two and a word: a few tokens
         name_shots(model, processor, records, args.out, args.batch_size, progress)
         _, predictions = evaluate_vqa(model, processor, records, args.out, batch_size=args.batch_size,
                                       max_new_tokens=4, progress=progress, last_only=True)

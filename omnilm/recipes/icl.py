@@ -139,12 +139,13 @@ def draw_training_episode(recipe: IclRecipe, lesson: str, rng: random.Random) ->
     attribute = rng.choice(ATTRIBUTES)
     form = "image" if rng.random() < row.images else "text"
     if lesson != "icl":
-        return Episode(attribute, 2, rng.randint(1, 4), "novel", row.words, recipe.queries, form, row.ask, row.describe)
-    ways = rng.choice((2, 2, 3, 4, 5))
-    shots = rng.randint(0, min(recipe.max_shots, recipe.max_images // ways))
-    u = rng.random()
-    variant = ("ambiguous" if u < recipe.ambiguous else "real" if u < recipe.ambiguous + recipe.real
-               else "shuffled" if u < recipe.ambiguous + recipe.real + recipe.shuffled else "novel")
+        ways, shots, variant = 2, rng.randint(1, 4), "novel"
+    else:
+        ways = rng.choice((2, 2, 3, 4, 5))
+        shots = rng.randint(0, min(recipe.max_shots, recipe.max_images // ways))
+        u = rng.random()
+        variant = ("ambiguous" if u < recipe.ambiguous else "real" if u < recipe.ambiguous + recipe.real
+                   else "shuffled" if u < recipe.ambiguous + recipe.real + recipe.shuffled else "novel")
     return Episode(attribute, ways, shots, variant, row.words, recipe.queries, form, row.ask, row.describe)
 
 
